@@ -1,0 +1,198 @@
+//! Batch seal and open over items laid out in contiguous buffers.
+//!
+//! Input items are `(offset, length)` pairs into one buffer, in increasing,
+//! non-overlapping order. Outputs are written contiguously in item order into
+//! one caller-provided buffer: a sealed item is `nonce || ciphertext || tag`
+//! (`len + 28` bytes), an opened item is its plaintext (`len - 28` bytes).
+//! Everything is validated before the first byte is written, so a batch either
+//! fails as a whole with an error and the index of the offending item, or
+//! writes every item.
+
+use crate::aead::{NONCE_LEN, OVERHEAD, TAG_LEN};
+use crate::error::Error;
+use crate::keyring::{Entry, KeyMap, Keyring};
+
+/// Largest item (plaintext or sealed) accepted: 16 MiB.
+pub const MAX_ITEM_LEN: u64 = 1 << 24;
+/// Most items in one batch.
+pub const MAX_BATCH_ITEMS: usize = 1 << 16;
+
+/// Per-item status of an open.
+pub const STATUS_OK: u8 = 0;
+pub const STATUS_AUTH_FAILED: u8 = 1;
+pub const STATUS_TOO_SHORT: u8 = 2;
+
+/// A view of `n` items in one buffer.
+#[derive(Clone, Copy)]
+pub struct Items<'a> {
+    pub buf: &'a [u8],
+    pub off: &'a [u64],
+    pub len: &'a [u64],
+}
+
+impl<'a> Items<'a> {
+    /// Checks that every item lies inside `buf`, is at most `max` long and
+    /// that items come in increasing, non-overlapping order.
+    pub fn validate(&self, n: usize, max: u64) -> Result<(), (usize, Error)> {
+        if self.off.len() != n || self.len.len() != n {
+            return Err((0, Error::OutOfRange));
+        }
+        let total = self.buf.len() as u64;
+        let mut prev_end = 0u64;
+        for i in 0..n {
+            let (o, l) = (self.off[i], self.len[i]);
+            if l > max {
+                return Err((i, Error::Oversize));
+            }
+            let end = o.checked_add(l).ok_or((i, Error::OutOfRange))?;
+            if end > total {
+                return Err((i, Error::OutOfRange));
+            }
+            if o < prev_end {
+                return Err((i, Error::Overlap));
+            }
+            prev_end = end;
+        }
+        Ok(())
+    }
+
+    #[inline]
+    pub fn get(&self, i: usize) -> &'a [u8] {
+        let o = self.off[i] as usize;
+        &self.buf[o..o + self.len[i] as usize]
+    }
+}
+
+fn check_batch(n: usize) -> Result<(), (usize, Error)> {
+    if n == 0 {
+        return Err((0, Error::EmptyBatch));
+    }
+    if n > MAX_BATCH_ITEMS {
+        return Err((0, Error::BatchTooLarge));
+    }
+    Ok(())
+}
+
+/// Resolves handles, with a one-entry cache for runs of the same key.
+fn resolve<'k>(keys: &'k KeyMap, handles: &[u32]) -> Result<Vec<&'k Entry>, (usize, Error)> {
+    let mut out: Vec<&Entry> = Vec::with_capacity(handles.len());
+    let mut last: Option<(u32, &Entry)> = None;
+    for (i, &h) in handles.iter().enumerate() {
+        let e = match last {
+            Some((lh, le)) if lh == h => le,
+            _ => {
+                let e: &Entry = keys.get(&h).ok_or((i, Error::UnknownHandle))?;
+                last = Some((h, e));
+                e
+            }
+        };
+        out.push(e);
+    }
+    Ok(out)
+}
+
+/// Output bytes a seal of these plaintext lengths needs.
+pub fn sealed_size(len: &[u64]) -> u64 {
+    len.iter().map(|l| l + OVERHEAD as u64).sum()
+}
+
+/// Output bytes an open of these sealed lengths needs.
+pub fn opened_size(len: &[u64]) -> u64 {
+    len.iter().map(|l| l.saturating_sub(OVERHEAD as u64)).sum()
+}
+
+/// Seals every item; returns the bytes written to `out`.
+pub fn seal_batch(
+    kr: &Keyring,
+    handles: &[u32],
+    input: Items<'_>,
+    aad: Option<Items<'_>>,
+    out: &mut [u8],
+) -> Result<usize, (usize, Error)> {
+    let n = handles.len();
+    check_batch(n)?;
+    input.validate(n, MAX_ITEM_LEN)?;
+    if let Some(a) = &aad {
+        a.validate(n, MAX_ITEM_LEN)?;
+    }
+    let need = sealed_size(input.len);
+    if need > out.len() as u64 {
+        return Err((n, Error::OutputTooSmall));
+    }
+    let fixed = kr.fixed();
+    kr.with_keys(|keys| {
+        let entries = resolve(keys, handles)?;
+        // Reserve every nonce before writing anything, so an exhausted key
+        // fails the batch before any output exists.
+        let mut nonces: Vec<[u8; NONCE_LEN]> = Vec::with_capacity(n);
+        for (i, e) in entries.iter().enumerate() {
+            nonces.push(e.next_nonce(fixed).map_err(|err| (i, err))?);
+        }
+        let mut pos = 0usize;
+        for i in 0..n {
+            let pt = input.get(i);
+            let a = aad.as_ref().map(|a| a.get(i)).unwrap_or(&[]);
+            let item = &mut out[pos..pos + pt.len() + OVERHEAD];
+            let (nonce_out, rest) = item.split_at_mut(NONCE_LEN);
+            let (ct, tag_out) = rest.split_at_mut(pt.len());
+            nonce_out.copy_from_slice(&nonces[i]);
+            let tag = entries[i].aead.seal(&nonces[i], a, pt, ct);
+            tag_out.copy_from_slice(&tag);
+            pos += pt.len() + OVERHEAD;
+        }
+        Ok(pos)
+    })
+}
+
+/// Opens every item; `status[i]` tells whether item i authenticated. The
+/// output of an item that failed is zeroed. Returns the bytes laid out in
+/// `out` (failed items keep their slot).
+pub fn open_batch(
+    kr: &Keyring,
+    handles: &[u32],
+    input: Items<'_>,
+    aad: Option<Items<'_>>,
+    out: &mut [u8],
+    status: &mut [u8],
+) -> Result<usize, (usize, Error)> {
+    let n = handles.len();
+    check_batch(n)?;
+    if status.len() < n {
+        return Err((n, Error::OutputTooSmall));
+    }
+    input.validate(n, MAX_ITEM_LEN + OVERHEAD as u64)?;
+    if let Some(a) = &aad {
+        a.validate(n, MAX_ITEM_LEN)?;
+    }
+    let need = opened_size(input.len);
+    if need > out.len() as u64 {
+        return Err((n, Error::OutputTooSmall));
+    }
+    kr.with_keys(|keys| {
+        let entries = resolve(keys, handles)?;
+        let mut pos = 0usize;
+        for i in 0..n {
+            let sealed = input.get(i);
+            if sealed.len() < OVERHEAD {
+                status[i] = STATUS_TOO_SHORT;
+                continue;
+            }
+            let a = aad.as_ref().map(|a| a.get(i)).unwrap_or(&[]);
+            let ct_len = sealed.len() - OVERHEAD;
+            let mut nonce = [0u8; NONCE_LEN];
+            nonce.copy_from_slice(&sealed[..NONCE_LEN]);
+            let ct = &sealed[NONCE_LEN..NONCE_LEN + ct_len];
+            let mut tag = [0u8; TAG_LEN];
+            tag.copy_from_slice(&sealed[NONCE_LEN + ct_len..]);
+            let pt = &mut out[pos..pos + ct_len];
+            if entries[i].aead.open(&nonce, a, ct, &tag, pt) {
+                status[i] = STATUS_OK;
+            } else {
+                pt.fill(0);
+                status[i] = STATUS_AUTH_FAILED;
+            }
+            pos += ct_len;
+        }
+        Ok(pos)
+    })
+}

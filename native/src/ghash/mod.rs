@@ -1,0 +1,1 @@
+//! GHASH (placeholder: being implemented).

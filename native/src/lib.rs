@@ -1,0 +1,27 @@
+//! Native crypto core of the chat gateway: batched AES-GCM and SM4-GCM with
+//! keys kept expanded behind handles, exposed through a C ABI for cffi.
+//!
+//! Module map:
+//! - `cpu`: runtime feature detection and the env overrides of code paths.
+//! - `aead`: the `BlockAead` trait every backend implements, and the suites.
+//! - `aes`: AES-GCM backends.
+//! - `sm4`: SM4 block cipher (portable, AES-NI, GFNI) and SM4-GCM.
+//! - `ghash`: GHASH for SM4-GCM (portable, PCLMULQDQ, VPCLMULQDQ).
+//! - `keyring`: handles, nonce construction, invocation limits.
+//! - `batch`: validation and the batch seal/open loops.
+//! - `ffi`: the C ABI.
+
+pub mod aead;
+pub mod aes;
+pub mod batch;
+pub mod cpu;
+pub mod error;
+pub mod ffi;
+pub mod ghash;
+pub mod keyring;
+pub mod sm4;
+
+pub use aead::{BlockAead, Suite, NONCE_LEN, OVERHEAD, TAG_LEN};
+pub use cpu::{AesPath, Sm4Path};
+pub use error::Error;
+pub use keyring::Keyring;
