@@ -15,8 +15,13 @@ pub const OVERHEAD: usize = NONCE_LEN + TAG_LEN;
 pub trait BlockAead: Send + Sync {
     /// Encrypts `input` into `output` (same length) and returns the tag.
     /// `output.len() == input.len()` is guaranteed by the caller.
-    fn seal(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], input: &[u8], output: &mut [u8])
-        -> [u8; TAG_LEN];
+    fn seal(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        input: &[u8],
+        output: &mut [u8],
+    ) -> [u8; TAG_LEN];
 
     /// Verifies `tag` over `aad` and the ciphertext `input`, and on success
     /// decrypts into `output` (same length) and returns true. On failure it

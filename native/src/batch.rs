@@ -8,6 +8,9 @@
 //! fails as a whole with an error and the index of the offending item, or
 //! writes every item.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
+
 use crate::aead::{NONCE_LEN, OVERHEAD, TAG_LEN};
 use crate::error::Error;
 use crate::keyring::{Entry, KeyMap, Keyring};
@@ -23,14 +26,41 @@ pub const STATUS_AUTH_FAILED: u8 = 1;
 pub const STATUS_TOO_SHORT: u8 = 2;
 
 /// A view of `n` items in one buffer.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct Items<'a> {
     pub buf: &'a [u8],
-    pub off: &'a [u64],
+    pub off: Cow<'a, [u64]>,
     pub len: &'a [u64],
 }
 
 impl<'a> Items<'a> {
+    /// Items at explicit offsets.
+    pub fn new(buf: &'a [u8], off: &'a [u64], len: &'a [u64]) -> Items<'a> {
+        Items {
+            buf,
+            off: Cow::Borrowed(off),
+            len,
+        }
+    }
+
+    /// Items packed back to back from offset 0.
+    pub fn packed(buf: &'a [u8], len: &'a [u64]) -> Items<'a> {
+        let mut pos = 0u64;
+        let off = len
+            .iter()
+            .map(|l| {
+                let o = pos;
+                pos = pos.saturating_add(*l);
+                o
+            })
+            .collect();
+        Items {
+            buf,
+            off: Cow::Owned(off),
+            len,
+        }
+    }
+
     /// Checks that every item lies inside `buf`, is at most `max` long and
     /// that items come in increasing, non-overlapping order.
     pub fn validate(&self, n: usize, max: u64) -> Result<(), (usize, Error)> {
@@ -57,7 +87,7 @@ impl<'a> Items<'a> {
     }
 
     #[inline]
-    pub fn get(&self, i: usize) -> &'a [u8] {
+    pub fn get(&self, i: usize) -> &[u8] {
         let o = self.off[i] as usize;
         &self.buf[o..o + self.len[i] as usize]
     }
@@ -91,6 +121,56 @@ fn resolve<'k>(keys: &'k KeyMap, handles: &[u32]) -> Result<Vec<&'k Entry>, (usi
     Ok(out)
 }
 
+/// Groups items by key, reserves one counter range per key and returns, per
+/// item, the index of its key's range, plus each range's first counter.
+#[allow(clippy::type_complexity)]
+fn reserve_nonces(entries: &[&Entry]) -> Result<(Vec<u32>, Vec<u64>), (usize, Error)> {
+    let mut keys: Vec<*const Entry> = Vec::new();
+    let mut counts: Vec<u64> = Vec::new();
+    let mut firsts: Vec<usize> = Vec::new();
+    let mut index: HashMap<*const Entry, u32> = HashMap::new();
+    let mut slots = Vec::with_capacity(entries.len());
+    let mut last: Option<(*const Entry, u32)> = None;
+    for (i, e) in entries.iter().enumerate() {
+        let p: *const Entry = *e;
+        let slot = match last {
+            Some((lp, ls)) if lp == p => ls,
+            _ => {
+                let found = if keys.len() <= 16 {
+                    keys.iter().position(|k| *k == p).map(|x| x as u32)
+                } else {
+                    index.get(&p).copied()
+                };
+                let s = match found {
+                    Some(s) => s,
+                    None => {
+                        keys.push(p);
+                        counts.push(0);
+                        firsts.push(i);
+                        let s = (keys.len() - 1) as u32;
+                        if keys.len() == 17 {
+                            index.extend(keys.iter().enumerate().map(|(j, k)| (*k, j as u32)));
+                        } else if keys.len() > 17 {
+                            index.insert(p, s);
+                        }
+                        s
+                    }
+                };
+                last = Some((p, s));
+                s
+            }
+        };
+        counts[slot as usize] += 1;
+        slots.push(slot);
+    }
+    let mut next = Vec::with_capacity(keys.len());
+    for (s, c) in counts.iter().enumerate() {
+        let first = firsts[s];
+        next.push(entries[first].reserve(*c).map_err(|e| (first, e))?);
+    }
+    Ok((slots, next))
+}
+
 /// Output bytes a seal of these plaintext lengths needs.
 pub fn sealed_size(len: &[u64]) -> u64 {
     len.iter().map(|l| l + OVERHEAD as u64).sum()
@@ -122,12 +202,10 @@ pub fn seal_batch(
     let fixed = kr.fixed();
     kr.with_keys(|keys| {
         let entries = resolve(keys, handles)?;
-        // Reserve every nonce before writing anything, so an exhausted key
-        // fails the batch before any output exists.
-        let mut nonces: Vec<[u8; NONCE_LEN]> = Vec::with_capacity(n);
-        for (i, e) in entries.iter().enumerate() {
-            nonces.push(e.next_nonce(fixed).map_err(|err| (i, err))?);
-        }
+        // Reserve every nonce before writing anything, one range per key, so
+        // an exhausted key fails the batch before any output exists and
+        // without burning invocations.
+        let (slots, mut next) = reserve_nonces(&entries)?;
         let mut pos = 0usize;
         for i in 0..n {
             let pt = input.get(i);
@@ -135,8 +213,11 @@ pub fn seal_batch(
             let item = &mut out[pos..pos + pt.len() + OVERHEAD];
             let (nonce_out, rest) = item.split_at_mut(NONCE_LEN);
             let (ct, tag_out) = rest.split_at_mut(pt.len());
-            nonce_out.copy_from_slice(&nonces[i]);
-            let tag = entries[i].aead.seal(&nonces[i], a, pt, ct);
+            let slot = slots[i] as usize;
+            let nonce = Entry::nonce(fixed, next[slot]);
+            next[slot] += 1;
+            nonce_out.copy_from_slice(&nonce);
+            let tag = entries[i].aead.seal(&nonce, a, pt, ct);
             tag_out.copy_from_slice(&tag);
             pos += pt.len() + OVERHEAD;
         }

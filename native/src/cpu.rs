@@ -28,8 +28,12 @@ pub enum Sm4Path {
 }
 
 impl AesPath {
-    pub const ALL: [AesPath; 4] =
-        [AesPath::Portable, AesPath::Aesni, AesPath::VaesAvx2, AesPath::VaesAvx512];
+    pub const ALL: [AesPath; 4] = [
+        AesPath::Portable,
+        AesPath::Aesni,
+        AesPath::VaesAvx2,
+        AesPath::VaesAvx512,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -82,8 +86,12 @@ impl AesPath {
 }
 
 impl Sm4Path {
-    pub const ALL: [Sm4Path; 4] =
-        [Sm4Path::Portable, Sm4Path::Aesni, Sm4Path::GfniAvx2, Sm4Path::GfniAvx512];
+    pub const ALL: [Sm4Path; 4] = [
+        Sm4Path::Portable,
+        Sm4Path::Aesni,
+        Sm4Path::GfniAvx2,
+        Sm4Path::GfniAvx512,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {

@@ -66,7 +66,9 @@ pub(crate) fn c_name(s: &'static str) -> *const std::ffi::c_char {
     let m = NAMES.get_or_init(|| Mutex::new(HashMap::new()));
     let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
     let c = m.entry(s).or_insert_with(|| {
-        Box::leak(Box::new(CString::new(s).unwrap_or_else(|_| CString::default())))
+        Box::leak(Box::new(
+            CString::new(s).unwrap_or_else(|_| CString::default()),
+        ))
     });
     c.as_ptr()
 }

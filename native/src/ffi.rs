@@ -58,7 +58,11 @@ unsafe fn view_mut<'a, T>(p: *mut T, n: usize) -> Result<&'a mut [T], Error> {
 /// Free it with `gw_keyring_free`.
 #[no_mangle]
 pub extern "C" fn gw_keyring_new(fixed: u32) -> *mut GwKeyring {
-    match catch_unwind(|| Box::into_raw(Box::new(GwKeyring { inner: Keyring::new(fixed) }))) {
+    match catch_unwind(|| {
+        Box::into_raw(Box::new(GwKeyring {
+            inner: Keyring::new(fixed),
+        }))
+    }) {
         Ok(p) => p,
         Err(_) => std::ptr::null_mut(),
     }
@@ -102,7 +106,11 @@ pub unsafe extern "C" fn gw_keyring_add(
             let suite = Suite::from_u32(suite)?;
             // SAFETY: `key` points to `key_len` bytes per the contract.
             let key = unsafe { view(key, key_len)? };
-            let limit = if limit == 0 { crate::keyring::DEFAULT_LIMIT } else { limit };
+            let limit = if limit == 0 {
+                crate::keyring::DEFAULT_LIMIT
+            } else {
+                limit
+            };
             kr.add(suite, key, limit)
         })();
         match r {
@@ -163,8 +171,9 @@ pub unsafe extern "C" fn gw_keyring_used(
 }
 
 /// Seals `n` items. Item i is `in[in_off[i] .. in_off[i] + in_lens[i]]`
-/// with key `handles[i]` and AAD `aad[aad_off[i] ..][.. aad_lens[i]]`
-/// (`aad_off`/`aad_lens` may be NULL: no AAD). Outputs are written back to
+/// with key `handles[i]` and AAD `aad[aad_off[i] ..][.. aad_lens[i]]`.
+/// `in_off` may be NULL: items are packed back to back from offset 0
+/// (likewise `aad_off`); `aad_lens` NULL means no AAD for any item. Outputs are written back to
 /// back into `out` as `nonce || ciphertext || tag`. On success writes the
 /// byte count to `*written`; on failure writes the failing item's index to
 /// `*err_index` (n when the failure is not tied to one item) and nothing
@@ -195,8 +204,8 @@ pub unsafe extern "C" fn gw_seal_batch(
         // SAFETY: pointer validity is the caller's contract, stated above.
         let r = unsafe {
             batch_args(
-                kr, n, handles, input, input_len, in_off, in_lens, aad, aad_len, aad_off,
-                aad_lens, out, out_cap,
+                kr, n, handles, input, input_len, in_off, in_lens, aad, aad_len, aad_off, aad_lens,
+                out, out_cap,
             )
         };
         let res = r.and_then(|(kr, h, items, aad, out)| batch::seal_batch(kr, h, items, aad, out));
@@ -236,8 +245,8 @@ pub unsafe extern "C" fn gw_open_batch(
         // SAFETY: pointer validity is the caller's contract, stated above.
         let r = unsafe {
             batch_args(
-                kr, n, handles, input, input_len, in_off, in_lens, aad, aad_len, aad_off,
-                aad_lens, out, out_cap,
+                kr, n, handles, input, input_len, in_off, in_lens, aad, aad_len, aad_off, aad_lens,
+                out, out_cap,
             )
         }
         .and_then(|args| {
@@ -253,7 +262,37 @@ pub unsafe extern "C" fn gw_open_batch(
     })
 }
 
-type BatchArgs<'a> = (&'a Keyring, &'a [u32], Items<'a>, Option<Items<'a>>, &'a mut [u8]);
+/// Items from a buffer, optional offsets (NULL: packed back to back) and
+/// lengths.
+///
+/// # Safety
+/// Pointers valid for their lengths (`n` for `off` and `lens`).
+unsafe fn items_view<'a>(
+    buf: *const u8,
+    buf_len: usize,
+    off: *const u64,
+    lens: *const u64,
+    n: usize,
+) -> Result<Items<'a>, Error> {
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        let buf = view(buf, buf_len)?;
+        let lens = view(lens, n)?;
+        if off.is_null() {
+            Ok(Items::packed(buf, lens))
+        } else {
+            Ok(Items::new(buf, view(off, n)?, lens))
+        }
+    }
+}
+
+type BatchArgs<'a> = (
+    &'a Keyring,
+    &'a [u32],
+    Items<'a>,
+    Option<Items<'a>>,
+    &'a mut [u8],
+);
 
 /// # Safety
 /// See `gw_seal_batch`.
@@ -281,19 +320,11 @@ unsafe fn batch_args<'a>(
     unsafe {
         let kr = &(*kr).inner;
         let h = view(handles, n).map_err(e)?;
-        let items = Items {
-            buf: view(input, input_len).map_err(e)?,
-            off: view(in_off, n).map_err(e)?,
-            len: view(in_lens, n).map_err(e)?,
-        };
-        let aad = if aad_off.is_null() && aad_lens.is_null() {
+        let items = items_view(input, input_len, in_off, in_lens, n).map_err(e)?;
+        let aad = if aad_lens.is_null() {
             None
         } else {
-            Some(Items {
-                buf: view(aad, aad_len).map_err(e)?,
-                off: view(aad_off, n).map_err(e)?,
-                len: view(aad_lens, n).map_err(e)?,
-            })
+            Some(items_view(aad, aad_len, aad_off, aad_lens, n).map_err(e)?)
         };
         let out = view_mut(out, out_cap).map_err(e)?;
         Ok((kr, h, items, aad, out))

@@ -33,23 +33,25 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// Reserves the next nonce for this key, or fails when the limit is hit.
-    pub fn next_nonce(&self, fixed: u32) -> Result<[u8; NONCE_LEN], Error> {
+    /// Reserves `count` consecutive invocations for this key and returns the
+    /// first counter value, or fails (reserving nothing) when that would pass
+    /// the limit.
+    pub fn reserve(&self, count: u64) -> Result<u64, Error> {
         let limit = self.limit;
-        let c = self
-            .counter
+        self.counter
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
-                if c < limit {
-                    Some(c + 1)
-                } else {
-                    None
-                }
+                c.checked_add(count).filter(|end| *end <= limit)
             })
-            .map_err(|_| Error::KeyExhausted)?;
+            .map_err(|_| Error::KeyExhausted)
+    }
+
+    /// The nonce for counter value `c` under fixed field `fixed`.
+    #[inline]
+    pub fn nonce(fixed: u32, c: u64) -> [u8; NONCE_LEN] {
         let mut n = [0u8; NONCE_LEN];
         n[..4].copy_from_slice(&fixed.to_be_bytes());
         n[4..].copy_from_slice(&c.to_be_bytes());
-        Ok(n)
+        n
     }
 
     /// Invocations used so far.
@@ -101,7 +103,12 @@ impl Keyring {
     /// Expands and stores a key; returns its handle (never 0, never reused).
     pub fn add(&self, suite: Suite, key: &[u8], limit: u64) -> Result<u32, Error> {
         let aead = expand(suite, key, self.aes, self.sm4)?;
-        let entry = Arc::new(Entry { suite, aead, counter: AtomicU64::new(0), limit });
+        let entry = Arc::new(Entry {
+            suite,
+            aead,
+            counter: AtomicU64::new(0),
+            limit,
+        });
         let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
         if keys.len() >= MAX_KEYS {
             return Err(Error::KeyringFull);

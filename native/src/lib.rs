@@ -17,6 +17,7 @@ pub mod batch;
 pub mod cpu;
 pub mod error;
 pub mod ffi;
+pub mod fuzzing;
 pub mod ghash;
 pub mod keyring;
 pub mod sm4;

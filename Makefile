@@ -1,0 +1,68 @@
+# Two commands matter: `make run` (set up, then serve) and `make test`
+# (set up, then lint and run every test). Both work on a fresh machine with
+# Python 3.11, a Rust toolchain and root access to apt (for chromium).
+
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.deps-stamp
+NATIVE  := gateway/_native/lib_native.so
+RUST_SRC := $(shell find native/src -name '*.rs') native/Cargo.toml Cargo.toml
+
+.PHONY: all setup native run test test-rust test-py lint fmt bench bench-crypto sysdeps clean
+
+all: setup
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "maturin>=1.7,<2.0" "cffi>=1.17"
+	$(BIN)/maturin develop --release --extras dev -q
+	touch $@
+
+$(NATIVE): $(STAMP) $(RUST_SRC)
+	$(BIN)/maturin develop --release --extras dev -q
+	touch $@
+
+native: $(NATIVE)
+
+setup: native
+
+# System packages the browser tests need (headless Chromium).
+sysdeps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium (Debian package) for the browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+run: setup
+	$(BIN)/gateway serve $(ARGS)
+
+lint: setup
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --release -q -- -D warnings
+	$(BIN)/ruff format --check gateway tests bench
+	$(BIN)/ruff check gateway tests bench
+	$(BIN)/mypy
+
+test-rust:
+	cargo test --workspace --release -q
+
+test-py: setup sysdeps
+	$(BIN)/pytest -q tests
+
+test: lint test-rust test-py
+
+fmt: setup
+	cargo fmt --all
+	$(BIN)/ruff format gateway tests bench
+	$(BIN)/ruff check --fix gateway tests bench
+
+bench: bench-crypto
+
+bench-crypto: setup
+	$(BIN)/pytest bench/test_crypto_bench.py --benchmark-only --benchmark-columns=min,median,ops -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) target gateway/_native .pytest_cache .mypy_cache .ruff_cache
