@@ -12,7 +12,8 @@ from collections import defaultdict
 
 
 def main(path: str) -> None:
-    data = json.load(open(path))
+    with open(path) as f:
+        data = json.load(f)
     groups: dict[str, list[dict[str, object]]] = defaultdict(list)
     for b in data["benchmarks"]:
         groups[b["group"]].append(b)

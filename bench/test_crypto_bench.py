@@ -71,9 +71,13 @@ SEAL_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("group", "suite", "key", "n", "size"), SEAL_CASES, ids=[c[0] for c in SEAL_CASES])
+@pytest.mark.parametrize(
+    ("group", "suite", "key", "n", "size"), SEAL_CASES, ids=[c[0] for c in SEAL_CASES]
+)
 @pytest.mark.parametrize("impl", ["gateway", "pyca"])
-def test_seal(benchmark: Any, impl: str, group: str, suite: str, key: bytes, n: int, size: int) -> None:
+def test_seal(
+    benchmark: Any, impl: str, group: str, suite: str, key: bytes, n: int, size: int
+) -> None:
     benchmark.group = f"seal {group}"
     pts = _items(n, size)
     if impl == "gateway":
@@ -95,9 +99,13 @@ OPEN_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("group", "suite", "key", "n", "size"), OPEN_CASES, ids=[c[0] for c in OPEN_CASES])
+@pytest.mark.parametrize(
+    ("group", "suite", "key", "n", "size"), OPEN_CASES, ids=[c[0] for c in OPEN_CASES]
+)
 @pytest.mark.parametrize("impl", ["gateway", "pyca"])
-def test_open(benchmark: Any, impl: str, group: str, suite: str, key: bytes, n: int, size: int) -> None:
+def test_open(
+    benchmark: Any, impl: str, group: str, suite: str, key: bytes, n: int, size: int
+) -> None:
     benchmark.group = f"open {group}"
     kr = Keyring()
     h = kr.add(suite, key, limit=(1 << 64) - 1)

@@ -1,0 +1,493 @@
+"""One load-client process: an epoll loop driving many WebSocket connections.
+
+Speaks either the gateway protocol (`mode="gateway"`: upgrade, hello with a
+token, msg -> ack round trips, deliver acks, heartbeat pongs, resume) or plain
+echo (`mode="echo"`: a text message and its echo, for peer servers such as the
+`websockets` library). Everything is bounded: connections, in-flight
+messages, run time. Results are plain dicts (histograms HDR-encoded) so the
+runner can merge processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+from hdrh.histogram import HdrHistogram
+
+from gateway.loadtest import rawws
+
+# Connection states.
+CONNECTING, UPGRADING, HELLO, OPEN, CLOSED = range(5)
+
+HIST_MAX_US = 120_000_000
+
+
+def new_hist() -> HdrHistogram:
+    return HdrHistogram(1, HIST_MAX_US, 3)
+
+
+@dataclass
+class Plan:
+    """What one client process does. Times in seconds, rates per second."""
+
+    host: str
+    port: int
+    path: str = "/v1/ws"
+    mode: str = "gateway"  # "gateway" | "echo"
+    connections: int = 100
+    ramp: float = 0.0  # new connections per second; 0 = as fast as allowed
+    max_pending: int = 2000  # connects in progress at once
+    src_ips: list[str] = field(default_factory=lambda: ["127.0.0.1"])
+    tokens: list[str] = field(default_factory=list)  # cycled over connections
+    active: int = 0  # connections that send messages (first `active` opened)
+    rate: float = 0.0  # messages/s over the process; 0 = closed loop (1 in flight each)
+    size: int = 230
+    duration: float = 10.0  # after all connections are open (or ramp ended)
+    hold_after: float = 0.0  # keep connections open this long after sending stops
+    storm: int = 0  # connections dropped and resumed at once, mid-run
+    storm_at: float = 0.5  # fraction of duration
+    connect_timeout: float = 30.0
+    max_runtime: float = 600.0  # hard stop
+    origin: str | None = None
+    platform: str = "web"
+    ready_file: str | None = None  # touched once every connection is open
+
+
+class Conn:
+    __slots__ = (
+        "acked_seq",
+        "fd",
+        "idx",
+        "inflight_id",
+        "last_seq",
+        "next_id",
+        "out",
+        "rbuf",
+        "reader",
+        "resume",
+        "sid",
+        "sock",
+        "state",
+        "t_open",
+        "t_sent",
+        "token",
+    )
+
+    def __init__(self, idx: int, token: str) -> None:
+        self.idx = idx
+        self.token = token
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.state = CLOSED
+        self.rbuf = bytearray()
+        self.reader = rawws.FrameReader()
+        self.out = b""
+        self.t_open = 0.0
+        self.t_sent = 0.0
+        self.inflight_id = -1
+        self.next_id = 1
+        self.sid = ""
+        self.last_seq = 0
+        self.acked_seq = 0
+        self.resume = False
+
+
+class Engine:
+    def __init__(self, plan: Plan) -> None:
+        self.p = plan
+        self.ep = select.epoll()
+        self.by_fd: dict[int, Conn] = {}
+        self.conns = [
+            Conn(i, plan.tokens[i % len(plan.tokens)] if plan.tokens else "")
+            for i in range(plan.connections)
+        ]
+        self.connect_h = new_hist()
+        self.rtt_h = new_hist()
+        self.resume_h = new_hist()
+        self.counts: dict[str, int] = {
+            "connected": 0,
+            "connect_errors": 0,
+            "handshake_rejected": 0,
+            "disconnects": 0,
+            "sent": 0,
+            "acked": 0,
+            "dup_acks": 0,
+            "delivered": 0,
+            "pings_answered": 0,
+            "resumes": 0,
+            "resume_fresh": 0,
+            "resyncs": 0,
+            "storm_dropped": 0,
+        }
+        self.errors: dict[str, int] = {}
+        self.closes: dict[str, int] = {}
+        self.timeline: list[list[float]] = []
+        self.open_now = 0
+        self.pending = 0
+        self.src_i = 0
+        hello_base: dict[str, Any] = {"t": "hello", "v": 1, "platform": plan.platform}
+        self.hello_base = hello_base
+        self.body = os.urandom(plan.size // 2).hex()[: plan.size].encode()
+        self.text_msg = rawws.frame(self.body, rawws.OP_TEXT)
+        self.packer = msgpack.Packer(use_bin_type=True)
+        self.t0 = time.monotonic()
+
+    # -- connections -----------------------------------------------------
+
+    def _start_connect(self, c: Conn, resume: bool = False) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        src = self.p.src_ips[self.src_i % len(self.p.src_ips)]
+        self.src_i += 1
+        try:
+            s.bind((src, 0))
+            rc = s.connect_ex((self.p.host, self.p.port))
+        except OSError as e:
+            s.close()
+            self._err(f"connect:{errno.errorcode.get(e.errno or 0, e.errno)}")
+            return
+        if rc not in (0, errno.EINPROGRESS):
+            s.close()
+            self._err(f"connect:{errno.errorcode.get(rc, rc)}")
+            return
+        c.sock = s
+        c.fd = s.fileno()
+        c.state = CONNECTING
+        c.rbuf = bytearray()
+        c.reader = rawws.FrameReader()
+        c.out = b""
+        c.t_open = time.monotonic()
+        c.resume = resume
+        c.inflight_id = -1 if not resume else c.inflight_id
+        self.by_fd[c.fd] = c
+        self.pending += 1
+        self.ep.register(c.fd, select.EPOLLOUT | select.EPOLLIN)
+
+    def _err(self, key: str) -> None:
+        self.errors[key] = self.errors.get(key, 0) + 1
+
+    def _close(self, c: Conn, reason: str | None) -> None:
+        if c.sock is None:
+            return
+        if c.state in (CONNECTING, UPGRADING, HELLO):
+            self.pending -= 1
+        elif c.state == OPEN:
+            self.open_now -= 1
+        if reason:
+            self.closes[reason] = self.closes.get(reason, 0) + 1
+        with contextlib.suppress(OSError, ValueError):
+            self.ep.unregister(c.fd)
+        self.by_fd.pop(c.fd, None)
+        c.sock.close()
+        c.sock = None
+        c.state = CLOSED
+
+    def _send(self, c: Conn, data: bytes) -> None:
+        if c.sock is None:
+            return
+        if c.out:
+            c.out += data
+            return
+        try:
+            n = c.sock.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self._close(c, "send_error")
+            return
+        if n < len(data):
+            c.out = data[n:]
+            self.ep.modify(c.fd, select.EPOLLIN | select.EPOLLOUT)
+
+    def _send_frame(self, c: Conn, obj: dict[str, Any]) -> None:
+        self._send(c, rawws.frame(self.packer.pack(obj)))
+
+    def _send_msg(self, c: Conn, now: float) -> None:
+        c.t_sent = now
+        if self.p.mode == "echo":
+            c.inflight_id = 0
+            self._send(c, self.text_msg)
+        else:
+            c.inflight_id = c.next_id
+            c.next_id += 1
+            self._send_frame(c, {"t": "msg", "id": c.inflight_id, "body": self.body})
+        self.counts["sent"] += 1
+
+    # -- events ----------------------------------------------------------
+
+    def _on_writable(self, c: Conn) -> None:
+        if c.state == CONNECTING:
+            err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if c.sock else 1
+            if err:
+                self._err(f"connect:{errno.errorcode.get(err, err)}")
+                self._close(c, None)
+                self.pending += 0
+                return
+            c.state = UPGRADING
+            self.ep.modify(c.fd, select.EPOLLIN)
+            self._send(
+                c, rawws.upgrade_request(f"{self.p.host}:{self.p.port}", self.p.path, self.p.origin)
+            )
+            return
+        if c.out and c.sock is not None:
+            try:
+                n = c.sock.send(c.out)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._close(c, "send_error")
+                return
+            c.out = c.out[n:]
+            if not c.out:
+                self.ep.modify(c.fd, select.EPOLLIN)
+
+    def _opened(self, c: Conn, now: float) -> None:
+        self.pending -= 1
+        self.open_now += 1
+        c.state = OPEN
+        dt = int((now - c.t_open) * 1e6) or 1
+        if c.resume:
+            self.resume_h.record_value(min(dt, HIST_MAX_US))
+        else:
+            self.connect_h.record_value(min(dt, HIST_MAX_US))
+            self.counts["connected"] += 1
+        if c.idx < self.p.active and self.p.rate == 0 and now < self.send_until:
+            if c.inflight_id >= 0 and self.p.mode == "gateway":
+                # Resend the unacknowledged message with its id (deduplicated).
+                self._send_frame(c, {"t": "msg", "id": c.inflight_id, "body": self.body})
+            else:
+                self._send_msg(c, now)
+
+    def _on_readable(self, c: Conn, now: float) -> None:
+        assert c.sock is not None
+        try:
+            data = c.sock.recv(262144)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(c, "recv_error")
+            return
+        if not data:
+            self._close(c, "eof")
+            return
+        if c.state == UPGRADING:
+            c.rbuf += data
+            try:
+                n = rawws.parse_upgrade(c.rbuf)
+            except rawws.HandshakeError as e:
+                self.counts["handshake_rejected"] += 1
+                self._err(f"http:{e.status}")
+                self._close(c, None)
+                return
+            if not n:
+                return
+            data = bytes(c.rbuf[n:])
+            c.rbuf = bytearray()
+            if self.p.mode == "echo":
+                self._opened(c, now)
+            else:
+                c.state = HELLO
+                hello = dict(self.hello_base, token=c.token)
+                if c.resume and c.sid:
+                    hello["resume"] = {"sid": c.sid, "last": c.last_seq}
+                self._send_frame(c, hello)
+            if not data:
+                return
+        try:
+            frames = c.reader.feed(data)
+        except ValueError:
+            self._err("bad_server_frame")
+            self._close(c, "bad_server_frame")
+            return
+        for op, payload in frames:
+            if op == rawws.OP_PING:
+                self._send(c, rawws.frame(payload, rawws.OP_PONG))
+                self.counts["pings_answered"] += 1
+            elif op == rawws.OP_CLOSE:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self._close(c, f"close:{code}")
+                return
+            elif op in (rawws.OP_TEXT, rawws.OP_BINARY):
+                if self.p.mode == "echo":
+                    self._on_echo(c, now)
+                else:
+                    self._on_frame(c, payload, now)
+                if c.sock is None:
+                    return
+
+    def _record_rtt(self, c: Conn, now: float) -> None:
+        self.rtt_h.record_value(min(int((now - c.t_sent) * 1e6) or 1, HIST_MAX_US))
+        self.counts["acked"] += 1
+        c.inflight_id = -1
+        if self.p.rate == 0 and c.idx < self.p.active and now < self.send_until:
+            self._send_msg(c, now)
+
+    def _on_echo(self, c: Conn, now: float) -> None:
+        if c.inflight_id >= 0:
+            self._record_rtt(c, now)
+
+    def _on_frame(self, c: Conn, payload: bytes, now: float) -> None:
+        try:
+            f = msgpack.unpackb(payload, raw=False)
+            t = f["t"]
+        except Exception:
+            self._err("bad_server_payload")
+            return
+        if t == "ack":
+            if f.get("dup"):
+                self.counts["dup_acks"] += 1
+            if f.get("id") == c.inflight_id:
+                self._record_rtt(c, now)
+        elif t == "deliver":
+            seq = f.get("seq", 0)
+            if seq > c.last_seq:
+                c.last_seq = seq
+                self.counts["delivered"] += 1
+            if c.last_seq - c.acked_seq >= 16:
+                c.acked_seq = c.last_seq
+                self._send_frame(c, {"t": "ack", "seq": c.last_seq})
+        elif t == "welcome":
+            c.sid = f.get("sid", "")
+            if c.resume:
+                if f.get("resumed"):
+                    self.counts["resumes"] += 1
+                else:
+                    self.counts["resume_fresh"] += 1
+                if f.get("resync"):
+                    self.counts["resyncs"] += 1
+            self._opened(c, now)
+        elif t == "ping":
+            self._send_frame(c, {"t": "pong", "ts": f.get("ts", 0)})
+        elif t == "error":
+            self._err(f"code:{f.get('code')}")
+        elif t == "goaway":
+            self._err("goaway")
+
+    # -- main loop ---------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        p = self.p
+        start = time.monotonic()
+        hard_stop = start + p.max_runtime
+        next_idx = 0
+        opened_all_at: float | None = None
+        self.send_until = float("inf")
+        storm_done = p.storm == 0
+        last_sample = start
+        rate_credit = 0.0
+        rr = 0
+        last_tick = start
+        end_at = float("inf")
+        while True:
+            now = time.monotonic()
+            if now >= hard_stop or now >= end_at:
+                break
+            # Open new connections within the ramp rate and pending bound.
+            if next_idx < p.connections:
+                allowed = p.connections if p.ramp <= 0 else int((now - start) * p.ramp) + 1
+                while next_idx < min(allowed, p.connections) and self.pending < p.max_pending:
+                    self._start_connect(self.conns[next_idx])
+                    next_idx += 1
+            elif opened_all_at is None and self.pending == 0:
+                opened_all_at = now
+                self.send_until = now + p.duration
+                end_at = self.send_until + p.hold_after
+                if p.ready_file:
+                    open(p.ready_file, "w").close()
+                if p.rate == 0:
+                    for c in self.conns[: p.active]:
+                        if c.state == OPEN and c.inflight_id < 0:
+                            self._send_msg(c, now)
+            # Time out stuck connects.
+            if self.pending and now - last_tick > 1.0:
+                for c in list(self.by_fd.values()):
+                    if c.state != OPEN and now - c.t_open > p.connect_timeout:
+                        self._err("connect_timeout")
+                        self._close(c, None)
+            # Open-loop sending at a fixed rate over active connections.
+            if p.rate > 0 and opened_all_at is not None and now < self.send_until:
+                rate_credit += (now - last_tick) * p.rate
+                budget = min(int(rate_credit), max(p.active, 1))
+                tried = 0
+                while budget > 0 and tried < p.active:
+                    c = self.conns[rr % p.active]
+                    rr += 1
+                    tried += 1
+                    if c.state == OPEN and c.inflight_id < 0:
+                        self._send_msg(c, now)
+                        budget -= 1
+                        rate_credit -= 1
+                if rate_credit > p.rate:  # cannot keep up: drop the backlog
+                    self._err("send_backlog")
+                    rate_credit = 0
+            last_tick = now
+            # Reconnect storm: drop N open connections at once, resume them.
+            if (
+                not storm_done
+                and opened_all_at is not None
+                and now >= opened_all_at + p.duration * p.storm_at
+            ):
+                storm_done = True
+                victims = [c for c in self.conns if c.state == OPEN][: p.storm]
+                for c in victims:
+                    self._close(c, None)
+                    self.counts["storm_dropped"] += 1
+                t_storm = time.monotonic()
+                for c in victims:
+                    self._start_connect(c, resume=True)
+                self.counts["storm_started_ms"] = int((t_storm - start) * 1000)
+            if now - last_sample >= 1.0:
+                last_sample = now
+                self.timeline.append(
+                    [
+                        round(now - start, 3),
+                        self.open_now,
+                        self.counts["acked"],
+                        self.counts["delivered"],
+                    ]
+                )
+            for fd, ev in self.ep.poll(0.05):
+                got = self.by_fd.get(fd)
+                if got is None:
+                    continue
+                c = got
+                if ev & select.EPOLLOUT:
+                    self._on_writable(c)
+                    if c.sock is None:
+                        continue
+                if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                    if c.state == CONNECTING:
+                        self._on_writable(c)
+                        continue
+                    self._on_readable(c, time.monotonic())
+        elapsed_send = (
+            (min(time.monotonic(), self.send_until) - opened_all_at) if opened_all_at else 0
+        )
+        result = {
+            "counts": self.counts,
+            "errors": self.errors,
+            "closes": self.closes,
+            "open_at_end": self.open_now,
+            "ramp_seconds": (opened_all_at - start) if opened_all_at else None,
+            "send_seconds": elapsed_send,
+            "timeline": self.timeline,
+            "hist": {
+                "connect_us": self.connect_h.encode().decode(),
+                "rtt_us": self.rtt_h.encode().decode(),
+                "resume_us": self.resume_h.encode().decode(),
+            },
+        }
+        for c in self.conns:
+            if c.sock is not None:
+                self._close(c, None)
+        self.ep.close()
+        return result

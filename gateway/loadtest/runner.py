@@ -1,0 +1,142 @@
+"""Spreads a load plan over client processes and merges their results.
+
+Each process holds at most ``per_process`` connections (the open-file limit
+here is 20,000 per process) and binds its own source addresses in
+127.0.0.0/8 (about 64k ephemeral ports per source address towards one
+destination), so hundreds of thousands of connections fit on one machine.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import time
+from dataclasses import asdict, replace
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+from gateway.loadtest.engine import Engine, Plan, new_hist
+
+PER_PROCESS = 18_000
+CONNS_PER_SRC_IP = 25_000
+
+
+def _child(plan_d: dict[str, Any], q: Any) -> None:
+    try:
+        q.put(Engine(Plan(**plan_d)).run())
+    except BaseException as e:  # report, never hang the parent
+        q.put({"fatal": repr(e)})
+
+
+def src_ips_for(proc: int, conns: int, base: str = "127.0.0.1") -> list[str]:
+    """Source addresses for one client process: its own /16 in 127/8 (the
+    loopback address 127.0.0.1 is kept for single-process runs)."""
+    if base != "127.0.0.1":
+        return [base]
+    n = max(1, math.ceil(conns / CONNS_PER_SRC_IP))
+    return [f"127.{100 + proc}.{j}.{1 + (proc % 250)}" for j in range(n)]
+
+
+def split(plan: Plan, processes: int | None = None, per_process: int = PER_PROCESS) -> list[Plan]:
+    procs = processes or max(1, math.ceil(plan.connections / per_process))
+    plans = []
+    for i in range(procs):
+        conns = plan.connections // procs + (1 if i < plan.connections % procs else 0)
+        active = plan.active // procs + (1 if i < plan.active % procs else 0)
+        plans.append(
+            replace(
+                plan,
+                connections=conns,
+                active=active,
+                ramp=plan.ramp / procs if plan.ramp else 0.0,
+                rate=plan.rate / procs if plan.rate else 0.0,
+                storm=plan.storm // procs + (1 if i < plan.storm % procs else 0),
+                max_pending=max(1, plan.max_pending // procs),
+                src_ips=src_ips_for(i, conns) if procs > 1 else plan.src_ips,
+                tokens=plan.tokens[i::procs] if plan.tokens else [],
+                ready_file=f"{plan.ready_file}.{i}" if plan.ready_file else None,
+            )
+        )
+    return plans
+
+
+def run(plan: Plan, processes: int | None = None, per_process: int = PER_PROCESS) -> dict[str, Any]:
+    plans = split(plan, processes, per_process)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    t0 = time.monotonic()
+    ps = [ctx.Process(target=_child, args=(asdict(p), q), daemon=True) for p in plans]
+    for p in ps:
+        p.start()
+    results: list[dict[str, Any]] = []
+    deadline = t0 + plan.max_runtime + 60
+    while len(results) < len(ps) and time.monotonic() < deadline:
+        try:
+            results.append(q.get(timeout=1.0))
+        except Exception:
+            if not any(p.is_alive() for p in ps) and q.empty():
+                break
+    for p in ps:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+    merged = merge(results)
+    merged["processes"] = len(plans)
+    merged["wall_seconds"] = time.monotonic() - t0
+    merged["plan"] = {k: v for k, v in asdict(plan).items() if k != "tokens"}
+    return merged
+
+
+def _pct(h: HdrHistogram) -> dict[str, float]:
+    if h.get_total_count() == 0:
+        return {"count": 0}
+    return {
+        "count": h.get_total_count(),
+        "p50_ms": h.get_value_at_percentile(50) / 1000,
+        "p90_ms": h.get_value_at_percentile(90) / 1000,
+        "p99_ms": h.get_value_at_percentile(99) / 1000,
+        "p999_ms": h.get_value_at_percentile(99.9) / 1000,
+        "max_ms": h.get_max_value() / 1000,
+        "mean_ms": h.get_mean_value() / 1000,
+    }
+
+
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    closes: dict[str, int] = {}
+    fatal = [r["fatal"] for r in results if "fatal" in r]
+    ok = [r for r in results if "fatal" not in r]
+    hists = {k: new_hist() for k in ("connect_us", "rtt_us", "resume_us")}
+    timeline: dict[int, list[float]] = {}
+    for r in ok:
+        for src, dst in ((r["counts"], counts), (r["errors"], errors), (r["closes"], closes)):
+            for k, v in src.items():
+                dst[k] = dst.get(k, 0) + v
+        for k, enc in r["hist"].items():
+            hists[k].add(HdrHistogram.decode(enc.encode()))
+        for t, open_, acked, delivered in r["timeline"]:
+            row = timeline.setdefault(int(t), [int(t), 0, 0, 0])
+            row[1] += open_
+            row[2] += acked
+            row[3] += delivered
+    send_s = max((r["send_seconds"] for r in ok), default=0) or 0
+    ramp = [r["ramp_seconds"] for r in ok if r["ramp_seconds"] is not None]
+    out: dict[str, Any] = {
+        "counts": counts,
+        "errors": errors,
+        "closes": closes,
+        "fatal": fatal,
+        "open_at_end": sum(r["open_at_end"] for r in ok),
+        "ramp_seconds": max(ramp) if ramp else None,
+        "send_seconds": send_s,
+        "msgs_per_s": counts.get("acked", 0) / send_s if send_s else 0.0,
+        "connects_per_s": (counts.get("connected", 0) / max(ramp)) if ramp and max(ramp) else 0.0,
+        "connect": _pct(hists["connect_us"]),
+        "rtt": _pct(hists["rtt_us"]),
+        "resume": _pct(hists["resume_us"]),
+        "timeline": [timeline[k] for k in sorted(timeline)],
+        "hist": {k: h.encode().decode() for k, h in hists.items()},
+    }
+    return out
