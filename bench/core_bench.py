@@ -1,0 +1,285 @@
+"""Gateway core benchmarks, side by side with the `websockets` library in the
+same run, from the same raw-socket client (gateway.loadtest).
+
+    python bench/core_bench.py throughput [--seconds 10] [--workers 1,2]
+    python bench/core_bench.py idle --connections 15000 [--workers 1] [--peer]
+    python bench/core_bench.py storm --connections 20000 [--workers 2]
+    python bench/core_bench.py big --connections 250000 --workers 14
+
+Every mode prints a markdown table and writes JSON to out/bench-<mode>.json.
+Servers are started and stopped by the script; runs are bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gateway.loadtest.engine import Plan  # noqa: E402
+from gateway.loadtest.runner import run  # noqa: E402
+
+PY = sys.executable
+OUT = ROOT / "out"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 60.0) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server on port {port} did not come up")
+
+
+def tree_pids(pid: int) -> list[int]:
+    out = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    out.extend(tree_pids(int(child)))
+    except OSError:
+        pass
+    return out
+
+
+def rss_bytes(pid: int) -> int:
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def tcp_mem_pages() -> int:
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                parts = line.split()
+                return int(parts[parts.index("mem") + 1])
+    return 0
+
+
+class Server:
+    def __init__(self, argv: list[str], port: int, env: dict[str, str] | None = None) -> None:
+        self.port = port
+        self.proc = subprocess.Popen(
+            argv,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_port(port)
+        time.sleep(1.0)  # let every worker bind
+
+    def rss(self) -> int:
+        return rss_bytes(self.proc.pid)
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def start_peer() -> Server:
+    port = free_port()
+    return Server([PY, str(ROOT / "bench/peers/websockets_echo.py"), "127.0.0.1", str(port)], port)
+
+
+def start_gateway(workers: int, extra: dict[str, str] | None = None, conns: int = 10000) -> Server:
+    port = free_port()
+    state = OUT / "bench-state"
+    state.mkdir(parents=True, exist_ok=True)
+    env = {
+        "GATEWAY_STATE_DIR": str(state),
+        "GATEWAY_BOT_THINK_MS": "0",
+        "GATEWAY_LOG_LEVEL": "warning",
+        "GATEWAY_MAX_CONNS_PER_IP": "100000",
+        **(extra or {}),
+    }
+    argv = [
+        PY,
+        "-m",
+        "gateway",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(workers),
+        "--max-connections",
+        str(conns),
+        "--ops-listen",
+        f"127.0.0.1:{free_port()}",
+    ]
+    return Server(argv, port, env)
+
+
+def tokens(n: int) -> list[str]:
+    from gateway.config import load_config
+    from gateway.protocol.tokens import mint
+
+    cfg = load_config(None, {"GATEWAY_STATE_DIR": str(OUT / "bench-state")}, {})
+    tenant = cfg.tenants["demo"]
+    secret = next(iter(tenant.secrets.values()))
+    kid = next(iter(tenant.secrets))
+    now = time.time()
+    return [mint("demo", f"v{i}", secret, 7200, now, kid) for i in range(n)]
+
+
+def row(name: str, r: dict[str, Any], extra: str = "") -> str:
+    rtt = r["rtt"]
+    return (
+        f"| {name} | {r['msgs_per_s']:,.0f} | {rtt.get('p50_ms', 0):.2f} | "
+        f"{rtt.get('p99_ms', 0):.2f} | {sum(r['errors'].values())} | {extra} |"
+    )
+
+
+def throughput(args: argparse.Namespace) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    plan = dict(connections=200, active=200, duration=args.seconds, size=230, max_runtime=120)
+    peer = start_peer()
+    try:
+        res["websockets"] = run(Plan(host="127.0.0.1", port=peer.port, mode="echo", **plan), 1)
+    finally:
+        peer.stop()
+    toks = tokens(200)
+    for w in args.workers:
+        gw = start_gateway(w)
+        try:
+            res[f"gateway-{w}w"] = run(
+                Plan(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks, **plan), 1
+            )
+        finally:
+            gw.stop()
+    base = res["websockets"]["msgs_per_s"]
+    print("| server | msg/s | p50 ms | p99 ms | errors | vs websockets |")
+    print("|---|---|---|---|---|---|")
+    for k, r in res.items():
+        print(row(k, r, f"{r['msgs_per_s'] / base:.2f}x"))
+    return res
+
+
+def hold_and_measure(srv: Server, plan: Plan, procs: int) -> dict[str, Any]:
+    """Runs `plan` in the background; once every client process has opened
+    all its connections, samples the server's RSS and kernel TCP memory."""
+    import threading
+
+    ready = OUT / f"ready-{srv.port}"
+    for old in OUT.glob(f"ready-{srv.port}.*"):
+        old.unlink()
+    plan.ready_file = str(ready)
+    before = srv.rss()
+    mem0 = tcp_mem_pages()
+    holder: dict[str, Any] = {}
+    th = threading.Thread(target=lambda: holder.update(r=run(plan, procs)))
+    th.start()
+    t0 = time.monotonic()
+    while th.is_alive() and len(list(OUT.glob(f"ready-{srv.port}.*"))) < procs:
+        time.sleep(0.2)
+    ramp_wall = time.monotonic() - t0
+    time.sleep(min(3.0, plan.duration / 2))
+    after = srv.rss()
+    mem1 = tcp_mem_pages()
+    th.join()
+    r = holder["r"]
+    held = r["counts"].get("connected", 0)
+    r["rss_before"] = before
+    r["rss_held"] = after
+    r["ramp_wall_s"] = ramp_wall
+    r["bytes_per_conn"] = (after - before) / held if held else None
+    r["kernel_tcp_bytes_per_conn"] = (mem1 - mem0) * 4096 / held if held else None
+    return r
+
+
+def idle(args: argparse.Namespace) -> dict[str, Any]:
+    n = args.connections
+    res: dict[str, Any] = {}
+    procs = max(1, -(-n // 18000))
+    toks = tokens(min(n, 50000)) if args.workers else []
+    servers: list[tuple[str, Any, str]] = []
+    if args.peer:
+        servers.append(("websockets", start_peer, "echo"))
+    for w in args.workers:
+        servers.append((f"gateway-{w}w", lambda w=w: start_gateway(w, conns=n), "gateway"))
+    for name, start, mode in servers:
+        srv = start()
+        try:
+            time.sleep(1)
+            plan = Plan(
+                host="127.0.0.1",
+                port=srv.port,
+                mode=mode,
+                connections=n,
+                active=0,
+                duration=args.hold,
+                ramp=args.ramp,
+                max_runtime=900,
+                tokens=toks if mode == "gateway" else [],
+            )
+            res[name] = hold_and_measure(srv, plan, procs)
+        finally:
+            srv.stop()
+    print(
+        "| server | connections held | connects/s | connect p99 ms "
+        "| RSS/conn KiB | kernel TCP/conn KiB |"
+    )
+    print("|---|---|---|---|---|---|")
+    for k, r in res.items():
+        bpc = r["bytes_per_conn"] or 0
+        kpc = r["kernel_tcp_bytes_per_conn"] or 0
+        print(
+            f"| {k} | {r['counts'].get('connected', 0):,} | {r['connects_per_s']:,.0f} | "
+            f"{r['connect'].get('p99_ms', 0):.1f} | {bpc / 1024:.2f} | {kpc / 1024:.2f} |"
+        )
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["throughput", "idle", "storm", "big"])
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument(
+        "--workers", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2]
+    )
+    ap.add_argument("--connections", type=int, default=15000)
+    ap.add_argument("--hold", type=float, default=10.0)
+    ap.add_argument("--ramp", type=float, default=0.0)
+    ap.add_argument("--peer", action="store_true")
+    args = ap.parse_args()
+    OUT.mkdir(exist_ok=True)
+    res = {"throughput": throughput, "idle": idle}[args.mode](args)
+    for r in res.values():
+        r.pop("hist", None)
+    (OUT / f"bench-{args.mode}.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
