@@ -60,7 +60,7 @@ pub fn fuzz_batch(data: &[u8]) {
     let buf = r.0;
     let out_cap = (r.byte() as usize) * 64;
     let mut out = vec![0xAAu8; out_cap.max(buf.len() + n * OVERHEAD)];
-    let cap = if data.len() % 2 == 0 {
+    let cap = if data.len().is_multiple_of(2) {
         out.len()
     } else {
         out_cap.min(out.len())
@@ -78,8 +78,8 @@ pub fn fuzz_batch(data: &[u8]) {
             open_batch(&kr, &hs, sealed, None, &mut plain, &mut status).expect("open");
             assert!(status.iter().all(|s| *s == 0));
             let mut pos = 0;
-            for i in 0..n {
-                let l = len[i] as usize;
+            for (i, l) in len.iter().enumerate() {
+                let l = *l as usize;
                 assert_eq!(&plain[pos..pos + l], items.get(i));
                 pos += l;
             }
