@@ -438,3 +438,52 @@ pub extern "C" fn gw_max_item_len() -> u64 {
 pub extern "C" fn gw_max_batch_items() -> u64 {
     batch::MAX_BATCH_ITEMS as u64
 }
+
+/// Writes a Python `struct` format describing `n` consecutive byte strings of
+/// lengths `lens[i] + delta` (clamped at 0), e.g. `"284s284s"`, into `out`;
+/// returns the bytes written, or a negative error code when `out` is too
+/// small. Lets Python split a batch output into `bytes` objects in one call.
+///
+/// # Safety
+/// `lens` must point to `n` values and `out` to `cap` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn gw_struct_format(
+    lens: *const u64,
+    n: usize,
+    delta: i64,
+    out: *mut u8,
+    cap: usize,
+) -> i64 {
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: validity for the given lengths is the caller's contract.
+        let (lens, out) = unsafe { (view(lens, n)?, view_mut(out, cap)?) };
+        let mut pos = 0usize;
+        let mut digits = [0u8; 20];
+        for &l in lens {
+            let mut v = (l as i128 + delta as i128).max(0) as u64;
+            let mut k = 0;
+            loop {
+                digits[k] = b'0' + (v % 10) as u8;
+                v /= 10;
+                k += 1;
+                if v == 0 {
+                    break;
+                }
+            }
+            if pos + k + 1 > out.len() {
+                return Err(Error::OutputTooSmall);
+            }
+            for j in 0..k {
+                out[pos + j] = digits[k - 1 - j];
+            }
+            out[pos + k] = b's';
+            pos += k + 1;
+        }
+        Ok(pos as i64)
+    }));
+    match r {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => i64::from(e.code()),
+        Err(_) => i64::from(GW_ERR_INTERNAL),
+    }
+}
