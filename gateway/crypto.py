@@ -71,9 +71,8 @@ def _tune_malloc() -> bool:
         return False
     libc = ctypes.CDLL(None)
     m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1
-    ok = libc.mallopt(m_trim_threshold, 64 << 20) == 1 and ok
-    return ok
+    ok = bool(libc.mallopt(m_mmap_threshold, 32 << 20) == 1)
+    return bool(libc.mallopt(m_trim_threshold, 64 << 20) == 1) and ok
 
 
 MALLOC_TUNED: Final = _tune_malloc()
@@ -277,7 +276,7 @@ class Keyring:
             raise CryptoError(-8)
         # One flattening pass, then C-speed slicing into columns: much cheaper
         # than zip(*items) for thousands of small items.
-        flat = list(chain.from_iterable(items))
+        flat: list[Any] = list(chain.from_iterable(items))
         if len(flat) != 3 * n:
             raise TypeError("items must be (handle, data, aad) tuples")
         datas = flat[1::3]
