@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import sys
 import threading
 import time
 from array import array
@@ -77,6 +78,17 @@ def _tune_malloc() -> bool:
 
 MALLOC_TUNED: Final = _tune_malloc()
 
+#: Whether seal_many/open_many read the item list and build results in the
+#: native core through the CPython C API (see native/src/pyfast.rs). Off on
+#: other interpreters and with GATEWAY_CRYPTO_FASTPATH=0.
+FASTPATH: bool = (
+    sys.implementation.name == "cpython"
+    and os.environ.get("GATEWAY_CRYPTO_FASTPATH", "1") != "0"
+    and hasattr(lib, "gw_seal_list")
+)
+_ERR_BAD_ITEM: Final = -20
+_ERR_NO_MEMORY: Final = -22
+
 _ERR_UNKNOWN_HANDLE: Final = -3
 _ERR_KEY_EXHAUSTED: Final = -9
 _EPOCH_BITS: Final = 24
@@ -109,6 +121,12 @@ class KeyExhaustedError(CryptoError):
 
 
 def _raise(code: int, index: int | None = None) -> None:
+    if code == _ERR_BAD_ITEM:
+        raise TypeError(
+            f"items must be (handle: int, data: bytes, aad: bytes) tuples (item {index})"
+        )
+    if code == _ERR_NO_MEMORY:
+        raise MemoryError("out of memory building batch results")
     if code == _ERR_UNKNOWN_HANDLE:
         raise UnknownHandleError(code, index)
     if code == _ERR_KEY_EXHAUSTED:
@@ -287,7 +305,7 @@ class Keyring:
             buf = b"".join(datas)
         except (TypeError, OverflowError) as e:
             raise TypeError("items must be (handle: int, data: bytes, aad: bytes) tuples") from e
-        if any(aads):
+        if aads.count(b"") != n:  # some AAD present (or not bytes: rejected below)
             try:
                 alens: array[int] | None = array("Q", list(map(len, aads)))
                 abuf: bytes | None = b"".join(aads)
@@ -343,8 +361,25 @@ class Keyring:
             _raise(rc, idx if idx < len(harr) else None)
         return out, lens
 
+    def _fast(self, fn: Any, items: Sequence[tuple[int, bytes, bytes]]) -> list[Any]:
+        lst = items if type(items) is list else list(items)
+        n = len(lst)
+        if n == 0:
+            raise CryptoError(-2)
+        if n > MAX_BATCH_ITEMS:
+            raise CryptoError(-8)
+        res: list[Any] = [None] * n
+        err = ffi.new("uintptr_t *")
+        rc = fn(self._kr, id(lst), id(res), err)
+        if rc:
+            idx = int(err[0])
+            _raise(rc, idx if idx < n else None)
+        return res
+
     def seal_many(self, items: Sequence[tuple[int, bytes, bytes]]) -> list[bytes]:
         """Seals ``(handle, plaintext, aad)`` items; returns the sealed items."""
+        if FASTPATH:
+            return self._fast(lib.gw_seal_list, items)
         out, lens = self._seal(items, None, True)
         return list(self._split(out, lens, OVERHEAD))
 
@@ -361,6 +396,8 @@ class Keyring:
         """Opens ``(handle, sealed, aad)`` items; an item that fails
         authentication (or is too short to be sealed) gives ``None``; the
         others are unaffected."""
+        if FASTPATH:
+            return self._fast(lib.gw_open_list, items)
         harr, buf, lens, abuf, alens = self._columns(items)
         n = len(harr)
         out = _scratch(sum(lens))

@@ -23,6 +23,14 @@ from gateway.crypto import (
 )
 
 
+@pytest.fixture(autouse=True, params=["fastpath", "python"] if crypto.FASTPATH else ["python"])
+def marshalling(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs every test through both item marshalling paths: the native
+    CPython fast path and the portable Python one."""
+    monkeypatch.setattr(crypto, "FASTPATH", request.param == "fastpath")
+    return str(request.param)
+
+
 @pytest.fixture
 def kr(tmp_path: Path) -> Keyring:
     return Keyring(state_dir=tmp_path)
@@ -59,7 +67,9 @@ item_st = st.tuples(
 
 @settings(max_examples=60, deadline=None)
 @given(items=st.lists(item_st, min_size=1, max_size=24), seed=st.binary(min_size=32, max_size=32))
-def test_seal_matches_pyca_both_ways(items: list[tuple[str, int, bytes, bytes]], seed: bytes) -> None:
+def test_seal_matches_pyca_both_ways(
+    items: list[tuple[str, int, bytes, bytes]], seed: bytes
+) -> None:
     kr = Keyring(fixed=int.from_bytes(seed[:4], "big"))
     keys = {(s, i): (seed * 2)[i : i + KEYLEN[s]] for s in SUITES for i in range(4)}
     handles = {k: kr.add(k[0], v) for k, v in keys.items()}
@@ -227,6 +237,25 @@ def test_seal_into_zero_copy(kr: Keyring) -> None:
         b"one",
         b"three",
     ]
+
+
+def test_fastpath_available_on_cpython() -> None:
+    import sys
+
+    if sys.implementation.name == "cpython":
+        assert hasattr(crypto.lib, "gw_seal_list"), "maturin build must enable cpython-fastpath"
+
+
+def test_bad_item_shapes(kr: Keyring) -> None:
+    h = kr.add("aes-128-gcm", b"k" * 16)
+    for bad in ([(h, b"a", None)], [(-1, b"a", b"")], [(2**40, b"a", b"")], [b"abc"], [(h,)]):
+        with pytest.raises((TypeError, CryptoError)):
+            kr.seal_many(bad)  # type: ignore[arg-type]
+        with pytest.raises((TypeError, CryptoError)):
+            kr.open_many(bad)  # type: ignore[arg-type]
+    # A failed batch leaves the keyring usable and burns no nonce.
+    assert kr.used(h) == 0
+    assert kr.open_many([(h, kr.seal_many([(h, b"ok", b"")])[0], b"")]) == [b"ok"]
 
 
 def test_backends_reported() -> None:

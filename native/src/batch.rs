@@ -181,6 +181,22 @@ pub fn opened_size(len: &[u64]) -> u64 {
     len.iter().map(|l| l.saturating_sub(OVERHEAD as u64)).sum()
 }
 
+/// Splits `out` into consecutive item slices of the given sizes.
+fn carve(out: &mut [u8], sizes: impl Iterator<Item = usize>) -> Vec<&mut [u8]> {
+    let mut rest = out;
+    let mut v = Vec::new();
+    for s in sizes {
+        let (a, b) = std::mem::take(&mut rest).split_at_mut(s);
+        v.push(a);
+        rest = b;
+    }
+    v
+}
+
+fn views<'a>(items: &'a Items<'_>, n: usize) -> Vec<&'a [u8]> {
+    (0..n).map(|i| items.get(i)).collect()
+}
+
 /// Seals every item; returns the bytes written to `out`.
 pub fn seal_batch(
     kr: &Keyring,
@@ -199,6 +215,36 @@ pub fn seal_batch(
     if need > out.len() as u64 {
         return Err((n, Error::OutputTooSmall));
     }
+    let ins = views(&input, n);
+    let aads = aad.as_ref().map(|a| views(a, n));
+    let mut outs = carve(out, input.len.iter().map(|l| *l as usize + OVERHEAD));
+    seal_slices(kr, handles, &ins, aads.as_deref(), &mut outs)?;
+    Ok(need as usize)
+}
+
+/// Seals `inputs[i]` into `outputs[i]` (exactly `inputs[i].len() + 28`
+/// bytes each), all validated before anything is written.
+pub fn seal_slices(
+    kr: &Keyring,
+    handles: &[u32],
+    inputs: &[&[u8]],
+    aads: Option<&[&[u8]]>,
+    outputs: &mut [&mut [u8]],
+) -> Result<(), (usize, Error)> {
+    let n = handles.len();
+    check_batch(n)?;
+    if inputs.len() != n || outputs.len() != n || aads.is_some_and(|a| a.len() != n) {
+        return Err((n, Error::OutOfRange));
+    }
+    for (i, (pt, o)) in inputs.iter().zip(outputs.iter()).enumerate() {
+        if pt.len() as u64 > MAX_ITEM_LEN || aads.is_some_and(|a| a[i].len() as u64 > MAX_ITEM_LEN)
+        {
+            return Err((i, Error::Oversize));
+        }
+        if o.len() != pt.len() + OVERHEAD {
+            return Err((i, Error::OutputTooSmall));
+        }
+    }
     let fixed = kr.fixed();
     kr.with_keys(|keys| {
         let entries = resolve(keys, handles)?;
@@ -206,12 +252,10 @@ pub fn seal_batch(
         // an exhausted key fails the batch before any output exists and
         // without burning invocations.
         let (slots, mut next) = reserve_nonces(&entries)?;
-        let mut pos = 0usize;
         for i in 0..n {
-            let pt = input.get(i);
-            let a = aad.as_ref().map(|a| a.get(i)).unwrap_or(&[]);
-            let item = &mut out[pos..pos + pt.len() + OVERHEAD];
-            let (nonce_out, rest) = item.split_at_mut(NONCE_LEN);
+            let pt = inputs[i];
+            let a = aads.map(|a| a[i]).unwrap_or(&[]);
+            let (nonce_out, rest) = outputs[i].split_at_mut(NONCE_LEN);
             let (ct, tag_out) = rest.split_at_mut(pt.len());
             let slot = slots[i] as usize;
             let nonce = Entry::nonce(fixed, next[slot]);
@@ -219,9 +263,8 @@ pub fn seal_batch(
             nonce_out.copy_from_slice(&nonce);
             let tag = entries[i].aead.seal(&nonce, a, pt, ct);
             tag_out.copy_from_slice(&tag);
-            pos += pt.len() + OVERHEAD;
         }
-        Ok(pos)
+        Ok(())
     })
 }
 
@@ -238,9 +281,6 @@ pub fn open_batch(
 ) -> Result<usize, (usize, Error)> {
     let n = handles.len();
     check_batch(n)?;
-    if status.len() < n {
-        return Err((n, Error::OutputTooSmall));
-    }
     input.validate(n, MAX_ITEM_LEN + OVERHEAD as u64)?;
     if let Some(a) = &aad {
         a.validate(n, MAX_ITEM_LEN)?;
@@ -249,31 +289,70 @@ pub fn open_batch(
     if need > out.len() as u64 {
         return Err((n, Error::OutputTooSmall));
     }
+    let ins = views(&input, n);
+    let aads = aad.as_ref().map(|a| views(a, n));
+    let mut outs = carve(out, input.len.iter().map(|l| opened_len(*l as usize)));
+    open_slices(kr, handles, &ins, aads.as_deref(), &mut outs, status)?;
+    Ok(need as usize)
+}
+
+/// Plaintext length of a sealed item of `len` bytes (0 when too short).
+pub fn opened_len(len: usize) -> usize {
+    len.saturating_sub(OVERHEAD)
+}
+
+/// Opens `inputs[i]` into `outputs[i]` (exactly `opened_len` bytes each);
+/// `status[i]` tells whether item i authenticated; a failed item's output is
+/// zeroed.
+pub fn open_slices(
+    kr: &Keyring,
+    handles: &[u32],
+    inputs: &[&[u8]],
+    aads: Option<&[&[u8]]>,
+    outputs: &mut [&mut [u8]],
+    status: &mut [u8],
+) -> Result<(), (usize, Error)> {
+    let n = handles.len();
+    check_batch(n)?;
+    if status.len() < n {
+        return Err((n, Error::OutputTooSmall));
+    }
+    if inputs.len() != n || outputs.len() != n || aads.is_some_and(|a| a.len() != n) {
+        return Err((n, Error::OutOfRange));
+    }
+    for (i, (s, o)) in inputs.iter().zip(outputs.iter()).enumerate() {
+        if s.len() as u64 > MAX_ITEM_LEN + OVERHEAD as u64
+            || aads.is_some_and(|a| a[i].len() as u64 > MAX_ITEM_LEN)
+        {
+            return Err((i, Error::Oversize));
+        }
+        if o.len() != opened_len(s.len()) {
+            return Err((i, Error::OutputTooSmall));
+        }
+    }
     kr.with_keys(|keys| {
         let entries = resolve(keys, handles)?;
-        let mut pos = 0usize;
         for i in 0..n {
-            let sealed = input.get(i);
+            let sealed = inputs[i];
             if sealed.len() < OVERHEAD {
                 status[i] = STATUS_TOO_SHORT;
                 continue;
             }
-            let a = aad.as_ref().map(|a| a.get(i)).unwrap_or(&[]);
+            let a = aads.map(|a| a[i]).unwrap_or(&[]);
             let ct_len = sealed.len() - OVERHEAD;
             let mut nonce = [0u8; NONCE_LEN];
             nonce.copy_from_slice(&sealed[..NONCE_LEN]);
             let ct = &sealed[NONCE_LEN..NONCE_LEN + ct_len];
             let mut tag = [0u8; TAG_LEN];
             tag.copy_from_slice(&sealed[NONCE_LEN + ct_len..]);
-            let pt = &mut out[pos..pos + ct_len];
+            let pt = &mut *outputs[i];
             if entries[i].aead.open(&nonce, a, ct, &tag, pt) {
                 status[i] = STATUS_OK;
             } else {
                 pt.fill(0);
                 status[i] = STATUS_AUTH_FAILED;
             }
-            pos += ct_len;
         }
-        Ok(pos)
+        Ok(())
     })
 }

@@ -20,6 +20,13 @@ pub struct GwKeyring {
     inner: Keyring,
 }
 
+impl GwKeyring {
+    /// The keyring behind the handle.
+    pub fn keyring(&self) -> &Keyring {
+        &self.inner
+    }
+}
+
 fn guard(f: impl FnOnce() -> i32) -> i32 {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or(GW_ERR_INTERNAL)
 }

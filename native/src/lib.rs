@@ -20,6 +20,8 @@ pub mod ffi;
 pub mod fuzzing;
 pub mod ghash;
 pub mod keyring;
+#[cfg(feature = "cpython-fastpath")]
+pub mod pyfast;
 pub mod sm4;
 
 pub use aead::{BlockAead, Suite, NONCE_LEN, OVERHEAD, TAG_LEN};
