@@ -110,7 +110,7 @@ def test_tampering_is_rejected_without_failing_the_batch(
     elif where == "ct" and pt:
         v[12 + pos % len(pt)] ^= 1 << bit
     elif where == "aad":
-        a = a + b"x" if not a else a
+        a = a or bytearray(b"x")
         a[pos % len(a)] ^= 1 << bit
     else:
         v[-1] ^= 1  # empty plaintext: tamper the tag instead
@@ -139,7 +139,8 @@ def test_fixed_field_unique_across_processes(tmp_path: Path) -> None:
     import sys
 
     code = (
-        "import sys; from pathlib import Path; from gateway.crypto import allocate_fixed_field as a;"
+        "import sys; from pathlib import Path;"
+        "from gateway.crypto import allocate_fixed_field as a;"
         "print(*[a(Path(sys.argv[1])) for _ in range(200)])"
     )
     procs = [

@@ -22,7 +22,9 @@ def _rank(paths: list[str], name: str) -> int:
     return len(paths) - paths.index(name)
 
 
-@pytest.mark.parametrize("idx", range(4), ids=[f"{a}+{s}" for a, s in zip(AES_PATHS, SM4_PATHS)])
+@pytest.mark.parametrize(
+    "idx", range(4), ids=[f"{a}+{s}" for a, s in zip(AES_PATHS, SM4_PATHS, strict=True)]
+)
 def test_known_answers_on_path(idx: int, tmp_path: Path) -> None:
     aes, sm4 = AES_PATHS[idx], SM4_PATHS[idx]
     det = crypto.backends()
