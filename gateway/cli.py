@@ -1,0 +1,189 @@
+"""``gateway`` command line: ``serve``, ``token``, ``selfcheck``.
+
+Subcommands are entries of :data:`COMMANDS` (name, help, argument setup,
+handler), registered with the :func:`command` decorator; later ones
+(``desk-sim``, ``loadtest``) are added the same way and import their modules
+lazily inside the handler. Handlers
+return the exit code: 0 success, 1 failure at run time, 2 bad usage or
+configuration (argparse errors exit 2 as well).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.config import ConfigError, load_config, parse_hostport
+
+__all__ = ["COMMANDS", "build_parser", "command", "main"]
+
+PROG = "gateway"
+DEFAULT_TOKEN_TTL_S = 3600
+MAX_TOKEN_TTL_S = 366 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    setup: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(
+    name: str, help: str, setup: Callable[[argparse.ArgumentParser], None] | None = None
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Registers ``fn(args) -> exit code`` as subcommand ``name``, its
+    arguments added by ``setup(parser)``."""
+
+    def deco(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = Command(name, help, setup or (lambda p: None), fn)
+        return fn
+
+    return deco
+
+
+def _err(msg: str) -> None:
+    print(f"{PROG}: {msg}", file=sys.stderr)
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    try:
+        return parse_hostport(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _ops_listen(text: str) -> str:
+    if text:
+        _hostport(text)
+    return text
+
+
+def _int_at_least(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+            raise argparse.ArgumentTypeError(f"must be {rng}: {text}")
+        return v
+
+    return parse
+
+
+def _load(path: str | None, overrides: dict[str, Any]) -> Any:
+    return load_config(path, os.environ, overrides)
+
+
+# --- serve -------------------------------------------------------------------
+
+
+def _setup_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML config file (default: $GATEWAY_CONFIG)")
+    p.add_argument("--listen", metavar="HOST:PORT", type=_hostport, help="listen address")
+    p.add_argument(
+        "--workers", metavar="N", type=_int_at_least(0), help="worker processes (0 = auto)"
+    )
+    p.add_argument("--max-connections", metavar="N", type=_int_at_least(1),
+                   help="connections to size the worker count for")  # fmt: skip
+    p.add_argument("--ops-listen", metavar="HOST:PORT", type=_ops_listen,
+                   help='metrics/health listener ("" disables)')  # fmt: skip
+
+
+@command("serve", "run the gateway (supervisor + workers)", _setup_serve)
+def _serve(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {
+        "workers": args.workers,
+        "max_connections": args.max_connections,
+        "ops_listen": args.ops_listen,
+    }
+    if args.listen is not None:
+        overrides["listen_host"], overrides["listen_port"] = args.listen
+    try:
+        cfg = _load(args.config, overrides)
+    except ConfigError as e:
+        _err(f"config error: {e}")
+        return 2
+    from gateway.supervisor import run_supervisor
+
+    return run_supervisor(cfg)
+
+
+# --- token -------------------------------------------------------------------
+
+
+def _setup_token(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tenant", required=True, help="tenant name")
+    p.add_argument("--visitor", required=True, help="visitor id")
+    p.add_argument("--ttl", metavar="S", type=_int_at_least(1, MAX_TOKEN_TTL_S),
+                   default=DEFAULT_TOKEN_TTL_S,
+                   help=f"lifetime in seconds (default {DEFAULT_TOKEN_TTL_S})")  # fmt: skip
+    p.add_argument("--config", metavar="FILE", help="TOML config file (default: $GATEWAY_CONFIG)")
+
+
+@command("token", "print a visitor token minted with the tenant's first secret", _setup_token)
+def _token(args: argparse.Namespace) -> int:
+    from gateway.protocol.tokens import mint
+
+    if not args.visitor:
+        _err("token: --visitor must not be empty")
+        return 2
+    try:
+        cfg = _load(args.config, {})
+    except ConfigError as e:
+        _err(f"config error: {e}")
+        return 2
+    tenant = cfg.tenants.get(args.tenant)
+    if tenant is None:
+        known = ", ".join(sorted(cfg.tenants)) or "none"
+        _err(f"token: unknown tenant {args.tenant!r} (configured: {known})")
+        return 2
+    kid = tenant.primary_kid
+    print(mint(tenant.name, args.visitor, tenant.secrets[kid], args.ttl, time.time(), kid=kid))
+    return 0
+
+
+# --- selfcheck ---------------------------------------------------------------
+
+
+@command("selfcheck", "check the native crypto core and print its backends and speed")
+def _selfcheck(args: argparse.Namespace) -> int:
+    try:
+        from gateway import crypto
+
+        report = crypto.selfcheck()
+    except Exception as e:  # report any failure of the native core, exit 1
+        _err(f"selfcheck failed: {type(e).__name__}: {e}")
+        return 1
+    print(report)
+    return 0
+
+
+# --- entry point -------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Customer-service chat gateway")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for c in COMMANDS.values():
+        sp = sub.add_parser(c.name, help=c.help, description=c.help)
+        c.setup(sp)
+        sp.set_defaults(_run=c.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args._run
+    return run(args)

@@ -1,0 +1,290 @@
+"""Worker supervisor: starts the worker processes, restarts the ones that die,
+forwards SIGTERM/SIGINT/SIGHUP as a drain and kills what outlives it.
+
+Workers are ``sys.executable -m <worker_module> --index I`` with the whole
+config as JSON in ``$GATEWAY_WORKER_CONFIG``. A worker that exits while the
+gateway is not stopping is restarted after a backoff (0.1 s doubling up to
+5 s); more than ``max_restarts_per_minute`` restarts of one worker within 60 s
+stop the whole gateway (exit 1) instead of crash-looping. On the first signal
+every worker gets SIGTERM; workers still alive ``drain_s + kill_grace_s``
+seconds later (or at a second signal) get SIGKILL. The exit code is 0 when
+every worker exited with 0 during the drain, 1 otherwise.
+
+Workers get ``PR_SET_PDEATHSIG = SIGTERM`` on Linux, so they drain even if
+the supervisor itself is killed.
+
+Log lines are JSON objects on stderr, one per event; the start-up banner (URLs
+and, for the demo tenant, a ready-made token) is plain text on stdout.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final, TextIO
+
+import trio
+
+from gateway.config import (
+    DEMO_TENANT,
+    LOG_LEVELS,
+    WORKER_CONFIG_ENV,
+    Config,
+    demo_secret_path,
+    effective_workers,
+    parse_hostport,
+)
+from gateway.protocol.tokens import mint
+
+__all__ = ["banner", "run_supervisor"]
+
+BACKOFF_FIRST_S: Final = 0.1
+BACKOFF_MAX_S: Final = 5.0
+RESTART_WINDOW_S: Final = 60.0
+DEMO_TOKEN_TTL_S: Final = 24 * 3600
+DEMO_VISITOR: Final = "demo-visitor"
+_STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class _Log:
+    def __init__(self, level: str, stream: TextIO) -> None:
+        self._min = LOG_LEVELS.index(level)
+        self._stream = stream
+
+    def __call__(self, level: str, event: str, **fields: Any) -> None:
+        if LOG_LEVELS.index(level) < self._min:
+            return
+        rec = {"ts": round(time.time(), 3), "level": level, "component": "supervisor"}
+        rec["event"] = event
+        rec.update(fields)
+        try:
+            self._stream.write(json.dumps(rec, separators=(",", ":")) + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed stderr must not take the supervisor down
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def banner(cfg: Config, now: float | None = None) -> list[str]:
+    """Human-readable start-up lines: where to connect and, when the demo
+    tenant is in use, its secret file and a token valid for 24 h."""
+    tls = cfg.tls_cert is not None
+    host = f"{_url_host(cfg.listen_host)}:{cfg.listen_port}"
+    http, ws = ("https", "wss") if tls else ("http", "ws")
+    n = effective_workers(cfg)
+    lines = [
+        f"gateway: {n} worker(s) listening on {cfg.listen_host}:{cfg.listen_port}",
+        f"gateway: WebSocket {ws}://{host}/v1/ws  HTTP/2 POST {http}://{host}/v1/stream",
+        f"gateway: example page {http}://{host}/example.html",
+    ]
+    if cfg.ops_listen:
+        ops_host, ops_port = parse_hostport(cfg.ops_listen)
+        lines.append(f"gateway: ops/metrics http://{_url_host(ops_host)}:{ops_port}/")
+    demo = cfg.tenants.get(DEMO_TENANT)
+    path = demo_secret_path(cfg.state_dir)
+    if demo is not None and path.is_file():
+        kid = demo.primary_kid
+        t = time.time() if now is None else now
+        token = mint(DEMO_TENANT, DEMO_VISITOR, demo.secrets[kid], DEMO_TOKEN_TTL_S, t, kid=kid)
+        lines += [
+            f'gateway: no tenant configured: using tenant "{DEMO_TENANT}" (any origin),'
+            f" secret in {path}",
+            f'gateway: demo token (visitor "{DEMO_VISITOR}", valid 24 h):',
+            token,
+            f'gateway: e.g. {ws}://{host}/v1/ws then send {{"t":"hello","v":1,"token":"<token>"}}',
+            f"gateway: more tokens: gateway token --tenant {DEMO_TENANT} --visitor NAME",
+        ]
+    else:
+        lines.append("gateway: mint visitor tokens with: gateway token --tenant T --visitor V")
+    return lines
+
+
+def _pdeathsig_hook() -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to SIGTERM the child when we die."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+
+    return hook
+
+
+class _Supervisor:
+    def __init__(
+        self,
+        cfg: Config,
+        worker_module: str,
+        max_restarts_per_minute: int,
+        kill_grace_s: float,
+        log: _Log,
+    ) -> None:
+        self.cfg = cfg
+        self.module = worker_module
+        self.max_restarts = max_restarts_per_minute
+        self.kill_grace_s = kill_grace_s
+        self.log = log
+        self.env = dict(os.environ)
+        self.env[WORKER_CONFIG_ENV] = cfg.to_json()
+        self.procs: dict[int, trio.Process] = {}
+        self.final: dict[int, int | None] = {}
+        self.stopping = trio.Event()
+        self.failed = False
+        self.killed = False
+        self.restarts = 0
+        self.preexec = _pdeathsig_hook()
+
+    def _kill_all(self, why: str) -> None:
+        for i, p in list(self.procs.items()):
+            if p.returncode is None:
+                self.killed = True
+                self.log("warning", "worker_killed", worker=i, pid=p.pid, why=why)
+                p.kill()
+
+    def begin_stop(self, why: str) -> None:
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        self.log("info", "draining", why=why, workers=len(self.procs), drain_s=self.cfg.drain_s)
+        for p in self.procs.values():
+            if p.returncode is None:
+                p.send_signal(signal.SIGTERM)
+
+    async def _spawn(self, index: int) -> trio.Process | None:
+        argv = [sys.executable, "-m", self.module, "--index", str(index)]
+        try:
+            return await trio.lowlevel.open_process(
+                argv, env=self.env, stdin=subprocess.DEVNULL, preexec_fn=self.preexec
+            )
+        except OSError as e:
+            self.log("error", "worker_spawn_failed", worker=index, error=str(e))
+            return None
+
+    async def worker_loop(self, index: int) -> None:
+        recent: deque[float] = deque()
+        while True:
+            proc = await self._spawn(index)
+            rc: int | None = None
+            if proc is not None:
+                self.procs[index] = proc
+                self.log("info", "worker_started", worker=index, pid=proc.pid)
+                if self.stopping.is_set():  # the stop came while we were spawning
+                    proc.send_signal(signal.SIGTERM)
+                try:
+                    rc = await proc.wait()
+                finally:
+                    del self.procs[index]
+            if self.stopping.is_set():
+                self.final[index] = rc
+                level = "info" if rc == 0 else "warning"
+                self.log(level, "worker_exited", worker=index, code=rc)
+                return
+            now = trio.current_time()
+            while recent and now - recent[0] > RESTART_WINDOW_S:
+                recent.popleft()
+            if len(recent) >= self.max_restarts:
+                self.log(
+                    "error",
+                    "restart_limit",
+                    worker=index,
+                    code=rc,
+                    restarts_per_minute=len(recent),
+                )
+                self.failed = True
+                self.final[index] = rc
+                self.begin_stop("restart limit")
+                return
+            recent.append(now)
+            self.restarts += 1
+            delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (len(recent) - 1))
+            self.log(
+                "error",
+                "worker_died",
+                worker=index,
+                code=rc,
+                restart_in_s=delay,
+                restarts=self.restarts,
+            )
+            with trio.move_on_after(delay):
+                await self.stopping.wait()
+            if self.stopping.is_set():
+                self.final[index] = rc
+                return
+
+    async def signal_loop(self, signals: Any) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if self.stopping.is_set():
+                self.log("warning", "second_signal", signal=name)
+                self._kill_all(f"second {name}")
+            else:
+                self.begin_stop(name)
+
+    async def deadline_loop(self) -> None:
+        await self.stopping.wait()
+        await trio.sleep(self.cfg.drain_s + self.kill_grace_s)
+        self._kill_all("drain deadline")
+
+    async def run(self) -> int:
+        n = effective_workers(self.cfg)
+        with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+            self.log("info", "starting", workers=n, pid=os.getpid(), module=self.module)
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self.signal_loop, signals)
+                outer.start_soon(self.deadline_loop)
+                async with trio.open_nursery() as workers:
+                    for i in range(n):
+                        workers.start_soon(self.worker_loop, i)
+                outer.cancel_scope.cancel()
+        clean = not self.failed and not self.killed and all(rc == 0 for rc in self.final.values())
+        self.log(
+            "info" if clean else "error",
+            "stopped",
+            clean=clean,
+            restarts=self.restarts,
+            codes={str(k): v for k, v in sorted(self.final.items())},
+        )
+        return 0 if clean else 1
+
+
+def run_supervisor(
+    cfg: Config,
+    worker_module: str = "gateway.server.worker",
+    *,
+    max_restarts_per_minute: int = 10,
+    kill_grace_s: float = 5.0,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Runs the workers until a stop signal (or the restart limit); returns
+    the process exit code. Must be called from the main thread."""
+    if max_restarts_per_minute < 0:
+        raise ValueError("max_restarts_per_minute must be >= 0")
+    o = sys.stdout if out is None else out
+    for line in banner(cfg):
+        o.write(line + "\n")
+    o.flush()
+    log = _Log(cfg.log_level, sys.stderr if err is None else err)
+    sup = _Supervisor(cfg, worker_module, max_restarts_per_minute, kill_grace_s, log)
+    return trio.run(sup.run)
