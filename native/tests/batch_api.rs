@@ -46,12 +46,12 @@ fn round_trip_mixed_keys_with_aad() {
     assert_eq!(&plain, buf);
     // Swapped AAD: both fail, independently, outputs zeroed.
     let mut st = [9u8; 2];
-    let swapped = [1u64, 0];
+    let swapped_aad = b"BA";
     open_batch(
         &kr,
         &[a, s],
         Items::packed(&out, &sl),
-        Some(Items::new(aad, &swapped, &alen)),
+        Some(Items::new(swapped_aad, &aoff, &alen)),
         &mut plain,
         &mut st,
     )
@@ -121,7 +121,7 @@ fn exhausted_key_fails_whole_batch_without_burning() {
     let h = kr.add(Suite::Aes256Gcm, &[1; 32], 3).unwrap();
     let other = kr.add(Suite::Aes256Gcm, &[2; 32], 100).unwrap();
     let buf = [0u8; 4];
-    let mut out = vec![0u8; 4 * OVERHEAD];
+    let mut out = vec![0u8; 5 * OVERHEAD];
     let e = seal_batch(
         &kr,
         &[other, h, h, h, h],
