@@ -87,7 +87,7 @@ fn soft_ghash(h: u128, aad: &[u8], ct: &[u8]) -> [u8; 16] {
 }
 
 /// Largest keystream chunk any path produces.
-const CHUNK: usize = 256;
+const CHUNK: usize = 1024;
 
 impl Sm4Gcm {
     /// Fills `buf` with keystream for counters `ctr..` and returns how many
@@ -109,8 +109,16 @@ impl Sm4Gcm {
             // take by type.
             unsafe {
                 match self.path {
+                    Sm4Path::GfniAvx512 if want > 512 => {
+                        x86::keystream_avx512::<4>(&self.rk, nonce, ctr, buf);
+                        return 1024;
+                    }
+                    Sm4Path::GfniAvx512 if want > 256 => {
+                        x86::keystream_avx512::<2>(&self.rk, nonce, ctr, buf);
+                        return 512;
+                    }
                     Sm4Path::GfniAvx512 if want > 128 => {
-                        x86::keystream16_avx512(&self.rk, nonce, ctr, buf);
+                        x86::keystream_avx512::<1>(&self.rk, nonce, ctr, buf);
                         return 256;
                     }
                     Sm4Path::GfniAvx512 | Sm4Path::GfniAvx2 if want > 64 => {
@@ -309,6 +317,51 @@ mod tests {
             bad[0] ^= 1;
             let mut back = vec![0u8; pt.len()];
             assert!(!k.open(&iv, &aad, &out, &bad, &mut back), "{}", p.name());
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    #[ignore = "timing probe: cargo test --release sm4_timing -- --ignored --nocapture"]
+    fn sm4_timing() {
+        let k = Sm4Gcm {
+            rk: portable::expand_key(&[1; 16]),
+            ghash: Ghash::Soft(0),
+            path: Sm4Path::detected(),
+        };
+        let mut buf = [0u8; CHUNK];
+        let t = Instant::now();
+        for i in 0..100_000u32 {
+            k.keystream(&[0; 12], i, &mut buf, 1024);
+        }
+        println!("keystream 1KiB: {:?}/call", t.elapsed() / 100_000);
+        let g = new_key(&[1; 16], Sm4Path::detected()).unwrap();
+        let data = vec![0u8; 4096];
+        let mut out = vec![0u8; 4096];
+        let t = Instant::now();
+        for _ in 0..20_000 {
+            g.seal(&[0; 12], b"", &data, &mut out);
+        }
+        println!("seal 4KiB: {:?}/call", t.elapsed() / 20_000);
+        if let Ghash::Hw(h) = &(Sm4Gcm {
+            rk: [0; 32],
+            ghash: Ghash::Hw(Box::new(ghash::GHash::new(&[1u8; 16].into()))),
+            path: Sm4Path::detected(),
+        })
+        .ghash
+        {
+            let t = Instant::now();
+            for _ in 0..20_000 {
+                let mut c = (**h).clone();
+                c.update_padded(&data);
+                std::hint::black_box(c.finalize());
+            }
+            println!("ghash 4KiB: {:?}/call", t.elapsed() / 20_000);
         }
     }
 }

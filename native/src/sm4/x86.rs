@@ -58,57 +58,78 @@ fn nonce_words(nonce: &[u8; 12]) -> [u32; 3] {
     })
 }
 
-/// 16 blocks of keystream (256 bytes) for counters `ctr..ctr+16`.
+/// 16 x `W` blocks of keystream (256 x `W` bytes) for counters
+/// `ctr..ctr+16W`: `W` independent word-sliced groups go through the rounds
+/// interleaved, so the S-box and rotation latencies overlap.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F/BW/VL and GFNI.
+/// The CPU must support AVX-512 F/BW/VL and GFNI; `out` holds 256 * W bytes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,gfni")]
-pub unsafe fn keystream16_avx512(rk: &[u32; 32], nonce: &[u8; 12], ctr: u32, out: &mut [u8; 256]) {
+pub unsafe fn keystream_avx512<const W: usize>(
+    rk: &[u32; 32],
+    nonce: &[u8; 12],
+    ctr: u32,
+    out: &mut [u8],
+) {
+    debug_assert!(out.len() >= 256 * W);
     let n = nonce_words(nonce);
     // Lane 4L + j gets counter ctr + 4j + L (see module docs).
     let lanes = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    let mut x = [
-        _mm512_set1_epi32(n[0] as i32),
-        _mm512_set1_epi32(n[1] as i32),
-        _mm512_set1_epi32(n[2] as i32),
-        _mm512_add_epi32(_mm512_set1_epi32(ctr as i32), lanes),
-    ];
+    let mut x = [[_mm512_setzero_si512(); 4]; W];
+    for (g, xg) in x.iter_mut().enumerate() {
+        *xg = [
+            _mm512_set1_epi32(n[0] as i32),
+            _mm512_set1_epi32(n[1] as i32),
+            _mm512_set1_epi32(n[2] as i32),
+            _mm512_add_epi32(
+                _mm512_set1_epi32(ctr.wrapping_add(16 * g as u32) as i32),
+                lanes,
+            ),
+        ];
+    }
     let m1 = _mm512_set1_epi64(M1);
     let m2 = _mm512_set1_epi64(M2);
     for (i, k) in rk.iter().enumerate() {
-        let t = _mm512_xor_si512(
-            _mm512_xor_si512(x[(i + 1) % 4], x[(i + 2) % 4]),
-            _mm512_xor_si512(x[(i + 3) % 4], _mm512_set1_epi32(*k as i32)),
-        );
-        let b =
-            _mm512_gf2p8affineinv_epi64_epi8::<C2>(_mm512_gf2p8affine_epi64_epi8::<C1>(t, m1), m2);
-        let l = _mm512_xor_si512(
-            _mm512_xor_si512(b, _mm512_rol_epi32::<2>(b)),
-            _mm512_xor_si512(
-                _mm512_xor_si512(_mm512_rol_epi32::<10>(b), _mm512_rol_epi32::<18>(b)),
-                _mm512_rol_epi32::<24>(b),
-            ),
-        );
-        x[i % 4] = _mm512_xor_si512(x[i % 4], l);
+        let kk = _mm512_set1_epi32(*k as i32);
+        for xg in x.iter_mut() {
+            let t = _mm512_xor_si512(
+                _mm512_xor_si512(xg[(i + 1) % 4], xg[(i + 2) % 4]),
+                _mm512_xor_si512(xg[(i + 3) % 4], kk),
+            );
+            let b = _mm512_gf2p8affineinv_epi64_epi8::<C2>(
+                _mm512_gf2p8affine_epi64_epi8::<C1>(t, m1),
+                m2,
+            );
+            let l = _mm512_xor_si512(
+                _mm512_xor_si512(b, _mm512_rol_epi32::<2>(b)),
+                _mm512_xor_si512(
+                    _mm512_xor_si512(_mm512_rol_epi32::<10>(b), _mm512_rol_epi32::<18>(b)),
+                    _mm512_rol_epi32::<24>(b),
+                ),
+            );
+            xg[i % 4] = _mm512_xor_si512(xg[i % 4], l);
+        }
     }
-    let (a, b, c, d) = (x[3], x[2], x[1], x[0]);
-    let t0 = _mm512_unpacklo_epi32(a, b);
-    let t1 = _mm512_unpackhi_epi32(a, b);
-    let t2 = _mm512_unpacklo_epi32(c, d);
-    let t3 = _mm512_unpackhi_epi32(c, d);
     let bswap = _mm512_broadcast_i32x4(_mm_loadu_si128(BSWAP32.as_ptr().cast()));
-    let r = [
-        _mm512_unpacklo_epi64(t0, t2),
-        _mm512_unpackhi_epi64(t0, t2),
-        _mm512_unpacklo_epi64(t1, t3),
-        _mm512_unpackhi_epi64(t1, t3),
-    ];
-    for (j, v) in r.into_iter().enumerate() {
-        // SAFETY: `out` has 256 bytes; j*64 + 64 <= 256.
-        _mm512_storeu_si512(
-            out.as_mut_ptr().add(64 * j).cast(),
-            _mm512_shuffle_epi8(v, bswap),
-        );
+    for (g, xg) in x.iter().enumerate() {
+        let (a, b, c, d) = (xg[3], xg[2], xg[1], xg[0]);
+        let t0 = _mm512_unpacklo_epi32(a, b);
+        let t1 = _mm512_unpackhi_epi32(a, b);
+        let t2 = _mm512_unpacklo_epi32(c, d);
+        let t3 = _mm512_unpackhi_epi32(c, d);
+        let r = [
+            _mm512_unpacklo_epi64(t0, t2),
+            _mm512_unpackhi_epi64(t0, t2),
+            _mm512_unpacklo_epi64(t1, t3),
+            _mm512_unpackhi_epi64(t1, t3),
+        ];
+        for (j, v) in r.into_iter().enumerate() {
+            // SAFETY: 256 * g + 64 * j + 64 <= 256 * W <= out.len().
+            _mm512_storeu_si512(
+                out.as_mut_ptr().add(256 * g + 64 * j).cast(),
+                _mm512_shuffle_epi8(v, bswap),
+            );
+        }
     }
 }
 
