@@ -8,7 +8,9 @@
 //! - `portable`: constant-time scalar SM4 with the S-box computed
 //!   arithmetically (`portable.rs`).
 //!
-//! None of them indexes memory with secret data. GHASH: RustCrypto `ghash`
+//! None of them indexes memory with secret data. `open` computes the tag
+//! over the ciphertext, decrypts in the same CTR pass that yields E(J0),
+//! compares in constant time and wipes the output on mismatch. GHASH: RustCrypto `ghash`
 //! (PCLMULQDQ, 8 blocks per reduction, runtime-detected) on the x86 paths;
 //! a constant-time bitwise software GHASH on the portable path.
 
@@ -218,16 +220,18 @@ impl BlockAead for Sm4Gcm {
         output: &mut [u8],
     ) -> bool {
         let s = self.ghash(aad, input);
-        let ej0 = self.ctr(nonce, &[], &mut []);
+        // One CTR pass yields both E(J0) and the candidate plaintext; on a
+        // tag mismatch the output is wiped before returning, so no
+        // unauthenticated plaintext is ever released.
+        let ej0 = self.ctr(nonce, input, output);
         let mut diff = 0u8;
         for i in 0..TAG_LEN {
             diff |= s[i] ^ ej0[i] ^ tag[i];
         }
-        // Constant-time comparison result; decrypt only when it matched.
         if core::hint::black_box(diff) != 0 {
+            output.zeroize();
             return false;
         }
-        self.ctr(nonce, input, output);
         true
     }
 
