@@ -266,9 +266,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["throughput", "idle", "storm", "big"])
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument(
-        "--workers", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2]
-    )
+    ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2])
     ap.add_argument("--connections", type=int, default=15000)
     ap.add_argument("--hold", type=float, default=10.0)
     ap.add_argument("--ramp", type=float, default=0.0)
