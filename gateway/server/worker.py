@@ -1,0 +1,387 @@
+"""One gateway worker process: ``python -m gateway.server.worker --index I``.
+
+Reads its configuration from ``$GATEWAY_WORKER_CONFIG`` (set by the
+supervisor), binds the shared port with SO_REUSEPORT and serves WebSocket,
+HTTP/2 and the static widget files on it. Tasks: the accept loop, one task
+per connection, the timer-wheel task (heartbeats, hello/handshake timeouts,
+closing grace, session expiry), the demo bot and the signal task (SIGTERM:
+drain). See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from gateway.config import Config, config_from_env, effective_workers
+from gateway.ratelimit import TokenBucket
+from gateway.server.bot import DemoBot
+from gateway.server.http1 import HttpError, check_upgrade, parse_head, response, upgrade_response
+from gateway.server.pipe import RawPipe, TlsPipe
+from gateway.server.ws import WsConn
+from gateway.session.hub import Hub
+from gateway.timerwheel import TimerWheel
+
+__all__ = ["Worker", "main"]
+
+_log = logging.getLogger("gateway.worker")
+
+TICK_S: Final = 0.25
+WHEEL_SLOTS: Final = 1024
+H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+STATIC_DIR: Final = Path(__file__).parent / "static"
+STATIC_FILES: Final = {
+    "/widget.js": ("widget.js", "application/javascript; charset=utf-8"),
+    "/example.html": ("example.html", "text/html; charset=utf-8"),
+    "/": ("example.html", "text/html; charset=utf-8"),
+}
+
+
+class _Handshake:
+    """Wheel entry for a connection still in its handshake."""
+
+    __slots__ = ("pipe", "w")
+
+    def __init__(self, w: Worker, pipe: RawPipe | TlsPipe) -> None:
+        self.w = w
+        self.pipe = pipe
+
+    def on_timer(self, now: float) -> None:
+        self.w.hub.stats["handshake_timeouts"] += 1
+        self.pipe.close()
+
+
+class Worker:
+    def __init__(self, cfg: Config, index: int) -> None:
+        self.cfg = cfg
+        self.index = index
+        n = effective_workers(cfg)
+        self.max_conns = cfg.per_worker_connections
+        self.max_per_ip = max(1, math.ceil(cfg.max_conns_per_ip / n))
+        self.bot = DemoBot(cfg.bot_think_ms, self.max_conns)
+        self.hub = Hub(cfg, self.bot, log=self.event)
+        self.bot.hub = self.hub
+        now = trio.current_time()
+        self.wheel = TimerWheel(TICK_S, WHEEL_SLOTS, now)
+        self.handshakes = TokenBucket(
+            cfg.handshake_rate / n, max(1.0, cfg.handshake_burst / n), now
+        )
+        self.per_ip: dict[str, int] = {}
+        self.open_sockets = 0
+        self.conns: set[Any] = set()
+        self.draining = False
+        self.static: dict[str, tuple[bytes, str]] = {}
+        for path, (name, ctype) in STATIC_FILES.items():
+            f = STATIC_DIR / name
+            if f.is_file():
+                self.static[path] = (f.read_bytes(), ctype)
+        self.ssl_ctx: ssl.SSLContext | None = None
+        if cfg.tls_cert and cfg.tls_key:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            ctx.set_alpn_protocols(["h2", "http/1.1"])
+            self.ssl_ctx = ctx
+        self.nursery: trio.Nursery | None = None
+        self.listener: socket.socket | None = None
+        self._log_budget = TokenBucket(20.0, 100.0, now)
+
+    # -- logging and counting -----------------------------------------------------
+    def event(self, level: str, event: str, **fields: Any) -> None:
+        """One structured log line (rate limited to 20/s, bursts of 100)."""
+        lv = getattr(logging, level.upper(), logging.INFO)
+        if not _log.isEnabledFor(lv):
+            return
+        if self._log_budget.take(trio.current_time()) > 0:
+            self.hub.stats["log_lines_suppressed"] += 1
+            return
+        fields.update(event=event, worker=self.index)
+        _log.log(lv, json.dumps(fields, default=str, separators=(",", ":")))
+
+    def count_error(self, code: int) -> None:
+        self.hub.stats[f"errors_{int(code)}"] += 1
+        self.event("info", "rejected", code=int(code))
+
+    # -- listening ------------------------------------------------------------------
+    def bind(self) -> socket.socket:
+        cfg = self.cfg
+        infos = socket.getaddrinfo(
+            cfg.listen_host, cfg.listen_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, _, _, _, addr = infos[0]
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(addr)
+        s.listen(4096)
+        s.setblocking(False)
+        self.listener = s
+        return s
+
+    async def accept_loop(self, lsock: socket.socket) -> None:
+        assert self.nursery is not None
+        nursery = self.nursery
+        while not self.draining:
+            try:
+                await trio.lowlevel.wait_readable(lsock)
+            except (trio.ClosedResourceError, OSError):
+                return
+            for _ in range(256):
+                try:
+                    sock, addr = lsock.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:  # EMFILE and friends: back off a little
+                    self.hub.stats["accept_errors"] += 1
+                    self.event("warning", "accept_failed", error=str(e))
+                    await trio.sleep(0.05)
+                    break
+                self.hub.stats["connections_accepted"] += 1
+                sock.setblocking(False)
+                nursery.start_soon(self.serve, sock, addr[0])
+
+    def _refuse(self, sock: socket.socket, status: int, reason: str, retry_s: float) -> None:
+        self.hub.stats[f"connections_rejected_{status}"] += 1
+        self.event("info", "connection_refused", status=status, reason=reason)
+        try:
+            sock.send(
+                response(
+                    status,
+                    reason.encode() + b"\n",
+                    extra={"Retry-After": str(max(1, int(retry_s)))},
+                )
+            )
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        sock.close()
+
+    # -- one connection -------------------------------------------------------------
+    async def serve(self, sock: socket.socket, ip: str) -> None:
+        now = trio.current_time()
+        if self.draining:
+            self._refuse(sock, 503, "draining", 1)
+            return
+        if self.open_sockets >= self.max_conns:
+            self._refuse(sock, 503, "worker at its connection limit", 1 + random.random())
+            return
+        n_ip = self.per_ip.get(ip, 0)
+        if n_ip >= self.max_per_ip:
+            self._refuse(sock, 429, "too many connections from this address", 5)
+            return
+        wait = self.handshakes.take(now)
+        if wait > 0:
+            self._refuse(sock, 429, "too many handshakes", wait + random.random())
+            return
+        self.per_ip[ip] = n_ip + 1
+        self.open_sockets += 1
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await self._serve(sock, ip)
+        finally:
+            self.open_sockets -= 1
+            left = self.per_ip[ip] - 1
+            if left:
+                self.per_ip[ip] = left
+            else:
+                del self.per_ip[ip]
+
+    async def _serve(self, sock: socket.socket, ip: str) -> None:
+        cfg = self.cfg
+        assert self.nursery is not None
+        pipe: RawPipe | TlsPipe
+        alpn: str | None = None
+        if self.ssl_ctx is not None:
+            stream = trio.SSLStream(
+                trio.SocketStream(trio.socket.from_stdlib_socket(sock)),
+                self.ssl_ctx,
+                server_side=True,
+            )
+            with trio.move_on_after(cfg.handshake_timeout_s) as scope:
+                try:
+                    await stream.do_handshake()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    self.hub.stats["tls_handshake_failures"] += 1
+                    await trio.aclose_forcefully(stream)
+                    return
+            if scope.cancelled_caught:
+                self.hub.stats["handshake_timeouts"] += 1
+                await trio.aclose_forcefully(stream)
+                return
+            alpn = stream.selected_alpn_protocol()
+            pipe = TlsPipe(stream, self.nursery, cfg.outbound_max_bytes, cfg.outbound_max_frames)
+        else:
+            pipe = RawPipe(sock, self.nursery, cfg.outbound_max_bytes, cfg.outbound_max_frames)
+        hs = _Handshake(self, pipe)
+        self.wheel.schedule(trio.current_time() + cfg.handshake_timeout_s, hs)
+        try:
+            buf = b""
+            while True:
+                data = await pipe.recv()
+                if not data:
+                    return
+                buf += data
+                if alpn == "h2" or buf.startswith(H2_PREFACE[: len(buf)]):
+                    if alpn == "h2" or len(buf) >= len(H2_PREFACE):
+                        self.wheel.cancel(hs)
+                        from gateway.server.h2conn import H2Conn
+
+                        await H2Conn(self, pipe).run(buf)
+                        return
+                    continue
+                try:
+                    parsed = parse_head(buf)
+                except HttpError as e:
+                    self._http_error(pipe, e.status, e.reason)
+                    return
+                if parsed is None:
+                    continue
+                req, used = parsed
+                self.wheel.cancel(hs)
+                await self._http(pipe, req, buf[used:])
+                return
+        finally:
+            self.wheel.cancel(hs)
+            pipe.close()
+
+    def _http_error(self, pipe: RawPipe | TlsPipe, status: int, reason: str) -> None:
+        self.hub.stats[f"http_{status}"] += 1
+        self.event("info", "http_error", status=status, reason=reason)
+        pipe.write(response(status, reason.encode() + b"\n"))
+        pipe.close_after_flush()
+
+    async def _http(self, pipe: RawPipe | TlsPipe, req: Any, rest: bytes) -> None:
+        if req.path == "/v1/ws":
+            try:
+                key = check_upgrade(req)
+            except HttpError as e:
+                self._http_error(pipe, e.status, e.reason)
+                return
+            origin = req.headers.get("origin")
+            if origin is not None and not self._origin_known(origin):
+                self.hub.stats["origin_refused"] += 1
+                self._http_error(pipe, 403, "origin not allowed")
+                return
+            pipe.write(upgrade_response(key))
+            self.hub.stats["ws_upgrades"] += 1
+            conn = WsConn(self, pipe, origin)
+            await conn.run(rest)
+            return
+        static = self.static.get(req.path)
+        if static is not None and req.method in ("GET", "HEAD"):
+            body, ctype = static
+            pipe.write(response(200, body, ctype, head_only=req.method == "HEAD"))
+            pipe.close_after_flush()
+            await self._linger(pipe)
+            return
+        if req.path == "/v1/stream":
+            self._http_error(pipe, 400, "HTTP/2 required (prior knowledge or ALPN h2)")
+            return
+        self._http_error(pipe, 404, "not found")
+
+    async def _linger(self, pipe: RawPipe | TlsPipe) -> None:
+        with trio.move_on_after(2):
+            while not pipe.closed and pipe.pending:
+                await trio.sleep(0.01)
+
+    def _origin_known(self, origin: str) -> bool:
+        v = self.hub.verifier
+        return any(v.origin_allowed(t, origin) for t in self.cfg.tenants)
+
+    # -- timers ---------------------------------------------------------------------
+    async def timer_loop(self) -> None:
+        wheel = self.wheel
+        next_expire = 0.0
+        while True:
+            await trio.sleep(TICK_S)
+            now = trio.current_time()
+            for key in wheel.advance(now):
+                try:
+                    key.on_timer(now)  # type: ignore[attr-defined]
+                except Exception:
+                    self.hub.stats["internal_errors"] += 1
+                    _log.exception("timer callback failed")
+            if now >= next_expire:
+                next_expire = now + 1.0
+                self.hub.expire(now)
+
+    def schedule(self, deadline: float, key: Hashable) -> None:
+        self.wheel.schedule(deadline, key)
+
+    # -- drain ------------------------------------------------------------------------
+    async def signal_loop(self, cancel: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+            async for _ in sigs:
+                await self.drain()
+                cancel.cancel()
+                return
+
+    async def drain(self) -> None:
+        cfg = self.cfg
+        self.draining = True
+        self.event("info", "draining", connections=len(self.conns), drain_s=cfg.drain_s)
+        if self.listener is not None:
+            trio.lowlevel.notify_closing(self.listener)
+            self.listener.close()
+        spread_ms = max(0, int(cfg.drain_s * 1000 * 0.5))
+        for c in list(self.conns):
+            c.goaway(random.randint(0, spread_ms))
+        deadline = trio.current_time() + max(0.0, cfg.drain_s - 1.0)
+        while self.conns and trio.current_time() < deadline:
+            await trio.sleep(0.05)
+        for c in list(self.conns):
+            c.shutdown()
+        with trio.move_on_after(1.0):
+            while self.conns:
+                await trio.sleep(0.02)
+        self.event("info", "drained", left=len(self.conns))
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        lsock = self.bind()
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            nursery.start_soon(self.accept_loop, lsock)
+            nursery.start_soon(self.timer_loop)
+            nursery.start_soon(self.bot.run, self.hub)
+            nursery.start_soon(self.signal_loop, nursery.cancel_scope)
+            task_status.started(lsock.getsockname()[1])
+
+
+def _setup_logging(level: str, index: int) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s worker-{index} %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _amain(cfg: Config, index: int) -> None:
+    w = Worker(cfg, index)
+    await w.run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="gateway.server.worker")
+    ap.add_argument("--index", type=int, required=True)
+    args = ap.parse_args(argv)
+    cfg = config_from_env()
+    _setup_logging(cfg.log_level, args.index)
+    random.seed(time.time_ns() ^ args.index)
+    trio.run(_amain, cfg, args.index)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

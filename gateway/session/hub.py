@@ -1,0 +1,136 @@
+"""Worker-wide session logic shared by every connection (sans-IO).
+
+The :class:`Hub` owns the session table, the token verifier, the counters
+and the link to the downstream side. Connections (WebSocket or HTTP/2
+streams, see :mod:`gateway.session.visitor`) call into it; the downstream
+calls :meth:`Hub.downstream_ack` and :meth:`Hub.deliver`.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from gateway.config import Config
+from gateway.protocol.tokens import TokenVerifier
+from gateway.session.state import Session, SessionTable
+
+__all__ = ["Downstream", "Hub", "Sender"]
+
+Sender = dict[str, str]  # {"kind": "bot" | "agent" | "system", "name": ...}
+
+
+class Downstream(Protocol):
+    """What the sessions need from the downstream side (the demo bot, or the
+    router and its links)."""
+
+    def admit(self, hub: Hub) -> float:
+        """0.0 when a new session may start, else seconds to retry after."""
+        ...
+
+    def opened(self, hub: Hub, s: Session, resumed: bool) -> None: ...
+
+    def closed(self, hub: Hub, s: Session) -> None:
+        """The session ended for good (expired or evicted)."""
+        ...
+
+    def submit(self, hub: Hub, s: Session, msg_id: Any, n: int, body: Any) -> bool:
+        """Hands a visitor message over; the downstream later calls
+        :meth:`Hub.downstream_ack`. Returns False when it cannot take more
+        messages now (the connection pauses reading until
+        :meth:`Hub.downstream_ready`)."""
+        ...
+
+
+class Hub:
+    __slots__ = (
+        "_paused",
+        "cfg",
+        "downstream",
+        "log",
+        "sessions",
+        "stats",
+        "verifier",
+        "wall",
+    )
+
+    def __init__(
+        self,
+        cfg: Config,
+        downstream: Downstream,
+        wall: Callable[[], float] = time.time,
+        log: Callable[..., None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.verifier = TokenVerifier(cfg.tenants)
+        self.sessions = SessionTable(cfg.max_detached_sessions)
+        self.downstream = downstream
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.wall = wall
+        self.log: Callable[..., None] = log or (lambda *a, **k: None)
+        # connections paused because the downstream could not take more
+        self._paused: set[Any] = set()
+
+    def new_session(
+        self, tenant: str, visitor: str, tags: dict[str, str], platform: str
+    ) -> Session:
+        from gateway.session.state import new_sid
+
+        c = self.cfg
+        s = Session(
+            new_sid(), tenant, visitor, tags, platform, c.dedup_ids, c.replay_frames, c.replay_bytes
+        )
+        self.sessions.add(s)
+        return s
+
+    def submit(self, conn: Any, s: Session, msg_id: Any, n: int, body: Any) -> bool:
+        ok = self.downstream.submit(self, s, msg_id, n, body)
+        if not ok:
+            self._paused.add(conn)
+        return ok
+
+    def downstream_ready(self) -> None:
+        """The downstream can take messages again: resume paused readers."""
+        paused, self._paused = self._paused, set()
+        for conn in paused:
+            conn.downstream_ready()
+
+    def forget(self, conn: Any) -> None:
+        self._paused.discard(conn)
+
+    def downstream_ack(self, s: Session, msg_id: Any) -> None:
+        n = s.accept(msg_id)
+        if n is None:
+            self.stats["downstream_ack_unknown"] += 1
+            return
+        self.stats["messages_acked"] += 1
+        if s.conn is not None:
+            s.conn.session_ack(msg_id, n, False)
+
+    def deliver(self, s: Session, body: Any, sender: Sender) -> int:
+        """Sends ``body`` to the visitor of ``s`` (now if attached, else on
+        resume, within the replay bounds); returns its ``seq``."""
+        frame = {"t": "deliver", "body": body, "from": sender, "ts": int(self.wall() * 1000)}
+        s.push(frame)
+        self.stats["messages_delivered"] += 1
+        return int(frame["seq"])
+
+    def detach(self, s: Session, now: float) -> None:
+        for old in self.sessions.detach(s, now):
+            self.stats["sessions_evicted"] += 1
+            self.downstream.closed(self, old)
+
+    def expire(self, now: float) -> int:
+        dropped = self.sessions.expire(now, self.cfg.session_ttl_s)
+        for s in dropped:
+            self.stats["sessions_expired"] += 1
+            self.downstream.closed(self, s)
+        return len(dropped)
+
+    def retry_after_ms(self, base_s: float) -> int:
+        """A retry delay spread over [base, 2*base] so clients told to come
+        back later do not return in step."""
+        return int(max(base_s, 0.1) * (1.0 + random.random()) * 1000)

@@ -1,0 +1,225 @@
+"""Per-session state that outlives connections (docs/protocol.md,
+"Numbering, acknowledgement and resume").
+
+A :class:`Session` numbers visitor messages (``n``), remembers which client
+ids it has accepted (bounded), tracks the ids still in flight downstream,
+numbers server frames (``seq``) and keeps the last ones in a replay buffer
+bounded in frames and bytes. :class:`SessionTable` owns the sessions of one
+worker and the detached ones waiting for a resume (bounded in count, expired
+by the caller's clock). No I/O here.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections import OrderedDict, deque
+from typing import Any, Protocol
+
+__all__ = ["Attachment", "Session", "SessionTable", "new_sid"]
+
+#: Bytes counted per replayed frame on top of its body (keys, seq, sender).
+FRAME_OVERHEAD = 64
+
+
+def new_sid() -> str:
+    """128 random bits, URL-safe, 22 characters."""
+    return base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode("ascii")
+
+
+class Attachment(Protocol):
+    """The connection side a session talks to while attached."""
+
+    def session_frame(self, frame: dict[str, Any]) -> None: ...
+
+    def session_ack(self, msg_id: Any, n: int, dup: bool) -> None: ...
+
+    def taken_over(self) -> None: ...
+
+
+def body_size(body: Any) -> int:
+    if type(body) is str:
+        return len(body) * 4 if not body.isascii() else len(body)
+    try:
+        return len(body)
+    except TypeError:
+        return 16
+
+
+class Session:
+    __slots__ = (
+        "accepted",
+        "conn",
+        "dedup_max",
+        "exp",
+        "first",
+        "inflight",
+        "next_n",
+        "platform",
+        "replay",
+        "replay_bytes",
+        "replay_max_bytes",
+        "replay_max_frames",
+        "seq",
+        "sid",
+        "tags",
+        "tenant",
+        "visitor",
+    )
+
+    def __init__(
+        self,
+        sid: str,
+        tenant: str,
+        visitor: str,
+        tags: dict[str, str],
+        platform: str,
+        dedup_max: int,
+        replay_max_frames: int,
+        replay_max_bytes: int,
+    ) -> None:
+        self.sid = sid
+        self.tenant = tenant
+        self.visitor = visitor
+        self.tags = tags
+        self.platform = platform
+        self.exp = 0
+        self.conn: Attachment | None = None
+        self.next_n = 1
+        # client id -> n, for ids the downstream accepted (oldest first)
+        self.accepted: OrderedDict[Any, int] = OrderedDict()
+        self.dedup_max = dedup_max
+        # client id -> n, for ids handed downstream and not yet acknowledged
+        self.inflight: dict[Any, int] = {}
+        self.seq = 0
+        self.first = 1  # lowest seq still replayable
+        self.replay: deque[dict[str, Any]] = deque()
+        self.replay_bytes = 0
+        self.replay_max_frames = replay_max_frames
+        self.replay_max_bytes = replay_max_bytes
+
+    # -- visitor -> downstream ------------------------------------------
+    def classify(self, msg_id: Any) -> int | None:
+        """The ``n`` of an id already accepted (a duplicate), -1 for an id in
+        flight (to be dropped, its ack will follow), else None (new)."""
+        n = self.accepted.get(msg_id)
+        if n is not None:
+            return n
+        if msg_id in self.inflight:
+            return -1
+        return None
+
+    def begin(self, msg_id: Any) -> int:
+        """Numbers a new message and marks it in flight."""
+        n = self.next_n
+        self.next_n = n + 1
+        self.inflight[msg_id] = n
+        return n
+
+    def accept(self, msg_id: Any) -> int | None:
+        """The downstream acknowledged ``msg_id``: its ``n``, or None when it
+        was not in flight (late or duplicate downstream ack)."""
+        n = self.inflight.pop(msg_id, None)
+        if n is None:
+            return None
+        acc = self.accepted
+        acc[msg_id] = n
+        if len(acc) > self.dedup_max:
+            acc.popitem(last=False)
+        return n
+
+    # -- downstream -> visitor ------------------------------------------
+    def push(self, frame: dict[str, Any]) -> dict[str, Any]:
+        """Numbers a ``deliver`` frame (sets ``seq``), keeps it for replay
+        and sends it when attached."""
+        self.seq += 1
+        frame["seq"] = self.seq
+        self.replay.append(frame)
+        self.replay_bytes += body_size(frame.get("body")) + FRAME_OVERHEAD
+        while self.replay and (
+            len(self.replay) > self.replay_max_frames or self.replay_bytes > self.replay_max_bytes
+        ):
+            old = self.replay.popleft()
+            self.replay_bytes -= body_size(old.get("body")) + FRAME_OVERHEAD
+            self.first = old["seq"] + 1
+        if self.conn is not None:
+            self.conn.session_frame(frame)
+        return frame
+
+    def client_acked(self, seq: int) -> None:
+        """Cumulative ack from the visitor: frames up to ``seq`` can go."""
+        r = self.replay
+        while r and r[0]["seq"] <= seq:
+            old = r.popleft()
+            self.replay_bytes -= body_size(old.get("body")) + FRAME_OVERHEAD
+            self.first = old["seq"] + 1
+        if seq >= self.seq and not r:
+            self.first = self.seq + 1
+
+    def missed(self, last: int) -> tuple[list[dict[str, Any]], bool]:
+        """The buffered frames with ``seq > last`` in order, and whether some
+        frames after ``last`` are no longer buffered (resync needed)."""
+        resync = last + 1 < self.first and last < self.seq
+        return [f for f in self.replay if f["seq"] > last], resync
+
+
+class SessionTable:
+    """The sessions of one worker: attached ones, and detached ones (kept for
+    resume, at most ``max_detached``, oldest dropped first)."""
+
+    __slots__ = ("_detached", "_max_detached", "_sessions")
+
+    def __init__(self, max_detached: int) -> None:
+        self._sessions: dict[str, Session] = {}
+        self._detached: OrderedDict[str, float] = OrderedDict()  # sid -> detached at
+        self._max_detached = max_detached
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self) -> Any:
+        return iter(list(self._sessions.values()))
+
+    @property
+    def detached(self) -> int:
+        return len(self._detached)
+
+    def add(self, s: Session) -> None:
+        self._sessions[s.sid] = s
+
+    def get(self, sid: str) -> Session | None:
+        return self._sessions.get(sid)
+
+    def attach(self, s: Session) -> None:
+        self._detached.pop(s.sid, None)
+
+    def detach(self, s: Session, now: float) -> list[Session]:
+        """Marks ``s`` detached; returns sessions dropped to respect the
+        bound (the caller tells the downstream they ended)."""
+        s.conn = None
+        self._detached[s.sid] = now
+        dropped: list[Session] = []
+        while len(self._detached) > self._max_detached:
+            sid, _ = self._detached.popitem(last=False)
+            old = self._sessions.pop(sid, None)
+            if old is not None:
+                dropped.append(old)
+        return dropped
+
+    def expire(self, now: float, ttl: float) -> list[Session]:
+        """Drops detached sessions older than ``ttl``."""
+        dropped: list[Session] = []
+        d = self._detached
+        while d:
+            sid, at = next(iter(d.items()))
+            if now - at < ttl:
+                break
+            d.popitem(last=False)
+            s = self._sessions.pop(sid, None)
+            if s is not None:
+                dropped.append(s)
+        return dropped
+
+    def remove(self, s: Session) -> None:
+        self._detached.pop(s.sid, None)
+        self._sessions.pop(s.sid, None)
