@@ -107,8 +107,10 @@ class Worker:
         if self._log_budget.take(trio.current_time()) > 0:
             self.hub.stats["log_lines_suppressed"] += 1
             return
-        fields.update(event=event, worker=self.index)
-        _log.log(lv, json.dumps(fields, default=str, separators=(",", ":")))
+        line = {"ts": round(time.time(), 3), "level": level, "component": f"worker-{self.index}"}
+        line["event"] = event
+        line.update(fields)
+        _log.log(lv, json.dumps(line, default=str, separators=(",", ":")))
 
     def count_error(self, code: int) -> None:
         self.hub.stats[f"errors_{int(code)}"] += 1
@@ -348,21 +350,24 @@ class Worker:
                 await trio.sleep(0.02)
         self.event("info", "drained", left=len(self.conns))
 
-    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, handle_signals: bool = True, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
         lsock = self.bind()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             nursery.start_soon(self.accept_loop, lsock)
             nursery.start_soon(self.timer_loop)
             nursery.start_soon(self.bot.run, self.hub)
-            nursery.start_soon(self.signal_loop, nursery.cancel_scope)
+            if handle_signals:
+                nursery.start_soon(self.signal_loop, nursery.cancel_scope)
             task_status.started(lsock.getsockname()[1])
 
 
 def _setup_logging(level: str, index: int) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s worker-{index} %(levelname)s %(name)s %(message)s",
+        format="%(message)s",
         stream=sys.stderr,
     )
 

@@ -1,0 +1,373 @@
+"""HTTP/2 connection shell: h2 streams <-> visitor protocol.
+
+Every ``POST /v1/stream`` stream is one visitor session; both bodies are
+sequences of ``u32 length || msgpack map`` frames (docs/protocol.md,
+"Transports"). Backpressure uses HTTP/2 flow control: received bytes of a
+paused stream are not acknowledged, so the client runs out of window.
+Outbound data waits for window in a per-stream queue bounded by
+``outbound_max_bytes`` (over it: 4002, stream reset). Heartbeats are HTTP/2
+PINGs driven by the worker's timer wheel.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from typing import TYPE_CHECKING, Any, Final
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import trio
+
+from gateway.protocol.codec import Encoding, LengthPrefixedDecoder, encode_frame, length_prefix
+from gateway.protocol.codes import Code, ProtocolError
+from gateway.session.visitor import VisitorProtocol
+
+if TYPE_CHECKING:
+    from gateway.server.pipe import RawPipe, TlsPipe
+    from gateway.server.worker import Worker
+
+__all__ = ["H2Conn"]
+
+_log = logging.getLogger("gateway.h2")
+
+MAX_STREAMS: Final = 32
+CONN_WINDOW: Final = 1 << 22
+#: h2 reset codes for transport-level violations (docs/protocol.md "Codes").
+_RESET: Final = {
+    int(Code.TOO_BIG): h2.errors.ErrorCodes.FRAME_SIZE_ERROR,
+    int(Code.PROTOCOL_ERROR): h2.errors.ErrorCodes.PROTOCOL_ERROR,
+    int(Code.SLOW_CONSUMER): h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+}
+
+
+class H2Stream:
+    """Sink of one visitor session over one HTTP/2 stream."""
+
+    __slots__ = (
+        "conn",
+        "decoder",
+        "ended",
+        "paused",
+        "pending",
+        "pending_bytes",
+        "proto",
+        "sid",
+        "unacked",
+    )
+
+    def __init__(self, conn: H2Conn, stream_id: int, origin: str | None) -> None:
+        self.conn = conn
+        self.sid = stream_id
+        self.decoder = LengthPrefixedDecoder(conn.w.cfg.max_frame)
+        self.proto = VisitorProtocol(conn.w.hub, self, origin)
+        self.pending: deque[bytes] = deque()
+        self.pending_bytes = 0
+        self.unacked = 0
+        self.paused = False
+        self.ended = False
+
+    # -- Sink ------------------------------------------------------------------
+    def send(self, frame: dict[str, Any]) -> None:
+        if self.ended:
+            return
+        payload = encode_frame(frame, Encoding.MSGPACK)
+        assert isinstance(payload, bytes)
+        data = length_prefix(payload)
+        if self.pending_bytes + len(data) > self.conn.w.cfg.outbound_max_bytes:
+            self.conn.w.hub.stats["slow_consumer_disconnects"] += 1
+            self.proto.state = self.proto.CLOSED
+            self.conn.reset(self, int(Code.SLOW_CONSUMER))
+            return
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        self.conn.flush_stream(self)
+
+    def close(self, code: int, reason: str) -> None:
+        if self.ended:
+            return
+        if code in _RESET:
+            self.conn.reset(self, code)
+        else:
+            self.conn.end(self)
+
+    def pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.conn.w.hub.stats["reads_paused"] += 1
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.conn.ack_data(self)
+
+    def goaway(self, reconnect_after_ms: int) -> None:
+        self.proto.goaway(reconnect_after_ms)
+
+    def on_timer(self, now: float) -> None:
+        if self.proto.state == self.proto.HELLO and not self.ended:
+            self.conn.w.hub.stats["hello_timeouts"] += 1
+            self.proto.fail(ProtocolError(Code.HELLO_TIMEOUT))
+            self.conn.write_out()
+
+
+class H2Conn:
+    __slots__ = ("closing", "h2", "last_rx", "pipe", "streams", "w")
+
+    def __init__(self, w: Worker, pipe: RawPipe | TlsPipe) -> None:
+        self.w = w
+        self.pipe = pipe
+        cfg = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        self.h2 = h2.connection.H2Connection(config=cfg)
+        self.streams: dict[int, H2Stream] = {}
+        self.last_rx = trio.current_time()
+        self.closing = False
+
+    async def run(self, initial: bytes) -> None:
+        w = self.w
+        c = self.h2
+        c.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 65535,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 16384,
+            },
+        )
+        c.initiate_connection()
+        c.increment_flow_control_window(CONN_WINDOW)
+        self.write_out()
+        w.conns.add(self)
+        hb = w.cfg.heartbeat_s
+        w.wheel.schedule(self.last_rx + hb * (0.1 + 0.9 * random.random()), self)
+        w.hub.stats["h2_connections"] += 1
+        try:
+            data = initial
+            while True:
+                if data:
+                    self.feed(data)
+                if self.pipe.closed:
+                    break
+                data = await self.pipe.recv()
+                if not data:
+                    break
+                self.last_rx = trio.current_time()
+        except Exception:
+            _log.exception("http/2 connection failed")
+            w.hub.stats["internal_errors"] += 1
+        finally:
+            w.conns.discard(self)
+            w.wheel.cancel(self)
+            now = trio.current_time()
+            for st in list(self.streams.values()):
+                self._drop(st, now)
+            self.pipe.close()
+
+    def feed(self, data: bytes) -> None:
+        c = self.h2
+        try:
+            events = c.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            self.w.count_error(int(Code.PROTOCOL_ERROR))
+            self.w.hub.stats["h2_protocol_errors"] += 1
+            self.w.event("info", "h2_protocol_error", error=str(e)[:100])
+            self.write_out()
+            self.pipe.close_after_flush()
+            return
+        for ev in events:
+            t = type(ev)
+            if t is h2.events.DataReceived:
+                self._on_data(ev)  # type: ignore[arg-type]
+            elif t is h2.events.RequestReceived:
+                self._on_request(ev)  # type: ignore[arg-type]
+            elif t is h2.events.StreamEnded:
+                st = self.streams.get(ev.stream_id)  # type: ignore[attr-defined]
+                if st is not None:
+                    self.end(st)
+            elif t is h2.events.StreamReset:
+                st = self.streams.get(ev.stream_id)  # type: ignore[attr-defined]
+                if st is not None:
+                    st.ended = True
+                    self._drop(st, trio.current_time())
+            elif t is h2.events.WindowUpdated:
+                sid = ev.stream_id  # type: ignore[attr-defined]
+                if sid:
+                    st = self.streams.get(sid)
+                    if st is not None:
+                        self.flush_stream(st)
+                else:
+                    for st in list(self.streams.values()):
+                        if st.pending:
+                            self.flush_stream(st)
+            elif t is h2.events.ConnectionTerminated:
+                self.pipe.close_after_flush()
+        self.write_out()
+
+    def _on_request(self, ev: h2.events.RequestReceived) -> None:
+        sid = ev.stream_id
+        headers = {k: v for k, v in (ev.headers or [])}
+        method = headers.get(":method")
+        path = (headers.get(":path") or "").partition("?")[0]
+        c = self.h2
+        if path != "/v1/stream" or method != "POST":
+            status = "404" if path != "/v1/stream" else "405"
+            self.w.hub.stats[f"http_{status}"] += 1
+            c.send_headers(sid, [(":status", status), ("content-length", "0")], end_stream=True)
+            return
+        if self.w.draining:
+            c.send_headers(sid, [(":status", "503"), ("retry-after", "1")], end_stream=True)
+            return
+        st = H2Stream(self, sid, headers.get("origin"))
+        origin = headers.get("origin")
+        if origin is not None and not self.w._origin_known(origin):
+            self.w.hub.stats["origin_refused"] += 1
+            c.send_headers(sid, [(":status", "403"), ("content-length", "0")], end_stream=True)
+            return
+        self.streams[sid] = st
+        self.w.hub.stats["h2_streams"] += 1
+        c.send_headers(sid, [(":status", "200"), ("content-type", "application/x-gateway-frames")])
+        self.w.wheel.schedule(trio.current_time() + self.w.cfg.hello_timeout_s, st)
+
+    def _on_data(self, ev: h2.events.DataReceived) -> None:
+        st = self.streams.get(ev.stream_id)
+        n = ev.flow_controlled_length or 0
+        if st is None or st.ended:
+            if n:
+                self.h2.acknowledge_received_data(n, ev.stream_id)
+            return
+        proto = st.proto
+        try:
+            for frame in st.decoder.feed(ev.data or b""):
+                was_hello = proto.state == proto.HELLO
+                proto.on_frame(frame)
+                if was_hello and proto.state == proto.OPEN:
+                    self.w.wheel.cancel(st)
+                if st.ended:
+                    break
+        except ProtocolError as e:
+            self.w.count_error(e.code)
+            proto.fail(e)
+        st.unacked += n
+        if not st.paused:
+            self.ack_data(st)
+
+    def ack_data(self, st: H2Stream) -> None:
+        n = st.unacked
+        st.unacked = 0
+        if n and not st.ended:
+            try:
+                self.h2.acknowledge_received_data(n, st.sid)
+            except h2.exceptions.StreamClosedError:
+                pass
+            self.write_out()
+
+    def flush_stream(self, st: H2Stream) -> None:
+        c = self.h2
+        pend = st.pending
+        while pend:
+            try:
+                window = c.local_flow_control_window(st.sid)
+            except h2.exceptions.StreamClosedError:
+                pend.clear()
+                st.pending_bytes = 0
+                return
+            if window <= 0:
+                break
+            chunk = pend[0]
+            size = min(window, c.max_outbound_frame_size, len(chunk))
+            c.send_data(st.sid, chunk[:size])
+            st.pending_bytes -= size
+            if size == len(chunk):
+                pend.popleft()
+            else:
+                pend[0] = chunk[size:]
+        self.write_out()
+
+    def end(self, st: H2Stream) -> None:
+        """Ends our side of the stream after what is queued (best effort)."""
+        if st.ended:
+            return
+        self.flush_stream(st)
+        st.ended = True
+        try:
+            if st.pending:
+                self.h2.reset_stream(st.sid, h2.errors.ErrorCodes.CANCEL)
+            else:
+                self.h2.end_stream(st.sid)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._drop(st, trio.current_time())
+        self.write_out()
+
+    def reset(self, st: H2Stream, code: int) -> None:
+        if st.ended:
+            return
+        st.ended = True
+        try:
+            self.h2.reset_stream(st.sid, _RESET.get(code, h2.errors.ErrorCodes.CANCEL))
+        except h2.exceptions.ProtocolError:
+            pass
+        self._drop(st, trio.current_time())
+        self.write_out()
+
+    def _drop(self, st: H2Stream, now: float) -> None:
+        if self.streams.pop(st.sid, None) is None:
+            return
+        self.w.wheel.cancel(st)
+        st.ended = True
+        st.pending.clear()
+        st.pending_bytes = 0
+        st.proto.connection_lost(now)
+
+    def write_out(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.pipe.write(data):
+            self.w.hub.stats["slow_consumer_disconnects"] += 1
+            self.pipe.abort()
+
+    # -- worker hooks ----------------------------------------------------------------
+    def on_timer(self, now: float) -> None:
+        if self.closing:
+            self.pipe.close()
+            return
+        cfg = self.w.cfg
+        hb = cfg.heartbeat_s
+        grace = max((st.proto.grace_s for st in self.streams.values()), default=0.0)
+        limit = hb * cfg.heartbeat_misses + grace
+        idle = now - self.last_rx
+        if idle >= limit:
+            self.w.hub.stats["heartbeat_timeouts"] += 1
+            for st in list(self.streams.values()):
+                st.proto.fail(ProtocolError(Code.HEARTBEAT_TIMEOUT))
+            self.h2.close_connection()
+            self.write_out()
+            self.pipe.close_after_flush()
+            return
+        wall = self.w.hub.wall()
+        for st in list(self.streams.values()):
+            if st.proto.token_expired(wall):
+                st.proto.fail(ProtocolError(Code.TOKEN_EXPIRED))
+        if idle >= hb * 0.5:
+            self.h2.ping(random.randbytes(8))
+            self.w.hub.stats["heartbeats_sent"] += 1
+        self.write_out()
+        self.w.wheel.schedule(min(now + hb, self.last_rx + limit), self)
+
+    def goaway(self, reconnect_after_ms: int) -> None:
+        for st in list(self.streams.values()):
+            st.goaway(reconnect_after_ms)
+        self.write_out()
+
+    def shutdown(self) -> None:
+        for st in list(self.streams.values()):
+            self.end(st)
+        self.h2.close_connection()
+        self.write_out()
+        self.closing = True
+        self.pipe.close_after_flush()
+        self.w.wheel.schedule(trio.current_time() + 1.0, self)
