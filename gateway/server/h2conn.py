@@ -11,6 +11,7 @@ PINGs driven by the worker's timer wheel.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections import deque
@@ -210,7 +211,10 @@ class H2Conn:
 
     def _on_request(self, ev: h2.events.RequestReceived) -> None:
         sid = ev.stream_id
-        headers = {k: v for k, v in (ev.headers or [])}
+        headers: dict[str, str] = {}
+        for k, v in ev.headers or []:
+            ks = k.decode("latin-1") if isinstance(k, bytes) else k
+            headers[ks] = v.decode("latin-1") if isinstance(v, bytes) else v
         method = headers.get(":method")
         path = (headers.get(":path") or "").partition("?")[0]
         c = self.h2
@@ -222,14 +226,14 @@ class H2Conn:
         if self.w.draining:
             c.send_headers(sid, [(":status", "503"), ("retry-after", "1")], end_stream=True)
             return
-        st = H2Stream(self, sid, headers.get("origin"))
         origin = headers.get("origin")
         if origin is not None and not self.w._origin_known(origin):
             self.w.hub.stats["origin_refused"] += 1
             c.send_headers(sid, [(":status", "403"), ("content-length", "0")], end_stream=True)
             return
+        st = H2Stream(self, sid, origin)
         self.streams[sid] = st
-        self.w.hub.stats["h2_streams"] += 1
+        self.w.hub.stats["h2_streams" += 1
         c.send_headers(sid, [(":status", "200"), ("content-type", "application/x-gateway-frames")])
         self.w.wheel.schedule(trio.current_time() + self.w.cfg.hello_timeout_s, st)
 
@@ -260,10 +264,8 @@ class H2Conn:
         n = st.unacked
         st.unacked = 0
         if n and not st.ended:
-            try:
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
                 self.h2.acknowledge_received_data(n, st.sid)
-            except h2.exceptions.StreamClosedError:
-                pass
             self.write_out()
 
     def flush_stream(self, st: H2Stream) -> None:
@@ -308,10 +310,8 @@ class H2Conn:
         if st.ended:
             return
         st.ended = True
-        try:
+        with contextlib.suppress(h2.exceptions.ProtocolError):
             self.h2.reset_stream(st.sid, _RESET.get(code, h2.errors.ErrorCodes.CANCEL))
-        except h2.exceptions.ProtocolError:
-            pass
         self._drop(st, trio.current_time())
         self.write_out()
 
