@@ -233,7 +233,7 @@ class H2Conn:
             return
         st = H2Stream(self, sid, origin)
         self.streams[sid] = st
-        self.w.hub.stats["h2_streams" += 1
+        self.w.hub.stats["h2_streams"] += 1
         c.send_headers(sid, [(":status", "200"), ("content-type", "application/x-gateway-frames")])
         self.w.wheel.schedule(trio.current_time() + self.w.cfg.hello_timeout_s, st)
 
