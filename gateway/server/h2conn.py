@@ -51,6 +51,7 @@ class H2Stream:
     """Sink of one visitor session over one HTTP/2 stream."""
 
     __slots__ = (
+        "backlog",
         "conn",
         "decoder",
         "ended",
@@ -69,6 +70,8 @@ class H2Stream:
         self.proto = VisitorProtocol(conn.w.hub, self, origin)
         self.pending: deque[bytes] = deque()
         self.pending_bytes = 0
+        # decoded frames not yet handled because the session paused
+        self.backlog: deque[dict[str, Any]] = deque()
         self.unacked = 0
         self.paused = False
         self.ended = False
@@ -105,7 +108,9 @@ class H2Stream:
     def resume(self) -> None:
         if self.paused:
             self.paused = False
-            self.conn.ack_data(self)
+            self.conn.run_backlog(self)
+            if not self.paused:
+                self.conn.ack_data(self)
 
     def goaway(self, reconnect_after_ms: int) -> None:
         self.proto.goaway(reconnect_after_ms)
@@ -244,21 +249,32 @@ class H2Conn:
             if n:
                 self.h2.acknowledge_received_data(n, ev.stream_id)
             return
-        proto = st.proto
         try:
-            for frame in st.decoder.feed(ev.data or b""):
+            st.backlog.extend(st.decoder.feed(ev.data or b""))
+        except ProtocolError as e:
+            self.w.count_error(e.code)
+            st.proto.fail(e)
+        self.run_backlog(st)
+        st.unacked += n
+        if not st.paused:
+            self.ack_data(st)
+
+    def run_backlog(self, st: H2Stream) -> None:
+        """Hands decoded frames to the session until it pauses or ends."""
+        proto = st.proto
+        backlog = st.backlog
+        try:
+            while backlog and not st.paused and not st.ended:
+                frame = backlog.popleft()
                 was_hello = proto.state == proto.HELLO
                 proto.on_frame(frame)
                 if was_hello and proto.state == proto.OPEN:
                     self.w.wheel.cancel(st)
-                if st.ended:
-                    break
         except ProtocolError as e:
             self.w.count_error(e.code)
             proto.fail(e)
-        st.unacked += n
-        if not st.paused:
-            self.ack_data(st)
+        if st.ended:
+            backlog.clear()
 
     def ack_data(self, st: H2Stream) -> None:
         n = st.unacked

@@ -76,14 +76,12 @@ class WsConn:
         try:
             data = trailing
             while True:
-                if data:
-                    self.feed(data)
+                self.feed(data)
+                while self.resume_ev is not None and not self.closing and not pipe.closed:
+                    await self.resume_ev.wait()
+                    self.feed(b"")  # frames read before the pause
                 if pipe.closed:
                     break
-                ev = self.resume_ev
-                if ev is not None and not self.closing:
-                    await ev.wait()
-                    continue
                 data = await pipe.recv()
                 if not data:
                     break
@@ -100,10 +98,11 @@ class WsConn:
 
     def feed(self, data: bytes) -> None:
         ws = self.ws
-        try:
-            ws.receive_data(data)
-        except LocalProtocolError:
-            return  # data after our close: ignore
+        if data:
+            try:
+                ws.receive_data(data)
+            except LocalProtocolError:
+                return  # data after our close: ignore
         proto = self.proto
         for event in ws.events():
             if self.closing:
@@ -128,6 +127,8 @@ class WsConn:
                     return
                 if was_hello and proto.state == proto.OPEN:
                     self.opened()
+                if self.resume_ev is not None:
+                    return  # paused: the rest stays in wsproto's buffer
             elif t is Ping:
                 self._write(ws.send(event.response()))  # type: ignore[attr-defined]
             elif t is CloseConnection:
