@@ -1,0 +1,206 @@
+"""The gateway over HTTP/2 (h2c prior knowledge and TLS with ALPN), with the
+h2 library's client side on real loopback sockets; also wss:// through the
+websockets library."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import struct
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import msgpack
+import trio
+import trustme
+from websockets.sync.client import connect as ws_connect
+
+from tests.gwserver import running
+
+
+class H2Client:
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.bufs: dict[int, bytes] = {}
+        self.frames: dict[int, list[dict[str, Any]]] = {}
+        self.events: list[Any] = []
+
+    @classmethod
+    async def connect(cls, port: int, ctx: ssl.SSLContext | None = None) -> H2Client:
+        s: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port)
+        if ctx is not None:
+            s = trio.SSLStream(s, ctx, server_hostname="localhost")
+            await s.do_handshake()
+        cl = cls(s)
+        cl.c.initiate_connection()
+        await cl.flush()
+        return cl
+
+    async def flush(self) -> None:
+        data = self.c.data_to_send()
+        if data:
+            await self.stream.send_all(data)
+
+    async def open(self, path: str = "/v1/stream", method: str = "POST") -> int:
+        sid = self.c.get_next_available_stream_id()
+        self.c.send_headers(
+            sid,
+            [(":method", method), (":path", path), (":scheme", "http"), (":authority", "x")],
+        )
+        self.frames[sid] = []
+        self.bufs[sid] = b""
+        await self.flush()
+        return sid
+
+    async def send(self, sid: int, frame: dict[str, Any] | bytes) -> None:
+        b = frame if isinstance(frame, bytes) else msgpack.packb(frame)
+        self.c.send_data(sid, struct.pack(">I", len(b)) + b)
+        await self.flush()
+
+    async def pump(self, timeout: float = 5.0) -> None:
+        with trio.fail_after(timeout):
+            data = await self.stream.receive_some(65536)
+        if not data:
+            raise EOFError
+        for ev in self.c.receive_data(data):
+            self.events.append(ev)
+            if isinstance(ev, h2.events.DataReceived):
+                sid = ev.stream_id
+                self.c.acknowledge_received_data(ev.flow_controlled_length, sid)
+                buf = self.bufs[sid] + ev.data
+                while len(buf) >= 4:
+                    (n,) = struct.unpack(">I", buf[:4])
+                    if len(buf) < 4 + n:
+                        break
+                    self.frames[sid].append(msgpack.unpackb(buf[4 : 4 + n]))
+                    buf = buf[4 + n :]
+                self.bufs[sid] = buf
+        await self.flush()
+
+    async def recv(self, sid: int) -> dict[str, Any]:
+        while not self.frames[sid]:
+            await self.pump()
+        return self.frames[sid].pop(0)
+
+    async def wait_event(self, kind: type, sid: int) -> Any:
+        while True:
+            for ev in self.events:
+                if isinstance(ev, kind) and getattr(ev, "stream_id", sid) == sid:
+                    return ev
+            await self.pump()
+
+
+async def test_h2c_conversation_two_streams(tmp_path: Path) -> None:
+    async with running(tmp_path) as gw:
+        cl = await H2Client.connect(gw.port)
+        s1 = await cl.open()
+        s2 = await cl.open()
+        await cl.send(s1, {"t": "hello", "v": 1, "token": gw.token("a"), "platform": "ios"})
+        await cl.send(s2, {"t": "hello", "v": 1, "token": gw.token("b")})
+        w1, w2 = await cl.recv(s1), await cl.recv(s2)
+        assert w1["t"] == w2["t"] == "welcome" and w1["sid"] != w2["sid"]
+        resp = await cl.wait_event(h2.events.ResponseReceived, s1)
+        assert (b":status", b"200") in resp.headers
+        assert (await cl.recv(s1))["seq"] == 1
+        await cl.send(s1, {"t": "msg", "id": 1, "body": b"\x00\x01bin"})
+        assert await cl.recv(s1) == {"t": "ack", "id": 1, "n": 1, "dup": False}
+        d = await cl.recv(s1)
+        assert d["t"] == "deliver" and d["body"] == b"\x00\x01bin"
+        assert gw.stats["h2_streams"] == 2
+
+
+async def test_h2_bad_input(tmp_path: Path) -> None:
+    async with running(tmp_path, max_frame=1024) as gw:
+        cl = await H2Client.connect(gw.port)
+        s404 = await cl.open(path="/elsewhere")
+        resp = await cl.wait_event(h2.events.ResponseReceived, s404)
+        assert (b":status", b"404") in resp.headers
+        # bad token: error frame 4501, then the stream ends
+        s = await cl.open()
+        await cl.send(s, {"t": "hello", "v": 1, "token": "nope.nope"})
+        f = await cl.recv(s)
+        assert f["t"] == "error" and f["code"] == 4501
+        await cl.wait_event(h2.events.StreamEnded, s)
+        # a frame over max_frame: stream reset with FRAME_SIZE_ERROR
+        s = await cl.open()
+        await cl.send(s, {"t": "hello", "v": 1, "token": gw.token()})
+        assert (await cl.recv(s))["t"] == "welcome"
+        cl.c.send_data(s, struct.pack(">I", 5000))
+        await cl.flush()
+        ev = await cl.wait_event(h2.events.StreamReset, s)
+        assert ev.error_code == h2.errors.ErrorCodes.FRAME_SIZE_ERROR
+        # garbage msgpack: 4500
+        s = await cl.open()
+        await cl.send(s, b"\xc1\xc1")
+        f = await cl.recv(s)
+        assert f["code"] == 4500
+        # the connection still serves a new stream
+        s = await cl.open()
+        await cl.send(s, {"t": "hello", "v": 1, "token": gw.token("later")})
+        assert (await cl.recv(s))["t"] == "welcome"
+
+
+async def test_h2_protocol_violation_closes_connection_only(tmp_path: Path) -> None:
+    async with running(tmp_path) as gw:
+        s = await trio.open_tcp_stream("127.0.0.1", gw.port)
+        await s.send_all(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x"
+        )
+        got = b""
+        with trio.fail_after(5):
+            while True:
+                d = await s.receive_some(65536)
+                if not d:
+                    break
+                got += d
+        assert b"\x07" in got  # a GOAWAY frame (type 7) came before the close
+        assert gw.stats["h2_protocol_errors"] == 1
+        cl = await H2Client.connect(gw.port)
+        sid = await cl.open()
+        await cl.send(sid, {"t": "hello", "v": 1, "token": gw.token()})
+        assert (await cl.recv(sid))["t"] == "welcome"
+
+
+def _tls(tmp_path: Path) -> tuple[str, str, ssl.SSLContext]:
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return str(cert_path), str(key_path), ctx
+
+
+async def test_tls_alpn_h2_and_wss(tmp_path: Path) -> None:
+    cert, key, ctx = _tls(tmp_path)
+    async with running(tmp_path, tls_cert=cert, tls_key=key) as gw:
+        ctx.set_alpn_protocols(["h2"])
+        cl = await H2Client.connect(gw.port, ctx)
+        assert isinstance(cl.stream, trio.SSLStream)
+        assert cl.stream.selected_alpn_protocol() == "h2"
+        sid = await cl.open()
+        await cl.send(sid, {"t": "hello", "v": 1, "token": gw.token()})
+        assert (await cl.recv(sid))["t"] == "welcome"
+        token = gw.token("wss")
+        ws_ctx = ssl.create_default_context()
+        # trust the same CA as the h2 client
+        ws_ctx.load_verify_locations(cadata=_ca_pem(ctx))
+        url = f"wss://localhost:{gw.port}/v1/ws"
+
+        def client() -> list[Any]:
+            with ws_connect(url, ssl=ws_ctx) as ws:
+                ws.send(json.dumps({"t": "hello", "v": 1, "token": token}))
+                return [json.loads(ws.recv(timeout=5)) for _ in range(2)]
+
+        frames = await trio.to_thread.run_sync(client)
+        assert [f["t"] for f in frames] == ["welcome", "deliver"]
+
+
+def _ca_pem(ctx: ssl.SSLContext) -> str:
+    return "".join(ssl.DER_cert_to_PEM_cert(c) for c in ctx.get_ca_certs(binary_form=True))
