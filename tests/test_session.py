@@ -132,7 +132,7 @@ def test_downstream_backpressure_pauses_until_ready(hub: Hub) -> None:
 
 
 def test_replay_bounds_and_resync(hub: Hub) -> None:
-    p, sink = open_conn(hub)
+    p, _sink = open_conn(hub)
     s = p.session
     assert s is not None
     for i in range(6):
@@ -156,7 +156,7 @@ def test_resume_replays_and_takes_over(hub: Hub) -> None:
     assert s is not None
     hub.deliver(s, "one", {"kind": "bot", "name": "b"})
     hub.deliver(s, "two", {"kind": "bot", "name": "b"})
-    p2, sink2 = open_conn(hub, "r", resume={"sid": s.sid, "last": 1})
+    _p2, sink2 = open_conn(hub, "r", resume={"sid": s.sid, "last": 1})
     assert sink1.closed == (4005, "taken over")
     assert sink2.sent[0]["resumed"] is True
     assert [f.get("seq") for f in sink2.sent[1:]] == [2]
