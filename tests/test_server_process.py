@@ -1,0 +1,92 @@
+"""`gateway serve` as users run it: supervisor + worker processes sharing the
+port (SO_REUSEPORT), and the SIGTERM drain (goaway, then 1001, exit 0)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from gateway.config import DEMO_TENANT, load_config
+from gateway.protocol.tokens import mint
+from tests.gwserver import RawWs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(port: int, timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+async def test_serve_two_workers_and_sigterm_drain(tmp_path: Path) -> None:
+    port = free_port()
+    env = dict(os.environ, GATEWAY_STATE_DIR=str(tmp_path), GATEWAY_DRAIN_S="3")
+    env["GATEWAY_OPS_LISTEN"] = ""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "2",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        await trio.to_thread.run_sync(wait_listening, port)
+        cfg = load_config(None, {"GATEWAY_STATE_DIR": str(tmp_path)}, {})
+        t = cfg.tenants[DEMO_TENANT]
+        clients = []
+        for i in range(6):  # spread over both workers by the kernel
+            c = await RawWs.connect(port)
+            tok = mint(DEMO_TENANT, f"v{i}", t.secrets[t.primary_kid], 600, time.time())
+            assert (await c.hello(tok))["t"] == "welcome"
+            await c.send({"t": "msg", "id": 1, "body": "hi"})
+            clients.append(c)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        for c in clients:
+            code, frames = await c.until_close(timeout=10)
+            kinds = [f["t"] for f in frames]
+            assert "goaway" in kinds
+            ga = frames[kinds.index("goaway")]
+            assert 0 <= ga["reconnect_after"] <= 1500
+            assert code == 1001
+        rc = await trio.to_thread.run_sync(proc.wait, 15)
+        assert rc == 0
+        assert time.monotonic() - t0 < 8
+        # nothing listens any more
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            listening = True
+        except OSError:
+            listening = False
+        assert not listening
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.stdout.read().decode() if proc.stdout else ""
+        proc.wait()
+    assert "2 worker(s) listening" in out
