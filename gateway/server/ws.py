@@ -44,6 +44,7 @@ class WsConn:
 
     __slots__ = (
         "closing",
+        "cork",
         "enc",
         "last_rx",
         "msg_len",
@@ -66,6 +67,9 @@ class WsConn:
         self.msg_len = 0
         self.closing = False
         self.resume_ev: trio.Event | None = None
+        # while handling one read, outbound frames are gathered here and
+        # written with one send() at the end (half the syscalls per message)
+        self.cork: list[bytes] | None = None
 
     # -- the connection task ------------------------------------------------
     async def run(self, trailing: bytes) -> None:
@@ -97,6 +101,19 @@ class WsConn:
             pipe.close()
 
     def feed(self, data: bytes) -> None:
+        self.cork = []
+        try:
+            self._feed(data)
+        finally:
+            self._uncork()
+
+    def _uncork(self) -> None:
+        cork = self.cork
+        self.cork = None
+        if cork:
+            self._write(cork[0] if len(cork) == 1 else b"".join(cork))
+
+    def _feed(self, data: bytes) -> None:
         ws = self.ws
         if data:
             try:
@@ -181,6 +198,10 @@ class WsConn:
         self._write(out)
 
     def _write(self, data: bytes) -> None:
+        cork = self.cork
+        if cork is not None:
+            cork.append(data)
+            return
         if not self.pipe.write(data):
             self.w.hub.stats["slow_consumer_disconnects"] += 1
             self.closing = True
@@ -197,6 +218,7 @@ class WsConn:
             data = self.ws.send(CloseConnection(code=code, reason=reason[:100]))
         except LocalProtocolError:
             data = b""
+        self._uncork()
         self.closing = True
         if self.resume_ev is not None:
             self.resume_ev.set()
