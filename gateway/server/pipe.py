@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections import deque
 from typing import Any
 
 import trio
@@ -41,7 +40,7 @@ class Pipe:
 
     def __init__(self, nursery: trio.Nursery, max_bytes: int, max_chunks: int) -> None:
         self.nursery = nursery
-        self.out: deque[bytes] = deque()
+        self.out: list[bytes] = []  # not a deque: 56 bytes empty instead of 760
         self.out_bytes = 0
         self.max_bytes = max_bytes
         self.max_chunks = max_chunks
@@ -144,7 +143,7 @@ class RawPipe(Pipe):
                         return
                     self.out_bytes -= n
                     if n == len(chunk):
-                        out.popleft()
+                        del out[0]
                     else:
                         out[0] = chunk[n:]
                         break

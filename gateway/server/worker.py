@@ -189,10 +189,22 @@ class Worker:
             return
         self.per_ip[ip] = n_ip + 1
         self.open_sockets += 1
+        pipe: RawPipe | TlsPipe | None = None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await self._serve(sock, ip)
+            pipe, alpn = await self._open_pipe(sock)
+            if pipe is None:
+                return
+            # The handshake coroutine returns before the long-lived phase, so
+            # an idle connection's task only holds this frame and run()'s.
+            conn, rest = await self._handshake(pipe, alpn)
+            if conn is not None:
+                await conn.run(rest)
         finally:
+            if pipe is not None:
+                pipe.close()
+            else:
+                sock.close()
             self.open_sockets -= 1
             left = self.per_ip[ip] - 1
             if left:
@@ -200,63 +212,66 @@ class Worker:
             else:
                 del self.per_ip[ip]
 
-    async def _serve(self, sock: socket.socket, ip: str) -> None:
+    async def _open_pipe(self, sock: socket.socket) -> tuple[RawPipe | TlsPipe | None, str | None]:
         cfg = self.cfg
         assert self.nursery is not None
-        pipe: RawPipe | TlsPipe
-        alpn: str | None = None
-        if self.ssl_ctx is not None:
-            stream = trio.SSLStream(
-                trio.SocketStream(trio.socket.from_stdlib_socket(sock)),
-                self.ssl_ctx,
-                server_side=True,
-            )
-            with trio.move_on_after(cfg.handshake_timeout_s) as scope:
-                try:
-                    await stream.do_handshake()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    self.hub.stats["tls_handshake_failures"] += 1
-                    await trio.aclose_forcefully(stream)
-                    return
-            if scope.cancelled_caught:
-                self.hub.stats["handshake_timeouts"] += 1
+        if self.ssl_ctx is None:
+            return RawPipe(
+                sock, self.nursery, cfg.outbound_max_bytes, cfg.outbound_max_frames
+            ), None
+        stream = trio.SSLStream(
+            trio.SocketStream(trio.socket.from_stdlib_socket(sock)),
+            self.ssl_ctx,
+            server_side=True,
+        )
+        with trio.move_on_after(cfg.handshake_timeout_s) as scope:
+            try:
+                await stream.do_handshake()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                self.hub.stats["tls_handshake_failures"] += 1
                 await trio.aclose_forcefully(stream)
-                return
-            alpn = stream.selected_alpn_protocol()
-            pipe = TlsPipe(stream, self.nursery, cfg.outbound_max_bytes, cfg.outbound_max_frames)
-        else:
-            pipe = RawPipe(sock, self.nursery, cfg.outbound_max_bytes, cfg.outbound_max_frames)
+                return None, None
+        if scope.cancelled_caught:
+            self.hub.stats["handshake_timeouts"] += 1
+            await trio.aclose_forcefully(stream)
+            return None, None
+        pipe = TlsPipe(stream, self.nursery, cfg.outbound_max_bytes, cfg.outbound_max_frames)
+        return pipe, stream.selected_alpn_protocol()
+
+    async def _handshake(self, pipe: RawPipe | TlsPipe, alpn: str | None) -> tuple[Any, bytes]:
+        """Reads until the protocol is known; answers plain HTTP requests
+        itself. Returns the connection object to run (WebSocket or HTTP/2)
+        and the bytes already read past the handshake, or (None, b"")."""
         hs = _Handshake(self, pipe)
-        self.wheel.schedule(trio.current_time() + cfg.handshake_timeout_s, hs)
+        self.wheel.schedule(trio.current_time() + self.cfg.handshake_timeout_s, hs)
         try:
             buf = b""
             while True:
                 data = await pipe.recv()
                 if not data:
-                    return
+                    return None, b""
                 buf += data
                 if alpn == "h2" or buf.startswith(H2_PREFACE[: len(buf)]):
                     if alpn == "h2" or len(buf) >= len(H2_PREFACE):
-                        self.wheel.cancel(hs)
                         from gateway.server.h2conn import H2Conn
 
-                        await H2Conn(self, pipe).run(buf)
-                        return
+                        return H2Conn(self, pipe), buf
                     continue
                 try:
                     parsed = parse_head(buf)
                 except HttpError as e:
                     self._http_error(pipe, e.status, e.reason)
-                    return
+                    return None, b""
                 if parsed is None:
                     continue
                 req, used = parsed
-                self.wheel.cancel(hs)
-                await self._http(pipe, req, buf[used:])
-                return
+                conn = self._http(pipe, req)
+                if conn is None:
+                    await self._linger(pipe)
+                    return None, b""
+                return conn, buf[used:]
         finally:
             self.wheel.cancel(hs)
-            pipe.close()
 
     def _http_error(self, pipe: RawPipe | TlsPipe, status: int, reason: str) -> None:
         self.hub.stats[f"http_{status}"] += 1
@@ -264,34 +279,32 @@ class Worker:
         pipe.write(response(status, reason.encode() + b"\n"))
         pipe.close_after_flush()
 
-    async def _http(self, pipe: RawPipe | TlsPipe, req: Any, rest: bytes) -> None:
+    def _http(self, pipe: RawPipe | TlsPipe, req: Any) -> WsConn | None:
         if req.path == "/v1/ws":
             try:
                 key = check_upgrade(req)
             except HttpError as e:
                 self._http_error(pipe, e.status, e.reason)
-                return
+                return None
             origin = req.headers.get("origin")
             if origin is not None and not self._origin_known(origin):
                 self.hub.stats["origin_refused"] += 1
                 self._http_error(pipe, 403, "origin not allowed")
-                return
+                return None
             pipe.write(upgrade_response(key))
             self.hub.stats["ws_upgrades"] += 1
-            conn = WsConn(self, pipe, origin)
-            await conn.run(rest)
-            return
+            return WsConn(self, pipe, origin)
         static = self.static.get(req.path)
         if static is not None and req.method in ("GET", "HEAD"):
             body, ctype = static
             pipe.write(response(200, body, ctype, head_only=req.method == "HEAD"))
             pipe.close_after_flush()
-            await self._linger(pipe)
-            return
+            return None
         if req.path == "/v1/stream":
             self._http_error(pipe, 400, "HTTP/2 required (prior knowledge or ALPN h2)")
-            return
+            return None
         self._http_error(pipe, 404, "not found")
+        return None
 
     async def _linger(self, pipe: RawPipe | TlsPipe) -> None:
         with trio.move_on_after(2):

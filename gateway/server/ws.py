@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -32,6 +33,14 @@ if TYPE_CHECKING:
     from gateway.server.worker import Worker
 
 __all__ = ["WsConn"]
+
+
+class _SmallQueue(list[Any]):
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
 
 _log = logging.getLogger("gateway.ws")
 
@@ -59,7 +68,12 @@ class WsConn:
     def __init__(self, w: Worker, pipe: RawPipe | TlsPipe, origin: str | None) -> None:
         self.w = w
         self.pipe = pipe
-        self.ws = Connection(ConnectionType.SERVER)
+        self.ws = ws = Connection(ConnectionType.SERVER)
+        # wsproto keeps a deque for events it queues itself (760 bytes even
+        # when empty); it only ever appends, pops from the left and tests
+        # emptiness, which a small list subclass does in 56 bytes.
+        if type(getattr(ws, "_events", None)) is deque and not ws._events:
+            ws._events = _SmallQueue()  # type: ignore[assignment]
         self.proto = VisitorProtocol(w.hub, self, origin)
         self.enc = Encoding.MSGPACK
         self.last_rx = trio.current_time()
@@ -81,6 +95,7 @@ class WsConn:
             data = trailing
             while True:
                 self.feed(data)
+                data = b""  # not kept alive while waiting
                 while self.resume_ev is not None and not self.closing and not pipe.closed:
                     await self.resume_ev.wait()
                     self.feed(b"")  # frames read before the pause
