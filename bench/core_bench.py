@@ -3,8 +3,12 @@ same run, from the same raw-socket client (gateway.loadtest).
 
     python bench/core_bench.py throughput [--seconds 10] [--workers 1,2]
     python bench/core_bench.py idle --connections 15000 [--workers 1] [--peer]
-    python bench/core_bench.py storm --connections 20000 [--workers 2]
-    python bench/core_bench.py big --connections 250000 --workers 14
+    python bench/core_bench.py idle --connections 250000 --workers 14 --hold 60
+
+"idle" also reports new connections per second while the clients ramp up as
+fast as they can (a reconnect storm from every client process at once).
+Loopback limits are raised first when running as root (SYN backlog,
+somaxconn, ephemeral port range).
 
 Every mode prints a markdown table and writes JSON to out/bench-<mode>.json.
 Servers are started and stopped by the script; runs are bounded in time.
@@ -262,9 +266,22 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def tune_loopback() -> None:
+    """Best effort (root only): room for connection storms on loopback."""
+    for key, value in (
+        ("net/ipv4/tcp_max_syn_backlog", "65535"),
+        ("net/core/somaxconn", "65535"),
+        ("net/ipv4/ip_local_port_range", "1024 65000"),
+    ):
+        try:
+            Path("/proc/sys", key).write_text(value)
+        except OSError as e:
+            print(f"note: could not set {key}: {e}", file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["throughput", "idle", "storm", "big"])
+    ap.add_argument("mode", choices=["throughput", "idle"])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2])
     ap.add_argument("--connections", type=int, default=15000)
@@ -273,6 +290,7 @@ def main() -> None:
     ap.add_argument("--peer", action="store_true")
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
+    tune_loopback()
     res = {"throughput": throughput, "idle": idle}[args.mode](args)
     for r in res.values():
         r.pop("hist", None)
