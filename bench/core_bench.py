@@ -91,11 +91,13 @@ def tcp_mem_pages() -> int:
 class Server:
     def __init__(self, argv: list[str], port: int, env: dict[str, str] | None = None) -> None:
         self.port = port
+        OUT.mkdir(exist_ok=True)
+        self.log = open(OUT / f"server-{port}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             argv,
             env={**os.environ, **(env or {})},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         wait_port(port)

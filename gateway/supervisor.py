@@ -19,16 +19,14 @@ and, for the demo tenant, a ready-made token) is plain text on stdout.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Any, Final, TextIO
 
 import trio
@@ -114,21 +112,23 @@ def banner(cfg: Config, now: float | None = None) -> list[str]:
     return lines
 
 
-def _pdeathsig_hook() -> Callable[[], None] | None:
-    """A preexec_fn asking Linux to SIGTERM the child when we die."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
+def watch_parent(interval_s: float = 0.5) -> None:
+    """Called by a worker: SIGTERM ourselves (the drain path) once the
+    supervisor is gone (we get reparented).
 
-    def hook() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    PR_SET_PDEATHSIG is not usable here: it fires when the *thread* that
+    forked exits, and trio forks from its thread cache, whose idle threads
+    exit after ~10 s, which drained every worker 10 s after start."""
+    parent = os.getppid()
 
-    return hook
+    def loop() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=loop, name="parent-watch", daemon=True).start()
 
 
 class _Supervisor:
@@ -153,7 +153,6 @@ class _Supervisor:
         self.failed = False
         self.killed = False
         self.restarts = 0
-        self.preexec = _pdeathsig_hook()
 
     def _kill_all(self, why: str) -> None:
         for i, p in list(self.procs.items()):
@@ -174,9 +173,7 @@ class _Supervisor:
     async def _spawn(self, index: int) -> trio.Process | None:
         argv = [sys.executable, "-m", self.module, "--index", str(index)]
         try:
-            return await trio.lowlevel.open_process(
-                argv, env=self.env, stdin=subprocess.DEVNULL, preexec_fn=self.preexec
-            )
+            return await trio.lowlevel.open_process(argv, env=self.env, stdin=subprocess.DEVNULL)
         except OSError as e:
             self.log("error", "worker_spawn_failed", worker=index, error=str(e))
             return None

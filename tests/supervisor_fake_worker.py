@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from gateway.config import config_from_env
+from gateway.supervisor import watch_parent
 
 
 def record(line: str) -> None:
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--index", type=int, required=True)
     index = ap.parse_args().index
     cfg = config_from_env()
+    watch_parent(0.1)
     mode = os.environ.get("FAKE_MODE", "normal")
     record(f"start {index} {os.getpid()} {cfg.listen_port}")
     if mode == "always_crash":

@@ -75,7 +75,7 @@ async def test_serve_two_workers_and_sigterm_drain(tmp_path: Path) -> None:
             assert 0 <= ga["reconnect_after"] <= 1500
             assert code == 1001
         rc = await trio.to_thread.run_sync(proc.wait, 15)
-        assert rc == 0
+        assert rc == 0, proc.stdout.read().decode() if proc.stdout else ""
         assert time.monotonic() - t0 < 8
         # nothing listens any more
         try:

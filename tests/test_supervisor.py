@@ -186,7 +186,7 @@ async def test_workers_drain_when_the_supervisor_is_killed(tmp_path: Path) -> No
     await sup.wait_for(lambda: len(sup.starts()) == 1)
     sup.proc.kill()
     await sup.proc.wait()
-    # PR_SET_PDEATHSIG delivers SIGTERM to the orphaned worker
+    # the orphaned worker notices (watch_parent) and drains
     await sup.wait_for(lambda: any(e[0] == "term" for e in sup.events()), timeout=5.0)
 
 

@@ -33,6 +33,7 @@ from gateway.server.http1 import HttpError, check_upgrade, parse_head, response,
 from gateway.server.pipe import RawPipe, TlsPipe
 from gateway.server.ws import WsConn
 from gateway.session.hub import Hub
+from gateway.supervisor import watch_parent
 from gateway.timerwheel import TimerWheel
 
 __all__ = ["Worker", "main"]
@@ -391,11 +392,15 @@ async def _amain(cfg: Config, index: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # A stop request that arrives before the trio loop handles signals has
+    # nothing to drain yet: exit cleanly instead of dying by the signal.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     ap = argparse.ArgumentParser(prog="gateway.server.worker")
     ap.add_argument("--index", type=int, required=True)
     args = ap.parse_args(argv)
     cfg = config_from_env()
     _setup_logging(cfg.log_level, args.index)
+    watch_parent()
     random.seed(time.time_ns() ^ args.index)
     trio.run(_amain, cfg, args.index)
     sys.exit(0)

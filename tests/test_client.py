@@ -1,0 +1,133 @@
+"""gateway.client: the sans-IO core, then the SDK against a real worker."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import trio
+
+import gateway.client as gc
+from gateway.client import ClientCore, GatewayError, backoff_delay
+from tests.gwserver import running
+
+
+def welcome(sid: str = "s1", resumed: bool = False, **kw: object) -> dict[str, object]:
+    return {"t": "welcome", "sid": sid, "hb": 25000, "resumed": resumed, "resync": False,
+            "first": 1, "limits": {"window": 4}, **kw}  # fmt: skip
+
+
+def deliver(seq: int, body: str = "b") -> dict[str, object]:
+    return {"t": "deliver", "seq": seq, "body": body, "from": {"kind": "bot", "name": "x"}, "ts": 1}
+
+
+def test_core_resends_pending_after_welcome_and_skips_seen_deliveries() -> None:
+    c = ClientCore("tok", ack_every=2)
+    assert "resume" not in c.hello()
+    assert c.on_frame(welcome()) == []
+    assert c.window == 4
+    i1, _ = c.new_message("one")
+    i2, _ = c.new_message("two")
+    c.on_frame({"t": "ack", "id": i1, "n": 1, "dup": False})
+    assert c.results == {i1: 1} and list(c.pending) == [i2]
+    assert c.on_frame(deliver(1)) == []
+    assert c.on_frame(deliver(2)) == [{"t": "ack", "seq": 2}]
+    c.lost()
+    assert c.hello()["resume"] == {"sid": "s1", "last": 2}
+    out = c.on_frame(welcome(resumed=True))
+    assert out == [{"t": "msg", "id": i2, "body": "two"}]  # same id again
+    c.on_frame(deliver(2))  # replayed again: skipped
+    c.on_frame(deliver(3))
+    assert [d.seq for d in c.inbox] == [1, 2, 3]
+
+
+def test_core_fresh_session_and_resync() -> None:
+    c = ClientCore("tok")
+    c.on_frame(welcome())
+    c.on_frame(deliver(1))
+    c.on_frame(welcome(sid="s2", resumed=False))
+    assert c.last_seq == 0 and c.sid == "s2"
+    c.on_frame(welcome(sid="s2", resumed=True, resync=True, first=40))
+    assert c.resync and c.last_seq == 39
+
+
+def test_core_error_classes() -> None:
+    c = ClientCore("tok")
+    c.on_frame({"t": "error", "code": 4003, "reason": "overloaded", "retry_after": 1500})
+    assert c.terminal is None and c.reconnect_after == 1.5
+    c.on_frame({"t": "goaway", "reason": "draining", "reconnect_after": 250})
+    assert c.reconnect_after == 0.25
+    c.on_frame({"t": "error", "code": 4409, "reason": "window", "id": 3})
+    assert c.terminal is None
+    c.on_frame({"t": "error", "code": 4501, "reason": "unauthorized"})
+    assert isinstance(c.terminal, GatewayError) and c.terminal.code == 4501
+    c2 = ClientCore("tok")
+    c2.on_close(1009, "too big")
+    assert c2.terminal is not None and c2.terminal.code == 1009
+    c3 = ClientCore("tok")
+    c3.on_close(4001, "heartbeat")
+    assert c3.terminal is None
+
+
+def test_backoff_full_jitter_is_bounded() -> None:
+    rng = random.Random(1)
+    for attempt in range(40):
+        d = backoff_delay(attempt, 0.2, 30.0, rng)
+        assert 0.0 <= d <= min(30.0, 0.2 * 2**attempt)
+    assert len({round(backoff_delay(5, 0.2, 30.0, rng), 6) for _ in range(20)}) > 10
+
+
+async def test_send_receive_through_the_gateway(tmp_path: Path) -> None:
+    async with running(tmp_path) as gw, gc.connect(gw.url, token=gw.token("sdk")) as s:
+        assert s.session_id
+        greet = await s.receive()
+        assert greet.seq == 1 and greet.sender_kind == "bot"
+        assert await s.send("hello") == 1
+        reply = await s.receive()
+        assert reply.body == "You said: hello" and reply.seq == 2
+        assert await s.send(b"\x00bin") == 2
+        assert (await s.receive()).body == b"\x00bin"
+
+
+async def test_json_encoding(tmp_path: Path) -> None:
+    async with running(tmp_path) as gw:
+        async with gc.connect(gw.url, token=gw.token("j"), encoding="json") as s:
+            await s.receive()
+            assert await s.send("hi") == 1
+            assert (await s.receive()).body == "You said: hi"
+
+
+async def test_reconnect_and_resume_lose_nothing(tmp_path: Path) -> None:
+    async with running(tmp_path, bot_think_ms=50) as gw:
+        async with gc.connect(gw.url, token=gw.token("flaky"), max_backoff=0.2) as s:
+            await s.receive()  # greeting
+            got: list[str] = []
+            sent = [f"m{i}" for i in range(30)]
+
+            async def reader() -> None:
+                while len(got) < len(sent):
+                    got.append(str((await s.receive()).body))
+
+            async def breaker() -> None:
+                for _ in range(3):  # cut the TCP connection under the client
+                    await trio.sleep(0.15)
+                    for c in list(gw.w.conns):
+                        c.pipe.abort()
+
+            async with trio.open_nursery() as n:
+                n.start_soon(reader)
+                n.start_soon(breaker)
+                ns = [await s.send(b) for b in sent]
+            assert ns == list(range(1, 31))  # every message acknowledged once, in order
+            assert got == [f"You said: {b}" for b in sent]  # all replies, no duplicates
+            assert s.connections >= 2
+            assert gw.stats["sessions_resumed"] >= 1
+
+
+async def test_terminal_error_raises(tmp_path: Path) -> None:
+    async with running(tmp_path) as gw:
+        with pytest.raises(GatewayError) as e:
+            async with gc.connect(gw.url, token="bad.token"):
+                pass
+        assert e.value.code == 4501
