@@ -91,38 +91,42 @@ async def test_send_receive_through_the_gateway(tmp_path: Path) -> None:
 
 
 async def test_json_encoding(tmp_path: Path) -> None:
-    async with running(tmp_path) as gw:
-        async with gc.connect(gw.url, token=gw.token("j"), encoding="json") as s:
-            await s.receive()
-            assert await s.send("hi") == 1
-            assert (await s.receive()).body == "You said: hi"
+    async with (
+        running(tmp_path) as gw,
+        gc.connect(gw.url, token=gw.token("j"), encoding="json") as s,
+    ):
+        await s.receive()
+        assert await s.send("hi") == 1
+        assert (await s.receive()).body == "You said: hi"
 
 
 async def test_reconnect_and_resume_lose_nothing(tmp_path: Path) -> None:
-    async with running(tmp_path, bot_think_ms=50) as gw:
-        async with gc.connect(gw.url, token=gw.token("flaky"), max_backoff=0.2) as s:
-            await s.receive()  # greeting
-            got: list[str] = []
-            sent = [f"m{i}" for i in range(30)]
+    async with (
+        running(tmp_path, bot_think_ms=50) as gw,
+        gc.connect(gw.url, token=gw.token("flaky"), max_backoff=0.2) as s,
+    ):
+        await s.receive()  # greeting
+        got: list[str] = []
+        sent = [f"m{i}" for i in range(30)]
 
-            async def reader() -> None:
-                while len(got) < len(sent):
-                    got.append(str((await s.receive()).body))
+        async def reader() -> None:
+            while len(got) < len(sent):
+                got.append(str((await s.receive()).body))
 
-            async def breaker() -> None:
-                for _ in range(3):  # cut the TCP connection under the client
-                    await trio.sleep(0.15)
-                    for c in list(gw.w.conns):
-                        c.pipe.abort()
+        async def breaker() -> None:
+            for _ in range(3):  # cut the TCP connection under the client
+                await trio.sleep(0.15)
+                for c in list(gw.w.conns):
+                    c.pipe.abort()
 
-            async with trio.open_nursery() as n:
-                n.start_soon(reader)
-                n.start_soon(breaker)
-                ns = [await s.send(b) for b in sent]
-            assert ns == list(range(1, 31))  # every message acknowledged once, in order
-            assert got == [f"You said: {b}" for b in sent]  # all replies, no duplicates
-            assert s.connections >= 2
-            assert gw.stats["sessions_resumed"] >= 1
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            n.start_soon(breaker)
+            ns = [await s.send(b) for b in sent]
+        assert ns == list(range(1, 31))  # every message acknowledged once, in order
+        assert got == [f"You said: {b}" for b in sent]  # all replies, no duplicates
+        assert s.connections >= 2
+        assert gw.stats["sessions_resumed"] >= 1
 
 
 async def test_terminal_error_raises(tmp_path: Path) -> None:
