@@ -86,14 +86,14 @@ base_fn! {
 
 base_fn! {
     /// Hashes `n <= 16` byte-reflected blocks into `acc`.
-    fn ghash_n(keys: &Keys, acc: __m128i, blocks: &[__m128i]) -> __m128i {
+    fn ghash_n(pow: &[[u8; 16]; 16], acc: __m128i, blocks: &[__m128i]) -> __m128i {
         let n = blocks.len();
         debug_assert!((1..=16).contains(&n));
         let z = _mm_setzero_si128();
         let mut s = (z, z, z);
         for (j, b) in blocks.iter().enumerate() {
             let x = if j == 0 { _mm_xor_si128(*b, acc) } else { *b };
-            mul_acc(x, ld(&keys.pow[16 - n + j]), &mut s);
+            mul_acc(x, ld(&pow[16 - n + j]), &mut s);
         }
         reduce(s.0, s.1, s.2)
     }
@@ -175,6 +175,15 @@ base_fn! {
         } else {
             encrypt_block::<14>(&keys.rk, _mm_setzero_si128())
         };
+        key_powers(h, &mut keys.pow);
+        keys
+    }
+}
+
+base_fn! {
+    /// `pow[j] = K^(16 - j)` with `K = H * x` in the POLYVAL domain, from
+    /// the GCM hash key `H` (as loaded from its 16 bytes).
+    fn key_powers(h: __m128i, pow: &mut [[u8; 16]; 16]) {
         let mut hv = u128::from_le_bytes(st(bswap(h)));
         let mask = 0u128.wrapping_sub(hv >> 127);
         let mut k = (hv << 1) ^ (mask & 0xC200_0000_0000_0000_0000_0000_0000_0001);
@@ -183,10 +192,72 @@ base_fn! {
         k.zeroize();
         let mut p = kv;
         for j in (0..16).rev() {
-            keys.pow[j] = st(p);
+            pow[j] = st(p);
             p = dot(p, kv);
         }
-        keys
+    }
+}
+
+/// GHASH on PCLMULQDQ for GCM over another block cipher (SM4-GCM): the same
+/// aggregated reduction as AES-GCM here (16 blocks per reduction).
+#[derive(Zeroize, ZeroizeOnDrop)]
+#[repr(C, align(64))]
+pub(crate) struct GhashKey {
+    pow: [[u8; 16]; 16],
+}
+
+impl GhashKey {
+    /// None when the CPU lacks the instructions (AES-NI, PCLMULQDQ, SSSE3,
+    /// SSE4.1: the set `base_fn!` compiles for).
+    pub(crate) fn new(h: &[u8; 16]) -> Option<Box<Self>> {
+        if !(is_x86_feature_detected!("aes")
+            && is_x86_feature_detected!("pclmulqdq")
+            && is_x86_feature_detected!("ssse3")
+            && is_x86_feature_detected!("sse4.1"))
+        {
+            return None;
+        }
+        let mut key = Box::new(GhashKey {
+            pow: [[0u8; 16]; 16],
+        });
+        // SAFETY: the target features of `key_powers` were detected above.
+        unsafe { key_powers(ld(h), &mut key.pow) };
+        Some(key)
+    }
+
+    /// `GHASH_H(A || pad || C || pad || len(A) || len(C))` as GCM's `S`.
+    pub(crate) fn hash(&self, aad: &[u8], ct: &[u8]) -> [u8; 16] {
+        // SAFETY: a GhashKey only exists when `new` found the features.
+        unsafe { ghash_full(&self.pow, aad, ct) }
+    }
+}
+
+base_fn! {
+    fn ghash_full(pow: &[[u8; 16]; 16], aad: &[u8], ct: &[u8]) -> [u8; 16] {
+        let mut acc = _mm_setzero_si128();
+        let mut blocks = [_mm_setzero_si128(); 16];
+        for data in [aad, ct] {
+            let mut groups = data.chunks_exact(CHUNK);
+            for group in &mut groups {
+                for (j, b) in blocks.iter_mut().enumerate() {
+                    *b = bswap(_mm_loadu_si128(group.as_ptr().add(16 * j).cast()));
+                }
+                acc = ghash_n(pow, acc, &blocks);
+            }
+            let rest = groups.remainder();
+            if !rest.is_empty() {
+                let n = rest.len().div_ceil(16);
+                for (b, c) in blocks.iter_mut().zip(rest.chunks(16)) {
+                    let mut t = [0u8; 16];
+                    t[..c.len()].copy_from_slice(c);
+                    *b = bswap(ld(&t));
+                }
+                acc = ghash_n(pow, acc, &blocks[..n]);
+            }
+        }
+        let lens = _mm_set_epi64x((aad.len() as i64) << 3, (ct.len() as i64) << 3);
+        acc = ghash_n(pow, acc, &[lens]);
+        st(bswap(acc))
     }
 }
 
@@ -215,7 +286,7 @@ base_fn! {
                 t[..c.len()].copy_from_slice(c);
                 *b = bswap(ld(&t));
             }
-            acc = ghash_n(keys, acc, &blocks[..n]);
+            acc = ghash_n(&keys.pow, acc, &blocks[..n]);
         }
         Msg { ctr, acc, ekj0 }
     }
@@ -262,12 +333,12 @@ base_fn! {
             if n < 16 {
                 // Hash the lengths block with the data: one reduction.
                 blocks[n] = lens;
-                let acc = ghash_n(keys, m.acc, &blocks[..n + 1]);
+                let acc = ghash_n(&keys.pow, m.acc, &blocks[..n + 1]);
                 return st(_mm_xor_si128(bswap(acc), m.ekj0));
             }
-            m.acc = ghash_n(keys, m.acc, &blocks[..n]);
+            m.acc = ghash_n(&keys.pow, m.acc, &blocks[..n]);
         }
-        let acc = ghash_n(keys, m.acc, &[lens]);
+        let acc = ghash_n(&keys.pow, m.acc, &[lens]);
         st(_mm_xor_si128(bswap(acc), m.ekj0))
     }
 }
