@@ -109,6 +109,25 @@ fn soft_ghash(h: u128, aad: &[u8], ct: &[u8]) -> [u8; 16] {
 /// Largest keystream chunk any path produces.
 const CHUNK: usize = 1024;
 
+/// Keystream buffer, 8-byte aligned so it can be wiped a word at a time
+/// (`zeroize` on bytes does one volatile store per byte: it cost more than
+/// the cipher for 256-byte messages).
+#[repr(C, align(64))]
+struct KsBuf([u8; CHUNK]);
+
+impl KsBuf {
+    /// Zeroizes the first `used` bytes (rounded up to whole words).
+    fn wipe(&mut self, used: usize) {
+        let words = used.min(CHUNK).div_ceil(8);
+        // SAFETY: the buffer is 64-byte aligned and CHUNK bytes long, so its
+        // first `words * 8 <= CHUNK` bytes are valid, aligned `u64`s; every
+        // bit pattern is a valid u64 and the byte view is not used meanwhile.
+        let w: &mut [u64] =
+            unsafe { core::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<u64>(), words) };
+        w.zeroize();
+    }
+}
+
 impl Sm4Gcm {
     /// Fills `buf` with keystream for counters `ctr..` and returns how many
     /// bytes the path produced (a multiple of 16, at most CHUNK).
@@ -163,18 +182,21 @@ impl Sm4Gcm {
     /// XORs the keystream (counters from 2) into `output` = `input` ^ KS and
     /// returns E(J0) (counter 1), computed in the same first chunk.
     fn ctr(&self, nonce: &[u8; NONCE_LEN], input: &[u8], output: &mut [u8]) -> [u8; 16] {
-        let mut buf = [0u8; CHUNK];
+        let mut kbuf = KsBuf([0u8; CHUNK]);
+        let buf = &mut kbuf.0;
         let mut ej0 = [0u8; 16];
         let mut ctr = 1u32;
         let mut pos = 0usize;
         let mut first = true;
+        let mut used = 0usize;
         loop {
             let remaining = input.len() - pos;
             let want = remaining + if first { 16 } else { 0 };
             if want == 0 {
                 break;
             }
-            let got = self.keystream(nonce, ctr, &mut buf, want);
+            let got = self.keystream(nonce, ctr, buf, want);
+            used = used.max(got);
             ctr = ctr.wrapping_add((got / 16) as u32);
             let mut ks = &buf[..got];
             if first {
@@ -192,7 +214,7 @@ impl Sm4Gcm {
             }
             pos += take;
         }
-        buf.zeroize();
+        kbuf.wipe(used);
         ej0
     }
 
