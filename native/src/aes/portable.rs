@@ -1,8 +1,10 @@
 //! Portable AES-GCM: RustCrypto `aes-gcm`. Its software AES is fixsliced
 //! and its POLYVAL uses constant-time multiplication, so this path has no
-//! secret-dependent branches or table lookups. (On CPUs with AES-NI or ARMv8
-//! crypto extensions RustCrypto uses them itself; build with
-//! `--cfg aes_backend="soft" --cfg polyval_backend="soft"` to force software.)
+//! secret-dependent branches or table lookups. RustCrypto would use AES-NI or
+//! ARMv8 crypto extensions by itself where present; the workspace's
+//! `.cargo/config.toml` builds it with `--cfg aes_backend="soft"
+//! --cfg polyval_backend="soft"`, so this path is software on every CPU and
+//! the tests that force it really test software code.
 
 use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes128Gcm, Aes256Gcm};
@@ -78,5 +80,16 @@ impl BlockAead for PortableKey {
 
     fn backend(&self) -> &'static str {
         "portable"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn built_with_software_aes_and_polyval() {
+        // .cargo/config.toml must reach this build: otherwise "portable"
+        // would silently run on AES-NI.
+        const { assert!(cfg!(aes_backend = "soft")) };
+        const { assert!(cfg!(polyval_backend = "soft")) };
     }
 }
