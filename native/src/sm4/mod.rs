@@ -115,6 +115,11 @@ const CHUNK: usize = 1024;
 #[repr(C, align(64))]
 struct KsBuf([u8; CHUNK]);
 
+thread_local! {
+    static KS_BUF: core::cell::RefCell<KsBuf> =
+        const { core::cell::RefCell::new(KsBuf([0u8; CHUNK])) };
+}
+
 impl KsBuf {
     /// Zeroizes the first `used` bytes (rounded up to whole words).
     fn wipe(&mut self, used: usize) {
@@ -182,7 +187,21 @@ impl Sm4Gcm {
     /// XORs the keystream (counters from 2) into `output` = `input` ^ KS and
     /// returns E(J0) (counter 1), computed in the same first chunk.
     fn ctr(&self, nonce: &[u8; NONCE_LEN], input: &[u8], output: &mut [u8]) -> [u8; 16] {
-        let mut kbuf = KsBuf([0u8; CHUNK]);
+        // A per-thread buffer, all zero between calls (each call wipes what
+        // it used): no 1 KiB memset per message.
+        KS_BUF.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut kbuf) => self.ctr_in(&mut kbuf, nonce, input, output),
+            Err(_) => self.ctr_in(&mut KsBuf([0u8; CHUNK]), nonce, input, output),
+        })
+    }
+
+    fn ctr_in(
+        &self,
+        kbuf: &mut KsBuf,
+        nonce: &[u8; NONCE_LEN],
+        input: &[u8],
+        output: &mut [u8],
+    ) -> [u8; 16] {
         let buf = &mut kbuf.0;
         let mut ej0 = [0u8; 16];
         let mut ctr = 1u32;
