@@ -13,10 +13,17 @@ deliveries it has already seen, so nothing is lost or duplicated. Terminal
 codes (4500+, 1002, 1007-1009) raise :class:`GatewayError` from ``send`` and
 ``receive``.
 
-Bounds: at most ``window`` (from ``welcome``, default 64) messages in flight;
-``send`` waits beyond that. At most ``max_inbox`` (default 1,024) delivered
-messages wait for ``receive``; beyond that the client stops reading, which
-holds the gateway back through TCP backpressure.
+Heartbeats and acks: the reader answers WebSocket Pings and ``ping`` frames,
+sends its own ``ping`` when it has sent nothing for ``hb`` (from ``welcome``),
+treats ``2 * hb + 5`` seconds without a byte received as a dead link, and
+acknowledges deliveries cumulatively (every ``ack_every`` deliveries, and at
+the latest ``ack_delay`` seconds after the last one).
+
+Bounds: at most ``window`` (from ``welcome``, default 64) messages in flight
+(``pending``); ``send`` waits beyond that, and ``results`` / ``retry`` never
+hold more than that. At most ``max_inbox`` (default 1,024) delivered messages
+wait for ``receive``, plus what one 64 KiB read decodes to; beyond that the
+client stops reading, which holds the gateway back through TCP backpressure.
 
 The protocol logic is :class:`ClientCore` (sans-IO); :class:`Session` is the
 trio shell over WebSocket (wsproto).
@@ -48,7 +55,7 @@ from wsproto.events import (
 )
 
 from gateway.protocol.codec import Encoding, decode_frame, encode_frame
-from gateway.protocol.codes import is_reconnect
+from gateway.protocol.codes import ProtocolError, is_reconnect
 
 __all__ = ["ClientCore", "Delivery", "GatewayError", "Session", "backoff_delay", "connect"]
 
@@ -89,6 +96,7 @@ class ClientCore:
         platform: str = "desktop",
         max_inbox: int = 1024,
         ack_every: int = 8,
+        ack_delay: float = 0.2,
     ) -> None:
         self.token = token
         self.tags = dict(tags or {})
@@ -102,6 +110,13 @@ class ClientCore:
         self.inbox: deque[Delivery] = deque()
         self.max_inbox = max_inbox
         self.ack_every = ack_every
+        self.ack_delay = ack_delay
+        self.ack_due: float | None = None  # when unacked deliveries must be acked
+        self.retry: dict[int, float] = {}  # id -> when to send again (4409 / 4029)
+        self.last_rx = 0.0  # clock of the last bytes received
+        self.last_tx = 0.0  # clock of the last frame sent
+        self.refreshed = 0  # number of ``refreshed`` frames seen
+        self.exp: int | None = None  # token expiry, from welcome / refreshed
         self.window = 64
         self.heartbeat_s = 25.0
         self.terminal: GatewayError | None = None
@@ -125,12 +140,51 @@ class ClientCore:
 
     def resend(self) -> list[dict[str, Any]]:
         """Every unacknowledged message, oldest first (after a welcome)."""
+        self.retry.clear()
         return [{"t": "msg", "id": i, "body": b} for i, b in self.pending.items()]
 
     def lost(self) -> None:
         self.open = False
+        self.ack_due = None
 
-    def on_frame(self, f: dict[str, Any]) -> list[dict[str, Any]]:
+    def refresh(self, token: str) -> dict[str, Any]:
+        """The new token is used for this connection and every later hello."""
+        self.token = token
+        return {"t": "refresh", "token": token}
+
+    def dead(self, now: float) -> bool:
+        """Nothing received for two heartbeat intervals (plus slack)."""
+        return now - self.last_rx > self.heartbeat_s * 2 + 5
+
+    def next_tick(self, now: float) -> float:
+        """When :meth:`tick` has something to do next (at the latest)."""
+        t = self.last_rx + self.heartbeat_s * 2 + 5
+        if not self.open:  # before welcome: only the dead-link check
+            return max(t, now)
+        t = min(t, self.last_tx + self.heartbeat_s)
+        if self.ack_due is not None:
+            t = min(t, self.ack_due)
+        if self.retry:
+            t = min(t, min(self.retry.values()))
+        return max(t, now)
+
+    def tick(self, now: float) -> list[dict[str, Any]]:
+        """Timed frames: overdue ack, retried messages, heartbeat ping."""
+        if not self.open:
+            return []
+        out: list[dict[str, Any]] = []
+        if self.ack_due is not None and now >= self.ack_due:
+            out.append(self.ack())
+        for i, at in list(self.retry.items()):
+            if now >= at:
+                del self.retry[i]
+                if i in self.pending:
+                    out.append({"t": "msg", "id": i, "body": self.pending[i]})
+        if not out and now - self.last_tx >= self.heartbeat_s:
+            out.append({"t": "ping", "ts": int(now * 1000)})
+        return out
+
+    def on_frame(self, f: dict[str, Any], now: float = 0.0) -> list[dict[str, Any]]:
         t = f.get("t")
         out: list[dict[str, Any]] = []
         if t == "welcome":
@@ -146,7 +200,9 @@ class ClientCore:
             self.sid = str(f["sid"])
             limits = f.get("limits") or {}
             self.window = int(limits.get("window", self.window))
-            self.heartbeat_s = int(f.get("hb", 25000)) / 1000.0
+            self.heartbeat_s = max(0.05, int(f.get("hb", 25000)) / 1000.0)
+            if "exp" in f:
+                self.exp = int(f["exp"])
             out.extend(self.resend())
         elif t == "ack":
             i = f.get("id")
@@ -168,15 +224,23 @@ class ClientCore:
                 )
             if self.last_seq - self.acked_seq >= self.ack_every:
                 out.append(self.ack())
+            elif self.last_seq > self.acked_seq and self.ack_due is None:
+                self.ack_due = now + self.ack_delay
         elif t == "ping":
             out.append({"t": "pong", "ts": f.get("ts", 0)})
+        elif t == "refreshed":
+            self.refreshed += 1
+            self.exp = int(f.get("exp", 0))
         elif t == "goaway":
             self.reconnect_after = int(f.get("reconnect_after", 0)) / 1000.0
         elif t == "error":
             code = int(f.get("code", 0))
             reason = str(f.get("reason", ""))
-            if code == 4409 or code == 4029:
-                self.reconnect_after = None  # per-message; resent after the next welcome
+            i = f.get("id")
+            if code in (4409, 4029) and isinstance(i, int):
+                # the message was refused, not the connection: send it again
+                if i in self.pending:
+                    self.retry[i] = now + int(f.get("retry_after", 100)) / 1000.0
             elif not is_reconnect(code):
                 self.terminal = GatewayError(code, reason)
             elif "retry_after" in f:
@@ -184,6 +248,7 @@ class ClientCore:
         return out
 
     def ack(self) -> dict[str, Any]:
+        self.ack_due = None
         self.acked_seq = self.last_seq
         return {"t": "ack", "seq": self.last_seq}
 
@@ -262,20 +327,30 @@ class Session:
         return d
 
     async def refresh(self, token: str) -> None:
-        self.core.token = token
-        await self._send({"t": "refresh", "token": token})
+        """Replaces the session token; returns once the gateway confirmed it
+        (``refreshed``) or, while disconnected, at once (the next ``hello``
+        carries it). A rejected token raises GatewayError."""
+        core = self.core
+        frame = core.refresh(token)
+        if not core.open:
+            return
+        seen = core.refreshed
+        await self._send(frame)
+        while core.refreshed == seen and core.open:
+            self._check()
+            await self.changed.wait()
+        self._check()
 
     async def close(self) -> None:
         self._closed = True
         ws, stream = self._ws, self._stream
         if ws is not None and stream is not None and self.core.open:
             self.core.open = False
-            try:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 if self.core.last_seq > self.core.acked_seq:
                     await self._send(self.core.ack())
-                await stream.send_all(ws.send(CloseConnection(code=1000)))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, Exception):
-                pass
+                async with self._send_lock:
+                    await stream.send_all(ws.send(CloseConnection(code=1000)))
         if stream is not None:
             await trio.aclose_forcefully(stream)
         self._poke()
@@ -292,13 +367,12 @@ class Session:
         if ws is None or stream is None:
             return  # sent again after the next welcome
         payload = encode_frame(frame, self.enc)
-        data = ws.send(
-            TextMessage(data=payload) if isinstance(payload, str) else BytesMessage(data=payload)
-        )
+        event = TextMessage(data=payload) if isinstance(payload, str) else BytesMessage(payload)
         # a broken stream is noticed by the reader, which reconnects
-        async with self._send_lock:
+        async with self._send_lock:  # frames leave in the order they are encoded
+            self.core.last_tx = trio.current_time()
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(data)
+                await stream.send_all(ws.send(event))
 
     async def _open(self) -> None:
         stream: trio.abc.Stream = await trio.open_tcp_stream(self.host, self.port)
@@ -359,25 +433,40 @@ class Session:
             await trio.sleep(delay)
 
     async def _read_loop(self, attempt: int) -> int:
+        """The one reader of a connection; also sends what :meth:`ClientCore.tick`
+        asks for (acks, retries, pings) between reads. Returns the backoff
+        attempt count when the connection ends."""
         ws, stream, core = self._ws, self._stream, self.core
         assert ws is not None and stream is not None
+        core.last_rx = core.last_tx = trio.current_time()
         while True:
             while len(core.inbox) >= core.max_inbox:
                 await self.changed.wait()  # backpressure: stop reading
-            # nothing at all (not even a ping) for two intervals: dead link
-            with trio.fail_after(core.heartbeat_s * 2 + 5):
+                core.last_rx = trio.current_time()  # our pause, not a dead link
+            data: bytes | bytearray | None = None
+            with trio.move_on_at(core.next_tick(trio.current_time())):
                 data = await stream.receive_some(65536)
+            now = trio.current_time()
+            if data is None:  # timer: nothing read
+                if core.dead(now):
+                    raise ConnectionError("no data from the gateway: dead link")
+                for f in core.tick(now):
+                    await self._send(f)
+                continue
             if not data:
                 return attempt
+            core.last_rx = now
             ws.receive_data(bytes(data))
             out: list[dict[str, Any]] = []
             for ev in ws.events():
                 if isinstance(ev, TextMessage | BytesMessage):
-                    frame = decode_frame(
-                        ev.data if isinstance(ev.data, str) else bytes(ev.data), MAX_FRAME
-                    )
+                    raw = ev.data if isinstance(ev.data, str) else bytes(ev.data)
+                    try:
+                        frame = decode_frame(raw, MAX_FRAME)
+                    except ProtocolError as e:  # a broken gateway: drop the link
+                        raise ConnectionError(f"bad frame from the gateway: {e}") from None
                     was_open = core.open
-                    out.extend(core.on_frame(frame))
+                    out.extend(core.on_frame(frame, now))
                     if core.open and not was_open:
                         attempt = 0
                         self.connected.set()
