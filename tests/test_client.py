@@ -78,6 +78,73 @@ def test_backoff_full_jitter_is_bounded() -> None:
     assert len({round(backoff_delay(5, 0.2, 30.0, rng), 6) for _ in range(20)}) > 10
 
 
+def test_core_acks_stragglers_after_a_delay() -> None:
+    c = ClientCore("tok", ack_every=8, ack_delay=0.2)
+    c.on_frame(welcome(), now=10.0)
+    c.last_rx = c.last_tx = 10.0
+    assert c.on_frame(deliver(1), now=10.0) == []  # not yet: fewer than ack_every
+    assert c.on_frame(deliver(2), now=10.1) == []
+    assert c.next_tick(10.1) == pytest.approx(10.2)  # due 0.2 s after the first
+    assert c.tick(10.15) == []
+    assert c.tick(10.2) == [{"t": "ack", "seq": 2}]
+    assert c.ack_due is None and c.tick(10.3) == []  # nothing new to ack
+    c.on_frame(deliver(2), now=10.4)  # a replayed duplicate: already acked
+    assert c.ack_due is None
+
+
+def test_core_heartbeat_ping_and_dead_link() -> None:
+    c = ClientCore("tok")
+    assert c.tick(100.0) == []  # nothing before welcome
+    c.on_frame(welcome(hb=1000), now=0.0)
+    assert c.heartbeat_s == 1.0
+    c.last_rx = c.last_tx = 0.0
+    assert c.next_tick(0.0) == 1.0
+    assert c.tick(0.5) == []
+    assert c.tick(1.0) == [{"t": "ping", "ts": 1000}]
+    assert not c.dead(6.9) and c.dead(7.1)  # 2 * hb + 5 s of silence
+    assert c.on_frame({"t": "ping", "ts": 7}) == [{"t": "pong", "ts": 7}]
+    c.lost()
+    assert c.tick(50.0) == [] and c.next_tick(1.0) == 7.0  # closed: only the dead check
+
+
+def test_core_retries_a_refused_message_with_the_same_id() -> None:
+    c = ClientCore("tok")
+    c.on_frame(welcome(), now=0.0)
+    c.last_rx = c.last_tx = 0.0
+    i, frame = c.new_message("x")
+    out = c.on_frame(
+        {"t": "error", "code": 4409, "reason": "window", "id": i, "retry_after": 100}, now=1.0
+    )
+    assert out == [] and c.terminal is None and c.retry == {i: pytest.approx(1.1)}
+    assert c.next_tick(1.0) == pytest.approx(1.1)
+    assert c.tick(1.05) == []
+    assert c.tick(1.1) == [frame]
+    c.on_frame({"t": "error", "code": 4029, "reason": "rate", "id": 999, "retry_after": 5})
+    assert c.retry == {}  # not one of ours
+
+
+def test_core_refresh_and_token_on_resume() -> None:
+    c = ClientCore("old")
+    c.on_frame(welcome(exp=100))
+    assert c.exp == 100
+    assert c.refresh("new") == {"t": "refresh", "token": "new"}
+    c.on_frame({"t": "refreshed", "exp": 200})
+    assert c.refreshed == 1 and c.exp == 200
+    c.lost()
+    assert c.hello()["token"] == "new"
+
+
+def test_core_terminal_close_codes() -> None:
+    for code in (1002, 1007, 1008, 4500, 4502, 4507):
+        c = ClientCore("tok")
+        c.on_close(code, "x")
+        assert c.terminal is not None and c.terminal.code == code
+    for code in (1000, 1001, 1005, 1006, 1011, 4002, 4005, 4499):
+        c = ClientCore("tok")
+        c.on_close(code, "x")
+        assert c.terminal is None
+
+
 async def test_send_receive_through_the_gateway(tmp_path: Path) -> None:
     async with running(tmp_path) as gw, gc.connect(gw.url, token=gw.token("sdk")) as s:
         assert s.session_id
