@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,3 +206,137 @@ async def test_terminal_error_raises(tmp_path: Path) -> None:
             async with gc.connect(gw.url, token="bad.token"):
                 pass
         assert e.value.code == 4501
+
+
+async def test_client_side_tcp_cut_resumes_without_loss(tmp_path: Path) -> None:
+    async with (
+        running(tmp_path, bot_think_ms=20) as gw,
+        gc.connect(gw.url, token=gw.token("cut"), max_backoff=0.1) as s,
+    ):
+        sid = s.session_id
+        await s.receive()  # greeting
+        got: list[str] = []
+        sent = [f"c{i}" for i in range(20)]
+
+        async def reader() -> None:
+            while len(got) < len(sent):
+                got.append(str((await s.receive()).body))
+
+        async def cutter() -> None:
+            for _ in range(3):  # shut the client's own socket down under it
+                await trio.sleep(0.1)
+                stream = s._stream
+                if isinstance(stream, trio.SocketStream):
+                    stream.socket.shutdown(socket.SHUT_RDWR)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            n.start_soon(cutter)
+            ns = [await s.send(b) for b in sent]
+        assert ns == list(range(1, 21))
+        assert got == [f"You said: {b}" for b in sent]
+        assert s.connections >= 2 and s.session_id == sid  # same session, resumed
+
+
+async def test_deliveries_are_acked_without_waiting_for_more(tmp_path: Path) -> None:
+    async with running(tmp_path) as gw, gc.connect(gw.url, token=gw.token("acks")) as s:
+        await s.receive()
+        await s.send("one")
+        assert (await s.receive()).seq == 2
+        session = gw.w.hub.sessions.get(s.session_id or "")
+        assert session is not None
+        with trio.fail_after(2):
+            while session.replay:  # the client's delayed cumulative ack trims it
+                await trio.sleep(0.02)
+        assert s.core.acked_seq == 2
+
+
+async def test_heartbeats_keep_an_idle_session_up(tmp_path: Path) -> None:
+    async with (
+        running(tmp_path, heartbeat_s=0.2) as gw,
+        gc.connect(gw.url, token=gw.token("idle")) as s,
+    ):
+        assert s.core.heartbeat_s == pytest.approx(0.2)
+        await s.receive()
+        await trio.sleep(1.5)  # several heartbeat intervals, nothing to say
+        assert s.connections == 1
+        assert await s.send("still here") == 1
+
+
+async def test_goaway_reconnects_after_the_delay_and_resumes(tmp_path: Path) -> None:
+    async with running(tmp_path) as gw, gc.connect(gw.url, token=gw.token("ga")) as s:
+        sid = s.session_id
+        await s.receive()
+        for c in list(gw.w.conns):
+            c.goaway(50)
+        with trio.fail_after(5):
+            while s.connections < 2 or not s.core.open:
+                await trio.sleep(0.02)
+        assert s.session_id == sid and gw.stats["sessions_resumed"] >= 1
+        assert await s.send("after") == 1
+        d = await s.receive()
+        assert d.seq == 2 and d.body == "You said: after"
+
+
+async def test_refresh_and_a_rejected_refresh_is_terminal(tmp_path: Path) -> None:
+    async with running(tmp_path) as gw, gc.connect(gw.url, token=gw.token("r")) as s:
+        await s.refresh(gw.token("r", ttl=7200))
+        assert s.core.refreshed == 1 and s.core.exp is not None
+        with pytest.raises(GatewayError) as e:
+            await s.refresh(gw.token("someone-else"))
+        assert e.value.code == 4501
+        with pytest.raises(GatewayError):
+            await s.send("no")  # the session is over: every call raises
+
+
+async def test_no_reconnect_raises_on_connection_loss(tmp_path: Path) -> None:
+    async with running(tmp_path) as gw:
+        with pytest.raises(GatewayError) as e:
+            async with gc.connect(gw.url, token=gw.token("nr"), reconnect=False) as s:
+                await s.receive()
+                for c in list(gw.w.conns):
+                    c.pipe.abort()
+                await s.receive()
+        assert e.value.code == 1006
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_against_gateway_serve_process(tmp_path: Path) -> None:
+    """The SDK against ``python -m gateway serve`` as users start it."""
+    port = _free_port()
+    env = dict(os.environ, GATEWAY_STATE_DIR=str(tmp_path), GATEWAY_BOT_THINK_MS="0")
+    env["GATEWAY_OPS_LISTEN"] = ""
+    token = subprocess.run(
+        [sys.executable, "-m", "gateway", "token", "--tenant", "demo", "--visitor", "proc"],
+        env=env, capture_output=True, text=True, check=True, timeout=30,
+    ).stdout.strip()  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
+         "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"ws://127.0.0.1:{port}/v1/ws"
+        with trio.fail_after(20):
+            while True:
+                try:
+                    await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
+                    break
+                except OSError:
+                    await trio.sleep(0.05)
+            async with gc.connect(url, token=token, encoding="json") as s:
+                assert (await s.receive()).sender_kind == "bot"
+                assert await s.send("over the process") == 1
+                assert (await s.receive()).body == "You said: over the process"
+            with pytest.raises(GatewayError) as e:
+                async with gc.connect(url, token=token + "x"):
+                    pass
+            assert e.value.code == 4501
+    finally:
+        proc.terminate()
+        proc.wait(15)
