@@ -1,6 +1,9 @@
 """The JavaScript widget in headless Chromium (Debian's `chromium`), driven
 over the DevTools protocol: the example page connects, sends a message, shows
-it acknowledged and shows the bot's reply; a screenshot is saved."""
+it acknowledged and shows the bot's reply; then the gateway cuts the
+connection, the widget resumes, and a message typed into the input box is
+acknowledged and answered with nothing lost or shown twice. A screenshot is
+saved."""
 
 from __future__ import annotations
 
@@ -10,11 +13,13 @@ import shutil
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from tests.gwserver import running
@@ -24,8 +29,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed
 
 
 class Cdp:
-    def __init__(self, url: str) -> None:
-        self.ws = ws_connect(url, max_size=None)
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
         self.next = 1
 
     def call(self, method: str, **params: Any) -> dict[str, Any]:
@@ -43,8 +48,30 @@ class Cdp:
         r = self.call("Runtime.evaluate", expression=expr, returnByValue=True)
         return r.get("result", {}).get("value")
 
+    def page_state(self) -> dict[str, Any]:
+        return (
+            self.eval(
+                "({state: document.body && document.body.dataset.state,"
+                " inbound: [...document.querySelectorAll('.msg-in')].map(e => e.textContent),"
+                " acked: document.querySelectorAll('.msg-out.acked').length})"
+            )
+            or {}
+        )
 
-def drive(page_url: str, profile: Path, shot: Path) -> dict[str, Any]:
+    def wait_for(self, ok: Callable[[dict[str, Any]], bool], timeout: float = 20) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        state = self.page_state()
+        while not ok(state) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            state = self.page_state()
+        return state
+
+
+def drive(
+    page_url: str, profile: Path, shot: Path, cut: Callable[[], None]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Runs the page; returns its state after the first exchange and after a
+    cut connection plus a message typed into the input box."""
     assert CHROMIUM is not None
     proc = subprocess.Popen(
         [
@@ -73,26 +100,28 @@ def drive(page_url: str, profile: Path, shot: Path) -> dict[str, Any]:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
             targets = json.load(r)
         page = next(t for t in targets if t["type"] == "page")
-        cdp = Cdp(page["webSocketDebuggerUrl"])
-        cdp.call("Page.enable")
-        cdp.call("Page.navigate", url=page_url)
-        result: dict[str, Any] = {}
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            result = (
-                cdp.eval(
-                    "({state: document.body && document.body.dataset.state,"
-                    " inbound: [...document.querySelectorAll('.msg-in')].map(e => e.textContent),"
-                    " acked: document.querySelectorAll('.msg-out.acked').length})"
-                )
-                or {}
+        with ws_connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
+            cdp = Cdp(ws)
+            cdp.call("Page.enable")
+            cdp.call("Page.navigate", url=page_url)
+            first = cdp.wait_for(
+                lambda r: bool(r.get("acked")) and len(r.get("inbound") or []) >= 2
             )
-            if result.get("acked") and len(result.get("inbound") or []) >= 2:
-                break
-            time.sleep(0.1)
-        png = cdp.call("Page.captureScreenshot", format="png")["data"]
-        shot.write_bytes(base64.b64decode(png))
-        return result
+            cut()  # the gateway drops the TCP connection under the page
+            cdp.wait_for(lambda r: r.get("state") != "open", timeout=5)
+            cdp.wait_for(lambda r: r.get("state") == "open")
+            cdp.eval(
+                "document.getElementById('text').value = 'again';"
+                " document.querySelector('#form button').click()"
+            )
+            second = cdp.wait_for(
+                lambda r: r.get("acked") == 2 and any("again" in m for m in r.get("inbound") or [])
+            )
+            time.sleep(0.3)  # anything shown twice would show up by now
+            second = cdp.page_state()
+            png = cdp.call("Page.captureScreenshot", format="png")["data"]
+            shot.write_bytes(base64.b64decode(png))
+            return first, second
     finally:
         proc.kill()
         proc.wait()
@@ -104,11 +133,24 @@ async def test_example_page_conversation(tmp_path: Path) -> None:
             pytest.fail("static files missing from gateway/server/static")
         url = f"http://127.0.0.1:{gw.port}/example.html?token={gw.token('browser')}&auto=hello"
         shot = tmp_path / "example.png"
-        result = await trio.to_thread.run_sync(drive, url, tmp_path / "profile", shot)
-        assert result.get("state") == "open"
-        assert result.get("acked") == 1
-        inbound = result.get("inbound") or []
+
+        def cut() -> None:
+            for c in list(gw.w.conns):
+                c.pipe.abort()
+
+        def cut_from_thread() -> None:
+            trio.from_thread.run_sync(cut)
+
+        first, second = await trio.to_thread.run_sync(
+            drive, url, tmp_path / "profile", shot, cut_from_thread
+        )
+        assert first.get("state") == "open"
+        assert first.get("acked") == 1
+        inbound = first.get("inbound") or []
         assert inbound[0].startswith("demo-bot: Hi!")
         assert "demo-bot: You said: hello" in inbound
+        assert second.get("state") == "open" and second.get("acked") == 2
+        assert second.get("inbound") == [*inbound, "demo-bot: You said: again"]
         assert shot.stat().st_size > 1000 and shot.read_bytes()[:4] == b"\x89PNG"
-        assert gw.stats["sessions_opened"] == 1
+        assert gw.stats["sessions_opened"] == 1  # the page resumed its session
+        assert gw.stats["sessions_resumed"] >= 1
