@@ -500,8 +500,11 @@ async def connect(
     max_backoff: float = 30.0,
     max_inbox: int = 1024,
 ) -> AsyncIterator[Session]:
-    """Opens a session; waits for the first ``welcome`` (or raises the
-    terminal error / ``ConnectionError`` when the first attempt fails)."""
+    """Opens a session and waits for the first ``welcome``. A terminal code
+    raises :class:`GatewayError`; with ``reconnect=False`` a failed first
+    attempt raises ``GatewayError(1006, ...)``, otherwise it keeps retrying
+    with backoff (wrap in ``trio.fail_after`` to bound the wait). On exit the
+    pending deliveries are acknowledged and the socket closed with 1000."""
     core = ClientCore(token, tags, platform, max_inbox)
     s = Session(url, core, encoding, origin, ssl_context, reconnect, max_backoff)
     try:
