@@ -17,7 +17,7 @@ use crate::error::Error;
 
 mod portable;
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod x86;
+mod x86;
 
 /// Expands a 16-byte (AES-128) or 32-byte (AES-256) key for `path`. A path
 /// the CPU lacks is lowered to the best one it has.

@@ -198,69 +198,6 @@ base_fn! {
     }
 }
 
-/// GHASH on PCLMULQDQ for GCM over another block cipher (SM4-GCM): the same
-/// aggregated reduction as AES-GCM here (16 blocks per reduction).
-#[derive(Zeroize, ZeroizeOnDrop)]
-#[repr(C, align(64))]
-pub(crate) struct GhashKey {
-    pow: [[u8; 16]; 16],
-}
-
-impl GhashKey {
-    /// None when the CPU lacks the instructions (AES-NI, PCLMULQDQ, SSSE3,
-    /// SSE4.1: the set `base_fn!` compiles for).
-    pub(crate) fn new(h: &[u8; 16]) -> Option<Box<Self>> {
-        if !(is_x86_feature_detected!("aes")
-            && is_x86_feature_detected!("pclmulqdq")
-            && is_x86_feature_detected!("ssse3")
-            && is_x86_feature_detected!("sse4.1"))
-        {
-            return None;
-        }
-        let mut key = Box::new(GhashKey {
-            pow: [[0u8; 16]; 16],
-        });
-        // SAFETY: the target features of `key_powers` were detected above.
-        unsafe { key_powers(ld(h), &mut key.pow) };
-        Some(key)
-    }
-
-    /// `GHASH_H(A || pad || C || pad || len(A) || len(C))` as GCM's `S`.
-    pub(crate) fn hash(&self, aad: &[u8], ct: &[u8]) -> [u8; 16] {
-        // SAFETY: a GhashKey only exists when `new` found the features.
-        unsafe { ghash_full(&self.pow, aad, ct) }
-    }
-}
-
-base_fn! {
-    fn ghash_full(pow: &[[u8; 16]; 16], aad: &[u8], ct: &[u8]) -> [u8; 16] {
-        let mut acc = _mm_setzero_si128();
-        let mut blocks = [_mm_setzero_si128(); 16];
-        for data in [aad, ct] {
-            let mut groups = data.chunks_exact(CHUNK);
-            for group in &mut groups {
-                for (j, b) in blocks.iter_mut().enumerate() {
-                    *b = bswap(_mm_loadu_si128(group.as_ptr().add(16 * j).cast()));
-                }
-                acc = ghash_n(pow, acc, &blocks);
-            }
-            let rest = groups.remainder();
-            if !rest.is_empty() {
-                let n = rest.len().div_ceil(16);
-                for (b, c) in blocks.iter_mut().zip(rest.chunks(16)) {
-                    let mut t = [0u8; 16];
-                    t[..c.len()].copy_from_slice(c);
-                    *b = bswap(ld(&t));
-                }
-                acc = ghash_n(pow, acc, &blocks[..n]);
-            }
-        }
-        let lens = _mm_set_epi64x((aad.len() as i64) << 3, (ct.len() as i64) << 3);
-        acc = ghash_n(pow, acc, &[lens]);
-        st(bswap(acc))
-    }
-}
-
 /// Per-message state shared by the paths.
 struct Msg {
     /// Byte-reversed counter block: the 32-bit counter is the low dword.
