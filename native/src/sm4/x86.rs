@@ -89,26 +89,37 @@ pub unsafe fn keystream_avx512<const W: usize>(
     }
     let m1 = _mm512_set1_epi64(M1);
     let m2 = _mm512_set1_epi64(M2);
-    for (i, k) in rk.iter().enumerate() {
-        let kk = _mm512_set1_epi32(*k as i32);
-        for xg in x.iter_mut() {
-            let t = _mm512_xor_si512(
-                _mm512_xor_si512(xg[(i + 1) % 4], xg[(i + 2) % 4]),
-                _mm512_xor_si512(xg[(i + 3) % 4], kk),
-            );
-            let b = _mm512_gf2p8affineinv_epi64_epi8::<C2>(
-                _mm512_gf2p8affine_epi64_epi8::<C1>(t, m1),
-                m2,
-            );
-            let l = _mm512_xor_si512(
-                _mm512_xor_si512(b, _mm512_rol_epi32::<2>(b)),
-                _mm512_xor_si512(
-                    _mm512_xor_si512(_mm512_rol_epi32::<10>(b), _mm512_rol_epi32::<18>(b)),
-                    _mm512_rol_epi32::<24>(b),
-                ),
-            );
-            xg[i % 4] = _mm512_xor_si512(xg[i % 4], l);
-        }
+    // Four rounds per iteration with constant word indices, so the state
+    // stays in registers (with `(i + 1) % 4` indices it lived on the stack
+    // and every round waited for a store-to-load forward).
+    macro_rules! round {
+        ($a:literal, $b:literal, $c:literal, $d:literal, $k:expr) => {
+            let kk = _mm512_set1_epi32($k as i32);
+            for xg in x.iter_mut() {
+                let t = _mm512_xor_si512(
+                    _mm512_xor_si512(xg[$b], xg[$c]),
+                    _mm512_xor_si512(xg[$d], kk),
+                );
+                let b = _mm512_gf2p8affineinv_epi64_epi8::<C2>(
+                    _mm512_gf2p8affine_epi64_epi8::<C1>(t, m1),
+                    m2,
+                );
+                let l = _mm512_xor_si512(
+                    _mm512_xor_si512(b, _mm512_rol_epi32::<2>(b)),
+                    _mm512_xor_si512(
+                        _mm512_xor_si512(_mm512_rol_epi32::<10>(b), _mm512_rol_epi32::<18>(b)),
+                        _mm512_rol_epi32::<24>(b),
+                    ),
+                );
+                xg[$a] = _mm512_xor_si512(xg[$a], l);
+            }
+        };
+    }
+    for k in rk.chunks_exact(4) {
+        round!(0, 1, 2, 3, k[0]);
+        round!(1, 2, 3, 0, k[1]);
+        round!(2, 3, 0, 1, k[2]);
+        round!(3, 0, 1, 2, k[3]);
     }
     let bswap = _mm512_broadcast_i32x4(_mm_loadu_si128(BSWAP32.as_ptr().cast()));
     for (g, xg) in x.iter().enumerate() {
@@ -156,21 +167,33 @@ pub unsafe fn keystream8_avx2(rk: &[u32; 32], nonce: &[u8; 12], ctr: u32, out: &
     ];
     let m1 = _mm256_set1_epi64x(M1);
     let m2 = _mm256_set1_epi64x(M2);
-    for (i, k) in rk.iter().enumerate() {
-        let t = _mm256_xor_si256(
-            _mm256_xor_si256(x[(i + 1) % 4], x[(i + 2) % 4]),
-            _mm256_xor_si256(x[(i + 3) % 4], _mm256_set1_epi32(*k as i32)),
-        );
-        let b =
-            _mm256_gf2p8affineinv_epi64_epi8::<C2>(_mm256_gf2p8affine_epi64_epi8::<C1>(t, m1), m2);
-        let l = _mm256_xor_si256(
-            _mm256_xor_si256(b, rol256::<2, 30>(b)),
-            _mm256_xor_si256(
-                _mm256_xor_si256(rol256::<10, 22>(b), rol256::<18, 14>(b)),
-                rol256::<24, 8>(b),
-            ),
-        );
-        x[i % 4] = _mm256_xor_si256(x[i % 4], l);
+    // Constant word indices keep the state in registers (see
+    // `keystream_avx512`).
+    macro_rules! round {
+        ($a:literal, $b:literal, $c:literal, $d:literal, $k:expr) => {
+            let t = _mm256_xor_si256(
+                _mm256_xor_si256(x[$b], x[$c]),
+                _mm256_xor_si256(x[$d], _mm256_set1_epi32($k as i32)),
+            );
+            let b = _mm256_gf2p8affineinv_epi64_epi8::<C2>(
+                _mm256_gf2p8affine_epi64_epi8::<C1>(t, m1),
+                m2,
+            );
+            let l = _mm256_xor_si256(
+                _mm256_xor_si256(b, rol256::<2, 30>(b)),
+                _mm256_xor_si256(
+                    _mm256_xor_si256(rol256::<10, 22>(b), rol256::<18, 14>(b)),
+                    rol256::<24, 8>(b),
+                ),
+            );
+            x[$a] = _mm256_xor_si256(x[$a], l);
+        };
+    }
+    for k in rk.chunks_exact(4) {
+        round!(0, 1, 2, 3, k[0]);
+        round!(1, 2, 3, 0, k[1]);
+        round!(2, 3, 0, 1, k[2]);
+        round!(3, 0, 1, 2, k[3]);
     }
     let (a, b, c, d) = (x[3], x[2], x[1], x[0]);
     let t0 = _mm256_unpacklo_epi32(a, b);
@@ -235,20 +258,30 @@ pub unsafe fn keystream4_aesni(rk: &[u32; 32], nonce: &[u8; 12], ctr: u32, out: 
         _mm_set1_epi32(n[2] as i32),
         _mm_add_epi32(_mm_set1_epi32(ctr as i32), _mm_setr_epi32(0, 1, 2, 3)),
     ];
-    for (i, k) in rk.iter().enumerate() {
-        let t = _mm_xor_si128(
-            _mm_xor_si128(x[(i + 1) % 4], x[(i + 2) % 4]),
-            _mm_xor_si128(x[(i + 3) % 4], _mm_set1_epi32(*k as i32)),
-        );
-        let b = tau_aesni(t);
-        let l = _mm_xor_si128(
-            _mm_xor_si128(b, rol128::<2, 30>(b)),
-            _mm_xor_si128(
-                _mm_xor_si128(rol128::<10, 22>(b), rol128::<18, 14>(b)),
-                rol128::<24, 8>(b),
-            ),
-        );
-        x[i % 4] = _mm_xor_si128(x[i % 4], l);
+    // Constant word indices keep the state in registers (see
+    // `keystream_avx512`).
+    macro_rules! round {
+        ($a:literal, $b:literal, $c:literal, $d:literal, $k:expr) => {
+            let t = _mm_xor_si128(
+                _mm_xor_si128(x[$b], x[$c]),
+                _mm_xor_si128(x[$d], _mm_set1_epi32($k as i32)),
+            );
+            let b = tau_aesni(t);
+            let l = _mm_xor_si128(
+                _mm_xor_si128(b, rol128::<2, 30>(b)),
+                _mm_xor_si128(
+                    _mm_xor_si128(rol128::<10, 22>(b), rol128::<18, 14>(b)),
+                    rol128::<24, 8>(b),
+                ),
+            );
+            x[$a] = _mm_xor_si128(x[$a], l);
+        };
+    }
+    for k in rk.chunks_exact(4) {
+        round!(0, 1, 2, 3, k[0]);
+        round!(1, 2, 3, 0, k[1]);
+        round!(2, 3, 0, 1, k[2]);
+        round!(3, 0, 1, 2, k[3]);
     }
     let (a, b, c, d) = (x[3], x[2], x[1], x[0]);
     let t0 = _mm_unpacklo_epi32(a, b);
