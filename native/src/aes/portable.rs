@@ -6,10 +6,29 @@
 //! --cfg polyval_backend="soft"`, so this path is software on every CPU and
 //! the tests that force it really test software code.
 
+//!
+//! A `RUSTFLAGS` environment variable replaces `build.rustflags` of
+//! `.cargo/config.toml` instead of adding to it (cargo fuzz sets one, CI
+//! often does): such a build compiles with a deprecation warning below, so
+//! it cannot go unnoticed (`clippy -D warnings` fails, maturin shows it).
+//! The result is still correct AES-GCM; only "portable" then means
+//! "RustCrypto with run-time AES-NI/CLMUL detection".
+
 use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes128Gcm, Aes256Gcm};
 
 use crate::aead::{BlockAead, NONCE_LEN, TAG_LEN};
+
+#[cfg(not(all(aes_backend = "soft", polyval_backend = "soft")))]
+#[deprecated(
+    note = "built without `--cfg aes_backend=\"soft\" --cfg polyval_backend=\"soft\"` \
+            (a RUSTFLAGS variable overrides .cargo/config.toml): the portable AES-GCM path \
+            will use AES-NI/CLMUL where present instead of software"
+)]
+const fn portable_path_not_software() {}
+
+#[cfg(not(all(aes_backend = "soft", polyval_backend = "soft")))]
+const _: () = portable_path_not_software();
 
 pub(super) enum PortableKey {
     A128(Box<Aes128Gcm>),
