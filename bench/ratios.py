@@ -2,8 +2,12 @@
 markdown tables of docs/benchmarks.md: msg/s, GB/s and the ratio to
 pyca/cryptography measured in the same run (medians).
 
-usage: python bench/ratios.py out/crypto.json          # doc tables
+usage: python bench/ratios.py out/crypto.json [more runs...]   # doc tables
        python bench/ratios.py out/crypto.json --raw    # one row per benchmark
+
+With several files the first run gives the numbers and every run adds its
+own ratio (or value) so the spread between runs is visible; each ratio
+still compares gateway and pyca from the same run.
 """
 
 from __future__ import annotations
@@ -58,20 +62,45 @@ def raw(data: dict[str, Any]) -> None:
             )
 
 
-def tables(data: dict[str, Any]) -> None:
+def _index(data: dict[str, Any]) -> dict[tuple[Any, ...], Bench]:
     by: dict[tuple[Any, ...], Bench] = {}
     for b in data["benchmarks"]:
         ex = b["extra_info"]
-        if "op" not in ex:
-            continue
-        key = (ex["op"], ex["suite"], ex["impl"], ex["size"], ex.get("batch"), ex.get("threads"))
-        by[key] = b
+        if "op" in ex:
+            key = (
+                ex["op"],
+                ex["suite"],
+                ex["impl"],
+                ex["size"],
+                ex.get("batch"),
+                ex.get("threads"),
+            )
+            by[key] = b
+    return by
 
-    print(f"machine: {data['machine_info'].get('cpu', {}).get('brand_raw', '?')}, ", end="")
-    print(f"run {data.get('datetime', '?')}\n")
 
-    print("| suite | op | size x count | gateway msg/s | gateway GB/s | pyca msg/s | ratio |")
-    print("|---|---|---|---|---|---|---|")
+def _ratio(by: dict[tuple[Any, ...], Bench], op: str, suite: str, size: int) -> str:
+    g = by.get((op, suite, "gateway", size, None, None))
+    p = by.get((op, suite, "pyca", size, None, None))
+    if g is None or p is None:
+        return ""
+    return f"{_rate(g)[0] / _rate(p)[0]:.2f}x"
+
+
+def tables(runs: list[dict[str, Any]]) -> None:
+    idx = [_index(d) for d in runs]
+    by = idx[0]
+    many = len(runs) > 1
+    for i, d in enumerate(runs, 1):
+        cpu = d["machine_info"].get("cpu", {}).get("brand_raw", "?")
+        print(f"run {i}: {cpu}, {d.get('datetime', '?')}")
+    print()
+
+    extra = "".join(f" run {i} |" for i in range(2, len(runs) + 1))
+    print(
+        "| suite | op | size x count | gateway msg/s | gateway GB/s | pyca msg/s | ratio |" + extra
+    )
+    print("|---|---|---|---|---|---|---|" + "---|" * (len(runs) - 1))
     for suite in ("aes-128-gcm", "aes-256-gcm", "sm4-gcm"):
         for op in ("seal", "open"):
             sizes = sorted({k[3] for k in by if k[0] == op and k[1] == suite})
@@ -82,23 +111,32 @@ def tables(data: dict[str, Any]) -> None:
                     continue
                 gm, gb = _rate(g)
                 n = g["extra_info"]["messages"]
-                pm = _rate(p)[0] if p else None
-                ratio = f"{gm / pm:.2f}x" if pm else ""
-                pms = _msgs(pm) if pm else ""
+                pms = _msgs(_rate(p)[0]) if p else ""
+                others = "".join(f" {_ratio(o, op, suite, size)} |" for o in idx[1:])
                 print(
                     f"| {suite.upper()} | {op} | {_size(size)} x {n:,} | {_msgs(gm)} | {_gbs(gb)} "
-                    f"| {pms} | {ratio} |"
+                    f"| {pms} | **{_ratio(by, op, suite, size)}** |{others}"
                 )
 
-    g = by.get(("mixed", "mixed", "gateway", 256, None, None))
-    p = by.get(("mixed", "mixed", "pyca", 256, None, None))
-    if g:
-        gm = _rate(g)[0]
-        pm = _rate(p)[0] if p else None
+    def val(o: dict[tuple[Any, ...], Bench], key: tuple[Any, ...]) -> float | None:
+        r = o.get(key)
+        return _rate(r)[0] if r else None
+
+    def cell(key: tuple[Any, ...]) -> str:
+        vs = [val(o, key) for o in idx]
+        return " / ".join(_msgs(v) if v else "-" for v in vs)
+
+    mg = ("mixed", "mixed", "gateway", 256, None, None)
+    mp = ("mixed", "mixed", "pyca", 256, None, None)
+    if mg in by:
         print("\nMixed keys (1,024 x 256 B seal, 64 keys of the three suites interleaved):\n")
         print("| gateway msg/s | pyca msg/s | ratio |")
         print("|---|---|---|")
-        print(f"| {_msgs(gm)} | {_msgs(pm) if pm else ''} | {f'{gm / pm:.2f}x' if pm else ''} |")
+        ratios = []
+        for o in idx:
+            g, p = val(o, mg), val(o, mp)
+            ratios.append(f"{g / p:.2f}x" if g and p else "-")
+        print(f"| {cell(mg)} | {cell(mp)} | {' / '.join(ratios)} |")
 
     batches = sorted({k[4] for k in by if k[0] == "batch"})
     if batches:
@@ -109,29 +147,34 @@ def tables(data: dict[str, Any]) -> None:
         print("| suite | " + " | ".join(f"{b:,}" for b in batches) + " |")
         print("|---|" + "---|" * len(batches))
         for suite in ("aes-128-gcm", "sm4-gcm"):
-            cells = []
-            for b in batches:
-                r = by.get(("batch", suite, "gateway", 256, b, None))
-                cells.append(_msgs(_rate(r)[0]) if r else "")
+            cells = [cell(("batch", suite, "gateway", 256, b, None)) for b in batches]
             print(f"| {suite.upper()} | " + " | ".join(cells) + " |")
 
-    t1 = by.get(("threads", "aes-128-gcm", "gateway", 1024, None, 1))
-    t2 = by.get(("threads", "aes-128-gcm", "gateway", 1024, None, 2))
-    if t1 and t2:
-        m1, m2 = _rate(t1)[0], _rate(t2)[0]
+    k1 = ("threads", "aes-128-gcm", "gateway", 1024, None, 1)
+    k2 = ("threads", "aes-128-gcm", "gateway", 1024, None, 2)
+    if k1 in by and k2 in by:
         print("\nThreads (AES-128-GCM 1 KiB seal, 64 batches of 1,024 per round):\n")
         print("| 1 thread msg/s | 2 threads msg/s | speedup |")
         print("|---|---|---|")
-        print(f"| {_msgs(m1)} | {_msgs(m2)} | {m2 / m1:.2f}x |")
+        sp = []
+        for o in idx:
+            a, b = val(o, k1), val(o, k2)
+            sp.append(f"{b / a:.2f}x" if a and b else "-")
+        print(f"| {cell(k1)} | {cell(k2)} | {' / '.join(sp)} |")
+    if many:
+        print("\n(`a / b`: run 1 / run 2 ...)")
 
 
 def main(argv: list[str]) -> None:
-    with open(argv[0]) as f:
-        data = json.load(f)
-    if "--raw" in argv[1:]:
-        raw(data)
+    files = [a for a in argv if not a.startswith("--")]
+    runs = []
+    for path in files:
+        with open(path) as f:
+            runs.append(json.load(f))
+    if "--raw" in argv:
+        raw(runs[0])
     else:
-        tables(data)
+        tables(runs)
 
 
 if __name__ == "__main__":
