@@ -199,15 +199,20 @@ impl Sm4Gcm {
             unsafe {
                 match self.path {
                     Sm4Path::GfniAvx512 if want > 512 => {
-                        x86::keystream_avx512::<4>(&self.rk, nonce, ctr, buf);
+                        x86::keystream_avx512::<4, false>(&self.rk, nonce, ctr, buf);
                         return 1024;
                     }
-                    Sm4Path::GfniAvx512 if want > 256 => {
-                        x86::keystream_avx512::<2>(&self.rk, nonce, ctr, buf);
+                    Sm4Path::GfniAvx512 if want > 320 => {
+                        x86::keystream_avx512::<2, false>(&self.rk, nonce, ctr, buf);
                         return 512;
                     }
+                    Sm4Path::GfniAvx512 if want > 256 => {
+                        // 256-byte messages: 17 blocks with E(J0).
+                        x86::keystream_avx512::<1, true>(&self.rk, nonce, ctr, buf);
+                        return 320;
+                    }
                     Sm4Path::GfniAvx512 if want > 128 => {
-                        x86::keystream_avx512::<1>(&self.rk, nonce, ctr, buf);
+                        x86::keystream_avx512::<1, false>(&self.rk, nonce, ctr, buf);
                         return 256;
                     }
                     // Short requests too: the 8-block GFNI call (133 ns)
@@ -475,17 +480,23 @@ mod tests {
         // nonces (J0 counter starts at 1); check the keystream generator's
         // 32-bit increment directly against the portable one.
         let rk = portable::expand_key(&[3u8; 16]);
-        let mut a = [0u8; 64];
-        portable::keystream(&rk, &[1u8; 12], u32::MAX - 1, &mut a);
-        for p in all_paths().into_iter().filter(|p| *p != Sm4Path::Portable) {
-            let k = Sm4Gcm {
-                rk,
-                ghash: Ghash::Soft(0),
-                path: p,
-            };
-            let mut buf = [0u8; CHUNK];
-            let got = k.keystream(&[1u8; 12], u32::MAX - 1, &mut buf, 64);
-            assert_eq!(&buf[..64], &a[..], "{} ({got})", p.name());
+        for (want, start) in [
+            (64usize, u32::MAX - 1),
+            (272, u32::MAX - 17),
+            (1024, u32::MAX - 30),
+        ] {
+            for p in all_paths().into_iter().filter(|p| *p != Sm4Path::Portable) {
+                let k = Sm4Gcm {
+                    rk,
+                    ghash: Ghash::Soft(0),
+                    path: p,
+                };
+                let mut buf = [0u8; CHUNK];
+                let got = k.keystream(&[1u8; 12], start, &mut buf, want);
+                let mut a = vec![0u8; got];
+                portable::keystream(&rk, &[1u8; 12], start, &mut a);
+                assert_eq!(&buf[..got], &a[..], "{} want {want} ({got})", p.name());
+            }
         }
     }
 
@@ -542,7 +553,7 @@ mod timing {
             k.keystream(&[0; 12], i, &mut buf, 1024);
         }
         println!("keystream 1KiB: {:?}/call", t.elapsed() / 100_000);
-        for want in [16usize, 64, 128, 256, 512] {
+        for want in [16usize, 64, 128, 256, 272, 384, 512] {
             let t = Instant::now();
             let mut got = 0;
             for i in 0..100_000u32 {
