@@ -99,6 +99,9 @@ def _setup_serve(p: argparse.ArgumentParser) -> None:
                    help="connections to size the worker count for")  # fmt: skip
     p.add_argument("--ops-listen", metavar="HOST:PORT", type=_ops_listen,
                    help='metrics/health listener ("" disables)')  # fmt: skip
+    p.add_argument("--downstream", metavar="GROUP=HOST:PORT[,HOST:PORT...]", action="append",
+                   default=[], help="point a skill group at downstream endpoints (repeatable; "
+                   "the first is the default group)")  # fmt: skip
 
 
 @command("serve", "run the gateway (supervisor + workers)", _setup_serve)
@@ -107,6 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
         "workers": args.workers,
         "max_connections": args.max_connections,
         "ops_listen": args.ops_listen,
+        "downstream_specs": args.downstream,
     }
     if args.listen is not None:
         overrides["listen_host"], overrides["listen_port"] = args.listen
@@ -152,6 +156,68 @@ def _token(args: argparse.Namespace) -> int:
     kid = tenant.primary_kid
     print(mint(tenant.name, args.visitor, tenant.secrets[kid], args.ttl, time.time(), kid=kid))
     return 0
+
+
+# --- desk-sim ----------------------------------------------------------------
+
+
+def _float_at_least(lo: float, hi: float | None = None) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not v >= lo or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+            raise argparse.ArgumentTypeError(f"must be {rng}: {text}")
+        return v
+
+    return parse
+
+
+def _setup_desk_sim(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--listen", metavar="HOST:PORT", type=_hostport, default=("127.0.0.1", 7001),
+                   help="address to serve on (default 127.0.0.1:7001)")  # fmt: skip
+    p.add_argument("--latency-ms", metavar="N", type=_float_at_least(0.0), default=0.0,
+                   help="delay before each ack")  # fmt: skip
+    p.add_argument("--think-ms", metavar="N", type=_float_at_least(0.0), default=200.0,
+                   help="delay before each reply (default 200)")  # fmt: skip
+    p.add_argument("--error-rate", metavar="F", type=_float_at_least(0.0, 1.0), default=0.0,
+                   help="share of messages answered with nack (0..1)")  # fmt: skip
+    p.add_argument("--agents", metavar="N", type=_int_at_least(1), default=4,
+                   help="agents per skill group (default 4)")  # fmt: skip
+    p.add_argument("--capacity", metavar="N", type=_int_at_least(1), default=8,
+                   help="sessions per agent (default 8)")  # fmt: skip
+    p.add_argument("--stall-after", metavar="N", type=_int_at_least(0), default=0,
+                   help="stop answering after N messages (0 = never)")  # fmt: skip
+    p.add_argument("--crash-after", metavar="N", type=_int_at_least(0), default=0,
+                   help="exit abruptly after N messages (0 = never)")  # fmt: skip
+    p.add_argument("--no-reply", action="store_true", help="ack only, no replies")
+    p.add_argument("--processes", metavar="N", type=_int_at_least(1, 64), default=1,
+                   help="server processes sharing the port (SO_REUSEPORT)")  # fmt: skip
+    p.add_argument("--record", metavar="FILE",
+                   help="append one JSON line per accepted visitor message")  # fmt: skip
+    p.add_argument("--name", default="desk-sim", help="name used in replies")
+
+
+@command("desk-sim", "run the reference downstream (agent desks and a triage bot)", _setup_desk_sim)
+def _desk_sim(args: argparse.Namespace) -> int:
+    from gateway.downstream.desk import DeskConfig
+    from gateway.downstream.desksim import run_desk_sim
+
+    cfg = DeskConfig(
+        name=args.name,
+        latency_ms=args.latency_ms,
+        think_ms=args.think_ms,
+        error_rate=args.error_rate,
+        agents=args.agents,
+        capacity=args.capacity,
+        stall_after=args.stall_after,
+        crash_after=args.crash_after,
+        reply=not args.no_reply,
+    )
+    host, port = args.listen
+    return run_desk_sim(cfg, host, port, args.record, args.processes)
 
 
 # --- selfcheck ---------------------------------------------------------------

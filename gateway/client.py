@@ -112,7 +112,7 @@ class ClientCore:
         self.ack_every = ack_every
         self.ack_delay = ack_delay
         self.ack_due: float | None = None  # when unacked deliveries must be acked
-        self.retry: dict[int, float] = {}  # id -> when to send again (4409 / 4029)
+        self.retry: dict[int, float] = {}  # id -> when to send again (4409, 4029, 4429)
         self.last_rx = 0.0  # clock of the last bytes received
         self.last_tx = 0.0  # clock of the last frame sent
         self.refreshed = 0  # number of ``refreshed`` frames seen
@@ -237,7 +237,7 @@ class ClientCore:
             code = int(f.get("code", 0))
             reason = str(f.get("reason", ""))
             i = f.get("id")
-            if code in (4409, 4029) and isinstance(i, int):
+            if code in (4409, 4029, 4429) and isinstance(i, int):
                 # the message was refused, not the connection: send it again
                 if i in self.pending:
                     self.retry[i] = now + int(f.get("retry_after", 100)) / 1000.0

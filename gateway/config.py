@@ -116,7 +116,22 @@ class Config:
     log_level: str = "info"
     ops_listen: str = "127.0.0.1:9090"
     node_id: int = 0
+    # rate limits (token buckets; rates per second over the whole gateway,
+    # split evenly between workers; 0 = no limit)
+    visitor_msg_rate: float = 50.0
+    visitor_msg_burst: int = 100
+    tenant_msg_rate: float = 0.0
+    tenant_msg_burst: int = 1000
+    ip_msg_rate: float = 0.0
+    ip_msg_burst: int = 1000
+    ip_conn_rate: float = 0.0
+    ip_conn_burst: int = 100
+    tenant_conn_rate: float = 0.0
+    tenant_conn_burst: int = 1000
     tenants: dict[str, Tenant] = field(default_factory=dict)
+    # the [downstream] table as given (checked by
+    # gateway.downstream.settings.parse_settings); empty = the demo bot
+    downstream: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, kind in _SCALARS.items():
@@ -136,6 +151,7 @@ class Config:
             }
             for name, t in self.tenants.items()
         }
+        out["downstream"] = self.downstream
         return json.dumps(out, separators=(",", ":"))
 
     @classmethod
@@ -149,6 +165,9 @@ class Config:
             raise ConfigError("config JSON: not an object")
         values: dict[str, Any] = {}
         tenants_in = data.pop("tenants", {})
+        downstream = data.pop("downstream", {})
+        if not isinstance(downstream, dict):
+            raise ConfigError("config JSON: downstream must be an object")
         for key, value in data.items():
             if key not in _SCALARS:
                 raise ConfigError(f"config JSON: unknown key {key!r}")
@@ -162,7 +181,7 @@ class Config:
                 tenants[name] = Tenant(name, sec, tuple(t["allowed_origins"]))
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise ConfigError(f"config JSON: tenant {name!r}: {e}") from None
-        return cls(**values, tenants=tenants)
+        return cls(**values, tenants=tenants, downstream=downstream)
 
 
 def _kinds() -> dict[str, str]:
@@ -170,7 +189,7 @@ def _kinds() -> dict[str, str]:
     kinds: dict[str, str] = {}
     for f in dataclasses.fields(Config):
         t = hints[f.name]
-        if f.name == "tenants":
+        if f.name in ("tenants", "downstream"):
             continue
         if t is bool:
             kinds[f.name] = "bool"
@@ -286,6 +305,11 @@ _INT_RANGES: Final[dict[str, tuple[int, int | None]]] = {
     "handshake_burst": (1, None),
     "bot_think_ms": (0, None),
     "node_id": (0, 255),
+    "visitor_msg_burst": (1, None),
+    "tenant_msg_burst": (1, None),
+    "ip_msg_burst": (1, None),
+    "ip_conn_burst": (1, None),
+    "tenant_conn_burst": (1, None),
 }
 #: float fields: (minimum, minimum allowed?)
 _FLOAT_MIN: Final[dict[str, tuple[float, bool]]] = {
@@ -296,6 +320,11 @@ _FLOAT_MIN: Final[dict[str, tuple[float, bool]]] = {
     "session_ttl_s": (0.0, True),
     "handshake_rate": (0.0, False),
     "drain_s": (0.0, True),
+    "visitor_msg_rate": (0.0, True),
+    "tenant_msg_rate": (0.0, True),
+    "ip_msg_rate": (0.0, True),
+    "ip_conn_rate": (0.0, True),
+    "tenant_conn_rate": (0.0, True),
 }
 
 
@@ -331,6 +360,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("tenants: must be a mapping of name -> Tenant")
     for name, t in cfg.tenants.items():
         _validate_tenant(name, t)
+    if cfg.downstream:
+        from gateway.downstream.settings import parse_settings
+
+        try:
+            parse_settings(cfg.downstream)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _validate_tenant(name: str, t: Tenant) -> None:
@@ -408,7 +444,7 @@ def _tenants_from(tables: Any, where: str) -> dict[str, Tenant]:
     return out
 
 
-def _read_toml(path: str) -> tuple[dict[str, Any], dict[str, Tenant]]:
+def _read_toml(path: str) -> tuple[dict[str, Any], dict[str, Tenant], dict[str, Any]]:
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -416,7 +452,7 @@ def _read_toml(path: str) -> tuple[dict[str, Any], dict[str, Tenant]]:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: bad TOML: {e}") from None
-    unknown = set(doc) - {"gateway", "tenants"}
+    unknown = set(doc) - {"gateway", "tenants", "downstream"}
     if unknown:
         raise ConfigError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}")
     section = doc.get("gateway", {})
@@ -428,7 +464,10 @@ def _read_toml(path: str) -> tuple[dict[str, Any], dict[str, Tenant]]:
             raise ConfigError(f"{path}: [gateway] unknown key {key!r}")
         values[key] = _check_type(key, _SCALARS[key], value, f"{path}: [gateway] ")
     tenants = _tenants_from(doc.get("tenants", {}), f"{path}: tenants")
-    return values, tenants
+    downstream = doc.get("downstream", {})
+    if not isinstance(downstream, dict):
+        raise ConfigError(f"{path}: [downstream] must be a table")
+    return values, tenants, downstream
 
 
 def demo_secret_path(state_dir: str) -> Path:
@@ -469,9 +508,10 @@ def load_config(path: str | None, env: Mapping[str, str], overrides: Mapping[str
     Raises :class:`ConfigError`."""
     values: dict[str, Any] = {"state_dir": _state_dir_from(env)}
     tenants: dict[str, Tenant] = {}
+    downstream: dict[str, Any] = {}
     path = path or env.get(CONFIG_FILE_ENV) or None
     if path is not None:
-        file_values, tenants = _read_toml(path)
+        file_values, tenants, downstream = _read_toml(path)
         values.update(file_values)
     for name, kind in _SCALARS.items():
         var = ENV_PREFIX + name.upper()
@@ -483,6 +523,18 @@ def load_config(path: str | None, env: Mapping[str, str], overrides: Mapping[str
         if key == "tenants":
             tenants = _tenants_from(value, "tenants")
             continue
+        if key == "downstream_specs":  # gateway serve --downstream GROUP=HOST:PORT,...
+            from gateway.downstream.settings import merge_cli_specs
+
+            if value:
+                try:
+                    downstream = merge_cli_specs(downstream, value)
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+            continue
+        if key == "downstream":
+            downstream = dict(value)
+            continue
         if key not in _SCALARS:
             raise ConfigError(f"unknown setting {key!r}")
         kind = _SCALARS[key]
@@ -490,7 +542,7 @@ def load_config(path: str | None, env: Mapping[str, str], overrides: Mapping[str
             value = _parse_text(key, kind, value, "")
         values[key] = _check_type(key, kind, value, "")
     values["state_dir"] = str(Path(values["state_dir"]).expanduser())
-    cfg = Config(**values, tenants=tenants)
+    cfg = Config(**values, tenants=tenants, downstream=downstream)
     for name in ("tls_cert", "tls_key"):
         p = getattr(cfg, name)
         if p is not None and not os.path.isfile(p):

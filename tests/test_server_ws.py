@@ -386,7 +386,7 @@ class Holding:
         self.held: list[tuple[Session, Any]] = []
         self.hub: Hub | None = None
 
-    def admit(self, hub: Hub) -> float:
+    def admit(self, hub: Hub, tenant: str, tags: dict[str, str]) -> float:
         return 0.0
 
     def opened(self, hub: Hub, s: Session, resumed: bool) -> None:

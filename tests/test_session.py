@@ -47,7 +47,7 @@ class FakeDown:
         self.accept = True
         self.ended: list[Session] = []
 
-    def admit(self, hub: Hub) -> float:
+    def admit(self, hub: Hub, tenant: str, tags: dict[str, str]) -> float:
         return self.wait
 
     def opened(self, hub: Hub, s: Session, resumed: bool) -> None:

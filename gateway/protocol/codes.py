@@ -32,6 +32,7 @@ class Code(enum.IntEnum):
     TOO_MANY_CONNECTIONS = 4006
     RATE_LIMITED = 4029
     WINDOW_EXCEEDED = 4409
+    DOWNSTREAM_BUSY = 4429
     BAD_FRAME = 4500
     UNAUTHORIZED = 4501
     TOKEN_EXPIRED = 4502
@@ -59,6 +60,7 @@ DEFAULT_REASONS: Final[dict[Code, str]] = {
     Code.TOO_MANY_CONNECTIONS: "too many connections",
     Code.RATE_LIMITED: "rate limited",
     Code.WINDOW_EXCEEDED: "window exceeded",
+    Code.DOWNSTREAM_BUSY: "downstream busy",
     Code.BAD_FRAME: "bad frame",
     Code.UNAUTHORIZED: "unauthorized",
     Code.TOKEN_EXPIRED: "token expired",

@@ -43,7 +43,7 @@ class DemoBot:
         self.hub: Hub | None = None
 
     # -- Downstream -----------------------------------------------------------
-    def admit(self, hub: Hub) -> float:
+    def admit(self, hub: Hub, tenant: str, tags: dict[str, str]) -> float:
         if len(hub.sessions) - hub.sessions.detached >= self.max_sessions:
             return 1.0
         return 0.0

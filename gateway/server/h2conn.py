@@ -67,7 +67,7 @@ class H2Stream:
         self.conn = conn
         self.sid = stream_id
         self.decoder = LengthPrefixedDecoder(conn.w.cfg.max_frame)
-        self.proto = VisitorProtocol(conn.w.hub, self, origin)
+        self.proto = VisitorProtocol(conn.w.hub, self, origin, conn.pipe.ip)
         self.pending: deque[bytes] = deque()
         self.pending_bytes = 0
         # decoded frames not yet handled because the session paused

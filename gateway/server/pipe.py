@@ -30,6 +30,7 @@ class Pipe:
     __slots__ = (
         "closed",
         "flushing",
+        "ip",
         "max_bytes",
         "max_chunks",
         "nursery",
@@ -40,6 +41,7 @@ class Pipe:
 
     def __init__(self, nursery: trio.Nursery, max_bytes: int, max_chunks: int) -> None:
         self.nursery = nursery
+        self.ip = ""  # the peer's address (set by the worker)
         self.out: list[bytes] = []  # not a deque: 56 bytes empty instead of 760
         self.out_bytes = 0
         self.max_bytes = max_bytes

@@ -28,6 +28,7 @@ from typing import Any, Final
 import trio
 
 from gateway.config import Config, config_from_env, effective_workers
+from gateway.downstream.settings import parse_settings
 from gateway.ratelimit import TokenBucket
 from gateway.server.bot import DemoBot
 from gateway.server.http1 import HttpError, check_upgrade, parse_head, response, upgrade_response
@@ -80,9 +81,19 @@ class Worker:
             hard_cap = min(hard_cap, max(cfg.per_worker_connections, soft - 500))
         self.max_conns = hard_cap
         self.max_per_ip = max(1, math.ceil(cfg.max_conns_per_ip / n))
-        self.bot = DemoBot(cfg.bot_think_ms, self.max_conns)
-        self.hub = Hub(cfg, self.bot, log=self.event)
-        self.bot.hub = self.hub
+        self.bot: DemoBot | None = None
+        self.forwarder: Any = None
+        ds_settings = parse_settings(cfg.downstream) if cfg.downstream else None
+        if ds_settings is not None:
+            from gateway.downstream.forwarder import Forwarder
+
+            self.forwarder = Forwarder(ds_settings, cfg.node_id, index)
+            self.hub = Hub(cfg, self.forwarder, log=self.event, workers=n)
+            self.forwarder.hub = self.hub
+        else:
+            self.bot = DemoBot(cfg.bot_think_ms, self.max_conns)
+            self.hub = Hub(cfg, self.bot, log=self.event, workers=n)
+            self.bot.hub = self.hub
         now = trio.current_time()
         self.wheel = TimerWheel(TICK_S, WHEEL_SLOTS, now)
         self.handshakes = TokenBucket(
@@ -204,6 +215,7 @@ class Worker:
             pipe, alpn = await self._open_pipe(sock)
             if pipe is None:
                 return
+            pipe.ip = ip
             # The handshake coroutine returns before the long-lived phase, so
             # an idle connection's task only holds this frame and run()'s.
             conn, rest = await self._handshake(pipe, alpn)
@@ -380,7 +392,10 @@ class Worker:
             self.nursery = nursery
             nursery.start_soon(self.accept_loop, lsock)
             nursery.start_soon(self.timer_loop)
-            nursery.start_soon(self.bot.run, self.hub)
+            if self.bot is not None:
+                nursery.start_soon(self.bot.run, self.hub)
+            if self.forwarder is not None:
+                nursery.start_soon(self.forwarder.run)
             if handle_signals:
                 nursery.start_soon(self.signal_loop, nursery.cancel_scope)
             task_status.started(lsock.getsockname()[1])

@@ -74,7 +74,7 @@ class WsConn:
         # emptiness, which a small list subclass does in 56 bytes.
         if type(getattr(ws, "_events", None)) is deque and not ws._events:
             ws._events = _SmallQueue()  # type: ignore[assignment]
-        self.proto = VisitorProtocol(w.hub, self, origin)
+        self.proto = VisitorProtocol(w.hub, self, origin, pipe.ip)
         self.enc = Encoding.MSGPACK
         self.last_rx = trio.current_time()
         self.msg_parts: list[Any] | None = None

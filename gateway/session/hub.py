@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from gateway.config import Config
 from gateway.protocol.tokens import TokenVerifier
+from gateway.session.limits import Limits
 from gateway.session.state import Session, SessionTable
 
 __all__ = ["Downstream", "Hub", "Sender"]
@@ -27,8 +28,9 @@ class Downstream(Protocol):
     """What the sessions need from the downstream side (the demo bot, or the
     router and its links)."""
 
-    def admit(self, hub: Hub) -> float:
-        """0.0 when a new session may start, else seconds to retry after."""
+    def admit(self, hub: Hub, tenant: str, tags: dict[str, str]) -> float:
+        """0.0 when a new session (of ``tenant``, entering with ``tags``) may
+        start, else seconds to retry after."""
         ...
 
     def opened(self, hub: Hub, s: Session, resumed: bool) -> None: ...
@@ -50,7 +52,9 @@ class Hub:
         "_paused",
         "cfg",
         "downstream",
+        "limits",
         "log",
+        "mono",
         "sessions",
         "stats",
         "verifier",
@@ -63,6 +67,8 @@ class Hub:
         downstream: Downstream,
         wall: Callable[[], float] = time.time,
         log: Callable[..., None] | None = None,
+        workers: int = 1,
+        mono: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
         self.verifier = TokenVerifier(cfg.tenants)
@@ -70,6 +76,8 @@ class Hub:
         self.downstream = downstream
         self.stats: collections.Counter[str] = collections.Counter()
         self.wall = wall
+        self.mono = mono
+        self.limits = Limits(cfg, workers)
         self.log: Callable[..., None] = log or (lambda *a, **k: None)
         # connections paused because the downstream could not take more
         self._paused: set[Any] = set()
@@ -109,6 +117,18 @@ class Hub:
         self.stats["messages_acked"] += 1
         if s.conn is not None:
             s.conn.session_ack(msg_id, n, False)
+
+    def downstream_refuse(
+        self, s: Session, msg_id: Any, code: int, reason: str, retry_after_s: float
+    ) -> None:
+        """The downstream side gives up on ``msg_id`` for now: the visitor gets
+        an ``error`` frame for that message (not a disconnect) and may send
+        it again after ``retry_after``."""
+        if not s.abandon(msg_id):
+            return
+        self.stats[f"errors_{int(code)}"] += 1
+        if s.conn is not None:
+            s.conn.session_refused(msg_id, code, reason, self.retry_after_ms(retry_after_s))
 
     def deliver(self, s: Session, body: Any, sender: Sender) -> int:
         """Sends ``body`` to the visitor of ``s`` (now if attached, else on

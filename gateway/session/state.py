@@ -34,6 +34,8 @@ class Attachment(Protocol):
 
     def session_ack(self, msg_id: Any, n: int, dup: bool) -> None: ...
 
+    def session_refused(self, msg_id: Any, code: int, reason: str, retry_after_ms: int) -> None: ...
+
     def taken_over(self) -> None: ...
 
 
@@ -51,6 +53,7 @@ class Session:
         "accepted",
         "conn",
         "dedup_max",
+        "ds",
         "exp",
         "first",
         "inflight",
@@ -100,6 +103,9 @@ class Session:
         self.replay_bytes = 0
         self.replay_max_frames = replay_max_frames
         self.replay_max_bytes = replay_max_bytes
+        # the downstream side's state for this session (its route, messages
+        # in flight); None until a downstream that needs one sets it
+        self.ds: Any = None
 
     # -- visitor -> downstream ------------------------------------------
     def classify(self, msg_id: Any) -> int | None:
@@ -118,6 +124,11 @@ class Session:
         self.next_n = n + 1
         self.inflight[msg_id] = n
         return n
+
+    def abandon(self, msg_id: Any) -> bool:
+        """The downstream refused ``msg_id``: it is no longer in flight (and
+        not accepted, so the visitor may send it again)."""
+        return self.inflight.pop(msg_id, None) is not None
 
     def accept(self, msg_id: Any) -> int | None:
         """The downstream acknowledged ``msg_id``: its ``n``, or None when it

@@ -66,16 +66,17 @@ def _check_id(msg_id: Any) -> Any:
 class VisitorProtocol:
     """States: waiting for ``hello``, open (a session attached), closed."""
 
-    __slots__ = ("hub", "origin", "paused", "platform", "session", "sink", "state")
+    __slots__ = ("hub", "ip", "origin", "paused", "platform", "session", "sink", "state")
 
     HELLO: Final = 0
     OPEN: Final = 1
     CLOSED: Final = 2
 
-    def __init__(self, hub: Hub, sink: Sink, origin: str | None) -> None:
+    def __init__(self, hub: Hub, sink: Sink, origin: str | None, ip: str = "") -> None:
         self.hub = hub
         self.sink = sink
         self.origin = origin
+        self.ip = ip
         self.state = self.HELLO
         self.session: Session | None = None
         self.platform = "web"
@@ -147,9 +148,15 @@ class VisitorProtocol:
             s = hub.sessions.get(sid)
             if s is not None and (s.tenant != claims.tenant or s.visitor != claims.visitor):
                 raise ProtocolError(Code.BAD_RESUME)
+        wait, scope = hub.limits.connection(claims.tenant, self.ip, hub.mono())
+        if wait > 0:
+            hub.stats[f"rate_limited_conn_{scope}"] += 1
+            err = ProtocolError(Code.RATE_LIMITED, f"too many new sessions per {scope}")
+            err.retry_after_ms = hub.retry_after_ms(wait)  # type: ignore[attr-defined]
+            raise err
         resumed = s is not None
         if s is None:
-            wait = hub.downstream.admit(hub)
+            wait = hub.downstream.admit(hub, claims.tenant, tags)
             if wait > 0:
                 hub.stats["admission_rejected"] += 1
                 err = ProtocolError(Code.OVERLOADED, "overloaded, retry later")
@@ -211,6 +218,19 @@ class VisitorProtocol:
             if known > 0:
                 self.sink.send({"t": "ack", "id": msg_id, "n": known, "dup": True})
             return
+        wait, scope = hub.limits.message(s.tenant, s.visitor, self.ip, hub.mono())
+        if wait > 0:
+            hub.stats[f"rate_limited_msg_{scope}"] += 1
+            self.sink.send(
+                {
+                    "t": "error",
+                    "code": int(Code.RATE_LIMITED),
+                    "reason": f"rate limited ({scope})",
+                    "id": msg_id,
+                    "retry_after": max(1, int(wait * 1000)),
+                }
+            )
+            return
         window = hub.cfg.window
         if len(s.inflight) >= window:
             hub.stats["window_exceeded"] += 1
@@ -247,6 +267,18 @@ class VisitorProtocol:
 
     def session_ack(self, msg_id: Any, n: int, dup: bool) -> None:
         self.sink.send({"t": "ack", "id": msg_id, "n": n, "dup": dup})
+        self._maybe_resume()
+
+    def session_refused(self, msg_id: Any, code: int, reason: str, retry_after_ms: int) -> None:
+        self.sink.send(
+            {
+                "t": "error",
+                "code": code,
+                "reason": reason,
+                "id": msg_id,
+                "retry_after": retry_after_ms,
+            }
+        )
         self._maybe_resume()
 
     def downstream_ready(self) -> None:

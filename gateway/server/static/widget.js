@@ -167,7 +167,7 @@ class GatewayChat {
         this._drop();
         break;
       case "error":
-        if ((f.code === 4409 || f.code === 4029) && this.pending.has(f.id)) {
+        if ((f.code === 4409 || f.code === 4029 || f.code === 4429) && this.pending.has(f.id)) {
           // this message was refused, not the connection: send it again
           const id = f.id;
           setTimeout(() => {

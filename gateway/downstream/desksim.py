@@ -1,0 +1,314 @@
+"""``gateway desk-sim``: the reference downstream, an HTTP/2 (h2c) server
+speaking the downstream link protocol around :class:`~gateway.downstream.desk.Desk`.
+
+Every ``POST /v1/link`` stream is one link from a gateway worker. Frames
+are handled as they arrive; answers due now are written with the other
+output of the same read, delayed ones (``--latency-ms``, think time) wait in
+one timer heap. Output per connection is bounded (``MAX_OUT_BYTES``; over
+it the connection is dropped, the gateway reconnects and redelivers).
+``--record FILE`` appends one JSON line per accepted visitor message, written
+before its ack is sent, so a test can count what arrived even if this
+process is killed right after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import json
+import os
+import random
+import signal
+import socket
+import sys
+from typing import Any, Final, TextIO
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+import trio
+
+from gateway.downstream.desk import Desk, DeskConfig
+from gateway.downstream.proto import LINK_PATH, MAX_LINK_FRAME, check_from_gateway, encode
+from gateway.protocol.codec import LengthPrefixedDecoder
+from gateway.protocol.codes import ProtocolError
+
+__all__ = ["DeskServer", "run_desk_sim", "serve_desk"]
+
+MAX_OUT_BYTES: Final = 32 << 20
+READ_SIZE: Final = 1 << 18
+WINDOW: Final = 1 << 24
+MAX_CONNS: Final = 4096
+MAX_FRAME: Final = 1 << 20
+
+
+class _Conn:
+    __slots__ = ("h2", "links", "out", "sock", "srv", "wake")
+
+    def __init__(self, srv: DeskServer, sock: trio.SocketStream) -> None:
+        self.srv = srv
+        self.sock = sock
+        cfg = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        self.h2 = h2.connection.H2Connection(cfg)
+        self.h2.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 64,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 16384,
+            },
+        )
+        self.links: dict[int, tuple[int, LengthPrefixedDecoder]] = {}  # stream -> link
+        self.out: dict[int, bytearray] = {}  # stream -> bytes waiting for window
+        self.wake = trio.Event()
+
+
+class DeskServer:
+    def __init__(self, cfg: DeskConfig, record: TextIO | None = None) -> None:
+        self.cfg = cfg
+        self.record_file = record
+        self.desk = Desk(cfg, random.Random(), self._record if record else None)
+        self.links: dict[int, tuple[_Conn, int]] = {}  # link id -> (conn, stream)
+        self._ids = itertools.count(1)
+        self._heap: list[tuple[float, int, str, dict[str, Any]]] = []
+        self._tick = itertools.count()
+        self._timer_wake = trio.Event()
+        self.conns = 0
+
+    def _record(self, rec: dict[str, Any]) -> None:
+        f = self.record_file
+        assert f is not None
+        body = rec.get("body")
+        if type(body) is bytes:
+            rec = dict(rec, body=body.hex(), body_hex=True)
+        f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        f.flush()
+
+    # -- connections --------------------------------------------------------
+    async def handle(self, sock: trio.SocketStream) -> None:
+        if self.conns >= MAX_CONNS:
+            await sock.aclose()
+            return
+        self.conns += 1
+        c = _Conn(self, sock)
+        try:
+            with _nodelay(sock):
+                c.h2.initiate_connection()
+                c.h2.increment_flow_control_window(WINDOW - 65535)
+                async with trio.open_nursery() as n:
+                    n.start_soon(self._writer, c)
+                    await self._reader(c)
+                    n.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self.conns -= 1
+            for sid_stream in list(c.links):
+                link, _ = c.links.pop(sid_stream)
+                self.links.pop(link, None)
+                self.desk.link_closed(link)
+            await sock.aclose()
+
+    async def _reader(self, c: _Conn) -> None:
+        while True:
+            data = await c.sock.receive_some(READ_SIZE)
+            if not data:
+                return
+            try:
+                events = c.h2.receive_data(data)
+            except h2.exceptions.ProtocolError:
+                return
+            for ev in events:
+                self._event(c, ev)
+            if self.desk.crashed:
+                os._exit(3)  # simulated crash: no goodbye, no flush of anything
+            c.wake.set()
+
+    def _event(self, c: _Conn, ev: Any) -> None:
+        if isinstance(ev, h2.events.RequestReceived):
+            headers: dict[Any, Any] = dict(ev.headers)
+            sid = ev.stream_id
+            if headers.get(":path") != LINK_PATH or headers.get(":method") != "POST":
+                c.h2.send_headers(sid, [(":status", "404")], end_stream=True)
+                return
+            link = next(self._ids)
+            c.links[sid] = (link, LengthPrefixedDecoder(MAX_LINK_FRAME))
+            self.links[link] = (c, sid)
+            c.out[sid] = bytearray()
+            c.h2.send_headers(sid, [(":status", "200"), ("content-type", "application/msgpack")])
+        elif isinstance(ev, h2.events.DataReceived):
+            entry = c.links.get(ev.stream_id)
+            if ev.flow_controlled_length:
+                c.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            if entry is None:
+                return
+            link, dec = entry
+            try:
+                frames = dec.feed(ev.data)
+                for f in frames:
+                    check_from_gateway(f)
+                    self._actions(self.desk.on_frame(link, f))
+            except ProtocolError as e:
+                print(f"desk-sim: bad frame on link {link}: {e}", file=sys.stderr)
+                c.h2.reset_stream(ev.stream_id)
+                self._drop_stream(c, ev.stream_id)
+        elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
+            self._drop_stream(c, ev.stream_id)
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            raise trio.BrokenResourceError("peer sent GOAWAY")
+
+    def _drop_stream(self, c: _Conn, stream: int) -> None:
+        entry = c.links.pop(stream, None)
+        c.out.pop(stream, None)
+        if entry is not None:
+            self.links.pop(entry[0], None)
+            self.desk.link_closed(entry[0])
+
+    def _actions(self, actions: list[tuple[float, str, dict[str, Any]]]) -> None:
+        now: float | None = None
+        for delay, sid, frame in actions:
+            if delay <= 0:
+                self._send(sid, frame)
+            else:
+                if now is None:
+                    now = trio.current_time()
+                heapq.heappush(self._heap, (now + delay, next(self._tick), sid, frame))
+                self._timer_wake.set()
+
+    def _send(self, sid: str, frame: dict[str, Any]) -> None:
+        link = self.desk.link_of(sid)
+        target = self.links.get(link) if link is not None else None
+        if target is None:
+            return  # the session's link is gone; the gateway re-opens it
+        c, stream = target
+        buf = c.out.get(stream)
+        if buf is None:
+            return
+        buf += encode(frame)
+        if len(buf) > MAX_OUT_BYTES:
+            print("desk-sim: gateway not reading, dropping its connection", file=sys.stderr)
+            c.sock.socket.close()
+            return
+        c.wake.set()
+
+    async def _writer(self, c: _Conn) -> None:
+        while True:
+            await c.wake.wait()
+            c.wake = trio.Event()
+            for stream, buf in list(c.out.items()):
+                if not buf:
+                    continue
+                try:
+                    room = min(c.h2.local_flow_control_window(stream), len(buf))
+                    mx = c.h2.max_outbound_frame_size
+                    pos = 0
+                    while pos < room:
+                        k = min(mx, room - pos)
+                        c.h2.send_data(stream, bytes(buf[pos : pos + k]))
+                        pos += k
+                    del buf[:pos]
+                except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                    self._drop_stream(c, stream)
+            data = c.h2.data_to_send()
+            if data:
+                await c.sock.send_all(data)
+
+    async def timers(self) -> None:
+        heap = self._heap
+        while True:
+            if not heap:
+                self._timer_wake = trio.Event()
+                await self._timer_wake.wait()
+                continue
+            now = trio.current_time()
+            due = heap[0][0]
+            if due > now:
+                with trio.move_on_after(due - now):
+                    self._timer_wake = trio.Event()
+                    await self._timer_wake.wait()
+                continue
+            while heap and heap[0][0] <= now:
+                _, _, sid, frame = heapq.heappop(heap)
+                self._send(sid, frame)
+
+
+class _nodelay:
+    def __init__(self, sock: trio.SocketStream) -> None:
+        self.sock = sock
+
+    def __enter__(self) -> None:
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+async def serve_desk(
+    cfg: DeskConfig,
+    host: str,
+    port: int,
+    record: str | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serves until cancelled; ``task_status.started((port, server))``."""
+    rec = open(record, "a", buffering=1 << 16, encoding="utf-8") if record else None  # noqa: SIM115
+    try:
+        srv = DeskServer(cfg, rec)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        raw = trio.socket.socket(family, socket.SOCK_STREAM)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        await raw.bind((host, port))
+        raw.listen(1024)
+        bound = raw.getsockname()[1]
+        async with trio.open_nursery() as n:
+            n.start_soon(srv.timers)
+            n.start_soon(trio.serve_listeners, srv.handle, [trio.SocketListener(raw)])
+            task_status.started((bound, srv))
+    finally:
+        if rec is not None:
+            rec.close()
+
+
+async def _main(cfg: DeskConfig, host: str, port: int, record: str | None) -> None:
+    async with trio.open_nursery() as n:
+        bound, _ = await n.start(serve_desk, cfg, host, port, record)
+        print(f"desk-sim: listening on {host}:{bound} (pid {os.getpid()})", flush=True)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+            async for _ in sigs:
+                n.cancel_scope.cancel()
+                break
+
+
+def run_desk_sim(
+    cfg: DeskConfig, host: str, port: int, record: str | None = None, processes: int = 1
+) -> int:
+    """Serves until SIGTERM/SIGINT. With ``processes > 1`` that many
+    processes share the port (SO_REUSEPORT; each has its own sessions and
+    agents, like separate desk servers behind one address)."""
+    if processes > 1 and port == 0:
+        print("desk-sim: --processes needs a fixed port", file=sys.stderr)
+        return 2
+    children: list[int] = []
+    for _ in range(processes - 1):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                trio.run(_main, cfg, host, port, record)
+            finally:
+                os._exit(0)
+        children.append(pid)
+    try:
+        trio.run(_main, cfg, host, port, record)
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    return 0

@@ -1,0 +1,595 @@
+"""The downstream side of a worker: routes sessions to skill groups and
+clusters, forwards visitor messages over the links, and turns downstream
+acks, deliveries, assignments and handovers into session events.
+
+Delivery guarantee (docs/protocol.md, "Downstream"): a visitor message is
+acknowledged to the visitor only when a downstream acked it. Every message
+sent and not answered is kept (``Flow.sent``); a nack, a timeout
+(``request_timeout_s``) or the loss of its link puts it back in the
+session's queue (``Flow.waiting``, in order) and it is sent again, with the
+same ``sid``/``n``, to an endpoint that is available (downstreams
+deduplicate on those). After ``max_attempts`` failed attempts, or when the
+session's queue is full, the visitor gets a per-message ``error`` 4429 with
+``retry_after`` (the message is not acked, so the visitor sends it again).
+
+The class is sans-IO apart from the links it drives (``Link.send``); the
+I/O tasks are started by :meth:`Forwarder.run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import ssl
+from collections import deque
+from typing import Any, Final
+
+import trio
+
+from gateway.downstream.admission import Admission, ClusterLoad
+from gateway.downstream.balancer import Balancer, Endpoint
+from gateway.downstream.breaker import Breaker, OutlierDetector
+from gateway.downstream.link import Link
+from gateway.downstream.proto import encode
+from gateway.downstream.routing import StickyTable
+from gateway.downstream.settings import ClusterSpec, DownstreamSettings
+from gateway.ops import names as metrics
+from gateway.protocol.codes import Code
+from gateway.session.hub import Hub
+from gateway.session.state import Session
+
+__all__ = ["Forwarder"]
+
+TICK_S: Final = 0.1
+#: Sessions pumped per tick at most (the rest wait for the next tick).
+PUMP_PER_TICK: Final = 5000
+BOT_STAGE: Final = "bot"
+
+
+class _Out:
+    """A visitor message handed downstream and not answered yet."""
+
+    __slots__ = ("attempts", "body", "deadline", "ep", "link", "msg_id", "n", "t0", "tried")
+
+    def __init__(self, n: int, msg_id: Any, body: Any) -> None:
+        self.n = n
+        self.msg_id = msg_id
+        self.body = body
+        self.attempts = 0
+        self.t0 = 0.0
+        self.deadline = 0.0
+        self.ep: _Ep | None = None
+        self.link: Link | None = None
+        self.tried: list[str] | None = None  # endpoint keys that failed it
+
+
+class Flow:
+    """Downstream state of one session."""
+
+    __slots__ = ("agent", "cluster", "ep", "link", "probe", "route", "sent", "waiting")
+
+    def __init__(self, route: Any) -> None:
+        self.route = route
+        self.cluster: _Cluster | None = None
+        self.ep: _Ep | None = None
+        self.link: Link | None = None  # the link the session is open on
+        self.sent: dict[int, _Out] = {}
+        self.waiting: deque[_Out] = deque()
+        self.agent: str | None = None
+        # holds a half-open probe slot of ``ep`` (granted by the pick; used by
+        # the next message sent, or released)
+        self.probe = False
+
+
+class _Ep:
+    __slots__ = ("cluster", "endpoint", "key", "links")
+
+    def __init__(self, cluster: _Cluster, endpoint: Endpoint) -> None:
+        self.cluster = cluster
+        self.endpoint = endpoint
+        self.key: str = endpoint.key
+        self.links: list[Link] = []
+
+    def link_for(self, sid: str) -> Link | None:
+        links = self.links
+        if len(links) == 1:
+            return links[0] if links[0].up else None
+        first = hash(sid) % len(links)
+        for i in range(len(links)):
+            ln = links[(first + i) % len(links)]
+            if ln.up:
+                return ln
+        return None
+
+
+class _Cluster:
+    __slots__ = ("balancer", "eps", "inflight", "name", "spec", "waiting")
+
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.name = spec.name
+        self.spec = spec
+        self.eps: dict[str, _Ep] = {}
+        self.inflight = 0
+        self.waiting = 0  # messages buffered in sessions for this cluster
+        self.balancer: Balancer
+
+    def load(self, now: float) -> ClusterLoad:
+        return ClusterLoad(
+            available_endpoints=self.balancer.available(now),
+            pending=self.waiting,
+            inflight=self.inflight,
+            capacity=max(1, len(self.eps)) * 1,
+        )
+
+
+class Forwarder:
+    """Implements :class:`gateway.session.hub.Downstream` over HTTP/2 links."""
+
+    def __init__(
+        self,
+        settings: DownstreamSettings,
+        node: int = 0,
+        worker: int = 0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.s = settings
+        self.rng = rng or random.Random()
+        self.router = settings.router()
+        self.admission = Admission(settings.admission, self.rng)
+        self.sticky = StickyTable(settings.sticky_entries, settings.sticky_ttl_s)
+        self.hub: Hub | None = None
+        self.clusters: dict[str, _Cluster] = {}
+        self.links: list[Link] = []
+        headers = [("x-gateway-node", str(node)), ("x-gateway-worker", str(worker))]
+        for spec in settings.clusters.values():
+            c = _Cluster(spec)
+            ctx = _client_ssl(spec) if spec.tls else None
+            endpoints = []
+            for host, port in spec.endpoints:
+                ep_obj = Endpoint(f"{host}:{port}", Breaker(settings.breaker, 0.0))
+                ep_obj.up = False
+                endpoints.append(ep_obj)
+                ep = _Ep(c, ep_obj)
+                c.eps[ep.key] = ep
+                for i in range(spec.links_per_endpoint):
+                    ln = Link(
+                        self,
+                        ep,
+                        host,
+                        port,
+                        i,
+                        [*headers, ("x-gateway-link", str(i))],
+                        ctx,
+                        settings.link_high_water,
+                        settings.health_interval_s,
+                        settings.health_timeout_s,
+                    )
+                    ep.links.append(ln)
+                    self.links.append(ln)
+            c.balancer = Balancer(endpoints, self.rng, OutlierDetector(settings.outlier))
+            self.clusters[c.name] = c
+        # sessions with messages waiting for an endpoint or for link room
+        self._backlog: dict[str, Session] = {}
+        # per link, sent messages in deadline order: (deadline, session, n)
+        self._deadlines: deque[tuple[float, Session, int]] = deque()
+        self._now = 0.0
+
+    # -- helpers --------------------------------------------------------------
+    def _time(self) -> float:
+        with contextlib.suppress(RuntimeError):  # outside trio, tests set _now
+            self._now = trio.current_time()
+        return self._now
+
+    def _target_group(self, route: Any) -> str:
+        """The group whose cluster serves ``route`` now (its bot group at the
+        bot stage)."""
+        g = self.s.groups[route.group]
+        if route.stage == BOT_STAGE and g.bot is not None:
+            return str(g.bot)
+        return str(route.group)
+
+    def _cluster_of(self, group: str) -> _Cluster:
+        return self.clusters[self.s.groups[group].cluster]
+
+    def _group_unavailable(self, group: str) -> bool:
+        c = self._cluster_of(group)
+        now = self._now
+        return (
+            c.balancer.available(now) == 0 or c.inflight >= self.s.admission.max_pending_per_cluster
+        )
+
+    # -- Downstream protocol (called by the hub) --------------------------------
+    def admit(self, hub: Hub, tenant: str = "", tags: dict[str, str] | None = None) -> float:
+        now = self._time()
+        route = self.router.entry_group(tags or {})
+        group = self._target_group(route)
+        if self._group_unavailable(group):
+            fb = self.router.fallback(group, self._group_unavailable)
+            if fb is not None:
+                group = fb
+        d = self.admission.admit_session(now, self._cluster_of(group).load(now))
+        if d.retry_after_s > 0:
+            metrics.ADMISSION_REJECTIONS.labels(d.reason).inc()
+        return float(d.retry_after_s)
+
+    def opened(self, hub: Hub, s: Session, resumed: bool) -> None:
+        self.hub = hub
+        fl: Flow | None = s.ds
+        if fl is None:
+            fl = s.ds = Flow(self.router.entry_group(s.tags))
+            hint = self.sticky.get(s.tenant, s.visitor, self._time())
+            if hint is not None:
+                fl.agent = hint[1]
+        if fl.link is None or not fl.link.up:
+            now = self._time()
+            self._open(s, fl, now)
+            if not fl.waiting:
+                self._drop_probe(fl, now)
+
+    def closed(self, hub: Hub, s: Session) -> None:
+        fl: Flow | None = s.ds
+        if fl is None:
+            return
+        if fl.link is not None and fl.link.up:
+            fl.link.send(encode({"t": "close", "sid": s.sid, "reason": "ended"}))
+            fl.link.sessions.discard(s)
+        for out in fl.sent.values():
+            self._finish(out, ok=True, count=False)
+        if fl.waiting and fl.cluster is not None:
+            fl.cluster.waiting -= len(fl.waiting)
+        fl.sent.clear()
+        fl.waiting.clear()
+        self._drop_probe(fl, self._now)
+        self._backlog.pop(s.sid, None)
+
+    def submit(self, hub: Hub, s: Session, msg_id: Any, n: int, body: Any) -> bool:
+        self.hub = hub
+        fl: Flow | None = s.ds
+        if fl is None:
+            fl = s.ds = Flow(self.router.entry_group(s.tags))
+        now = self._time()
+        new_route = self.router.message_group(fl.route, body)
+        if new_route != fl.route:
+            fl.route = new_route
+            fl.link = None  # re-open in the new group
+        out = _Out(n, msg_id, body)
+        c = fl.cluster
+        verdict = self.admission.admit_message(
+            len(fl.sent), len(fl.waiting), c.load(now) if c is not None else _NO_LOAD
+        )
+        if verdict == "refuse":
+            self._refuse(s, out, "session queue full")
+            return True
+        fl.waiting.append(out)
+        if fl.cluster is not None:
+            fl.cluster.waiting += 1
+        if verdict == "send" or fl.link is None:
+            self._pump(s, fl, now)
+        if fl.waiting:
+            self._backlog[s.sid] = s
+        link = fl.link
+        return not fl.waiting and (link is None or not link.full)
+
+    # -- sending ----------------------------------------------------------------
+    def _pick(self, fl: Flow, now: float, exclude: list[str] | None) -> _Ep | None:
+        group = self._target_group(fl.route)
+        c = self._cluster_of(group)
+        prefer = fl.ep.key if fl.ep is not None and fl.ep.cluster is c else None
+        ep = c.balancer.pick(now, exclude or (), prefer)
+        if ep is None:
+            fb = self.router.fallback(group, self._group_unavailable)
+            if fb is not None and fb != group:
+                c = self._cluster_of(fb)
+                ep = c.balancer.pick(now, exclude or (), None)
+        if ep is None:
+            return None
+        return c.eps[ep.key]
+
+    def _open(self, s: Session, fl: Flow, now: float, exclude: list[str] | None = None) -> bool:
+        """Opens the session on an available endpoint; False if none."""
+        ep = self._pick(fl, now, exclude)
+        link = ep.link_for(s.sid) if ep is not None else None
+        if ep is None or link is None:
+            if ep is not None:
+                ep.endpoint.breaker.release(now)
+            return False
+        self._drop_probe(fl, now)
+        if ep.endpoint.breaker.state(now) != 0:
+            fl.probe = True  # the pick granted a half-open probe: next message
+        else:
+            ep.endpoint.breaker.release(now)
+        old = fl.link
+        if old is not None and old is not link:
+            old.sessions.discard(s)
+            if old.up:
+                old.send(encode({"t": "close", "sid": s.sid, "reason": "moved"}))
+        if fl.cluster is not ep.cluster:
+            if fl.cluster is not None:
+                fl.cluster.waiting -= len(fl.waiting)
+            ep.cluster.waiting += len(fl.waiting)
+        fl.cluster = ep.cluster
+        fl.ep = ep
+        fl.link = link
+        link.sessions.add(s)
+        route = fl.route
+        link.send(
+            encode(
+                {
+                    "t": "open",
+                    "sid": s.sid,
+                    "tenant": s.tenant,
+                    "visitor": s.visitor,
+                    "tags": s.tags,
+                    "group": self._target_group(route),
+                    "stage": str(route.stage),
+                    "agent": fl.agent,
+                }
+            )
+        )
+        return True
+
+    def _pump(self, s: Session, fl: Flow, now: float) -> None:
+        """Sends the session's waiting messages as far as bounds allow."""
+        if not fl.waiting:
+            self._backlog.pop(s.sid, None)
+            return
+        link = fl.link
+        if link is None or not link.up or not fl.ep or not (fl.probe or self._ep_ok(fl.ep, now)):
+            first = fl.waiting[0]
+            if not self._open(s, fl, now, first.tried):
+                return
+            link = fl.link
+            assert link is not None
+        ep = fl.ep
+        assert ep is not None
+        if fl.probe:
+            # a half-open endpoint: one message (the probe) until it closes
+            if fl.sent:
+                return
+            max_sess = 1
+            fl.probe = False
+        else:
+            max_sess = self.s.admission.max_inflight_per_session
+        c = ep.cluster
+        max_link = self.s.max_inflight_per_link
+        max_pending = self.s.admission.max_pending_per_cluster
+        timeout = self.s.request_timeout_s
+        group = self._target_group(fl.route)
+        stage = str(fl.route.stage)
+        sid = s.sid
+        bal = c.balancer
+        while (
+            fl.waiting
+            and len(fl.sent) < max_sess
+            and link.inflight < max_link
+            and c.inflight < max_pending
+            and not link.full
+        ):
+            out = fl.waiting.popleft()
+            c.waiting -= 1
+            out.attempts += 1
+            out.t0 = now
+            out.deadline = now + timeout
+            out.ep = ep
+            out.link = link
+            fl.sent[out.n] = out
+            link.inflight += 1
+            c.inflight += 1
+            bal.start(ep.endpoint)
+            self._deadlines.append((out.deadline, s, out.n))
+            link.send(
+                encode(
+                    {
+                        "t": "msg",
+                        "sid": sid,
+                        "n": out.n,
+                        "id": out.msg_id,
+                        "body": out.body,
+                        "group": group,
+                        "stage": stage,
+                    }
+                )
+            )
+        if fl.waiting:
+            self._backlog[sid] = s
+        else:
+            self._backlog.pop(sid, None)
+
+    def _drop_probe(self, fl: Flow, now: float) -> None:
+        if fl.probe:
+            fl.probe = False
+            if fl.ep is not None:
+                fl.ep.endpoint.breaker.release(now)
+
+    def _ep_ok(self, ep: _Ep, now: float) -> bool:
+        e = ep.endpoint
+        return bool(e.up and e.healthy and e.breaker.state(now) == 0)
+
+    def _finish(self, out: _Out, ok: bool, count: bool = True) -> None:
+        ep, link = out.ep, out.link
+        if ep is None or link is None:
+            return
+        link.inflight -= 1
+        ep.cluster.inflight -= 1
+        latency = self._now - out.t0
+        ep.cluster.balancer.finish(ep.endpoint, self._now, latency, ok)
+        if count:
+            cname = ep.cluster.name
+            metrics.DOWNSTREAM_LATENCY.labels(cname).observe(latency)
+            metrics.DOWNSTREAM_REQUESTS.labels(cname, "ok" if ok else "error").inc()
+        out.ep = None
+        out.link = None
+
+    def _refuse(self, s: Session, out: _Out, why: str) -> None:
+        hub = self.hub
+        if hub is not None:
+            hub.downstream_refuse(
+                s, out.msg_id, Code.DOWNSTREAM_BUSY, why, self.s.admission.retry_after_s
+            )
+
+    def _retry(self, s: Session, fl: Flow, out: _Out, failed: _Ep | None) -> None:
+        """Puts a failed message back at the head of the session's queue, or
+        refuses it to the visitor after ``max_attempts``."""
+        if failed is not None:
+            if out.tried is None:
+                out.tried = []
+            if failed.key not in out.tried:
+                out.tried.append(failed.key)
+        if out.attempts >= self.s.max_attempts:
+            self._refuse(s, out, "downstream failed")
+            return
+        fl.waiting.appendleft(out)
+        if fl.cluster is not None:
+            fl.cluster.waiting += 1
+        self._backlog[s.sid] = s
+        if failed is not None and fl.ep is failed:
+            fl.link = None  # re-pick an endpoint, not the one that failed
+        metrics.DOWNSTREAM_REDELIVERED.labels(failed.cluster.name if failed else "").inc()
+
+    # -- link events ------------------------------------------------------------------
+    def link_up(self, link: Link) -> None:
+        self._time()
+        ep: _Ep = link.endpoint
+        ep.endpoint.up = True
+        ep.endpoint.healthy = True
+        if self.hub is not None:
+            self.hub.downstream_ready()
+
+    def link_down(self, link: Link, why: str) -> None:
+        now = self._time()
+        ep: _Ep = link.endpoint
+        ep.endpoint.up = any(ln.up for ln in ep.links)
+        if self.hub is not None:
+            self.hub.log("warning", "downstream_link_down", endpoint=link.key, why=why[:200])
+        sessions = list(link.sessions)
+        link.sessions.clear()
+        for s in sessions:
+            fl: Flow | None = s.ds
+            if fl is None or fl.link is not link:
+                continue
+            fl.link = None
+            failed = [o for o in fl.sent.values() if o.link is link]
+            for o in sorted(failed, key=lambda o: o.n, reverse=True):
+                del fl.sent[o.n]
+                self._finish(o, ok=False)
+                self._retry(s, fl, o, ep)
+        link.inflight = 0
+        for s in sessions:
+            fl = s.ds
+            if fl is not None and fl.waiting:
+                self._pump(s, fl, now)
+
+    def link_drained(self, link: Link) -> None:
+        for s in list(link.sessions):
+            fl: Flow | None = s.ds
+            if fl is not None and fl.waiting and s.sid in self._backlog:
+                self._pump(s, fl, self._now)
+        if self.hub is not None:
+            self.hub.downstream_ready()
+
+    def link_frames(self, link: Link, frames: list[dict[str, Any]]) -> None:
+        hub = self.hub
+        if hub is None:
+            return
+        self._time()
+        sessions = hub.sessions
+        freed = False
+        for f in frames:
+            s = sessions.get(f["sid"])
+            if s is None:
+                hub.stats["downstream_unknown_session"] += 1
+                continue
+            fl: Flow | None = s.ds
+            t = f["t"]
+            if t == "ack":
+                out = fl.sent.pop(f["n"], None) if fl is not None else None
+                if out is None:
+                    hub.stats["downstream_ack_unknown"] += 1
+                    continue
+                self._finish(out, ok=True)
+                metrics.MESSAGE_ACK.observe(self._now - out.t0)
+                hub.downstream_ack(s, out.msg_id)
+                freed = True
+                if fl is not None and fl.waiting:
+                    self._pump(s, fl, self._now)
+            elif t == "deliver":
+                sender = f.get("from") or {"kind": "agent", "name": "?"}
+                hub.deliver(s, f["body"], sender)
+            elif t == "nack":
+                out = fl.sent.pop(f["n"], None) if fl is not None else None
+                if out is None or fl is None:
+                    continue
+                failed = out.ep
+                self._finish(out, ok=False)
+                hub.stats["downstream_nacks"] += 1
+                self._retry(s, fl, out, failed)
+                self._pump(s, fl, self._now)
+            elif t == "assign":
+                if fl is not None:
+                    fl.agent = f["agent"]
+                    ep = fl.ep
+                    self.sticky.put(s.tenant, s.visitor, ep.key if ep else "", fl.agent, self._now)
+                hub.deliver(
+                    s,
+                    f"{f['agent']} joined the conversation",
+                    {"kind": "system", "name": "assign", "agent": f["agent"]},
+                )
+            elif t == "handover" and fl is not None:
+                fl.route = self.router.handover(fl.route)
+                fl.link = None
+                hub.stats["handovers"] += 1
+                self._open(s, fl, self._now)
+        if freed:
+            hub.downstream_ready()
+
+    # -- time ---------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Timeouts and retries; called every :data:`TICK_S`."""
+        self._now = now
+        dl = self._deadlines
+        while dl and dl[0][0] <= now:
+            _, s, n = dl.popleft()
+            fl: Flow | None = s.ds
+            if fl is None:
+                continue
+            out = fl.sent.get(n)
+            if out is None or out.deadline > now:
+                continue  # answered, or re-sent with a later deadline
+            del fl.sent[n]
+            failed = out.ep
+            self._finish(out, ok=False)
+            if self.hub is not None:
+                self.hub.stats["downstream_timeouts"] += 1
+            self._retry(s, fl, out, failed)
+        if self._backlog:
+            for sid in list(self._backlog)[:PUMP_PER_TICK]:
+                s2 = self._backlog.get(sid)
+                if s2 is None:
+                    continue
+                fl2: Flow | None = s2.ds
+                if fl2 is None or not fl2.waiting:
+                    self._backlog.pop(sid, None)
+                    continue
+                self._pump(s2, fl2, now)
+        for c in self.clusters.values():
+            metrics.DOWNSTREAM_INFLIGHT.labels(c.name).set(c.inflight)
+            for ep in c.eps.values():
+                metrics.BREAKER_STATE.labels(c.name, ep.key).set(ep.endpoint.breaker.state(now))
+
+    async def run(self) -> None:
+        """The link tasks and the tick, until cancelled."""
+        async with trio.open_nursery() as n:
+            for ln in self.links:
+                n.start_soon(ln.run)
+            while True:
+                await trio.sleep(TICK_S)
+                self.tick(trio.current_time())
+
+
+_NO_LOAD: Final = ClusterLoad(available_endpoints=1, pending=0, inflight=0, capacity=1)
+
+
+def _client_ssl(spec: ClusterSpec) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=spec.ca_file)
+    ctx.set_alpn_protocols(["h2"])
+    return ctx

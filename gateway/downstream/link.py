@@ -1,0 +1,367 @@
+"""One HTTP/2 link from a gateway worker to a downstream endpoint.
+
+:class:`LinkCore` is the sans-IO part: an h2 client connection carrying one
+long-lived ``POST /v1/link`` stream, an outbound byte queue that drains as
+the peer's flow-control window allows, and the frame decoder for the
+downstream's answers. :class:`Link` is the trio shell: connect (h2c, or TLS
+with ALPN ``h2``), run, health-check with HTTP/2 PINGs, and reconnect with
+jittered exponential backoff for ever; it reports up/down and every frame to
+its owner (:class:`gateway.downstream.forwarder.Forwarder`).
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import ssl
+from typing import Any, Final, Protocol
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+import trio
+
+from gateway.downstream.proto import LINK_PATH, MAX_LINK_FRAME, check_from_downstream
+from gateway.protocol.codec import LengthPrefixedDecoder
+from gateway.protocol.codes import ProtocolError
+
+__all__ = ["Link", "LinkCore", "LinkError", "LinkOwner"]
+
+#: Our receive window (per stream and connection): deliveries in flight.
+RECV_WINDOW: Final = 1 << 22
+READ_SIZE: Final = 1 << 18
+BACKOFF_FIRST_S: Final = 0.05
+BACKOFF_MAX_S: Final = 5.0
+
+DOWN, CONNECTING, UP = 0, 1, 2
+
+
+class LinkError(Exception):
+    """The link cannot go on (protocol error, refused stream, GOAWAY...)."""
+
+
+class LinkCore:
+    """Sans-IO link state. Frames go in with :meth:`queue` (already encoded)
+    and come out of :meth:`receive` (validated dicts)."""
+
+    __slots__ = ("decoder", "h2", "out", "ping_sent", "status", "stream")
+
+    def __init__(self) -> None:
+        cfg = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        self.h2 = h2.connection.H2Connection(cfg)
+        self.h2.local_settings = h2.settings.Settings(
+            client=True,
+            initial_values={
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: RECV_WINDOW,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: 1 << 20,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 16384,
+            },
+        )
+        self.decoder = LengthPrefixedDecoder(MAX_LINK_FRAME)
+        self.out = bytearray()
+        self.stream = 0
+        self.status: int | None = None
+        self.ping_sent = 0.0  # time of the unanswered PING, 0 when none
+
+    def start(self, authority: str, headers: list[tuple[str, str]]) -> None:
+        h = self.h2
+        h.initiate_connection()
+        h.increment_flow_control_window(RECV_WINDOW - 65535)
+        self.stream = h.get_next_available_stream_id()
+        h.send_headers(
+            self.stream,
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":authority", authority),
+                (":path", LINK_PATH),
+                ("content-type", "application/msgpack"),
+                *headers,
+            ],
+        )
+
+    def queue(self, data: bytes) -> None:
+        self.out += data
+
+    @property
+    def backlog(self) -> int:
+        """Bytes queued and not yet handed to h2 (waiting for window)."""
+        return len(self.out)
+
+    def flush(self) -> bytes:
+        """Moves queued bytes into DATA frames as far as the window allows
+        and returns the bytes to write to the socket."""
+        out = self.out
+        if out:
+            h = self.h2
+            room = min(h.local_flow_control_window(self.stream), len(out))
+            if room > 0:
+                mx = h.max_outbound_frame_size
+                pos = 0
+                view = memoryview(out)
+                while pos < room:
+                    k = min(mx, room - pos)
+                    h.send_data(self.stream, view[pos : pos + k].tobytes())
+                    pos += k
+                view.release()
+                del out[:pos]
+        return self.h2.data_to_send()
+
+    def ping(self, now: float) -> None:
+        self.ping_sent = now
+        self.h2.ping(b"gwhealth")
+
+    def receive(self, data: bytes | bytearray) -> list[dict[str, Any]]:
+        try:
+            events = self.h2.receive_data(bytes(data))
+        except h2.exceptions.ProtocolError as e:
+            raise LinkError(f"HTTP/2 protocol error: {e}") from None
+        frames: list[dict[str, Any]] = []
+        for ev in events:
+            if isinstance(ev, h2.events.DataReceived):
+                if ev.flow_controlled_length:
+                    self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                if ev.stream_id != self.stream:
+                    continue
+                try:
+                    for f in self.decoder.feed(ev.data):
+                        frames.append(check_from_downstream(f))
+                except ProtocolError as e:
+                    raise LinkError(f"bad frame from downstream: {e}") from None
+            elif isinstance(ev, h2.events.ResponseReceived):
+                hdrs: dict[Any, Any] = dict(ev.headers)
+                status = str(hdrs.get(":status", ""))
+                self.status = int(status) if status.isdigit() else 0
+                if self.status != 200:
+                    raise LinkError(f"link refused with HTTP status {status}")
+            elif isinstance(ev, h2.events.PingAckReceived):
+                self.ping_sent = 0.0
+            elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
+                if ev.stream_id == self.stream:
+                    raise LinkError("downstream ended the link stream")
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                raise LinkError(f"downstream sent GOAWAY ({ev.error_code!r})")
+        return frames
+
+
+_LINK_ERRORS: Final = (LinkError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+def _first_link_error(eg: BaseExceptionGroup[Any]) -> BaseException:
+    """The exception to handle from a link's task group: a link failure if
+    there is one (the sibling tasks were just cancelled), else the group."""
+    group, _ = eg.split(_LINK_ERRORS)
+    found: BaseException | None = group
+    while isinstance(found, BaseExceptionGroup):
+        found = found.exceptions[0]
+    return found if found is not None else eg
+
+
+class LinkOwner(Protocol):
+    def link_up(self, link: Link) -> None: ...
+
+    def link_down(self, link: Link, why: str) -> None: ...
+
+    def link_frames(self, link: Link, frames: list[dict[str, Any]]) -> None: ...
+
+    def link_drained(self, link: Link) -> None:
+        """The link's backlog fell below its low watermark."""
+        ...
+
+
+class Link:
+    """A link to ``host:port`` kept up for ever by :meth:`run`."""
+
+    __slots__ = (
+        "_stream",
+        "_wake",
+        "connect_timeout_s",
+        "core",
+        "endpoint",
+        "headers",
+        "health_interval_s",
+        "health_timeout_s",
+        "high_water",
+        "host",
+        "index",
+        "inflight",
+        "owner",
+        "port",
+        "rng",
+        "sessions",
+        "ssl_context",
+        "state",
+    )
+
+    def __init__(
+        self,
+        owner: LinkOwner,
+        endpoint: Any,
+        host: str,
+        port: int,
+        index: int,
+        headers: list[tuple[str, str]],
+        ssl_context: ssl.SSLContext | None = None,
+        high_water: int = 1 << 20,
+        health_interval_s: float = 2.0,
+        health_timeout_s: float = 3.0,
+        connect_timeout_s: float = 2.0,
+    ) -> None:
+        self.owner = owner
+        self.endpoint = endpoint
+        self.host = host
+        self.port = port
+        self.index = index
+        self.headers = headers
+        self.ssl_context = ssl_context
+        self.high_water = high_water
+        self.health_interval_s = health_interval_s
+        self.health_timeout_s = health_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.state = DOWN
+        self.core: LinkCore | None = None
+        self.sessions: set[Any] = set()  # sessions opened on this link
+        self.inflight = 0  # messages sent on this link and not answered
+        self.rng = random.Random()
+        self._wake = trio.Event()
+        self._stream: trio.abc.Stream | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def up(self) -> bool:
+        return self.state == UP
+
+    @property
+    def full(self) -> bool:
+        c = self.core
+        return c is None or c.backlog >= self.high_water
+
+    def send(self, data: bytes) -> None:
+        """Queues encoded frames (only while up)."""
+        c = self.core
+        if c is not None and self.state == UP:
+            c.queue(data)
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Connects, serves, and reconnects with backoff, until cancelled."""
+        backoff = BACKOFF_FIRST_S
+        while True:
+            why = "closed"
+            self.state = CONNECTING
+            try:
+                stream = await self._connect()
+            except (OSError, trio.TooSlowError, ssl.SSLError, trio.BrokenResourceError) as e:
+                why = f"connect failed: {e}"
+                stream = None
+            if stream is not None:
+                try:
+                    await self._serve(stream)
+                    backoff = BACKOFF_FIRST_S
+                except LinkError as e:
+                    why = str(e)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                    why = f"connection lost: {e}"
+                    backoff = BACKOFF_FIRST_S
+                finally:
+                    was_up = self.state == UP
+                    self.state = DOWN
+                    self.core = None
+                    self._stream = None
+                    with trio.CancelScope(shield=True):
+                        await trio.aclose_forcefully(stream)
+                    if was_up:
+                        self.owner.link_down(self, why)
+            self.state = DOWN
+            await trio.sleep(backoff * (0.5 + self.rng.random()))
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _connect(self) -> trio.abc.Stream:
+        with trio.fail_after(self.connect_timeout_s):
+            tcp = await trio.open_tcp_stream(self.host, self.port)
+            tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is None:
+                return tcp
+            tls = trio.SSLStream(tcp, self.ssl_context, server_hostname=self.host)
+            await tls.do_handshake()
+            if tls.selected_alpn_protocol() != "h2":
+                await trio.aclose_forcefully(tls)
+                raise ssl.SSLError("downstream did not select ALPN h2")
+            return tls
+
+    async def _serve(self, stream: trio.abc.Stream) -> None:
+        core = LinkCore()
+        core.start(f"{self.host}:{self.port}", self.headers)
+        self.core = core
+        self._stream = stream
+        await stream.send_all(core.flush())
+        # wait for the response headers before declaring the link up
+        with trio.fail_after(self.connect_timeout_s):
+            while core.status is None:
+                data = await stream.receive_some(READ_SIZE)
+                if not data:
+                    raise LinkError("downstream closed during link setup")
+                frames = core.receive(data)
+                if frames:
+                    raise LinkError("downstream sent frames before the response headers")
+        self.state = UP
+        self.owner.link_up(self)
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(self._writer, stream, core)
+                n.start_soon(self._health, core)
+                await self._reader(stream, core)
+                n.cancel_scope.cancel()
+        except BaseExceptionGroup as eg:
+            raise _first_link_error(eg) from None
+
+    async def _reader(self, stream: trio.abc.Stream, core: LinkCore) -> None:
+        owner = self.owner
+        while True:
+            data = await stream.receive_some(READ_SIZE)
+            if not data:
+                raise LinkError("downstream closed the connection")
+            was_full = self.full
+            frames = core.receive(data)
+            if frames:
+                owner.link_frames(self, frames)
+            self._wake.set()
+            if was_full and not self.full:
+                owner.link_drained(self)
+
+    async def _writer(self, stream: trio.abc.Stream, core: LinkCore) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            was_full = self.full
+            data = core.flush()
+            if data:
+                await stream.send_all(data)
+            if was_full and not self.full:
+                self.owner.link_drained(self)
+
+    async def _health(self, core: LinkCore) -> None:
+        while True:
+            await trio.sleep(self.health_interval_s)
+            now = trio.current_time()
+            if core.ping_sent and now - core.ping_sent > self.health_timeout_s:
+                raise LinkError(f"health check: no PING answer in {self.health_timeout_s} s")
+            if not core.ping_sent:
+                core.ping(now)
+                self._wake.set()
+
+    def kill(self) -> None:
+        """Drops the connection (for a stalled peer); :meth:`run` reconnects."""
+        s = self._stream
+        if s is not None:
+            sock = getattr(s, "socket", None) or getattr(
+                getattr(s, "transport_stream", None), "socket", None
+            )
+            if sock is not None:
+                sock.close()

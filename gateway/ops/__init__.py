@@ -1,0 +1,1 @@
+"""Operator side: per-process metrics and their aggregation and exposition."""

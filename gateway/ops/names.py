@@ -1,0 +1,44 @@
+"""The gateway's metrics, declared once on :data:`REGISTRY`
+(docs/operations.md, "Metrics")."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from gateway.ops.registry import REGISTRY
+
+R = REGISTRY
+
+MESSAGE_ACK: Final = R.histogram(
+    "gateway_message_ack_seconds",
+    "Visitor message received to acknowledged by the downstream",
+)
+ADMISSION_REJECTIONS: Final = R.counter(
+    "gateway_admission_rejections_total", "New sessions told to retry later", ("reason",)
+)
+DOWNSTREAM_LATENCY: Final = R.histogram(
+    "gateway_downstream_latency_seconds",
+    "Message sent downstream to its ack/nack/timeout",
+    labels=("cluster",),
+)
+DOWNSTREAM_REQUESTS: Final = R.counter(
+    "gateway_downstream_requests_total", "Messages answered downstream", ("cluster", "result")
+)
+DOWNSTREAM_INFLIGHT: Final = R.gauge(
+    "gateway_downstream_inflight", "Messages sent downstream and not answered", ("cluster",)
+)
+DOWNSTREAM_REDELIVERED: Final = R.counter(
+    "gateway_downstream_redelivered_total",
+    "Messages queued again after a nack, timeout or lost link",
+    ("cluster",),
+)
+BREAKER_STATE: Final = R.gauge(
+    "gateway_breaker_state",
+    "Circuit breaker state per endpoint (0 closed, 1 half-open, 2 open)",
+    ("cluster", "endpoint"),
+)
+BREAKER_TRANSITIONS: Final = R.counter(
+    "gateway_breaker_transitions_total",
+    "Circuit breaker state changes",
+    ("cluster", "endpoint", "to"),
+)
