@@ -79,3 +79,127 @@ async def test_message_reaches_desk_is_acked_and_answered(tmp_path: Path) -> Non
     got = records(rec)
     assert [(r["n"], r["body"]) for r in got] == [(1, "hello desk")]
     assert srv.desk.stats["opens"] >= 1
+
+
+async def test_erroring_endpoint_trips_its_breaker_and_messages_go_to_the_other(
+    tmp_path: Path,
+) -> None:
+    rec_a, rec_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    async with desk(record=rec_a, error_rate=1.0, reply=False) as (pa, _, _):  # noqa: SIM117
+        async with desk(record=rec_b, reply=False) as (pb, _, _):
+            table = ds(("general", [pa, pb]), breaker={"consecutive_failures": 3})
+            async with running(tmp_path, downstream=table) as gw:
+                fw = gw.w.forwarder
+                await wait_links_up(fw, 2)
+                sent = []
+                # 20 sessions: P2C puts about half of them on A first
+                for v in range(20):
+                    async with gc.connect(gw.url, token=gw.token(f"v{v}"), reconnect=False) as s:
+                        for i in range(2):
+                            await s.send(f"v{v} m{i}")
+                            sent.append(f"v{v} m{i}")
+                ep_a = fw.clusters["general"].eps[f"127.0.0.1:{pa}"].endpoint
+                assert ep_a.breaker.state(trio.current_time()) != 0  # open or half-open
+                assert ep_a.breaker.trips >= 1
+                assert gw.stats["downstream_nacks"] >= 3
+    assert records(rec_a) == []
+    assert sorted(r["body"] for r in records(rec_b)) == sorted(sent)
+
+
+async def test_stalled_endpoint_times_out_and_is_redelivered(tmp_path: Path) -> None:
+    rec_a, rec_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    with trio.socket.socket() as probe:  # B's port, started later
+        await probe.bind(("127.0.0.1", 0))
+        pb = probe.getsockname()[1]
+    # A answers one message, then stalls (connection up, nothing answered)
+    async with desk(record=rec_a, stall_after=1, reply=False) as (pa, _, _):
+        table = ds(("general", [pa, pb]), request_timeout_s=0.3)
+        async with running(tmp_path, downstream=table) as gw:
+            fw = gw.w.forwarder
+            await wait_links_up(fw, 1)
+            async with gc.connect(gw.url, token=gw.token("v"), reconnect=False) as s:
+                await s.send("first")  # only A is up: A takes it
+                async with desk(port=pb, record=rec_b, reply=False):
+                    await wait_links_up(fw, 2)
+                    with trio.fail_after(10):
+                        await s.send("second")  # to A (sticky), times out, then B
+            assert gw.stats["downstream_timeouts"] >= 1
+    assert [r["body"] for r in records(rec_a)] == ["first"]
+    assert [r["body"] for r in records(rec_b)] == ["second"]
+
+
+async def test_down_at_start_refuses_new_sessions_then_serves_when_up(tmp_path: Path) -> None:
+    from tests.gwserver import RawWs
+
+    with trio.socket.socket() as probe:  # a free port for the desk started later
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with running(tmp_path, downstream=ds(("general", [port]))) as gw:
+        ws = await RawWs.connect(gw.port)
+        err = await ws.hello(gw.token("v"))
+        assert err["t"] == "error" and err["code"] == 4003
+        assert 2000 <= err["retry_after"] <= 4000 * 4
+        async with desk(port=port, reply=False):
+            await wait_links_up(gw.w.forwarder)
+            async with gc.connect(gw.url, token=gw.token("v"), reconnect=False) as s:
+                await s.send("now it works")
+
+
+async def test_connected_session_is_buffered_while_its_only_endpoint_restarts(
+    tmp_path: Path,
+) -> None:
+    rec = tmp_path / "rec.jsonl"
+    async with desk(record=rec, reply=False) as (port, _, scope):  # noqa: SIM117
+        async with running(tmp_path, downstream=ds(("general", [port]))) as gw:
+            fw = gw.w.forwarder
+            await wait_links_up(fw)
+            async with gc.connect(gw.url, token=gw.token("v"), reconnect=False) as s:
+                await s.send("before")
+                scope.cancel()  # the only desk goes away
+                with trio.fail_after(5):
+                    while any(ln.up for ln in fw.links):
+                        await trio.sleep(0.02)
+                acked = trio.Event()
+
+                async def send_during_outage() -> None:
+                    await s.send("during")
+                    acked.set()
+
+                async with trio.open_nursery() as n:
+                    n.start_soon(send_during_outage)
+                    await trio.sleep(0.5)
+                    assert not acked.is_set()  # not acked while nothing took it
+                    async with desk(port=port, record=rec, reply=False):
+                        with trio.fail_after(10):
+                            await acked.wait()
+    assert [r["body"] for r in records(rec)] == ["before", "during"]
+
+
+async def test_visitor_rate_limit_answers_4029_and_keeps_the_connection(tmp_path: Path) -> None:
+    from tests.gwserver import RawWs
+
+    async with desk(reply=False) as (port, _, _):  # noqa: SIM117
+        async with running(
+            tmp_path,
+            downstream=ds(("general", [port])),
+            visitor_msg_rate=1.0,
+            visitor_msg_burst=3,
+        ) as gw:
+            await wait_links_up(gw.w.forwarder)
+            ws = await RawWs.connect(gw.port)
+            assert (await ws.hello(gw.token("v")))["t"] == "welcome"
+            for i in range(5):
+                await ws.send({"t": "msg", "id": i, "body": f"m{i}"})
+            acks, errors = [], []
+            while len(acks) + len(errors) < 5:
+                f = await ws.recv()
+                if f["t"] == "ack":
+                    acks.append(f["id"])
+                elif f["t"] == "error":
+                    errors.append(f)
+            assert sorted(acks) == [0, 1, 2]
+            assert [(e["code"], e["id"]) for e in errors] == [(4029, 3), (4029, 4)]
+            assert all(e["retry_after"] > 0 for e in errors)
+            await ws.send({"t": "ping", "ts": 7})  # the connection is still up
+            assert (await ws.recv())["t"] == "pong"
+            assert gw.stats["rate_limited_msg_visitor"] == 2

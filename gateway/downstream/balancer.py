@@ -15,7 +15,11 @@ __all__ = ["Balancer", "Endpoint"]
 
 #: EWMA time constant: a sample's weight halves every ~7 s.
 TAU_S: Final = 10.0
-INITIAL_EWMA_S: Final = 0.005
+#: An endpoint not measured yet costs nothing, so a new or restarted one gets
+#: traffic at once (its breaker and the outlier detector guard against a bad
+#: one); a guess such as 5 ms would lose every P2C duel against measured
+#: sub-millisecond peers and never be measured.
+INITIAL_EWMA_S: Final = 0.0
 
 
 class Endpoint:

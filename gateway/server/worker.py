@@ -10,16 +10,22 @@ drain). See docs/architecture.md.
 
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":
+    # Installed before the heavier imports below: a stop request that comes
+    # while this process is still starting has nothing to drain (see main()).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
 import argparse
 import json
 import logging
 import math
 import random
 import resource
-import signal
 import socket
 import ssl
-import sys
 import time
 from collections.abc import Hashable
 from pathlib import Path
@@ -28,7 +34,6 @@ from typing import Any, Final
 import trio
 
 from gateway.config import Config, config_from_env, effective_workers
-from gateway.downstream.settings import parse_settings
 from gateway.ratelimit import TokenBucket
 from gateway.server.bot import DemoBot
 from gateway.server.http1 import HttpError, check_upgrade, parse_head, response, upgrade_response
@@ -83,7 +88,11 @@ class Worker:
         self.max_per_ip = max(1, math.ceil(cfg.max_conns_per_ip / n))
         self.bot: DemoBot | None = None
         self.forwarder: Any = None
-        ds_settings = parse_settings(cfg.downstream) if cfg.downstream else None
+        ds_settings = None
+        if cfg.downstream:
+            from gateway.downstream.settings import parse_settings
+
+            ds_settings = parse_settings(cfg.downstream)
         if ds_settings is not None:
             from gateway.downstream.forwarder import Forwarder
 
