@@ -120,7 +120,19 @@ def start_peer() -> Server:
     return Server([PY, str(ROOT / "bench/peers/websockets_echo.py"), "127.0.0.1", str(port)], port)
 
 
-def start_gateway(workers: int, extra: dict[str, str] | None = None, conns: int = 10000) -> Server:
+def start_desk(processes: int = 1, think_ms: int = 0) -> Server:
+    port = free_port()
+    argv = [PY, "-m", "gateway", "desk-sim", "--listen", f"127.0.0.1:{port}",
+            "--think-ms", str(think_ms), "--processes", str(processes)]  # fmt: skip
+    return Server(argv, port)
+
+
+def start_gateway(
+    workers: int,
+    extra: dict[str, str] | None = None,
+    conns: int = 10000,
+    downstream: list[str] | None = None,
+) -> Server:
     port = free_port()
     state = OUT / "bench-state"
     state.mkdir(parents=True, exist_ok=True)
@@ -129,6 +141,7 @@ def start_gateway(workers: int, extra: dict[str, str] | None = None, conns: int 
         "GATEWAY_BOT_THINK_MS": "0",
         "GATEWAY_LOG_LEVEL": "warning",
         "GATEWAY_MAX_CONNS_PER_IP": "100000",
+        "GATEWAY_VISITOR_MSG_RATE": "0",  # the load is many messages per connection
         **(extra or {}),
     }
     argv = [
@@ -145,6 +158,8 @@ def start_gateway(workers: int, extra: dict[str, str] | None = None, conns: int 
         "--ops-listen",
         f"127.0.0.1:{free_port()}",
     ]
+    for spec in downstream or []:
+        argv += ["--downstream", spec]
     return Server(argv, port, env)
 
 
@@ -187,6 +202,58 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
             gw.stop()
     base = res["websockets"]["msgs_per_s"]
     print("| server | msg/s | p50 ms | p99 ms | errors | vs websockets |")
+    print("|---|---|---|---|---|---|")
+    for k, r in res.items():
+        print(row(k, r, f"{r['msgs_per_s'] / base:.2f}x"))
+    return res
+
+
+def e2e(args: argparse.Namespace) -> dict[str, Any]:
+    """visitor -> gateway -> desk-sim -> ack: the maximum (closed loop), then
+    open-loop runs at 50% and 90% of it; the same gateway with the embedded
+    demo bot (no network hop) at the same rates shows what forwarding adds;
+    the websockets echo is the peer."""
+    res: dict[str, Any] = {}
+    conns = args.connections
+    plan = dict(connections=conns, active=conns, duration=args.seconds, size=230, max_runtime=300)
+    peer = start_peer()
+    try:
+        res["websockets echo (max)"] = run(
+            Plan(host="127.0.0.1", port=peer.port, mode="echo", **plan), 1
+        )
+    finally:
+        peer.stop()
+    toks = tokens(conns)
+    w = args.workers[-1]
+    desk = start_desk(processes=1)
+    try:
+        gw = start_gateway(w, downstream=[f"general=127.0.0.1:{desk.port}"], conns=conns)
+        try:
+            time.sleep(1.0)  # links up
+            mk = dict(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks, **plan)
+            top = run(Plan(**mk), 1)  # type: ignore[arg-type]
+            res[f"gateway-{w}w + desk-sim (max)"] = top
+            for share in (0.5, 0.9):
+                rate = top["msgs_per_s"] * share
+                res[f"gateway-{w}w + desk-sim @{int(share * 100)}%"] = run(
+                    Plan(**{**mk, "rate": rate}),
+                    1,  # type: ignore[arg-type]
+                )
+        finally:
+            gw.stop()
+    finally:
+        desk.stop()
+    gw = start_gateway(w, conns=conns)
+    try:
+        mk = dict(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks, **plan)
+        res[f"gateway-{w}w + in-process bot @50%"] = run(
+            Plan(**{**mk, "rate": top["msgs_per_s"] * 0.5}),
+            1,  # type: ignore[arg-type]
+        )
+    finally:
+        gw.stop()
+    base = res["websockets echo (max)"]["msgs_per_s"]
+    print("| run | msg/s | p50 ms | p99 ms | errors | vs websockets max |")
     print("|---|---|---|---|---|---|")
     for k, r in res.items():
         print(row(k, r, f"{r['msgs_per_s'] / base:.2f}x"))
@@ -283,7 +350,7 @@ def tune_loopback() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["throughput", "idle"])
+    ap.add_argument("mode", choices=["throughput", "idle", "e2e"])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2])
     ap.add_argument("--connections", type=int, default=15000)
@@ -293,7 +360,7 @@ def main() -> None:
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
     tune_loopback()
-    res = {"throughput": throughput, "idle": idle}[args.mode](args)
+    res = {"throughput": throughput, "idle": idle, "e2e": e2e}[args.mode](args)
     for r in res.values():
         r.pop("hist", None)
     (OUT / f"bench-{args.mode}.json").write_text(json.dumps(res, indent=1))

@@ -203,3 +203,72 @@ async def test_visitor_rate_limit_answers_4029_and_keeps_the_connection(tmp_path
             await ws.send({"t": "ping", "ts": 7})  # the connection is still up
             assert (await ws.recv())["t"] == "pong"
             assert gw.stats["rate_limited_msg_visitor"] == 2
+
+
+async def test_bot_first_triage_hands_over_and_keywords_reroute(tmp_path: Path) -> None:
+    rec_bot, rec_desk = tmp_path / "bot.jsonl", tmp_path / "desk.jsonl"
+    async with desk(record=rec_bot, think_ms=0) as (pbot, _, _):  # noqa: SIM117
+        async with desk(record=rec_desk, think_ms=0) as (pdesk, _, _):
+            table = ds(("triage", [pbot]), ("general", [pdesk]), ("billing", [pdesk]))
+            table["groups"]["general"]["bot"] = "triage"
+            table["default_group"] = "general"
+            table["rules"] = [{"group": "billing", "keywords": ["refund"]}]
+            async with running(tmp_path, downstream=table) as gw:
+                await wait_links_up(gw.w.forwarder, 2)
+                async with gc.connect(gw.url, token=gw.token("v"), reconnect=False) as s:
+                    await s.send("hi")
+                    assert (await s.receive()).body == "Bot: you said 'hi'"
+                    await s.send("can I talk to a human please")
+                    texts = [(await s.receive()).body for _ in range(2)]
+                    assert texts == [
+                        "Connecting you to a person...",
+                        "general-agent-1 joined the conversation",
+                    ]
+                    await s.send("my order is late")
+                    assert (await s.receive()).body == "general-agent-1: noted 'my order is late'"
+                    await s.send("I want a refund")  # keyword rule: billing group
+                    texts = [(await s.receive()).body for _ in range(2)]
+                    assert texts == [
+                        "billing-agent-1 joined the conversation",
+                        "billing-agent-1: noted 'I want a refund'",
+                    ]
+                assert gw.stats["handovers"] == 1
+    assert [r["body"] for r in records(rec_bot)] == ["hi", "can I talk to a human please"]
+    assert [r["body"] for r in records(rec_desk)] == ["my order is late", "I want a refund"]
+
+
+async def test_returning_visitor_gets_the_same_agent_back(tmp_path: Path) -> None:
+    async with desk(think_ms=0, agents=3) as (port, _, _):  # noqa: SIM117
+        async with running(tmp_path, downstream=ds(("general", [port]))) as gw:
+            await wait_links_up(gw.w.forwarder)
+            agents = []
+            # v0 and v1 take agents 1 and 2; v0 comes back in a new session
+            for v in ("v0", "v1", "v0"):
+                async with gc.connect(gw.url, token=gw.token(v), reconnect=False) as s:
+                    await s.send("hello")
+                    joined = await s.receive()
+                    agents.append(joined.body.split()[0])
+    assert agents[0] != agents[1]
+    assert agents[2] == agents[0]
+
+
+async def test_burst_of_sessions_fills_large_link_writes(tmp_path: Path) -> None:
+    # 150 opens + messages in one burst: the link writes more than one
+    # 16 KiB DATA frame at once (once broke the desk's frame-size check)
+    async with desk(think_ms=0) as (port, srv, _):  # noqa: SIM117
+        async with running(tmp_path, downstream=ds(("general", [port]))) as gw:
+            await wait_links_up(gw.w.forwarder)
+            acked = []
+
+            async def one(i: int) -> None:
+                async with gc.connect(gw.url, token=gw.token(f"v{i}"), reconnect=False) as s:
+                    with trio.fail_after(20):
+                        await s.send("x" * 200)
+                    acked.append(i)
+
+            async with trio.open_nursery() as n:
+                for i in range(150):
+                    n.start_soon(one, i)
+            assert len(acked) == 150
+            assert srv.desk.stats["opens"] == 150 and srv.desk.stats["msgs"] == 150
+            assert not any(ln.state == 0 for ln in gw.w.forwarder.links)  # never dropped

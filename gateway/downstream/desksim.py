@@ -43,6 +43,9 @@ READ_SIZE: Final = 1 << 18
 WINDOW: Final = 1 << 24
 MAX_CONNS: Final = 4096
 MAX_FRAME: Final = 1 << 20
+#: DATA frames we send are at most the RFC 7540 default size: a peer only
+#: enforces a larger SETTINGS_MAX_FRAME_SIZE once it saw our ACK of it.
+SAFE_FRAME: Final = 16384
 
 
 class _Conn:
@@ -120,7 +123,8 @@ class DeskServer:
                 return
             try:
                 events = c.h2.receive_data(data)
-            except h2.exceptions.ProtocolError:
+            except h2.exceptions.ProtocolError as e:
+                print(f"desk-sim: HTTP/2 error from a gateway: {e}", file=sys.stderr)
                 return
             for ev in events:
                 self._event(c, ev)
@@ -204,7 +208,7 @@ class DeskServer:
                     continue
                 try:
                     room = min(c.h2.local_flow_control_window(stream), len(buf))
-                    mx = c.h2.max_outbound_frame_size
+                    mx = min(c.h2.max_outbound_frame_size, SAFE_FRAME)
                     pos = 0
                     while pos < room:
                         k = min(mx, room - pos)

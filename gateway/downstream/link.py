@@ -99,7 +99,9 @@ class LinkCore:
             h = self.h2
             room = min(h.local_flow_control_window(self.stream), len(out))
             if room > 0:
-                mx = h.max_outbound_frame_size
+                # the RFC 7540 default size: a peer enforces a larger
+                # SETTINGS_MAX_FRAME_SIZE only once it saw our ACK of it
+                mx = min(h.max_outbound_frame_size, 16384)
                 pos = 0
                 view = memoryview(out)
                 while pos < room:
