@@ -10,8 +10,10 @@ every worker gets SIGTERM; workers still alive ``drain_s + kill_grace_s``
 seconds later (or at a second signal) get SIGKILL. The exit code is 0 when
 every worker exited with 0 during the drain, 1 otherwise.
 
-Workers get ``PR_SET_PDEATHSIG = SIGTERM`` on Linux, so they drain even if
-the supervisor itself is killed.
+Workers run a parent watch (:func:`watch_parent`: a thread polling
+``getppid``) and drain if the supervisor itself dies. ``PR_SET_PDEATHSIG``
+is not used: it fires when the *thread* that spawned the worker exits, and
+trio spawns from worker threads.
 
 Log lines are JSON objects on stderr, one per event; the start-up banner (URLs
 and, for the demo tenant, a ready-made token) is plain text on stdout.
