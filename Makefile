@@ -30,11 +30,16 @@ native: $(NATIVE)
 
 setup: native
 
-# System packages the browser tests need (headless Chromium).
+# System packages the tests use: headless Chromium (browser tests) and
+# promtool from Debian's prometheus package (checks the /metrics output).
 sysdeps:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  echo "installing chromium (Debian package) for the browser tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@command -v promtool >/dev/null 2>&1 || { \
+	  echo "installing promtool (Debian package prometheus) for the metrics tests"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; }
 
 run: setup
 	$(BIN)/gateway serve $(ARGS)

@@ -115,6 +115,8 @@ class Config:
     bot_think_ms: int = 200
     log_level: str = "info"
     ops_listen: str = "127.0.0.1:9090"
+    # bearer token for /metrics, /api/stats and the dashboard ("" = none)
+    ops_token: str = ""
     node_id: int = 0
     # rate limits (token buckets; rates per second over the whole gateway,
     # split evenly between workers; 0 = no limit)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from gateway._native import ffi, lib
+from gateway.ops.names import CRYPTO_BATCH_ITEMS, CRYPTO_BATCH_SECONDS
 
 __all__ = [
     "SUITES",
@@ -211,6 +212,10 @@ class SealedBatch:
         return list(map(b.__getitem__, map(slice, [0, *ends[:-1]], ends)))
 
 
+# (suite, op) -> the two histograms' observe methods
+_METRICS: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+
 class Keyring:
     """Expanded keys behind integer handles, with batched seal and open.
 
@@ -232,6 +237,7 @@ class Keyring:
         if ptr == ffi.NULL:
             raise MemoryError("gw_keyring_new failed")
         self._kr: Any = ffi.gc(ptr, lib.gw_keyring_free)
+        self._suites: dict[int, str] = {}
 
     @property
     def fixed(self) -> int:
@@ -258,6 +264,7 @@ class Keyring:
         rc = lib.gw_keyring_add(self._kr, sid, ffi.from_buffer(key), len(key), limit or 0, ho)
         if rc:
             _raise(rc)
+        self._suites[int(ho[0])] = suite
         return int(ho[0])
 
     def remove(self, handle: int) -> None:
@@ -265,6 +272,7 @@ class Keyring:
         rc = lib.gw_keyring_remove(self._kr, handle)
         if rc:
             _raise(rc)
+        self._suites.pop(handle, None)
 
     def used(self, handle: int) -> int:
         """Seals made with ``handle`` in this keyring so far."""
@@ -376,12 +384,32 @@ class Keyring:
             _raise(rc, idx if idx < n else None)
         return res
 
+    def _observe(self, op: str, items: Sequence[tuple[int, bytes, bytes]], t0: float) -> None:
+        dt = time.perf_counter() - t0
+        try:
+            suite = self._suites.get(items[0][0], "unknown")
+        except (IndexError, TypeError):
+            return
+        key = (suite, op)
+        m = _METRICS.get(key)
+        if m is None:
+            m = _METRICS[key] = (
+                CRYPTO_BATCH_ITEMS.labels(suite, op).observe,
+                CRYPTO_BATCH_SECONDS.labels(suite, op).observe,
+            )
+        m[0](len(items))
+        m[1](dt)
+
     def seal_many(self, items: Sequence[tuple[int, bytes, bytes]]) -> list[bytes]:
         """Seals ``(handle, plaintext, aad)`` items; returns the sealed items."""
+        t0 = time.perf_counter()
         if FASTPATH:
-            return self._fast(lib.gw_seal_list, items)
-        out, lens = self._seal(items, None, True)
-        return list(self._split(out, lens, OVERHEAD))
+            res: list[bytes] = self._fast(lib.gw_seal_list, items)
+        else:
+            out, lens = self._seal(items, None, True)
+            res = list(self._split(out, lens, OVERHEAD))
+        self._observe("seal", items, t0)
+        return res
 
     def seal_into(
         self, items: Sequence[tuple[int, bytes, bytes]], out: bytearray | None = None
@@ -389,15 +417,20 @@ class Keyring:
         """Zero-copy seal: results stay in one buffer (``out`` if given and
         large enough, reused across calls), addressed through the returned
         :class:`SealedBatch`."""
+        t0 = time.perf_counter()
         buf, lens = self._seal(items, out, False)
+        self._observe("seal", items, t0)
         return SealedBatch(buf, list(accumulate(map(OVERHEAD.__add__, lens))))
 
     def open_many(self, items: Sequence[tuple[int, bytes, bytes]]) -> list[bytes | None]:
         """Opens ``(handle, sealed, aad)`` items; an item that fails
         authentication (or is too short to be sealed) gives ``None``; the
         others are unaffected."""
+        t0 = time.perf_counter()
         if FASTPATH:
-            return self._fast(lib.gw_open_list, items)
+            opened: list[bytes | None] = self._fast(lib.gw_open_list, items)
+            self._observe("open", items, t0)
+            return opened
         harr, buf, lens, abuf, alens = self._columns(items)
         n = len(harr)
         out = _scratch(sum(lens))
@@ -429,6 +462,7 @@ class Keyring:
             for i, st in enumerate(status):
                 if st:
                     res[i] = None
+        self._observe("open", items, t0)
         return res
 
 

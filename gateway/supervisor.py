@@ -42,6 +42,11 @@ from gateway.config import (
     effective_workers,
     parse_hostport,
 )
+from gateway.ops.aggregate import Aggregator
+from gateway.ops.app import OpsApp
+from gateway.ops.report import STATS_FD_ENV
+from gateway.ops.server import open_ops_listeners, serve_ops
+from gateway.ops.wire import SnapshotDecoder, WireError
 from gateway.protocol.tokens import mint
 
 __all__ = ["banner", "run_supervisor"]
@@ -155,6 +160,7 @@ class _Supervisor:
         self.failed = False
         self.killed = False
         self.restarts = 0
+        self.agg = Aggregator(effective_workers(cfg))
 
     def _kill_all(self, why: str) -> None:
         for i, p in list(self.procs.items()):
@@ -167,23 +173,56 @@ class _Supervisor:
         if self.stopping.is_set():
             return
         self.stopping.set()
+        self.agg.draining = True
         self.log("info", "draining", why=why, workers=len(self.procs), drain_s=self.cfg.drain_s)
         for p in self.procs.values():
             if p.returncode is None:
                 p.send_signal(signal.SIGTERM)
 
-    async def _spawn(self, index: int) -> trio.Process | None:
+    async def _spawn(self, index: int) -> tuple[trio.Process | None, int]:
+        """Starts worker ``index`` with the write end of a fresh metrics pipe;
+        returns the process (None on failure) and the pipe's read end."""
         argv = [sys.executable, "-m", self.module, "--index", str(index)]
+        rfd, wfd = os.pipe()
+        env = dict(self.env)
+        env[STATS_FD_ENV] = str(wfd)
         try:
-            return await trio.lowlevel.open_process(argv, env=self.env, stdin=subprocess.DEVNULL)
+            proc = await trio.lowlevel.open_process(
+                argv, env=env, stdin=subprocess.DEVNULL, pass_fds=(wfd,)
+            )
         except OSError as e:
             self.log("error", "worker_spawn_failed", worker=index, error=str(e))
-            return None
+            os.close(rfd)
+            proc = None
+            rfd = -1
+        finally:
+            os.close(wfd)
+        return proc, rfd
+
+    async def read_stats(self, index: int, rfd: int) -> None:
+        """Feeds worker ``index``'s snapshots to the aggregator until its
+        pipe closes (the worker exited)."""
+        dec = SnapshotDecoder()
+        stream = trio.lowlevel.FdStream(rfd)
+        try:
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                for snap in dec.feed(data):
+                    self.agg.update(index, snap, trio.current_time())
+        except WireError as e:
+            self.agg.bad_snapshots += 1
+            self.log("error", "bad_snapshot", worker=index, error=str(e))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await stream.aclose()
 
     async def worker_loop(self, index: int) -> None:
         recent: deque[float] = deque()
         while True:
-            proc = await self._spawn(index)
+            proc, rfd = await self._spawn(index)
             rc: int | None = None
             if proc is not None:
                 self.procs[index] = proc
@@ -191,9 +230,15 @@ class _Supervisor:
                 if self.stopping.is_set():  # the stop came while we were spawning
                     proc.send_signal(signal.SIGTERM)
                 try:
-                    rc = await proc.wait()
+                    async with trio.open_nursery() as n:
+                        n.start_soon(self.read_stats, index, rfd)
+                        rc = await proc.wait()
+                        # the last snapshot is in the pipe; a grandchild
+                        # holding it open must not keep us here
+                        n.cancel_scope.deadline = trio.current_time() + 1.0
                 finally:
                     del self.procs[index]
+                    self.agg.worker_gone(index)
             if self.stopping.is_set():
                 self.final[index] = rc
                 level = "info" if rc == 0 else "warning"
@@ -216,6 +261,7 @@ class _Supervisor:
                 return
             recent.append(now)
             self.restarts += 1
+            self.agg.restarts = self.restarts
             delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (len(recent) - 1))
             self.log(
                 "error",
@@ -245,13 +291,31 @@ class _Supervisor:
         await trio.sleep(self.cfg.drain_s + self.kill_grace_s)
         self._kill_all("drain deadline")
 
+    async def tick_loop(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            self.agg.tick(trio.current_time())
+
     async def run(self) -> int:
         n = effective_workers(self.cfg)
+        listeners: list[trio.SocketListener] = []
+        if self.cfg.ops_listen:
+            host, port = parse_hostport(self.cfg.ops_listen)
+            try:
+                listeners = await open_ops_listeners(host, port)
+            except OSError as e:
+                self.log("error", "ops_listen_failed", address=self.cfg.ops_listen, error=str(e))
+                return 1
         with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
             self.log("info", "starting", workers=n, pid=os.getpid(), module=self.module)
             async with trio.open_nursery() as outer:
                 outer.start_soon(self.signal_loop, signals)
                 outer.start_soon(self.deadline_loop)
+                outer.start_soon(self.tick_loop)
+                if listeners:
+                    app = OpsApp(self.agg, self.cfg.ops_token, trio.current_time)
+                    outer.start_soon(serve_ops, app, listeners)
+                    self.log("info", "ops_listening", address=self.cfg.ops_listen)
                 async with trio.open_nursery() as workers:
                     for i in range(n):
                         workers.start_soon(self.worker_loop, i)

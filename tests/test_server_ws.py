@@ -315,7 +315,7 @@ async def test_per_ip_and_handshake_limits(tmp_path: Path) -> None:
         await RawWs.connect(gw.port)
         status, _ = await http_status(gw.port, rawws.upgrade_request("x", "/v1/ws"))
         assert status == 429
-        assert gw.stats["connections_rejected_429"] == 1
+        assert gw.stats["connections_rejected_handshake_rate"] == 1
 
 
 async def test_heartbeat_timeouts_and_mobile_grace(tmp_path: Path) -> None:

@@ -42,3 +42,16 @@ BREAKER_TRANSITIONS: Final = R.counter(
     "Circuit breaker state changes",
     ("cluster", "endpoint", "to"),
 )
+
+CRYPTO_BATCH_ITEMS: Final = R.histogram(
+    "gateway_crypto_batch_items",
+    "Items per seal/open batch (suite of the batch's first item)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536),
+    labels=("suite", "op"),
+)
+CRYPTO_BATCH_SECONDS: Final = R.histogram(
+    "gateway_crypto_batch_seconds",
+    "Time per seal/open batch (suite of the batch's first item)",
+    buckets=(0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25),
+    labels=("suite", "op"),
+)

@@ -15,6 +15,7 @@ from typing import Any, Final
 
 import trio
 
+from gateway.ops.names import MESSAGE_ACK
 from gateway.session.hub import Hub
 from gateway.session.state import Session
 
@@ -23,6 +24,7 @@ __all__ = ["DemoBot"]
 MAX_PENDING: Final = 200_000
 GREETING: Final = "Hi! I'm the demo bot. Say something and I'll answer."
 SENDER: Final = {"kind": "bot", "name": "demo-bot"}
+_ACK_OBSERVE: Final = MESSAGE_ACK.labels().observe
 
 
 def reply_to(body: Any) -> Any:
@@ -57,6 +59,7 @@ class DemoBot:
 
     def submit(self, hub: Hub, s: Session, msg_id: Any, n: int, body: Any) -> bool:
         hub.downstream_ack(s, msg_id)
+        _ACK_OBSERVE(0.0)  # the bot accepts at once
         if self.think_s <= 0:
             hub.deliver(s, reply_to(body), SENDER)
             return True

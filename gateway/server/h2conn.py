@@ -67,7 +67,7 @@ class H2Stream:
         self.conn = conn
         self.sid = stream_id
         self.decoder = LengthPrefixedDecoder(conn.w.cfg.max_frame)
-        self.proto = VisitorProtocol(conn.w.hub, self, origin, conn.pipe.ip)
+        self.proto = VisitorProtocol(conn.w.hub, self, origin, conn.pipe.ip, "h2")
         self.pending: deque[bytes] = deque()
         self.pending_bytes = 0
         # decoded frames not yet handled because the session paused
@@ -83,6 +83,8 @@ class H2Stream:
         payload = encode_frame(frame, Encoding.MSGPACK)
         assert isinstance(payload, bytes)
         data = length_prefix(payload)
+        if frame["t"] == "deliver":
+            self.conn.w.hub.stats["messages_out_h2"] += 1
         if self.pending_bytes + len(data) > self.conn.w.cfg.outbound_max_bytes:
             self.conn.w.hub.stats["slow_consumer_disconnects"] += 1
             self.proto.state = self.proto.CLOSED
@@ -151,7 +153,8 @@ class H2Conn:
         w.conns.add(self)
         hb = w.cfg.heartbeat_s
         w.wheel.schedule(self.last_rx + hb * (0.1 + 0.9 * random.random()), self)
-        w.hub.stats["h2_connections"] += 1
+        stats = w.hub.stats
+        stats["h2_connections"] += 1
         try:
             data = initial
             while True:
@@ -162,6 +165,7 @@ class H2Conn:
                 data = await self.pipe.recv()
                 if not data:
                     break
+                stats["bytes_in_h2"] += len(data)
                 self.last_rx = trio.current_time()
         except Exception:
             _log.exception("http/2 connection failed")
@@ -342,8 +346,12 @@ class H2Conn:
 
     def write_out(self) -> None:
         data = self.h2.data_to_send()
-        if data and not self.pipe.write(data):
-            self.w.hub.stats["slow_consumer_disconnects"] += 1
+        if not data:
+            return
+        stats = self.w.hub.stats
+        stats["bytes_out_h2"] += len(data)
+        if not self.pipe.write(data):
+            stats["slow_consumer_disconnects"] += 1
             self.pipe.abort()
 
     # -- worker hooks ----------------------------------------------------------------

@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import resource
 import socket
@@ -125,6 +126,9 @@ class Worker:
             self.ssl_ctx = ctx
         self.nursery: trio.Nursery | None = None
         self.listener: socket.socket | None = None
+        # the pipe to the supervisor's metrics (set by main(); None in tests)
+        self.stats_fd: int | None = None
+        self.reporter: Any = None
         self._log_budget = TokenBucket(20.0, 100.0, now)
 
     # -- logging and counting -----------------------------------------------------
@@ -183,9 +187,11 @@ class Worker:
                 sock.setblocking(False)
                 nursery.start_soon(self.serve, sock, addr[0])
 
-    def _refuse(self, sock: socket.socket, status: int, reason: str, retry_s: float) -> None:
-        self.hub.stats[f"connections_rejected_{status}"] += 1
-        self.event("info", "connection_refused", status=status, reason=reason)
+    def _refuse(
+        self, sock: socket.socket, status: int, why: str, reason: str, retry_s: float
+    ) -> None:
+        self.hub.stats[f"connections_rejected_{why}"] += 1
+        self.event("info", "connection_refused", status=status, why=why, reason=reason)
         try:
             sock.send(
                 response(
@@ -203,18 +209,20 @@ class Worker:
     async def serve(self, sock: socket.socket, ip: str) -> None:
         now = trio.current_time()
         if self.draining:
-            self._refuse(sock, 503, "draining", 1)
+            self._refuse(sock, 503, "draining", "draining", 1)
             return
         if self.open_sockets >= self.max_conns:
-            self._refuse(sock, 503, "worker at its connection limit", 1 + random.random())
+            self._refuse(
+                sock, 503, "worker_limit", "worker at its connection limit", 1 + random.random()
+            )
             return
         n_ip = self.per_ip.get(ip, 0)
         if n_ip >= self.max_per_ip:
-            self._refuse(sock, 429, "too many connections from this address", 5)
+            self._refuse(sock, 429, "ip_limit", "too many connections from this address", 5)
             return
         wait = self.handshakes.take(now)
         if wait > 0:
-            self._refuse(sock, 429, "too many handshakes", wait + random.random())
+            self._refuse(sock, 429, "handshake_rate", "too many handshakes", wait + random.random())
             return
         self.per_ip[ip] = n_ip + 1
         self.open_sockets += 1
@@ -392,6 +400,8 @@ class Worker:
             while self.conns:
                 await trio.sleep(0.02)
         self.event("info", "drained", left=len(self.conns))
+        if self.reporter is not None:
+            await self.reporter.push()  # the last counts before exiting
 
     async def run(
         self, handle_signals: bool = True, task_status: Any = trio.TASK_STATUS_IGNORED
@@ -407,6 +417,11 @@ class Worker:
                 nursery.start_soon(self.forwarder.run)
             if handle_signals:
                 nursery.start_soon(self.signal_loop, nursery.cancel_scope)
+            if self.stats_fd is not None:
+                from gateway.ops.report import Reporter, worker_snapshot
+
+                self.reporter = Reporter(self.stats_fd, lambda: worker_snapshot(self))
+                nursery.start_soon(self.reporter.run)
             task_status.started(lsock.getsockname()[1])
 
 
@@ -419,7 +434,12 @@ def _setup_logging(level: str, index: int) -> None:
 
 
 async def _amain(cfg: Config, index: int) -> None:
+    from gateway.ops.report import STATS_FD_ENV
+
     w = Worker(cfg, index)
+    fd = os.environ.get(STATS_FD_ENV)
+    if fd and fd.isdigit():
+        w.stats_fd = int(fd)
     await w.run()
 
 

@@ -91,6 +91,7 @@ class WsConn:
         pipe = self.pipe
         w.wheel.schedule(self.last_rx + w.cfg.hello_timeout_s, self)
         w.conns.add(self)
+        stats = w.hub.stats
         try:
             data = trailing
             while True:
@@ -104,6 +105,7 @@ class WsConn:
                 data = await pipe.recv()
                 if not data:
                     break
+                stats["bytes_in_ws"] += len(data)
                 self.last_rx = trio.current_time()
         except Exception:  # a bug must not take down the worker
             _log.exception("websocket connection failed")
@@ -210,6 +212,8 @@ class WsConn:
             out = self.ws.send(TextMessage(data=payload))
         else:
             out = self.ws.send(BytesMessage(data=payload))
+        if frame["t"] == "deliver":
+            self.w.hub.stats["messages_out_ws"] += 1
         self._write(out)
 
     def _write(self, data: bytes) -> None:
@@ -217,8 +221,10 @@ class WsConn:
         if cork is not None:
             cork.append(data)
             return
+        stats = self.w.hub.stats
+        stats["bytes_out_ws"] += len(data)
         if not self.pipe.write(data):
-            self.w.hub.stats["slow_consumer_disconnects"] += 1
+            stats["slow_consumer_disconnects"] += 1
             self.closing = True
             self.proto.state = self.proto.CLOSED
             self.pipe.abort()
@@ -239,6 +245,7 @@ class WsConn:
             self.resume_ev.set()
             self.resume_ev = None
         if data:
+            self.w.hub.stats["bytes_out_ws"] += len(data)
             self.pipe.write(data)
         self.pipe.close_after_flush()
         self.w.wheel.schedule(trio.current_time() + CLOSE_GRACE_S, self)

@@ -63,17 +63,34 @@ def _check_id(msg_id: Any) -> Any:
     raise _bad("msg.id must be a string of at most 64 bytes or an int in 0..2^63-1")
 
 
+#: Counter key of visitor messages received, per transport.
+_MSG_IN: Final = {"ws": "messages_in_ws", "h2": "messages_in_h2"}
+
+
 class VisitorProtocol:
     """States: waiting for ``hello``, open (a session attached), closed."""
 
-    __slots__ = ("hub", "ip", "origin", "paused", "platform", "session", "sink", "state")
+    __slots__ = (
+        "hub",
+        "ip",
+        "origin",
+        "paused",
+        "platform",
+        "session",
+        "sink",
+        "state",
+        "transport",
+    )
 
     HELLO: Final = 0
     OPEN: Final = 1
     CLOSED: Final = 2
 
-    def __init__(self, hub: Hub, sink: Sink, origin: str | None, ip: str = "") -> None:
+    def __init__(
+        self, hub: Hub, sink: Sink, origin: str | None, ip: str = "", transport: str = "ws"
+    ) -> None:
         self.hub = hub
+        self.transport = transport
         self.sink = sink
         self.origin = origin
         self.ip = ip
@@ -211,7 +228,7 @@ class VisitorProtocol:
         tb = type(body)
         if tb is not str and tb is not bytes:
             raise _bad("msg.body must be a string or bytes")
-        hub.stats["messages_in"] += 1
+        hub.stats[_MSG_IN.get(self.transport, "messages_in_other")] += 1
         known = s.classify(msg_id)
         if known is not None:
             hub.stats["duplicates_dropped"] += 1

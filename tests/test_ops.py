@@ -1,0 +1,242 @@
+"""The operator endpoint's sans-IO parts: counter-key mapping, merging worker
+snapshots (monotonic across restarts), the Prometheus text rendering (parsed
+back with prometheus_client), the snapshot wire format and the routes."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any
+
+import msgpack
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.ops.aggregate import Aggregator, families_of, quantile
+from gateway.ops.app import OpsApp
+from gateway.ops.exposition import render
+from gateway.ops.registry import Registry
+from gateway.ops.statsmap import map_key
+from gateway.ops.wire import MAX_SNAPSHOT_BYTES, SnapshotDecoder, WireError, encode_snapshot
+from gateway.server.http1 import parse_head
+
+
+def parsed(text: str) -> dict[str, Any]:
+    """{family name: {(sample name, sorted labels): value}}"""
+    out: dict[str, Any] = {}
+    for fam in text_string_to_metric_families(text):
+        d = out.setdefault(fam.name, {"type": fam.type, "samples": {}})
+        for s in fam.samples:
+            d["samples"][(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def snap(pid: int, stats: dict[str, int], conns: int = 0, reg: Registry | None = None) -> dict:
+    return {
+        "pid": pid,
+        "ready": True,
+        "stats": stats,
+        "gauges": {"gateway_connections_open": conns, "gateway_sessions": conns},
+        "reg": (reg or Registry()).snapshot(),
+    }
+
+
+@pytest.mark.parametrize(
+    ("key", "name", "labels"),
+    [
+        ("connections_accepted", "gateway_connections_accepted_total", ()),
+        ("errors_4003", "gateway_errors_sent_total", (("code", "4003"),)),
+        ("closed_1009", "gateway_closes_total", (("code", "1009"),)),
+        ("bytes_in_h2", "gateway_bytes_in_total", (("transport", "h2"),)),
+        ("messages_in_ws", "gateway_messages_in_total", (("transport", "ws"),)),
+        ("connections_rejected_ip_limit", "gateway_connections_rejected_total",
+         (("reason", "ip_limit"),)),
+        ("rate_limited_msg_tenant", "gateway_rate_limited_total",
+         (("kind", "message"), ("scope", "tenant"))),
+        ("ws_upgrades", "gateway_handshakes_total", (("transport", "ws"),)),
+        ("something_new", "gateway_events_total", (("event", "something_new"),)),
+        ("errors_", "gateway_events_total", (("event", "errors_"),)),
+    ],
+)  # fmt: skip
+def test_map_key(key: str, name: str, labels: tuple[tuple[str, str], ...]) -> None:
+    assert map_key(key) == (name, labels)
+
+
+def test_quantile_interpolates_within_buckets() -> None:
+    bounds = (1.0, 2.0, 4.0)
+    assert quantile(bounds, [0, 0, 0, 0], 0.5) is None
+    assert quantile(bounds, [10, 0, 0, 0], 0.5) == pytest.approx(0.5)
+    assert quantile(bounds, [0, 10, 10, 0], 0.5) == pytest.approx(2.0)
+    assert quantile(bounds, [0, 10, 10, 0], 0.75) == pytest.approx(3.0)
+    assert quantile(bounds, [0, 0, 0, 5], 0.99) == 4.0  # +Inf bucket: the last bound
+
+
+def test_merge_sums_workers_and_survives_restart() -> None:
+    agg = Aggregator(workers=2)
+    r1, r2 = Registry(), Registry()
+    for r, vals in ((r1, (0.0004, 0.003)), (r2, (0.02,))):
+        h = r.histogram("gateway_message_ack_seconds", "ack")
+        for v in vals:
+            h.observe(v)
+        r.gauge("gateway_breaker_state", "b", ("cluster", "endpoint")).labels("c", "e").set(
+            2 if r is r2 else 0
+        )
+    agg.update(0, snap(100, {"messages_in_ws": 5, "errors_4003": 1}, 3, r1), 10.0)
+    agg.update(1, snap(200, {"messages_in_ws": 7}, 4, r2), 10.0)
+    text = render(agg.merged(10.0))
+    m = parsed(text)
+    assert (
+        m["gateway_messages_in"]["samples"][("gateway_messages_in_total", (("transport", "ws"),))]
+        == 12
+    )
+    assert (
+        m["gateway_messages_in"]["samples"][("gateway_messages_in_total", (("transport", "h2"),))]
+        == 0
+    )  # seeded
+    assert m["gateway_connections_open"]["samples"][("gateway_connections_open", ())] == 7
+    ack = m["gateway_message_ack_seconds"]["samples"]
+    assert ack[("gateway_message_ack_seconds_count", ())] == 3
+    assert ack[("gateway_message_ack_seconds_bucket", (("le", "0.0005"),))] == 1
+    assert ack[("gateway_message_ack_seconds_bucket", (("le", "0.005"),))] == 2
+    assert ack[("gateway_message_ack_seconds_bucket", (("le", "+Inf"),))] == 3
+    assert ack[("gateway_message_ack_seconds_sum", ())] == pytest.approx(0.0234)
+    # the worst breaker state over the workers
+    key = ("gateway_breaker_state", (("cluster", "c"), ("endpoint", "e")))
+    assert m["gateway_breaker_state"]["samples"][key] == 2
+    # worker 1 restarts (new pid, counters from zero): totals never go down
+    agg.update(1, snap(201, {"messages_in_ws": 1}, 1), 11.0)
+    agg.restarts = 1
+    m = parsed(render(agg.merged(11.0)))
+    ws = ("gateway_messages_in_total", (("transport", "ws"),))
+    assert m["gateway_messages_in"]["samples"][ws] == 5 + 7 + 1
+    assert m["gateway_connections_open"]["samples"][("gateway_connections_open", ())] == 4
+    assert m["gateway_worker_restarts"]["samples"][("gateway_worker_restarts_total", ())] == 1
+    assert (
+        m["gateway_message_ack_seconds"]["samples"][("gateway_message_ack_seconds_count", ())] == 3
+    )  # the retired histogram is kept
+    # worker 0 exits for good: its gauges go, its counters stay
+    agg.worker_gone(0)
+    m = parsed(render(agg.merged(12.0)))
+    assert m["gateway_messages_in"]["samples"][ws] == 13
+    assert m["gateway_connections_open"]["samples"][("gateway_connections_open", ())] == 1
+    assert m["gateway_workers_up"]["samples"][("gateway_workers_up", ())] == 1
+
+
+def test_stale_worker_is_not_up_and_readiness() -> None:
+    agg = Aggregator(workers=1)
+    assert not agg.ready(0.0)  # no worker yet
+    agg.update(0, snap(1, {}, 2), 0.0)
+    assert agg.ready(1.0)
+    assert not agg.ready(100.0)  # silent for too long
+    m = parsed(render(agg.merged(100.0)))
+    assert "gateway_connections_open" not in m  # a silent worker's gauges are not shown
+    agg.update(0, snap(1, {}, 2), 100.0)
+    agg.draining = True
+    assert not agg.ready(100.5)
+
+
+def test_rates_and_latency_for_the_dashboard() -> None:
+    agg = Aggregator(workers=1)
+    r = Registry()
+    h = r.histogram("gateway_message_ack_seconds", "ack")
+    for t in range(12):
+        for _ in range(100):
+            h.observe(0.002)
+        agg.update(0, snap(1, {"messages_in_ws": 100 * (t + 1)}, 10, r), float(t))
+        agg.tick(float(t))
+    api = agg.api(11.0)
+    assert api["ready"] and api["workers_up"] == 1
+    tot = api["totals"]
+    assert tot["msgs_in_per_s"] == pytest.approx(100.0)
+    assert tot["connections"] == 10
+    assert 1.0 <= tot["p50_ms"] <= 2.5 and 1.0 <= tot["p99_ms"] <= 2.5
+    assert api["workers"][0]["msgs_in_per_s"] == pytest.approx(100.0)
+    assert len(api["series"]) == 12
+    json.dumps(api)  # plain data
+
+
+def test_exposition_escapes_and_parses() -> None:
+    r = Registry()
+    c = r.counter("gateway_x_total", "help with \\ and\nnewline", ("name",))
+    c.labels('a "quoted"\nvalue \\ here').inc(3)
+    r.gauge("gateway_g", "g").set(1.5)
+    fams = families_of({"reg": r.snapshot()})
+    m = parsed(render(fams))
+    assert m["gateway_x"]["type"] == "counter"
+    assert (
+        m["gateway_x"]["samples"][("gateway_x_total", (("name", 'a "quoted"\nvalue \\ here'),))]
+        == 3
+    )
+    assert m["gateway_g"]["samples"][("gateway_g", ())] == 1.5
+
+
+def test_every_exported_name_follows_conventions() -> None:
+    agg = Aggregator(workers=1)
+    stats = {k: 1 for k in ("connections_accepted", "errors_4001", "bytes_out_ws", "odd")}
+    from gateway.ops import names  # noqa: F401  (declares the registry's metrics)
+    from gateway.ops.registry import REGISTRY
+
+    agg.update(0, {"pid": 1, "stats": stats, "reg": REGISTRY.snapshot()}, 0.0)
+    for fam in text_string_to_metric_families(render(agg.merged(0.0))):
+        assert fam.name.startswith("gateway_")
+        assert fam.type in ("counter", "gauge", "histogram")
+        if fam.type == "histogram":
+            assert fam.name.endswith(("_seconds", "_items"))
+        for s in fam.samples:
+            if fam.type == "counter":
+                assert s.name.endswith(("_total", "_created"))
+            assert not math.isnan(s.value)
+
+
+def test_wire_roundtrip_in_pieces_and_bounds() -> None:
+    a, b = {"pid": 1, "stats": {"x": 1}}, {"pid": 1, "stats": {"x": 2}}
+    data = encode_snapshot(a) + encode_snapshot(b)
+    dec = SnapshotDecoder()
+    got: list[dict] = []
+    for i in range(0, len(data), 3):
+        got += dec.feed(data[i : i + 3])
+    assert got == [a, b]
+    with pytest.raises(WireError):
+        SnapshotDecoder().feed(struct.pack("!I", MAX_SNAPSHOT_BYTES + 1))
+    body = msgpack.packb([1, 2])
+    with pytest.raises(WireError):
+        SnapshotDecoder().feed(struct.pack("!I", len(body)) + body)
+    with pytest.raises(WireError):
+        SnapshotDecoder().feed(struct.pack("!I", 1) + b"\xc1")  # never-used msgpack byte
+
+
+def req(raw: str) -> Any:
+    p = parse_head(raw.encode())
+    assert p is not None
+    return p[0]
+
+
+def status(resp: bytes) -> int:
+    return int(resp.split(b" ", 2)[1])
+
+
+def test_routes_and_bearer_token() -> None:
+    agg = Aggregator(workers=1)
+    app = OpsApp(agg, "s3cret-token", lambda: 0.0)
+    assert status(app.handle(req("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))) == 200
+    assert status(app.handle(req("GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"))) == 503
+    agg.update(0, snap(1, {}), 0.0)
+    assert status(app.handle(req("GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"))) == 200
+    for path in ("/metrics", "/api/stats", "/"):
+        r = app.handle(req(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"))
+        assert status(r) == 401 and b"WWW-Authenticate: Bearer" in r
+        r = app.handle(req(f"GET {path} HTTP/1.1\r\nAuthorization: Bearer wrong\r\n\r\n"))
+        assert status(r) == 401
+        r = app.handle(req(f"GET {path} HTTP/1.1\r\nAuthorization: Bearer s3cret-token\r\n\r\n"))
+        assert status(r) == 200
+    r = app.handle(req("GET /?token=s3cret-token HTTP/1.1\r\nHost: x\r\n\r\n"))
+    assert status(r) == 200 and b"<title>gateway dashboard</title>" in r
+    r = app.handle(req("GET /metrics HTTP/1.1\r\nAuthorization: Bearer s3cret-token\r\n\r\n"))
+    assert b"text/plain; version=0.0.4" in r and b"gateway_workers_up 1" in r
+    assert status(app.handle(req("POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n"))) == 405
+    assert status(app.handle(req("GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"))) == 404
+    agg.draining = True
+    r = app.handle(req("GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"))
+    assert status(r) == 503 and r.endswith(b"draining\n")
+    assert app.denied == 6  # two refusals for each of the three routes
