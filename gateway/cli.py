@@ -1,4 +1,5 @@
-"""``gateway`` command line: ``serve``, ``token``, ``selfcheck``.
+"""``gateway`` command line: ``serve``, ``token``, ``desk-sim``, ``loadtest``,
+``selfcheck``.
 
 Subcommands are entries of :data:`COMMANDS` (name, help, argument setup,
 handler), registered with the :func:`command` decorator; later ones
@@ -218,6 +219,24 @@ def _desk_sim(args: argparse.Namespace) -> int:
     )
     host, port = args.listen
     return run_desk_sim(cfg, host, port, args.record, args.processes)
+
+
+# --- loadtest ----------------------------------------------------------------
+
+
+def _setup_loadtest(p: argparse.ArgumentParser) -> None:
+    from gateway.loadtest.cli import setup
+
+    setup(p)
+
+
+@command(
+    "loadtest", "load-test a gateway: connections, messages, latency, reports", _setup_loadtest
+)
+def _loadtest(args: argparse.Namespace) -> int:
+    from gateway.loadtest.cli import run
+
+    return run(args)
 
 
 # --- selfcheck ---------------------------------------------------------------

@@ -1,17 +1,20 @@
-"""One load-client process: an epoll loop driving many WebSocket connections.
+"""One load-client process: an epoll loop driving many connections.
 
-Speaks either the gateway protocol (`mode="gateway"`: upgrade, hello with a
-token, msg -> ack round trips, deliver acks, heartbeat pongs, resume) or plain
-echo (`mode="echo"`: a text message and its echo, for peer servers such as the
-`websockets` library). Everything is bounded: connections, in-flight
-messages, run time. Results are plain dicts (histograms HDR-encoded) so the
-runner can merge processes.
+Speaks either the gateway protocol (`mode="gateway"`: hello with a token,
+msg -> ack round trips, deliver acks, heartbeat pongs, resume) over WebSocket
+or HTTP/2 (`transport`), or plain WebSocket echo (`mode="echo"`: a text
+message and its echo, for peer servers such as the `websockets` library).
+Optionally the message bodies are sealed end to end (`encrypt`: the native
+core, one batch per loop turn) and the echoed deliveries opened and checked.
+Everything is bounded: connections, in-flight messages, run time. Results
+are plain dicts (histograms HDR-encoded) so the runner can merge processes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import heapq
 import os
 import select
 import socket
@@ -23,6 +26,7 @@ import msgpack
 from hdrh.histogram import HdrHistogram
 
 from gateway.loadtest import rawws
+from gateway.loadtest.h2client import H2Error, H2Stream
 
 # Connection states.
 CONNECTING, UPGRADING, HELLO, OPEN, CLOSED = range(5)
@@ -59,12 +63,21 @@ class Plan:
     origin: str | None = None
     platform: str = "web"
     ready_file: str | None = None  # touched once every connection is open
+    transport: str = "ws"  # "ws" | "h2" (h2c, prior knowledge)
+    size_mix: list[list[int]] = field(default_factory=list)  # [[bytes, weight], ...]
+    encrypt: str = ""  # "" | "aes-256-gcm" | "aes-128-gcm" | "sm4-gcm"
+    token_secret: str = ""  # mint tokens here (else `tokens`)
+    tenant: str = "demo"
+    kid: str | None = None
+    visitor_prefix: str = "lt"
+    visitor_base: int = 0  # this process's first visitor number
 
 
 class Conn:
     __slots__ = (
         "acked_seq",
         "fd",
+        "h2",
         "idx",
         "inflight_id",
         "last_seq",
@@ -98,6 +111,20 @@ class Conn:
         self.last_seq = 0
         self.acked_seq = 0
         self.resume = False
+        self.h2: H2Stream | None = None
+
+
+def body_sequence(size: int, mix: list[list[int]], n: int = 1024) -> list[bytes]:
+    """``n`` message bodies whose sizes follow ``mix`` ([[bytes, weight],
+    ...]; empty = all ``size``), in a shuffled order that repeats."""
+    import random
+
+    rnd = random.Random(size ^ len(mix))
+    if not mix:
+        sizes = [size]
+    else:
+        sizes = rnd.choices([m[0] for m in mix], weights=[m[1] for m in mix], k=n)
+    return [os.urandom(max(1, s) // 2 + 1).hex()[: max(1, s)].encode() for s in sizes]
 
 
 class Engine:
@@ -112,6 +139,9 @@ class Engine:
         self.connect_h = new_hist()
         self.rtt_h = new_hist()
         self.resume_h = new_hist()
+        self.deliver_h = new_hist()
+        self.sec_h = new_hist()  # round trips of the current second
+        self.sec_hists: list[list[Any]] = []  # [second, encoded histogram]
         self.counts: dict[str, int] = {
             "connected": 0,
             "connect_errors": 0,
@@ -126,17 +156,36 @@ class Engine:
             "resume_fresh": 0,
             "resyncs": 0,
             "storm_dropped": 0,
+            "sealed": 0,
+            "opened": 0,
+            "open_failed": 0,
         }
         self.errors: dict[str, int] = {}
         self.closes: dict[str, int] = {}
         self.timeline: list[list[float]] = []
+        self.retry: list[tuple[float, int]] = []  # (when, connection) after a refusal
         self.open_now = 0
         self.pending = 0
         self.src_i = 0
         hello_base: dict[str, Any] = {"t": "hello", "v": 1, "platform": plan.platform}
         self.hello_base = hello_base
-        self.body = os.urandom(plan.size // 2).hex()[: plan.size].encode()
+        self.bodies = body_sequence(plan.size, plan.size_mix)
+        self.body_i = 0
+        self.body = self.bodies[0]
         self.text_msg = rawws.frame(self.body, rawws.OP_TEXT)
+        self.authority = f"{plan.host}:{plan.port}"
+        self.secret = plan.token_secret.encode()
+        # end-to-end sealing: sends and opens gathered per loop turn
+        self.keyring: Any = None
+        self.key = 0
+        self.outbox: list[Conn] = []
+        self.inbox: list[bytes] = []
+        if plan.encrypt:
+            from gateway.crypto import Keyring
+
+            suite = plan.encrypt
+            self.keyring = Keyring(fixed=int.from_bytes(os.urandom(4), "big"))
+            self.key = self.keyring.add(suite, os.urandom(16 if suite != "aes-256-gcm" else 32))
         self.packer = msgpack.Packer(use_bin_type=True)
         self.t0 = time.monotonic()
 
@@ -165,6 +214,7 @@ class Engine:
         c.rbuf = bytearray()
         c.reader = rawws.FrameReader()
         c.out = b""
+        c.h2 = None
         c.t_open = time.monotonic()
         c.resume = resume
         c.inflight_id = -1 if not resume else c.inflight_id
@@ -209,7 +259,22 @@ class Engine:
             self.ep.modify(c.fd, select.EPOLLIN | select.EPOLLOUT)
 
     def _send_frame(self, c: Conn, obj: dict[str, Any]) -> None:
-        self._send(c, rawws.frame(self.packer.pack(obj)))
+        h2s = c.h2
+        if h2s is None:
+            self._send(c, rawws.frame(self.packer.pack(obj)))
+            return
+        try:
+            h2s.send(self.packer.pack(obj))
+        except H2Error as e:
+            self._close(c, e.reason)
+            return
+        self._send(c, h2s.out())
+
+    def _next_body(self) -> bytes:
+        bodies = self.bodies
+        b = bodies[self.body_i % len(bodies)]
+        self.body_i += 1
+        return b
 
     def _send_msg(self, c: Conn, now: float) -> None:
         c.t_sent = now
@@ -219,8 +284,48 @@ class Engine:
         else:
             c.inflight_id = c.next_id
             c.next_id += 1
-            self._send_frame(c, {"t": "msg", "id": c.inflight_id, "body": self.body})
+            if self.keyring is not None:
+                self.outbox.append(c)  # sealed with the others at the end of this turn
+                return
+            self._send_frame(c, {"t": "msg", "id": c.inflight_id, "body": self._next_body()})
         self.counts["sent"] += 1
+
+    def _flush_crypto(self) -> None:
+        """Seals this turn's messages in one batch and opens this turn's
+        sealed deliveries in another."""
+        kr = self.keyring
+        if self.outbox:
+            conns, self.outbox = self.outbox, []
+            aad = self.p.tenant.encode()
+            sealed = kr.seal_many([(self.key, self._next_body(), aad) for _ in conns])
+            self.counts["sealed"] += len(sealed)
+            for c, body in zip(conns, sealed, strict=True):
+                if c.sock is not None and c.state == OPEN:
+                    self._send_frame(c, {"t": "msg", "id": c.inflight_id, "body": body})
+                    self.counts["sent"] += 1
+        if self.inbox:
+            items, self.inbox = self.inbox, []
+            aad = self.p.tenant.encode()
+            opened = kr.open_many([(self.key, b, aad) for b in items])
+            bad = sum(1 for o in opened if o is None)
+            self.counts["opened"] += len(opened) - bad
+            self.counts["open_failed"] += bad
+
+    def _token(self, c: Conn) -> str:
+        if c.token or not self.secret:
+            return c.token
+        from gateway.protocol.tokens import mint
+
+        p = self.p
+        visitor = f"{p.visitor_prefix}-{p.visitor_base + c.idx}"
+        c.token = mint(p.tenant, visitor, self.secret, 24 * 3600, time.time(), kid=p.kid)
+        return c.token
+
+    def _hello(self, c: Conn) -> None:
+        hello = dict(self.hello_base, token=self._token(c))
+        if c.resume and c.sid:
+            hello["resume"] = {"sid": c.sid, "last": c.last_seq}
+        self._send_frame(c, hello)
 
     # -- events ----------------------------------------------------------
 
@@ -232,11 +337,14 @@ class Engine:
                 self._close(c, None)
                 self.pending += 0
                 return
-            c.state = UPGRADING
             self.ep.modify(c.fd, select.EPOLLIN)
-            self._send(
-                c, rawws.upgrade_request(f"{self.p.host}:{self.p.port}", self.p.path, self.p.origin)
-            )
+            if self.p.transport == "h2":
+                c.state = HELLO
+                c.h2 = H2Stream(self.authority, self.p.path)
+                self._hello(c)
+                return
+            c.state = UPGRADING
+            self._send(c, rawws.upgrade_request(self.authority, self.p.path, self.p.origin))
             return
         if c.out and c.sock is not None:
             try:
@@ -263,7 +371,10 @@ class Engine:
         if c.idx < self.p.active and self.p.rate == 0 and now < self.send_until:
             if c.inflight_id >= 0 and self.p.mode == "gateway":
                 # Resend the unacknowledged message with its id (deduplicated).
-                self._send_frame(c, {"t": "msg", "id": c.inflight_id, "body": self.body})
+                body = self.body
+                if self.keyring is not None:
+                    body = self.keyring.seal_many([(self.key, body, self.p.tenant.encode())])[0]
+                self._send_frame(c, {"t": "msg", "id": c.inflight_id, "body": body})
             else:
                 self._send_msg(c, now)
 
@@ -278,6 +389,24 @@ class Engine:
             return
         if not data:
             self._close(c, "eof")
+            return
+        h2s = c.h2
+        if h2s is not None:
+            try:
+                payloads = h2s.feed(data)
+            except H2Error as e:
+                if e.reason.startswith("http:"):
+                    self.counts["handshake_rejected"] += 1
+                    self._err(e.reason)
+                self._close(c, e.reason)
+                return
+            out = h2s.out()
+            if out:
+                self._send(c, out)
+            for payload in payloads:
+                self._on_frame(c, payload, now)
+                if c.sock is None:
+                    return
             return
         if c.state == UPGRADING:
             c.rbuf += data
@@ -296,10 +425,7 @@ class Engine:
                 self._opened(c, now)
             else:
                 c.state = HELLO
-                hello = dict(self.hello_base, token=c.token)
-                if c.resume and c.sid:
-                    hello["resume"] = {"sid": c.sid, "last": c.last_seq}
-                self._send_frame(c, hello)
+                self._hello(c)
             if not data:
                 return
         try:
@@ -325,7 +451,9 @@ class Engine:
                     return
 
     def _record_rtt(self, c: Conn, now: float) -> None:
-        self.rtt_h.record_value(min(int((now - c.t_sent) * 1e6) or 1, HIST_MAX_US))
+        us = min(int((now - c.t_sent) * 1e6) or 1, HIST_MAX_US)
+        self.rtt_h.record_value(us)
+        self.sec_h.record_value(us)
         self.counts["acked"] += 1
         c.inflight_id = -1
         if self.p.rate == 0 and c.idx < self.p.active and now < self.send_until:
@@ -352,6 +480,13 @@ class Engine:
             if seq > c.last_seq:
                 c.last_seq = seq
                 self.counts["delivered"] += 1
+                ts = f.get("ts")
+                if type(ts) is int:
+                    lag = int(time.time() * 1e6) - ts * 1000
+                    self.deliver_h.record_value(min(max(lag, 1), HIST_MAX_US))
+                body = f.get("body")
+                if self.keyring is not None and type(body) is bytes:
+                    self.inbox.append(body)
             if c.last_seq - c.acked_seq >= 16:
                 c.acked_seq = c.last_seq
                 self._send_frame(c, {"t": "ack", "seq": c.last_seq})
@@ -369,12 +504,33 @@ class Engine:
             self._send_frame(c, {"t": "pong", "ts": f.get("ts", 0)})
         elif t == "error":
             self._err(f"code:{f.get('code')}")
+            if f.get("id") is not None and f.get("id") == c.inflight_id:
+                # refused (4029, 4429, ...): a closed loop sends again after retry_after
+                c.inflight_id = -1
+                if self.p.rate == 0 and c.idx < self.p.active:
+                    wait = f.get("retry_after")
+                    wait_s = wait / 1000 if type(wait) is int and 0 < wait < 600_000 else 1.0
+                    heapq.heappush(self.retry, (now + wait_s, c.idx))
         elif t == "goaway":
             self._err("goaway")
 
     # -- main loop ---------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def _progress_row(self, now: float, start: float) -> dict[str, Any]:
+        return {
+            "t": round(now - start, 3),
+            "open": self.open_now,
+            "pending": self.pending,
+            "connected": self.counts["connected"],
+            "sent": self.counts["sent"],
+            "acked": self.counts["acked"],
+            "delivered": self.counts["delivered"],
+            "errors": sum(self.errors.values()),
+        }
+
+    def run(self, progress: Any = None) -> dict[str, Any]:
+        """Runs the plan; ``progress`` (if given) is called about once a
+        second with a small dict of running totals."""
         p = self.p
         start = time.monotonic()
         hard_stop = start + p.max_runtime
@@ -430,6 +586,11 @@ class Engine:
                     self._err("send_backlog")
                     rate_credit = 0
             last_tick = now
+            retry = self.retry
+            while retry and retry[0][0] <= now:
+                c = self.conns[heapq.heappop(retry)[1]]
+                if c.state == OPEN and c.inflight_id < 0 and now < self.send_until:
+                    self._send_msg(c, now)
             # Reconnect storm: drop N open connections at once, resume them.
             if (
                 not storm_done
@@ -455,6 +616,11 @@ class Engine:
                         self.counts["delivered"],
                     ]
                 )
+                if self.sec_h.get_total_count():
+                    self.sec_hists.append([int(now - start), self.sec_h.encode().decode()])
+                    self.sec_h.reset()
+                if progress is not None:
+                    progress(self._progress_row(now, start))
             for fd, ev in self.ep.poll(0.05):
                 got = self.by_fd.get(fd)
                 if got is None:
@@ -469,6 +635,8 @@ class Engine:
                         self._on_writable(c)
                         continue
                     self._on_readable(c, time.monotonic())
+            if self.keyring is not None:
+                self._flush_crypto()
         elapsed_send = (
             (min(time.monotonic(), self.send_until) - opened_all_at) if opened_all_at else 0
         )
@@ -484,7 +652,9 @@ class Engine:
                 "connect_us": self.connect_h.encode().decode(),
                 "rtt_us": self.rtt_h.encode().decode(),
                 "resume_us": self.resume_h.encode().decode(),
+                "deliver_us": self.deliver_h.encode().decode(),
             },
+            "sec_hists": self.sec_hists,
         }
         for c in self.conns:
             if c.sock is not None:

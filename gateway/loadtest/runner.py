@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -22,9 +23,12 @@ PER_PROCESS = 18_000
 CONNS_PER_SRC_IP = 25_000
 
 
-def _child(plan_d: dict[str, Any], q: Any) -> None:
+def _child(plan_d: dict[str, Any], q: Any, index: int = 0) -> None:
+    def progress(row: dict[str, Any]) -> None:
+        q.put({"progress": index, **row})
+
     try:
-        q.put(Engine(Plan(**plan_d)).run())
+        q.put(Engine(Plan(**plan_d)).run(progress))
     except BaseException as e:  # report, never hang the parent
         q.put({"fatal": repr(e)})
 
@@ -41,6 +45,7 @@ def src_ips_for(proc: int, conns: int, base: str = "127.0.0.1") -> list[str]:
 def split(plan: Plan, processes: int | None = None, per_process: int = PER_PROCESS) -> list[Plan]:
     procs = processes or max(1, math.ceil(plan.connections / per_process))
     plans = []
+    first = 0
     for i in range(procs):
         conns = plan.connections // procs + (1 if i < plan.connections % procs else 0)
         active = plan.active // procs + (1 if i < plan.active % procs else 0)
@@ -53,30 +58,52 @@ def split(plan: Plan, processes: int | None = None, per_process: int = PER_PROCE
                 rate=plan.rate / procs if plan.rate else 0.0,
                 storm=plan.storm // procs + (1 if i < plan.storm % procs else 0),
                 max_pending=max(1, plan.max_pending // procs),
-                src_ips=src_ips_for(i, conns) if procs > 1 else plan.src_ips,
+                src_ips=src_ips_for(i, conns, plan.src_ips[0]) if procs > 1 else plan.src_ips,
                 tokens=plan.tokens[i::procs] if plan.tokens else [],
                 ready_file=f"{plan.ready_file}.{i}" if plan.ready_file else None,
+                visitor_base=plan.visitor_base + first,
             )
         )
+        first += conns
     return plans
 
 
-def run(plan: Plan, processes: int | None = None, per_process: int = PER_PROCESS) -> dict[str, Any]:
+def run(
+    plan: Plan,
+    processes: int | None = None,
+    per_process: int = PER_PROCESS,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Runs ``plan`` over client processes; ``progress`` (if given) gets the
+    summed running totals about once a second."""
     plans = split(plan, processes, per_process)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     t0 = time.monotonic()
-    ps = [ctx.Process(target=_child, args=(asdict(p), q), daemon=True) for p in plans]
+    ps = [
+        ctx.Process(target=_child, args=(asdict(p), q, i), daemon=True) for i, p in enumerate(plans)
+    ]
     for p in ps:
         p.start()
     results: list[dict[str, Any]] = []
+    latest: dict[int, dict[str, Any]] = {}
     deadline = t0 + plan.max_runtime + 60
     while len(results) < len(ps) and time.monotonic() < deadline:
         try:
-            results.append(q.get(timeout=1.0))
+            msg = q.get(timeout=1.0)
         except Exception:
             if not any(p.is_alive() for p in ps) and q.empty():
                 break
+            continue
+        if "progress" in msg:
+            latest[msg.pop("progress")] = msg
+            if progress is not None and (len(latest) == len(ps) or msg["t"] > 3):
+                total = {k: sum(r[k] for r in latest.values()) for k in msg if k != "t"}
+                total["t"] = time.monotonic() - t0
+                total["processes"] = len(ps)
+                progress(total)
+            continue
+        results.append(msg)
     for p in ps:
         p.join(timeout=5)
         if p.is_alive():
@@ -84,7 +111,7 @@ def run(plan: Plan, processes: int | None = None, per_process: int = PER_PROCESS
     merged = merge(results)
     merged["processes"] = len(plans)
     merged["wall_seconds"] = time.monotonic() - t0
-    merged["plan"] = {k: v for k, v in asdict(plan).items() if k != "tokens"}
+    merged["plan"] = {k: v for k, v in asdict(plan).items() if k not in ("tokens", "token_secret")}
     return merged
 
 
@@ -102,13 +129,26 @@ def _pct(h: HdrHistogram) -> dict[str, float]:
     }
 
 
+#: Percentiles of the percentile curve in the report (out to 99.999).
+CURVE: tuple[float, ...] = (
+    0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99, 99.999, 100,
+)  # fmt: skip
+
+
+def _curve(h: HdrHistogram) -> list[list[float]]:
+    if h.get_total_count() == 0:
+        return []
+    return [[q, h.get_value_at_percentile(q) / 1000] for q in CURVE]
+
+
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     counts: dict[str, int] = {}
     errors: dict[str, int] = {}
     closes: dict[str, int] = {}
     fatal = [r["fatal"] for r in results if "fatal" in r]
     ok = [r for r in results if "fatal" not in r]
-    hists = {k: new_hist() for k in ("connect_us", "rtt_us", "resume_us")}
+    hists = {k: new_hist() for k in ("connect_us", "rtt_us", "resume_us", "deliver_us")}
+    per_sec: dict[int, HdrHistogram] = {}
     timeline: dict[int, list[float]] = {}
     for r in ok:
         for src, dst in ((r["counts"], counts), (r["errors"], errors), (r["closes"], closes)):
@@ -116,6 +156,11 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
                 dst[k] = dst.get(k, 0) + v
         for k, enc in r["hist"].items():
             hists[k].add(HdrHistogram.decode(enc.encode()))
+        for sec, enc in r.get("sec_hists", []):
+            h = per_sec.get(sec)
+            if h is None:
+                h = per_sec[sec] = new_hist()
+            h.add(HdrHistogram.decode(enc.encode()))
         for t, open_, acked, delivered in r["timeline"]:
             row = timeline.setdefault(int(t), [int(t), 0, 0, 0])
             row[1] += open_
@@ -136,7 +181,13 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
         "connect": _pct(hists["connect_us"]),
         "rtt": _pct(hists["rtt_us"]),
         "resume": _pct(hists["resume_us"]),
+        "deliver": _pct(hists["deliver_us"]),
         "timeline": [timeline[k] for k in sorted(timeline)],
+        "latency_timeline": [
+            [sec, *(per_sec[sec].get_value_at_percentile(q) / 1000 for q in (50, 99, 100))]
+            for sec in sorted(per_sec)
+        ],
+        "rtt_percentiles": _curve(hists["rtt_us"]),
         "hist": {k: h.encode().decode() for k, h in hists.items()},
     }
     return out

@@ -1,0 +1,221 @@
+"""`gateway loadtest`: option parsing, the sans-IO HTTP/2 client stream
+against h2's server side, the HTML report, and whole runs of the CLI (client
+processes) against a real gateway worker on loopback over WebSocket and
+HTTP/2, with end-to-end sealing and a reconnect storm."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import msgpack
+import pytest
+import trio
+
+from gateway import cli
+from gateway.loadtest.cli import Progress, parse_size_mix, parse_url
+from gateway.loadtest.engine import body_sequence
+from gateway.loadtest.h2client import H2Error, H2Stream
+from gateway.loadtest.report import html_report, nice_ticks
+from tests.gwserver import running
+
+
+@pytest.mark.parametrize(
+    ("url", "want"),
+    [
+        ("ws://127.0.0.1:8080/v1/ws", ("ws", "127.0.0.1", 8080, "/v1/ws")),
+        ("http://gw.example:9000/v1/stream", ("h2", "gw.example", 9000, "/v1/stream")),
+        ("http://127.0.0.1:81", ("h2", "127.0.0.1", 81, "/v1/stream")),
+        ("ws://h", ("ws", "h", 80, "/v1/ws")),
+    ],
+)
+def test_parse_url(url: str, want: tuple[str, str, int, str]) -> None:
+    assert parse_url(url) == want
+
+
+@pytest.mark.parametrize(
+    ("url", "msg"),
+    [
+        ("wss://h/v1/ws", "not supported"),
+        ("ftp://h/", "unsupported URL scheme"),
+        ("ws:///v1/ws", "no host"),
+        ("ws://h:99999/", "bad port"),
+    ],
+)
+def test_parse_url_refuses(url: str, msg: str) -> None:
+    with pytest.raises(ValueError, match=msg):
+        parse_url(url)
+
+
+def test_size_mix() -> None:
+    assert parse_size_mix("230") == (230, [])
+    mean, mix = parse_size_mix("100:3,1000:1")
+    assert mix == [[100, 3], [1000, 1]] and mean == 325
+    for bad in ("0", "x", "100:0", "100:1,abc:2", str(17 << 20)):
+        with pytest.raises(ValueError):
+            parse_size_mix(bad)
+    bodies = body_sequence(0, [[100, 3], [1000, 1]], n=4000)
+    sizes = [len(b) for b in bodies]
+    assert set(sizes) == {100, 1000}
+    assert 0.70 < sizes.count(100) / len(sizes) < 0.80
+
+
+def test_nice_ticks() -> None:
+    assert nice_ticks(0, 100) == [0, 20, 40, 60, 80, 100]
+    assert nice_ticks(0, 1.3) == [0, 0.25, 0.5, 0.75, 1.0, 1.25]
+    assert nice_ticks(5, 5) == [5]
+
+
+def _pump(a: Any, b: Any) -> list[Any]:
+    data = a.data_to_send() if hasattr(a, "data_to_send") else a.out()
+    return b.receive_data(data) if hasattr(b, "receive_data") else b.feed(data)
+
+
+def test_h2_stream_against_h2_server() -> None:
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    cl = H2Stream("127.0.0.1:1", "/v1/stream")
+    cl.send(msgpack.packb({"t": "hello"}))
+    events = server.receive_data(cl.out())
+    req = next(e for e in events if isinstance(e, h2.events.RequestReceived))
+    assert dict(req.headers)[b":path"] == b"/v1/stream"
+    data = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+    assert msgpack.unpackb(data[4:]) == {"t": "hello"}
+    server.send_headers(req.stream_id, [(":status", "200")])
+    a, b = msgpack.packb({"t": "welcome"}), msgpack.packb({"t": "ack", "id": 1})
+    wire = struct.pack(">I", len(a)) + a + struct.pack(">I", len(b)) + b
+    server.send_data(req.stream_id, wire[:7])
+    got = cl.feed(server.data_to_send())
+    server.send_data(req.stream_id, wire[7:])
+    got += cl.feed(server.data_to_send())
+    assert [msgpack.unpackb(f) for f in got] == [{"t": "welcome"}, {"t": "ack", "id": 1}]
+    server.reset_stream(req.stream_id, 11)
+    with pytest.raises(H2Error, match="h2_reset:11"):
+        cl.feed(server.data_to_send())
+
+
+def test_h2_stream_refused_status() -> None:
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    cl = H2Stream("x", "/v1/stream")
+    events = server.receive_data(cl.out())
+    sid = next(e for e in events if isinstance(e, h2.events.RequestReceived)).stream_id
+    server.send_headers(sid, [(":status", "503")], end_stream=True)
+    with pytest.raises(H2Error, match="http:503"):
+        cl.feed(server.data_to_send())
+
+
+def test_progress_line_and_report() -> None:
+    out = io.StringIO()
+    p = Progress(10.0, 100, out)
+    p({"t": 1.0, "open": 50, "acked": 0, "delivered": 0, "errors": 0})
+    p({"t": 2.0, "open": 100, "acked": 500, "delivered": 20, "errors": 1})  # within 5 s: quiet
+    p({"t": 7.0, "open": 100, "acked": 3000, "delivered": 90, "errors": 1})
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert "open 50/100" in lines[0] and "open 100/100" in lines[1]
+    assert "(500/s)" in lines[1]  # (3000 - 500) / 5 s
+    r = {
+        "plan": {"connections": 2, "host": "h", "port": 1, "transport": "ws"},
+        "counts": {"connected": 2, "acked": 10},
+        "errors": {"code:4029": 3},
+        "closes": {},
+        "fatal": [],
+        "rtt": {"count": 10, "p50_ms": 1, "p90_ms": 2, "p99_ms": 3, "p999_ms": 4, "max_ms": 5},
+        "timeline": [[1.0, 2, 5, 0], [2.0, 2, 10, 0]],
+        "latency_timeline": [[1, 1.0, 3.0, 4.0], [2, 1.2, 2.5, 5.0]],
+        "rtt_percentiles": [[0, 0.5], [50, 1.0], [99, 3.0], [100, 5.0]],
+        "ramp_seconds": 0.1,
+    }
+    page = html_report(r)
+    assert page.count("<svg") == 4 and page.count("<polyline") == 5
+    assert "code:4029" in page and "message round trip" in page
+    assert "<script" not in page and "http://" not in page.replace("http://www.w3", "")
+
+
+async def _cli(argv: list[str]) -> tuple[int, str]:
+    out = io.StringIO()
+
+    def go() -> int:
+        import contextlib
+
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            return cli.main(argv)
+
+    code = await trio.to_thread.run_sync(go)
+    return code, out.getvalue()
+
+
+def _secret(gw: Any) -> str:
+    t = gw.w.cfg.tenants["demo"]
+    return str(t.secrets[t.primary_kid].decode())
+
+
+async def test_cli_websocket_run_with_reports(tmp_path: Path) -> None:
+    async with running(tmp_path, visitor_msg_rate=0) as gw:
+        js, page = tmp_path / "r.json", tmp_path / "r.html"
+        code, out = await _cli(
+            ["loadtest", "--url", f"ws://127.0.0.1:{gw.port}/v1/ws",
+             "--token-secret", _secret(gw), "--connections", "60", "--ramp", "500",
+             "--duration", "2", "--size", "50:1,500:1", "--json", str(js), "--html", str(page)]
+        )  # fmt: skip
+        assert code == 0, out
+        r = json.loads(js.read_text())
+        c = r["counts"]
+        assert c["connected"] == 60 and r["open_at_end"] == 60
+        assert c["acked"] > 60 and r["rtt"]["count"] == c["acked"]
+        assert r["errors"] == {} and r["fatal"] == []
+        assert gw.stats["sessions_opened"] == 60
+        assert gw.stats["messages_in_ws"] >= c["acked"]
+        # the demo bot answers every message: deliveries = greetings + replies
+        assert r["deliver"]["count"] >= c["acked"]
+        assert "token_secret" not in r["plan"]
+        assert r["latency_timeline"] and r["rtt_percentiles"][-1][0] == 100
+        assert re.search(r"\[#*-*\] +\d", out), out  # the progress line
+        assert f"messages acked {c['acked']:,}" in out
+        html = page.read_text()
+        assert html.count("<svg") == 4 and "60 / 60" in html
+
+
+async def test_cli_h2_encrypted_with_storm(tmp_path: Path) -> None:
+    async with running(tmp_path, visitor_msg_rate=0) as gw:
+        js = tmp_path / "r.json"
+        code, out = await _cli(
+            ["loadtest", "--url", f"http://127.0.0.1:{gw.port}/v1/stream",
+             "--token-secret", _secret(gw), "--connections", "40", "--ramp", "0",
+             "--duration", "3", "--encrypt", "sm4-gcm", "--storm", "15", "--no-progress",
+             "--json", str(js)]
+        )  # fmt: skip
+        assert code == 0, out
+        r = json.loads(js.read_text())
+        c = r["counts"]
+        assert c["connected"] == 40 and c["acked"] > 40
+        assert gw.stats["h2_streams"] >= 40 + 15 and gw.stats["ws_upgrades"] == 0
+        assert c["sealed"] >= c["acked"] and c["opened"] > 0 and c["open_failed"] == 0
+        assert c["storm_dropped"] == 15 and c["resumes"] == 15 and r["resume"]["count"] == 15
+        assert gw.stats["sessions_resumed"] == 15
+        assert "[" not in out.split("connected", 1)[0]  # --no-progress
+
+
+async def test_cli_bad_usage_and_unreachable(tmp_path: Path) -> None:
+    code, out = await _cli(["loadtest", "--url", "wss://127.0.0.1:1/v1/ws", "--token-secret", "x"])
+    assert code == 2 and "not supported" in out
+    empty = tmp_path / "tokens"
+    empty.write_text("\n")
+    code, out = await _cli(["loadtest", "--tokens", str(empty)])
+    assert code == 2 and "no tokens" in out
+    from tests.test_server_process import free_port
+
+    port = free_port()  # nothing listens there
+    code, out = await _cli(
+        ["loadtest", "--url", f"ws://127.0.0.1:{port}/v1/ws", "--token-secret", "x" * 32,
+         "--connections", "5", "--duration", "1", "--no-progress", "--max-runtime", "5"]
+    )  # fmt: skip
+    assert code == 1 and "connect:ECONNREFUSED 5" in out
