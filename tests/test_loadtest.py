@@ -117,11 +117,12 @@ def test_progress_line_and_report() -> None:
     p = Progress(10.0, 100, out)
     p({"t": 1.0, "open": 50, "acked": 0, "delivered": 0, "errors": 0})
     p({"t": 2.0, "open": 100, "acked": 500, "delivered": 20, "errors": 1})  # within 5 s: quiet
-    p({"t": 7.0, "open": 100, "acked": 3000, "delivered": 90, "errors": 1})
+    p({"t": 6.5, "open": 100, "acked": 2700, "delivered": 80, "errors": 1})  # quiet
+    p({"t": 7.0, "open": 100, "acked": 3000, "delivered": 90, "errors": 1})  # < 1 s window
     lines = out.getvalue().splitlines()
     assert len(lines) == 2
     assert "open 50/100" in lines[0] and "open 100/100" in lines[1]
-    assert "(500/s)" in lines[1]  # (3000 - 500) / 5 s
+    assert "(489/s)" in lines[1]  # (2700 - 500) / 4.5 s, the last window of >= 1 s
     r = {
         "plan": {"connections": 2, "host": "h", "port": 1, "transport": "ws"},
         "counts": {"connected": 2, "acked": 10},

@@ -155,13 +155,16 @@ class Progress:
         self.tty = out.isatty()
         self.last_print = -math.inf
         self.prev: tuple[float, float] | None = None
+        self.rate = 0.0
 
     def __call__(self, row: dict[str, Any]) -> None:
         t = row["t"]
-        rate = 0.0
-        if self.prev is not None and t > self.prev[0]:
-            rate = (row["acked"] - self.prev[1]) / (t - self.prev[0])
-        self.prev = (t, row["acked"])
+        if self.prev is None:
+            self.prev = (t, row["acked"])
+        elif t - self.prev[0] >= 1.0:  # rows come per client process: rate over >= 1 s
+            self.rate = (row["acked"] - self.prev[1]) / (t - self.prev[0])
+            self.prev = (t, row["acked"])
+        rate = self.rate
         frac = min(1.0, t / self.expected)
         bar = "#" * int(frac * 24) + "-" * (24 - int(frac * 24))
         line = (

@@ -1,9 +1,12 @@
 """Spreads a load plan over client processes and merges their results.
 
 Each process holds at most ``per_process`` connections (the open-file limit
-here is 20,000 per process) and binds its own source addresses in
-127.0.0.0/8 (about 64k ephemeral ports per source address towards one
-destination), so hundreds of thousands of connections fit on one machine.
+here is 20,000 per process). Towards a loopback target, every process binds
+its own source addresses in 127.0.0.0/8, one per :data:`CONNS_PER_SRC_IP`
+connections: that keeps clear of ephemeral-port exhaustion (about 64k ports
+per source address and destination) and of the gateway's per-IP connection
+limit (`max_conns_per_ip`, default 5,000), so hundreds of thousands of
+connections fit on one machine.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from hdrh.histogram import HdrHistogram
 from gateway.loadtest.engine import Engine, Plan, new_hist
 
 PER_PROCESS = 18_000
-CONNS_PER_SRC_IP = 25_000
+CONNS_PER_SRC_IP = 4_000
 
 
 def _child(plan_d: dict[str, Any], q: Any, index: int = 0) -> None:
@@ -34,9 +37,9 @@ def _child(plan_d: dict[str, Any], q: Any, index: int = 0) -> None:
 
 
 def src_ips_for(proc: int, conns: int, base: str = "127.0.0.1") -> list[str]:
-    """Source addresses for one client process: its own /16 in 127/8 (the
-    loopback address 127.0.0.1 is kept for single-process runs)."""
-    if base != "127.0.0.1":
+    """Source addresses for one client process: towards loopback, addresses
+    in its own /16 of 127/8; else ``base`` (usually 0.0.0.0, any)."""
+    if not base.startswith("127."):
         return [base]
     n = max(1, math.ceil(conns / CONNS_PER_SRC_IP))
     return [f"127.{100 + proc}.{j}.{1 + (proc % 250)}" for j in range(n)]
@@ -58,7 +61,10 @@ def split(plan: Plan, processes: int | None = None, per_process: int = PER_PROCE
                 rate=plan.rate / procs if plan.rate else 0.0,
                 storm=plan.storm // procs + (1 if i < plan.storm % procs else 0),
                 max_pending=max(1, plan.max_pending // procs),
-                src_ips=src_ips_for(i, conns, plan.src_ips[0]) if procs > 1 else plan.src_ips,
+                # a small single-process run keeps the address it was given
+                src_ips=plan.src_ips
+                if procs == 1 and conns <= CONNS_PER_SRC_IP
+                else src_ips_for(i, conns, plan.src_ips[0]),
                 tokens=plan.tokens[i::procs] if plan.tokens else [],
                 ready_file=f"{plan.ready_file}.{i}" if plan.ready_file else None,
                 visitor_base=plan.visitor_base + first,

@@ -1,0 +1,138 @@
+"""A large `gateway loadtest` run against a local `gateway serve`, with the
+gateway's memory and its own /metrics sampled while the connections are held.
+
+    .venv/bin/python bench/loadtest_run.py --connections 250000 --ramp 1200 \\
+        --duration 60 --rate 2000 --active 20000 --out /tmp/lt250k
+
+Starts `gateway serve --max-connections N` (the worker count follows N and
+the 20,000 open-file limit per process), runs `gateway loadtest` with the
+given flags (writing JSON and HTML into --out), samples every 5 s the
+gateway's total RSS (supervisor + workers) and `gateway_connections_open`
+from the operator endpoint, then drains the gateway and prints a summary.
+Bounded: the load test stops itself (--max-runtime) and the gateway is killed
+if it outlives its drain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.core_bench import free_port, tune_loopback
+
+
+def rss_kib(root: int) -> int:
+    """Total RSS of ``root`` and its children (KiB)."""
+    pids = [root]
+    for task in Path(f"/proc/{root}/task").glob("*"):
+        with contextlib.suppress(OSError):  # children are listed per forking thread
+            pids += [int(k) for k in (task / "children").read_text().split()]
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def metric(ops: int, name: str) -> float | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ops}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--connections", type=int, default=250_000)
+    ap.add_argument("--ramp", type=float, default=1200.0)
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--rate", type=float, default=2000.0)
+    ap.add_argument("--active", type=int, default=20_000)
+    ap.add_argument("--url-kind", choices=["ws", "h2"], default="ws")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/loadtest-run"))
+    args = ap.parse_args()
+    tune_loopback()
+    args.out.mkdir(parents=True, exist_ok=True)
+    port, ops = free_port(), free_port()
+    env = dict(os.environ, GATEWAY_STATE_DIR=str(args.out / "state"), GATEWAY_LOG_LEVEL="warning")
+    gw_log = open(args.out / "gateway.log", "wb")  # noqa: SIM115
+    gw = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
+         "--max-connections", str(args.connections), "--ops-listen", f"127.0.0.1:{ops}"],
+        env=env, stdout=gw_log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while metric(ops, "gateway_workers_up") in (None, 0.0) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    workers = metric(ops, "gateway_workers_up")
+    base_rss = rss_kib(gw.pid)
+    samples: list[tuple[float, float, int]] = []
+    stop = threading.Event()
+
+    def sampler() -> None:
+        t0 = time.monotonic()
+        while not stop.wait(5.0):
+            conns = metric(ops, "gateway_connections_open") or 0.0
+            samples.append((round(time.monotonic() - t0, 1), conns, rss_kib(gw.pid)))
+
+    th = threading.Thread(target=sampler, daemon=True)
+    th.start()
+    url = (
+        f"ws://127.0.0.1:{port}/v1/ws"
+        if args.url_kind == "ws"
+        else f"http://127.0.0.1:{port}/v1/stream"
+    )
+    lt = [
+        sys.executable, "-m", "gateway", "loadtest", "--url", url,
+        "--connections", str(args.connections), "--ramp", str(args.ramp),
+        "--duration", str(args.duration), "--rate", str(args.rate),
+        "--active", str(args.active), "--max-runtime", "1500",
+        "--json", str(args.out / "result.json"), "--html", str(args.out / "report.html"),
+    ]  # fmt: skip
+    t_start = time.monotonic()
+    code = subprocess.call(lt, env=env)
+    wall = time.monotonic() - t_start
+    stop.set()
+    th.join()
+    gw.send_signal(signal.SIGTERM)
+    try:
+        gw.wait(60)
+    except subprocess.TimeoutExpired:
+        gw.kill()
+    gw_log.close()
+    peak = max(samples, key=lambda s: s[1]) if samples else (0, 0, 0)
+    held = int(peak[1])
+    summary = {
+        "loadtest_exit": code,
+        "workers": workers,
+        "wall_s": round(wall, 1),
+        "peak_connections_open": held,
+        "rss_base_mib": round(base_rss / 1024, 1),
+        "rss_at_peak_mib": round(peak[2] / 1024, 1),
+        "rss_per_conn_kib": round((peak[2] - base_rss) / held, 2) if held else None,
+        "samples": samples,
+    }
+    (args.out / "gateway-samples.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if k != "samples"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
