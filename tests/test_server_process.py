@@ -90,3 +90,34 @@ async def test_serve_two_workers_and_sigterm_drain(tmp_path: Path) -> None:
         out = proc.stdout.read().decode() if proc.stdout else ""
         proc.wait()
     assert "2 worker(s) listening" in out
+
+
+async def test_sigterm_to_the_whole_process_group(tmp_path: Path) -> None:
+    """Ctrl-C or `kill -TERM -PGID` reaches the supervisor and every worker,
+    and each worker gets a second SIGTERM forwarded by the supervisor: the
+    drain still ends cleanly (exit 0, no traceback)."""
+    port = free_port()
+    env = dict(os.environ, GATEWAY_STATE_DIR=str(tmp_path), GATEWAY_DRAIN_S="2")
+    env["GATEWAY_OPS_LISTEN"] = ""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
+         "--workers", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        await trio.to_thread.run_sync(wait_listening, port)
+        await trio.sleep(0.5)  # the workers are in their trio loops
+        cfg = load_config(None, {"GATEWAY_STATE_DIR": str(tmp_path)}, {})
+        t = cfg.tenants[DEMO_TENANT]
+        c = await RawWs.connect(port)
+        tok = mint(DEMO_TENANT, "v", t.secrets[t.primary_kid], 600, time.time())
+        assert (await c.hello(tok))["t"] == "welcome"
+        os.killpg(proc.pid, signal.SIGTERM)
+        rc = await trio.to_thread.run_sync(proc.wait, 20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.stdout.read().decode() if proc.stdout else ""
+        proc.wait()
+    assert "Traceback" not in out and "TrioInternalError" not in out, out
+    assert rc == 0, out

@@ -377,9 +377,16 @@ class Worker:
     async def signal_loop(self, cancel: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
             async for _ in sigs:
-                await self.drain()
-                cancel.cancel()
-                return
+                break
+        # Leaving the receiver restores main()'s early handler (sys.exit),
+        # which a second SIGTERM (say, one to the whole process group plus
+        # the supervisor's) would run in the middle of trio's shutdown. From
+        # here on stop signals change nothing: the drain runs to its end, and
+        # the supervisor SIGKILLs a worker that outlives its deadline.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        await self.drain()
+        cancel.cancel()
 
     async def drain(self) -> None:
         cfg = self.cfg
