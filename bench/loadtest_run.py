@@ -80,7 +80,10 @@ def main() -> None:
         env=env, stdout=gw_log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     deadline = time.monotonic() + 60
-    while metric(ops, "gateway_workers_up") in (None, 0.0) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        up, want = metric(ops, "gateway_workers_up"), metric(ops, "gateway_workers")
+        if up and up == want:
+            break
         time.sleep(0.5)
     workers = metric(ops, "gateway_workers_up")
     base_rss = rss_kib(gw.pid)
