@@ -240,3 +240,31 @@ def test_routes_and_bearer_token() -> None:
     r = app.handle(req("GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"))
     assert status(r) == 503 and r.endswith(b"draining\n")
     assert app.denied == 6  # two refusals for each of the three routes
+
+
+def test_crypto_batches_are_measured_per_suite_and_op() -> None:
+    from gateway.crypto import Keyring
+    from gateway.ops.names import CRYPTO_BATCH_ITEMS, CRYPTO_BATCH_SECONDS
+
+    items = CRYPTO_BATCH_ITEMS.labels("sm4-gcm", "seal")
+    secs = CRYPTO_BATCH_SECONDS.labels("sm4-gcm", "open")
+    n0, s0, o0 = items.count, items.sum, secs.count
+    kr = Keyring(fixed=7)
+    h = kr.add("sm4-gcm", bytes(16))
+    sealed = kr.seal_many([(h, b"x" * 100, b"aad")] * 37)
+    opened = kr.open_many([(h, s, b"aad") for s in sealed] + [(h, b"\0" * 40, b"aad")])
+    assert opened[:37] == [b"x" * 100] * 37 and opened[37] is None
+    assert (items.count, items.sum) == (n0 + 1, s0 + 37)
+    assert secs.count == o0 + 1
+    # the per-suite families are exported from the start, zeros included
+    text = render(families_of({"reg": registry_snapshot()}))
+    m = parsed(text)
+    assert m["gateway_crypto_batch_items"]["type"] == "histogram"
+    key = ("gateway_crypto_batch_items_count", (("op", "open"), ("suite", "aes-128-gcm")))
+    assert key in m["gateway_crypto_batch_items"]["samples"]
+
+
+def registry_snapshot() -> dict[str, Any]:
+    from gateway.ops.registry import REGISTRY
+
+    return REGISTRY.snapshot()
