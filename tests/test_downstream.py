@@ -14,6 +14,7 @@ import trio
 import gateway.client as gc
 from gateway.downstream.desk import DeskConfig
 from gateway.downstream.desksim import DeskServer, serve_desk
+from gateway.ops import names as metrics
 from tests.gwserver import running
 
 
@@ -101,6 +102,11 @@ async def test_erroring_endpoint_trips_its_breaker_and_messages_go_to_the_other(
                 ep_a = fw.clusters["general"].eps[f"127.0.0.1:{pa}"].endpoint
                 assert ep_a.breaker.state(trio.current_time()) != 0  # open or half-open
                 assert ep_a.breaker.trips >= 1
+                await trio.sleep(0.25)  # a forwarder tick sees the change
+                opened = metrics.BREAKER_TRANSITIONS.labels("general", f"127.0.0.1:{pa}", "open")
+                assert opened.value() >= 1
+                closed_b = metrics.BREAKER_TRANSITIONS.labels("general", f"127.0.0.1:{pb}", "open")
+                assert closed_b.value() == 0
                 assert gw.stats["downstream_nacks"] >= 3
     assert records(rec_a) == []
     assert sorted(r["body"] for r in records(rec_b)) == sorted(sent)

@@ -28,7 +28,7 @@ import trio
 
 from gateway.downstream.admission import Admission, ClusterLoad
 from gateway.downstream.balancer import Balancer, Endpoint
-from gateway.downstream.breaker import Breaker, OutlierDetector
+from gateway.downstream.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, OutlierDetector
 from gateway.downstream.link import Link
 from gateway.downstream.proto import encode
 from gateway.downstream.routing import StickyTable
@@ -173,6 +173,8 @@ class Forwarder:
         # per link, sent messages in deadline order: (deadline, session, n)
         self._deadlines: deque[tuple[float, Session, int]] = deque()
         self._now = 0.0
+        # breaker state last seen per (cluster, endpoint), for transitions
+        self._breaker_seen: dict[tuple[str, str], int] = {}
 
     # -- helpers --------------------------------------------------------------
     def _time(self) -> float:
@@ -574,7 +576,23 @@ class Forwarder:
         for c in self.clusters.values():
             metrics.DOWNSTREAM_INFLIGHT.labels(c.name).set(c.inflight)
             for ep in c.eps.values():
-                metrics.BREAKER_STATE.labels(c.name, ep.key).set(ep.endpoint.breaker.state(now))
+                st = ep.endpoint.breaker.state(now)
+                metrics.BREAKER_STATE.labels(c.name, ep.key).set(st)
+                self._breaker_moved(c.name, ep.key, st)
+
+    def _breaker_moved(self, cluster: str, key: str, st: int) -> None:
+        """Counts and logs a breaker state change seen at a tick (the tick
+        runs every 0.1 s, which bounds the timing of these events)."""
+        old = self._breaker_seen.get((cluster, key), CLOSED)
+        if st == old:
+            return
+        self._breaker_seen[(cluster, key)] = st
+        to = _STATE_NAMES[st]
+        metrics.BREAKER_TRANSITIONS.labels(cluster, key, to).inc()
+        if self.hub is not None:
+            level = "warning" if st == OPEN else "info"
+            self.hub.log(level, "breaker", cluster=cluster, endpoint=key, to=to,
+                         was=_STATE_NAMES[old])  # fmt: skip
 
     async def run(self) -> None:
         """The link tasks and the tick, until cancelled."""
@@ -586,6 +604,7 @@ class Forwarder:
                 self.tick(trio.current_time())
 
 
+_STATE_NAMES: Final = {CLOSED: "closed", HALF_OPEN: "half_open", OPEN: "open"}
 _NO_LOAD: Final = ClusterLoad(available_endpoints=1, pending=0, inflight=0, capacity=1)
 
 
