@@ -17,6 +17,7 @@ Servers are started and stopped by the script; runs are bounded in time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -111,7 +112,8 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=30)
         except (subprocess.TimeoutExpired, ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # already gone (e.g. crashed)
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
 

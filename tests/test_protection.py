@@ -231,6 +231,25 @@ def test_balancer_skips_open_breakers_and_ejected_endpoints() -> None:
     assert bal.pick(0.3) is None
 
 
+def test_half_open_endpoint_gets_its_probes_and_closes() -> None:
+    cfg = BreakerConfig(consecutive_failures=2, open_s=5.0, half_open_probes=3)
+    a = Endpoint("a", Breaker(cfg, 0.0))
+    b = Endpoint("b", Breaker(cfg, 0.0))
+    bal = Balancer([a, b], random.Random(11))
+    for t in (1.0, 1.1):
+        a.breaker.record(t, False, 0.01)
+    assert a.breaker.state(2.0) == OPEN
+    assert {bal.pick(2.0).key for _ in range(20)} == {"b"}  # type: ignore[union-attr]
+    # half-open at 6.1: the next three picks are A's probes, then B again
+    picks = [bal.pick(6.2) for _ in range(5)]
+    assert [e.key for e in picks if e] == ["a", "a", "a", "b", "b"]
+    for _ in range(3):
+        bal.finish(a, 6.3, 0.002, ok=True)
+    assert a.breaker.state(6.3) == CLOSED
+    b.observe(6.3, 0.01)  # B measured slower than A now: A is back in the duels
+    assert "a" in {bal.pick(6.4).key for _ in range(20)}  # type: ignore[union-attr]
+
+
 def test_ewma_converges_to_recent_latency() -> None:
     (e,) = _eps("a")
     e.observe(0.0, 0.100)

@@ -1,6 +1,8 @@
 """Endpoint choice within a cluster, sans-IO: power of two choices on
 ``(outstanding + 1) * EWMA latency`` among the available endpoints (up,
-healthy, breaker not open, not ejected), with a sticky preference."""
+healthy, breaker not open, not ejected), with a sticky preference; a
+half-open endpoint with probe slots left takes the next new picks (its
+probes)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import random
 from collections.abc import Collection
 from typing import Final
 
-from gateway.downstream.breaker import CLOSED, OPEN, Breaker, OutlierDetector
+from gateway.downstream.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, OutlierDetector
 
 __all__ = ["Balancer", "Endpoint"]
 
@@ -86,6 +88,14 @@ class Balancer:
             for e in self.endpoints
             if e.key not in exclude and e.key != prefer and self._usable(e, now)
         ]
+        # A half-open endpoint gets the next calls as its probes: were it to
+        # wait until it wins a P2C duel against closed peers, it would never
+        # be probed, never close, and stay out of rotation for good.
+        half = [e for e in cands if e.breaker.state(now) == HALF_OPEN]
+        self.rng.shuffle(half)
+        for e in half:
+            if e.breaker.allow(now):
+                return e
         while cands:
             if len(cands) == 1:
                 e = cands[0]

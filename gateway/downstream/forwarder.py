@@ -455,6 +455,7 @@ class Forwarder:
         ep.endpoint.up = True
         ep.endpoint.healthy = True
         if self.hub is not None:
+            self.hub.log("info", "downstream_link_up", endpoint=link.key)
             self.hub.downstream_ready()
 
     def link_down(self, link: Link, why: str) -> None:
