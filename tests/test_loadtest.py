@@ -170,7 +170,7 @@ async def test_cli_websocket_run_with_reports(tmp_path: Path) -> None:
         assert code == 0, out
         r = json.loads(js.read_text())
         c = r["counts"]
-        assert c["connected"] == 60 and r["open_at_end"] == 60
+        assert c["connected"] == 60 and r["open_at_end"] == 60 and c["disconnects"] == 0
         assert c["acked"] > 60 and r["rtt"]["count"] == c["acked"]
         assert r["errors"] == {} and r["fatal"] == []
         assert gw.stats["sessions_opened"] == 60

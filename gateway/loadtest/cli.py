@@ -191,7 +191,7 @@ def summary(r: dict[str, Any]) -> list[str]:
     lines = [
         f"connected {c.get('connected', 0):,} of {r['plan']['connections']:,}"
         f" in {r['ramp_seconds'] or 0:.1f} s ({r.get('connects_per_s', 0):,.0f}/s),"
-        f" open at end {r.get('open_at_end', 0):,}",
+        f" open at end {r.get('open_at_end', 0):,}, disconnects {c.get('disconnects', 0):,}",
         f"messages acked {c.get('acked', 0):,} ({r.get('msgs_per_s', 0):,.0f}/s),"
         f" deliveries {c.get('delivered', 0):,}",
     ]

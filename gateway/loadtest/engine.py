@@ -232,8 +232,9 @@ class Engine:
             self.pending -= 1
         elif c.state == OPEN:
             self.open_now -= 1
-        if reason:
+        if reason:  # closed by the server or the network, not by us
             self.closes[reason] = self.closes.get(reason, 0) + 1
+            self.counts["disconnects"] += 1
         with contextlib.suppress(OSError, ValueError):
             self.ep.unregister(c.fd)
         self.by_fd.pop(c.fd, None)
