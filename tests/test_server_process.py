@@ -121,3 +121,64 @@ async def test_sigterm_to_the_whole_process_group(tmp_path: Path) -> None:
         proc.wait()
     assert "Traceback" not in out and "TrioInternalError" not in out, out
     assert rc == 0, out
+
+
+async def test_resume_on_another_worker_is_handed_to_the_owner(tmp_path: Path) -> None:
+    """SO_REUSEPORT sends a reconnect to any worker; a resume that lands on a
+    worker without the session is handed (socket and hello) to the worker
+    that holds it. Ten sessions, each resumed four times while the bot's
+    replies are in flight: every resume is a real resume and every reply
+    arrives exactly once, in order."""
+    port = free_port()
+    env = dict(os.environ, GATEWAY_STATE_DIR=str(tmp_path), GATEWAY_BOT_THINK_MS="100")
+    env["GATEWAY_OPS_LISTEN"] = ""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
+         "--workers", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        await trio.to_thread.run_sync(wait_listening, port)
+        await trio.sleep(0.5)  # both workers listening
+        cfg = load_config(None, {"GATEWAY_STATE_DIR": str(tmp_path)}, {})
+        t = cfg.tenants[DEMO_TENANT]
+        resumed = 0
+        for i in range(10):
+            tok = mint(DEMO_TENANT, f"r{i}", t.secrets[t.primary_kid], 600, time.time())
+            c = await RawWs.connect(port)
+            w = await c.hello(tok)
+            sid, last, seen = w["sid"], 0, []
+            for k in range(4):
+                await c.send({"t": "msg", "id": k + 1, "body": f"m{k}"})
+                while True:  # the ack (the reply comes 100 ms later)
+                    f = await c.recv()
+                    if f["t"] == "deliver":
+                        last = f["seq"]
+                        seen.append(f["body"])
+                    if f["t"] == "ack":
+                        break
+                await c.aclose()  # drop it with the reply still pending
+                c = await RawWs.connect(port)
+                w = await c.hello(tok, resume={"sid": sid, "last": last})
+                assert w["t"] == "welcome" and w["sid"] == sid, w
+                assert w["resumed"] is True and w["resync"] is False
+                resumed += 1
+            while len(seen) < 5:  # the greeting and four replies
+                f = await c.recv()
+                if f["t"] == "deliver":
+                    assert f["seq"] == last + 1
+                    last = f["seq"]
+                    seen.append(f["body"])
+            assert seen == ["Hi! I'm the demo bot. Say something and I'll answer.",
+                            *(f"You said: m{k}" for k in range(4))]  # fmt: skip
+            await c.aclose()
+        assert resumed == 40
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        out = proc.stdout.read().decode() if proc.stdout else ""
+        proc.wait()
+    assert "Traceback" not in out, out

@@ -13,7 +13,7 @@ from gateway.config import DEMO_TENANT, load_config
 from gateway.protocol.codes import Code, ProtocolError
 from gateway.protocol.tokens import mint
 from gateway.session.hub import Hub
-from gateway.session.state import Session, SessionTable
+from gateway.session.state import Session, SessionTable, new_sid, sid_owner
 from gateway.session.visitor import VisitorProtocol
 
 
@@ -38,6 +38,12 @@ class FakeSink:
 
     def types(self) -> list[str]:
         return [f["t"] for f in self.sent]
+
+    accept_handoff = False
+
+    def handoff(self, owner: int, hello: dict[str, Any]) -> bool:
+        self.handed = (owner, hello)
+        return self.accept_handoff
 
 
 class FakeDown:
@@ -203,3 +209,46 @@ def test_session_table_iteration_and_remove() -> None:
     assert list(t) == [s] and t.get("a") is s
     t.remove(s)
     assert len(t) == 0
+
+
+def test_session_ids_carry_their_worker() -> None:
+    for owner in (0, 1, 13, 255):
+        sid = new_sid(owner)
+        assert len(sid) == 22 and sid_owner(sid) == owner
+    assert len({new_sid(3) for _ in range(1000)}) == 1000
+    for bad in ("", "short", "!" * 22, "a" * 23):
+        assert sid_owner(bad) is None
+
+
+def test_resume_of_another_workers_session_is_handed_over(tmp_path: Path) -> None:
+    cfg = load_config(None, {"GATEWAY_STATE_DIR": str(tmp_path)}, {})
+    hub = Hub(cfg, FakeDown(), workers=3, index=0)
+    hub.handoff = True
+    sid = new_sid(2)
+    sink = FakeSink()
+    sink.accept_handoff = True
+    p = VisitorProtocol(hub, sink, None)
+    hello = {"t": "hello", "v": 1, "token": token(hub), "resume": {"sid": sid, "last": 4}}
+    p.on_frame(hello)
+    assert sink.handed == (2, hello) and sink.sent == [] and p.state == p.CLOSED
+    assert hub.stats["handoffs_out"] == 1 and len(hub.sessions) == 0
+    # the owner cannot take it now: served here (a fresh session)
+    sink2 = FakeSink()
+    p2 = VisitorProtocol(hub, sink2, None)
+    p2.on_frame(dict(hello))
+    assert sink2.handed[0] == 2 and sink2.types()[0] == "welcome"
+    assert sink2.sent[0]["resumed"] is False and sink2.sent[0]["sid"] != sid
+    # an adopted connection (handed over already), our own index, an index
+    # past the worker count, a bad token: never handed over
+    for owner, adopted in ((2, True), (0, False), (7, False)):
+        s3 = FakeSink()
+        s3.accept_handoff = True
+        p3 = VisitorProtocol(hub, s3, None)
+        p3.adopted = adopted
+        p3.on_frame({**hello, "resume": {"sid": new_sid(owner), "last": 0}})
+        assert not hasattr(s3, "handed") and s3.types()[0] == "welcome"
+    s4 = FakeSink()
+    s4.accept_handoff = True
+    with pytest.raises(ProtocolError):
+        VisitorProtocol(hub, s4, None).on_frame({**hello, "token": "forged"})
+    assert not hasattr(s4, "handed")

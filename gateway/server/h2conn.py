@@ -114,6 +114,9 @@ class H2Stream:
             if not self.paused:
                 self.conn.ack_data(self)
 
+    def handoff(self, owner: int, hello: dict[str, Any]) -> bool:
+        return False  # one stream of a multiplexed connection cannot move
+
     def goaway(self, reconnect_after_ms: int) -> None:
         self.proto.goaway(reconnect_after_ms)
 

@@ -170,6 +170,17 @@ class RawPipe(Pipe):
         """Closes at once with a TCP reset-free close (queued data dropped)."""
         self.close()
 
+    def detach(self) -> None:
+        """Lets go of the socket without shutting the connection down (its
+        file descriptor now lives in another process)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.out.clear()
+        self.out_bytes = 0
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+
 
 class TlsPipe(Pipe):
     __slots__ = ("stream",)

@@ -19,6 +19,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
 import argparse
+import array
 import json
 import logging
 import math
@@ -32,9 +33,11 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Final
 
+import msgpack
 import trio
 
 from gateway.config import Config, config_from_env, effective_workers
+from gateway.protocol.codec import Encoding
 from gateway.ratelimit import TokenBucket
 from gateway.server.bot import DemoBot
 from gateway.server.http1 import HttpError, check_upgrade, parse_head, response, upgrade_response
@@ -49,6 +52,9 @@ __all__ = ["Worker", "main"]
 _log = logging.getLogger("gateway.worker")
 
 TICK_S: Final = 0.25
+HANDOFF_BACKLOG: Final = 64
+#: The largest hand-off message (a hello frame is at most max_frame bytes).
+HANDOFF_MAX_BYTES: Final = 65536 + 4096
 WHEEL_SLOTS: Final = 1024
 H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 STATIC_DIR: Final = Path(__file__).parent / "static"
@@ -98,11 +104,11 @@ class Worker:
             from gateway.downstream.forwarder import Forwarder
 
             self.forwarder = Forwarder(ds_settings, cfg.node_id, index)
-            self.hub = Hub(cfg, self.forwarder, log=self.event, workers=n)
+            self.hub = Hub(cfg, self.forwarder, log=self.event, workers=n, index=index)
             self.forwarder.hub = self.hub
         else:
             self.bot = DemoBot(cfg.bot_think_ms, self.max_conns)
-            self.hub = Hub(cfg, self.bot, log=self.event, workers=n)
+            self.hub = Hub(cfg, self.bot, log=self.event, workers=n, index=index)
             self.bot.hub = self.hub
         now = trio.current_time()
         self.wheel = TimerWheel(TICK_S, WHEEL_SLOTS, now)
@@ -126,6 +132,9 @@ class Worker:
             self.ssl_ctx = ctx
         self.nursery: trio.Nursery | None = None
         self.listener: socket.socket | None = None
+        # sockets to the other workers, for handing over resumed connections
+        self.peers: dict[int, socket.socket] = {}
+        self.handoff_sock: socket.socket | None = None
         # the pipe to the supervisor's metrics (set by main(); None in tests)
         self.stats_fd: int | None = None
         self.reporter: Any = None
@@ -206,6 +215,18 @@ class Worker:
         sock.close()
 
     # -- one connection -------------------------------------------------------------
+    def _held(self, ip: str) -> None:
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        self.open_sockets += 1
+
+    def _released(self, ip: str) -> None:
+        self.open_sockets -= 1
+        left = self.per_ip[ip] - 1
+        if left:
+            self.per_ip[ip] = left
+        else:
+            del self.per_ip[ip]
+
     async def serve(self, sock: socket.socket, ip: str) -> None:
         now = trio.current_time()
         if self.draining:
@@ -224,8 +245,7 @@ class Worker:
         if wait > 0:
             self._refuse(sock, 429, "handshake_rate", "too many handshakes", wait + random.random())
             return
-        self.per_ip[ip] = n_ip + 1
-        self.open_sockets += 1
+        self._held(ip)
         pipe: RawPipe | TlsPipe | None = None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -243,12 +263,7 @@ class Worker:
                 pipe.close()
             else:
                 sock.close()
-            self.open_sockets -= 1
-            left = self.per_ip[ip] - 1
-            if left:
-                self.per_ip[ip] = left
-            else:
-                del self.per_ip[ip]
+            self._released(ip)
 
     async def _open_pipe(self, sock: socket.socket) -> tuple[RawPipe | TlsPipe | None, str | None]:
         cfg = self.cfg
@@ -353,6 +368,139 @@ class Worker:
         v = self.hub.verifier
         return any(v.origin_allowed(t, origin) for t in self.cfg.tenants)
 
+    # -- handing resumed connections to the worker that holds the session ----------
+    def _handoff_addr(self, index: int) -> bytes:
+        # abstract unix socket namespace: nothing on disk, gone with the process
+        return f"\0chat-gateway-{self.cfg.node_id}-{self.cfg.listen_port}-{index}".encode()
+
+    def open_handoff(self) -> socket.socket | None:
+        """Binds this worker's hand-off socket (when there are peers and the
+        connections are plain TCP: a TLS session cannot move)."""
+        if self.hub.workers < 2 or self.ssl_ctx is not None or self.cfg.listen_port == 0:
+            return None
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            s.bind(self._handoff_addr(self.index))
+        except OSError as e:
+            s.close()
+            self.event("warning", "handoff_unavailable", error=str(e))
+            return None
+        s.listen(HANDOFF_BACKLOG)
+        s.setblocking(False)
+        self.handoff_sock = s
+        self.hub.handoff = True
+        return s
+
+    def send_handoff(self, owner: int, sock: socket.socket, meta: dict[str, Any]) -> bool:
+        """Sends ``sock`` (by SCM_RIGHTS) and ``meta`` to worker ``owner``;
+        False if it cannot be done right now (the caller serves the
+        connection itself)."""
+        data = msgpack.packb(meta, use_bin_type=True)
+        if len(data) > HANDOFF_MAX_BYTES:
+            return False
+        fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))]
+        for _ in range(2):  # a second try on a fresh socket if the peer restarted
+            peer = self.peers.get(owner)
+            if peer is None:
+                peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                peer.setblocking(False)
+                try:
+                    peer.connect(self._handoff_addr(owner))
+                except OSError:
+                    peer.close()
+                    self.hub.stats["handoff_failed"] += 1
+                    return False
+                self.peers[owner] = peer
+            try:
+                peer.sendmsg([data], fds)
+                return True
+            except BlockingIOError:
+                self.hub.stats["handoff_failed"] += 1
+                return False
+            except OSError:
+                peer.close()
+                del self.peers[owner]
+        self.hub.stats["handoff_failed"] += 1
+        return False
+
+    async def handoff_accept_loop(self, lsock: socket.socket) -> None:
+        assert self.nursery is not None
+        while True:
+            await trio.lowlevel.wait_readable(lsock)
+            try:
+                conn, _ = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            conn.setblocking(False)
+            self.nursery.start_soon(self.handoff_recv_loop, conn)
+
+    async def handoff_recv_loop(self, conn: socket.socket) -> None:
+        assert self.nursery is not None
+        cmsg_len = socket.CMSG_SPACE(array.array("i").itemsize)
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(conn)
+                try:
+                    data, anc, _, _ = conn.recvmsg(HANDOFF_MAX_BYTES, cmsg_len)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    return
+                fds = array.array("i")
+                for level, kind, payload in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                if not data:
+                    for fd in fds:
+                        os.close(fd)
+                    return  # the peer worker is gone
+                if len(fds) != 1:
+                    for fd in fds:
+                        os.close(fd)
+                    self.hub.stats["handoff_bad"] += 1
+                    continue
+                try:
+                    meta = msgpack.unpackb(data, raw=False)
+                    hello = meta["hello"]
+                    if type(hello) is not dict:
+                        raise ValueError("hello")
+                except Exception:
+                    os.close(fds[0])
+                    self.hub.stats["handoff_bad"] += 1
+                    continue
+                sock = socket.socket(fileno=fds[0])
+                sock.setblocking(False)
+                self.nursery.start_soon(self.adopt, sock, meta)
+        finally:
+            conn.close()
+
+    async def adopt(self, sock: socket.socket, meta: dict[str, Any]) -> None:
+        """Serves a WebSocket connection another worker handed over, starting
+        with the resume ``hello`` it read."""
+        ip = str(meta.get("ip", ""))
+        if self.draining or self.open_sockets >= self.max_conns:
+            sock.close()  # the client reconnects (and resumes) elsewhere
+            return
+        self.hub.stats["handoffs_in"] += 1
+        self._held(ip)
+        assert self.nursery is not None
+        pipe = RawPipe(
+            sock, self.nursery, self.cfg.outbound_max_bytes, self.cfg.outbound_max_frames
+        )
+        pipe.ip = ip
+        try:
+            origin = meta.get("origin")
+            conn = WsConn(self, pipe, origin if isinstance(origin, str) else None)
+            conn.enc = Encoding.JSON if meta.get("enc") == "JSON" else Encoding.MSGPACK
+            conn.proto.adopted = True
+            await conn.run(b"", meta["hello"])
+        finally:
+            pipe.close()
+            self._released(ip)
+
     # -- timers ---------------------------------------------------------------------
     async def timer_loop(self) -> None:
         wheel = self.wheel
@@ -418,6 +566,9 @@ class Worker:
             self.nursery = nursery
             nursery.start_soon(self.accept_loop, lsock)
             nursery.start_soon(self.timer_loop)
+            hsock = self.open_handoff()
+            if hsock is not None:
+                nursery.start_soon(self.handoff_accept_loop, hsock)
             if self.bot is not None:
                 nursery.start_soon(self.bot.run, self.hub)
             if self.forwarder is not None:

@@ -26,10 +26,11 @@ from wsproto.utilities import LocalProtocolError
 
 from gateway.protocol.codec import Encoding, decode_frame, encode_frame
 from gateway.protocol.codes import Code, ProtocolError
+from gateway.server.pipe import RawPipe
 from gateway.session.visitor import VisitorProtocol
 
 if TYPE_CHECKING:
-    from gateway.server.pipe import RawPipe, TlsPipe
+    from gateway.server.pipe import TlsPipe
     from gateway.server.worker import Worker
 
 __all__ = ["WsConn"]
@@ -86,13 +87,21 @@ class WsConn:
         self.cork: list[bytes] | None = None
 
     # -- the connection task ------------------------------------------------
-    async def run(self, trailing: bytes) -> None:
+    async def run(self, trailing: bytes, hello: dict[str, Any] | None = None) -> None:
+        """Serves the connection; ``hello`` is a hello frame already read
+        (by the worker that handed this connection over)."""
         w = self.w
         pipe = self.pipe
         w.wheel.schedule(self.last_rx + w.cfg.hello_timeout_s, self)
         w.conns.add(self)
         stats = w.hub.stats
         try:
+            if hello is not None:
+                self.cork = []
+                try:
+                    self._frame(hello)
+                finally:
+                    self._uncork()
             data = trailing
             while True:
                 self.feed(data)
@@ -151,16 +160,14 @@ class WsConn:
                     continue
                 if t is TextMessage and proto.state == proto.HELLO:
                     self.enc = Encoding.JSON
-                was_hello = proto.state == proto.HELLO
                 try:
                     frame = decode_frame(payload, self.w.cfg.max_frame)
-                    proto.on_frame(frame)
                 except ProtocolError as e:
                     self.w.count_error(e.code)
                     proto.fail(e)
                     return
-                if was_hello and proto.state == proto.OPEN:
-                    self.opened()
+                if not self._frame(frame):
+                    return
                 if self.resume_ev is not None:
                     return  # paused: the rest stays in wsproto's buffer
             elif t is Ping:
@@ -177,6 +184,40 @@ class WsConn:
                 return
             elif t is Pong:
                 pass
+
+    def _frame(self, frame: dict[str, Any]) -> bool:
+        """One decoded frame to the protocol; False when it failed the
+        connection."""
+        proto = self.proto
+        was_hello = proto.state == proto.HELLO
+        try:
+            proto.on_frame(frame)
+        except ProtocolError as e:
+            self.w.count_error(e.code)
+            proto.fail(e)
+            return False
+        if was_hello and proto.state == proto.OPEN:
+            self.opened()
+        return True
+
+    def handoff(self, owner: int, hello: dict[str, Any]) -> bool:
+        """Moves this connection to worker ``owner`` (which holds the
+        session being resumed): its socket, the hello, the encoding. Only a
+        plain-TCP connection with nothing written since the upgrade and
+        nothing read past the hello can move."""
+        pipe = self.pipe
+        if not isinstance(pipe, RawPipe) or pipe.pending or self.cork or self.msg_parts:
+            return False
+        dec = getattr(getattr(self.ws, "_proto", None), "_frame_decoder", None)
+        buf = getattr(dec, "buffer", None)
+        if buf is None or len(buf) or getattr(dec, "header", None) is not None:
+            return False
+        meta = {"hello": hello, "enc": self.enc.name, "ip": pipe.ip, "origin": self.proto.origin}
+        if not self.w.send_handoff(owner, pipe.sock, meta):
+            return False
+        self.closing = True
+        pipe.detach()
+        return True
 
     def _assemble(self, event: TextMessage | BytesMessage) -> Any:
         data = event.data

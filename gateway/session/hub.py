@@ -52,6 +52,8 @@ class Hub:
         "_paused",
         "cfg",
         "downstream",
+        "handoff",
+        "index",
         "limits",
         "log",
         "mono",
@@ -59,6 +61,7 @@ class Hub:
         "stats",
         "verifier",
         "wall",
+        "workers",
     )
 
     def __init__(
@@ -69,8 +72,14 @@ class Hub:
         log: Callable[..., None] | None = None,
         workers: int = 1,
         mono: Callable[[], float] = time.monotonic,
+        index: int = 0,
     ) -> None:
         self.cfg = cfg
+        self.index = index  # this worker's index (written into session ids)
+        self.workers = workers
+        # True when a resume of another worker's session may be handed to
+        # that worker (set by the worker once its hand-off socket is up)
+        self.handoff = False
         self.verifier = TokenVerifier(cfg.tenants)
         self.sessions = SessionTable(cfg.max_detached_sessions)
         self.downstream = downstream
@@ -89,7 +98,14 @@ class Hub:
 
         c = self.cfg
         s = Session(
-            new_sid(), tenant, visitor, tags, platform, c.dedup_ids, c.replay_frames, c.replay_bytes
+            new_sid(self.index),
+            tenant,
+            visitor,
+            tags,
+            platform,
+            c.dedup_ids,
+            c.replay_frames,
+            c.replay_bytes,
         )
         self.sessions.add(s)
         return s

@@ -16,15 +16,32 @@ import os
 from collections import OrderedDict
 from typing import Any, Protocol
 
-__all__ = ["Attachment", "Session", "SessionTable", "new_sid"]
+__all__ = ["Attachment", "Session", "SessionTable", "new_sid", "sid_owner"]
 
 #: Bytes counted per replayed frame on top of its body (keys, seq, sender).
 FRAME_OVERHEAD = 64
 
 
-def new_sid() -> str:
-    """128 random bits, URL-safe, 22 characters."""
-    return base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode("ascii")
+def new_sid(owner: int = 0) -> str:
+    """A session id: 16 bytes, URL-safe base64 (22 characters); the first
+    byte is the index of the worker that holds the session (so a resume
+    that lands on another worker can be handed to it), the other 120 bits
+    are random."""
+    raw = bytearray(os.urandom(16))
+    raw[0] = owner & 0xFF
+    return base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode("ascii")
+
+
+def sid_owner(sid: str) -> int | None:
+    """The worker index in a session id made by :func:`new_sid`, or None
+    for anything else."""
+    if len(sid) != 22:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(sid + "==")
+    except (ValueError, TypeError):
+        return None
+    return raw[0] if len(raw) == 16 else None
 
 
 class Attachment(Protocol):

@@ -14,7 +14,7 @@ from typing import Any, Final, Protocol
 
 from gateway.protocol.codes import Code, ProtocolError
 from gateway.session.hub import Hub
-from gateway.session.state import Session
+from gateway.session.state import Session, sid_owner
 
 __all__ = ["MOBILE_PLATFORMS", "PLATFORMS", "Sink", "VisitorProtocol"]
 
@@ -36,6 +36,11 @@ class Sink(Protocol):
     def pause(self) -> None: ...
 
     def resume(self) -> None: ...
+
+    def handoff(self, owner: int, hello: dict[str, Any]) -> bool:
+        """Passes this connection, with its ``hello`` not answered yet, to
+        worker ``owner``; False when this transport cannot."""
+        ...
 
 
 def _bad(reason: str) -> ProtocolError:
@@ -71,6 +76,7 @@ class VisitorProtocol:
     """States: waiting for ``hello``, open (a session attached), closed."""
 
     __slots__ = (
+        "adopted",
         "hub",
         "ip",
         "origin",
@@ -91,6 +97,7 @@ class VisitorProtocol:
     ) -> None:
         self.hub = hub
         self.transport = transport
+        self.adopted = False  # handed over by another worker: never hand off again
         self.sink = sink
         self.origin = origin
         self.ip = ip
@@ -165,6 +172,17 @@ class VisitorProtocol:
             s = hub.sessions.get(sid)
             if s is not None and (s.tenant != claims.tenant or s.visitor != claims.visitor):
                 raise ProtocolError(Code.BAD_RESUME)
+            if s is None and hub.handoff and not self.adopted:
+                owner = sid_owner(sid)
+                if (
+                    owner is not None
+                    and owner != hub.index
+                    and owner < hub.workers
+                    and self.sink.handoff(owner, f)
+                ):
+                    hub.stats["handoffs_out"] += 1
+                    self.state = self.CLOSED
+                    return
         wait, scope = hub.limits.connection(claims.tenant, self.ip, hub.mono())
         if wait > 0:
             hub.stats[f"rate_limited_conn_{scope}"] += 1
