@@ -53,6 +53,9 @@ _log = logging.getLogger("gateway.worker")
 
 TICK_S: Final = 0.25
 HANDOFF_BACKLOG: Final = 64
+#: How long a connection waits for room in the owner's hand-off queue
+#: (unix datagram queues are short: net.unix.max_dgram_qlen, 10 by default).
+HANDOFF_WAIT_S: Final = 2.0
 #: The largest hand-off message (a hello frame is at most max_frame bytes).
 HANDOFF_MAX_BYTES: Final = 65536 + 4096
 WHEEL_SLOTS: Final = 1024
@@ -134,6 +137,7 @@ class Worker:
         self.listener: socket.socket | None = None
         # sockets to the other workers, for handing over resumed connections
         self.peers: dict[int, socket.socket] = {}
+        self.peer_locks: dict[int, trio.Lock] = {}
         self.handoff_sock: socket.socket | None = None
         # the pipe to the supervisor's metrics (set by main(); None in tests)
         self.stats_fd: int | None = None
@@ -391,35 +395,40 @@ class Worker:
         self.hub.handoff = True
         return s
 
-    def send_handoff(self, owner: int, sock: socket.socket, meta: dict[str, Any]) -> bool:
-        """Sends ``sock`` (by SCM_RIGHTS) and ``meta`` to worker ``owner``;
-        False if it cannot be done right now (the caller serves the
-        connection itself)."""
+    async def send_handoff(self, owner: int, sock: socket.socket, meta: dict[str, Any]) -> bool:
+        """Sends ``sock`` (by SCM_RIGHTS) and ``meta`` to worker ``owner``,
+        waiting up to :data:`HANDOFF_WAIT_S` for room in its queue; False if
+        it cannot be done (the caller serves the connection itself)."""
         data = msgpack.packb(meta, use_bin_type=True)
         if len(data) > HANDOFF_MAX_BYTES:
             return False
         fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))]
-        for _ in range(2):  # a second try on a fresh socket if the peer restarted
-            peer = self.peers.get(owner)
-            if peer is None:
-                peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                peer.setblocking(False)
-                try:
-                    peer.connect(self._handoff_addr(owner))
-                except OSError:
-                    peer.close()
-                    self.hub.stats["handoff_failed"] += 1
-                    return False
-                self.peers[owner] = peer
-            try:
-                peer.sendmsg([data], fds)
-                return True
-            except BlockingIOError:
-                self.hub.stats["handoff_failed"] += 1
-                return False
-            except OSError:
-                peer.close()
-                del self.peers[owner]
+        lock = self.peer_locks.get(owner)
+        if lock is None:
+            lock = self.peer_locks[owner] = trio.Lock()
+        with trio.move_on_after(HANDOFF_WAIT_S):
+            async with lock:  # one sender (and one waiter on the socket) per peer
+                for _ in range(2):  # a second try on a fresh socket if the peer restarted
+                    peer = self.peers.get(owner)
+                    if peer is None:
+                        peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                        peer.setblocking(False)
+                        try:
+                            peer.connect(self._handoff_addr(owner))
+                        except OSError:
+                            peer.close()
+                            break
+                        self.peers[owner] = peer
+                    try:
+                        while True:
+                            try:
+                                peer.sendmsg([data], fds)
+                                return True
+                            except BlockingIOError:  # its queue is full: wait
+                                await trio.lowlevel.wait_writable(peer)
+                    except OSError:
+                        peer.close()
+                        del self.peers[owner]
         self.hub.stats["handoff_failed"] += 1
         return False
 

@@ -56,6 +56,7 @@ class WsConn:
         "closing",
         "cork",
         "enc",
+        "handoff_to",
         "last_rx",
         "msg_len",
         "msg_parts",
@@ -81,6 +82,7 @@ class WsConn:
         self.msg_parts: list[Any] | None = None
         self.msg_len = 0
         self.closing = False
+        self.handoff_to: tuple[int, dict[str, Any]] | None = None
         self.resume_ev: trio.Event | None = None
         # while handling one read, outbound frames are gathered here and
         # written with one send() at the end (half the syscalls per message)
@@ -106,6 +108,8 @@ class WsConn:
             while True:
                 self.feed(data)
                 data = b""  # not kept alive while waiting
+                if self.handoff_to is not None and await self._handoff():
+                    break  # the connection lives on in another worker
                 while self.resume_ev is not None and not self.closing and not pipe.closed:
                     await self.resume_ev.wait()
                     self.feed(b"")  # frames read before the pause
@@ -166,7 +170,7 @@ class WsConn:
                     self.w.count_error(e.code)
                     proto.fail(e)
                     return
-                if not self._frame(frame):
+                if not self._frame(frame) or self.handoff_to is not None:
                     return
                 if self.resume_ev is not None:
                     return  # paused: the rest stays in wsproto's buffer
@@ -201,10 +205,11 @@ class WsConn:
         return True
 
     def handoff(self, owner: int, hello: dict[str, Any]) -> bool:
-        """Moves this connection to worker ``owner`` (which holds the
-        session being resumed): its socket, the hello, the encoding. Only a
-        plain-TCP connection with nothing written since the upgrade and
-        nothing read past the hello can move."""
+        """Agrees to move this connection to worker ``owner`` (which holds
+        the session being resumed): its socket, the hello, the encoding; the
+        connection task does it (:meth:`_handoff`). Only a plain-TCP
+        connection with nothing written since the upgrade and nothing read
+        past the hello can move."""
         pipe = self.pipe
         if not isinstance(pipe, RawPipe) or pipe.pending or self.cork or self.msg_parts:
             return False
@@ -212,12 +217,31 @@ class WsConn:
         buf = getattr(dec, "buffer", None)
         if buf is None or len(buf) or getattr(dec, "header", None) is not None:
             return False
-        meta = {"hello": hello, "enc": self.enc.name, "ip": pipe.ip, "origin": self.proto.origin}
-        if not self.w.send_handoff(owner, pipe.sock, meta):
-            return False
-        self.closing = True
-        pipe.detach()
+        self.handoff_to = (owner, hello)  # done by run() (it may have to wait)
         return True
+
+    async def _handoff(self) -> bool:
+        """Sends the connection to its owner; if that fails, answers the
+        hello here after all (a fresh session). True when it moved."""
+        assert self.handoff_to is not None
+        owner, hello = self.handoff_to
+        self.handoff_to = None
+        pipe = self.pipe
+        assert isinstance(pipe, RawPipe)
+        meta = {"hello": hello, "enc": self.enc.name, "ip": pipe.ip, "origin": self.proto.origin}
+        if await self.w.send_handoff(owner, pipe.sock, meta):
+            self.closing = True
+            pipe.detach()
+            return True
+        proto = self.proto
+        proto.state = proto.HELLO
+        proto.adopted = True  # do not try again
+        self.cork = []
+        try:
+            self._frame(hello)
+        finally:
+            self._uncork()
+        return False
 
     def _assemble(self, event: TextMessage | BytesMessage) -> Any:
         data = event.data
