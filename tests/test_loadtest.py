@@ -30,20 +30,21 @@ from tests.gwserver import running
 @pytest.mark.parametrize(
     ("url", "want"),
     [
-        ("ws://127.0.0.1:8080/v1/ws", ("ws", "127.0.0.1", 8080, "/v1/ws")),
-        ("http://gw.example:9000/v1/stream", ("h2", "gw.example", 9000, "/v1/stream")),
-        ("http://127.0.0.1:81", ("h2", "127.0.0.1", 81, "/v1/stream")),
-        ("ws://h", ("ws", "h", 80, "/v1/ws")),
+        ("ws://127.0.0.1:8080/v1/ws", ("ws", False, "127.0.0.1", 8080, "/v1/ws")),
+        ("http://gw.example:9000/v1/stream", ("h2", False, "gw.example", 9000, "/v1/stream")),
+        ("http://127.0.0.1:81", ("h2", False, "127.0.0.1", 81, "/v1/stream")),
+        ("ws://h", ("ws", False, "h", 80, "/v1/ws")),
+        ("wss://chat.example/v1/ws", ("ws", True, "chat.example", 443, "/v1/ws")),
+        ("https://chat.example:8443", ("h2", True, "chat.example", 8443, "/v1/stream")),
     ],
 )
-def test_parse_url(url: str, want: tuple[str, str, int, str]) -> None:
+def test_parse_url(url: str, want: tuple[str, bool, str, int, str]) -> None:
     assert parse_url(url) == want
 
 
 @pytest.mark.parametrize(
     ("url", "msg"),
     [
-        ("wss://h/v1/ws", "not supported"),
         ("ftp://h/", "unsupported URL scheme"),
         ("ws:///v1/ws", "no host"),
         ("ws://h:99999/", "bad port"),
@@ -206,8 +207,8 @@ async def test_cli_h2_encrypted_with_storm(tmp_path: Path) -> None:
 
 
 async def test_cli_bad_usage_and_unreachable(tmp_path: Path) -> None:
-    code, out = await _cli(["loadtest", "--url", "wss://127.0.0.1:1/v1/ws", "--token-secret", "x"])
-    assert code == 2 and "not supported" in out
+    code, out = await _cli(["loadtest", "--url", "ftp://127.0.0.1:1/", "--token-secret", "x"])
+    assert code == 2 and "unsupported URL scheme" in out
     empty = tmp_path / "tokens"
     empty.write_text("\n")
     code, out = await _cli(["loadtest", "--tokens", str(empty)])
@@ -220,3 +221,42 @@ async def test_cli_bad_usage_and_unreachable(tmp_path: Path) -> None:
          "--connections", "5", "--duration", "1", "--no-progress", "--max-runtime", "5"]
     )  # fmt: skip
     assert code == 1 and "connect:ECONNREFUSED 5" in out
+
+
+async def test_cli_over_tls_wss_and_https(tmp_path: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    cert_path, key_path, ca_path = tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "ca.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    ca.cert_pem.write_to_path(str(ca_path))
+    async with running(
+        tmp_path, visitor_msg_rate=0, tls_cert=str(cert_path), tls_key=str(key_path)
+    ) as gw:
+        for url in (f"wss://localhost:{gw.port}/v1/ws", f"https://localhost:{gw.port}/v1/stream"):
+            js = tmp_path / "r.json"
+            code, out = await _cli(
+                ["loadtest", "--url", url, "--ca-file", str(ca_path), "--token-secret",
+                 _secret(gw), "--connections", "20", "--ramp", "0", "--duration", "1.5",
+                 "--no-progress", "--json", str(js)]
+            )  # fmt: skip
+            assert code == 0, out
+            r = json.loads(js.read_text())
+            assert r["counts"]["connected"] == 20 and r["counts"]["acked"] > 20, out
+            assert r["errors"] == {}
+        assert gw.stats["h2_streams"] == 20 and gw.stats["ws_upgrades"] == 20
+        # without the CA the certificate is refused (and counted), not ignored
+        code, out = await _cli(
+            ["loadtest", "--url", f"wss://localhost:{gw.port}/v1/ws", "--token-secret",
+             _secret(gw), "--connections", "3", "--duration", "0.5", "--no-progress",
+             "--max-runtime", "10"]
+        )  # fmt: skip
+        assert code == 1 and "tls:CERTIFICATE_VERIFY_FAILED 3" in out, out
+        code, out = await _cli(
+            ["loadtest", "--url", f"wss://localhost:{gw.port}/v1/ws", "--insecure",
+             "--token-secret", _secret(gw), "--connections", "3", "--duration", "0.5",
+             "--no-progress"]
+        )  # fmt: skip
+        assert code == 0 and "connected 3 of 3" in out, out

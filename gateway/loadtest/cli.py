@@ -23,26 +23,23 @@ MAX_CONNECTIONS: Final = 2_000_000
 MAX_SIZE: Final = 16 << 20
 
 
-def parse_url(url: str) -> tuple[str, str, int, str]:
-    """``(transport, host, port, path)``: ``ws://`` is WebSocket, ``http://``
-    is HTTP/2 with prior knowledge (h2c). Raises ValueError."""
+def parse_url(url: str) -> tuple[str, bool, str, int, str]:
+    """``(transport, tls, host, port, path)``: ``ws://``/``wss://`` are
+    WebSocket, ``http://`` is HTTP/2 with prior knowledge (h2c), ``https://``
+    HTTP/2 over TLS (ALPN h2). Raises ValueError."""
     u = urllib.parse.urlsplit(url)
-    if u.scheme in ("wss", "https"):
-        raise ValueError(
-            f"{u.scheme}:// is not supported by the harness yet; aim it at a plain listener"
-            " (ws:// or http://), e.g. the gateway's internal port behind the TLS terminator"
-        )
-    if u.scheme not in ("ws", "http"):
-        raise ValueError(f"unsupported URL scheme {u.scheme!r} (use ws:// or http://)")
+    if u.scheme not in ("ws", "wss", "http", "https"):
+        raise ValueError(f"unsupported URL scheme {u.scheme!r} (use ws, wss, http or https)")
     if not u.hostname:
         raise ValueError("the URL has no host")
+    tls = u.scheme in ("wss", "https")
     try:
-        port = u.port or 80
+        port = u.port or (443 if tls else 80)
     except ValueError:
         raise ValueError("bad port in the URL") from None
-    transport = "ws" if u.scheme == "ws" else "h2"
+    transport = "ws" if u.scheme in ("ws", "wss") else "h2"
     path = u.path or ("/v1/ws" if transport == "ws" else "/v1/stream")
-    return transport, u.hostname, port, path
+    return transport, tls, u.hostname, port, path
 
 
 def parse_size_mix(text: str) -> tuple[int, list[list[int]]]:
@@ -89,8 +86,11 @@ def _positive(kind: type, lo: float = 0.0) -> Any:
 def setup(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--url", default=DEFAULT_URL,
-      help=f"gateway URL: ws://HOST:PORT/v1/ws or http://HOST:PORT/v1/stream (h2c); "
-           f"default {DEFAULT_URL}")  # fmt: skip
+      help=f"gateway URL: ws[s]://HOST:PORT/v1/ws (WebSocket) or http[s]://HOST:PORT/v1/stream "
+           f"(HTTP/2: h2c, or TLS with ALPN h2); default {DEFAULT_URL}")  # fmt: skip
+    a("--ca-file", metavar="FILE", help="CA bundle to verify the gateway's certificate")
+    a("--insecure", action="store_true",
+      help="do not verify the gateway's certificate (test setups only)")  # fmt: skip
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--token-secret", metavar="SECRET",
                      help="tenant secret to mint one token per connection "
@@ -226,7 +226,7 @@ def summary(r: dict[str, Any]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     err = sys.stderr
     try:
-        transport, host, port, path = parse_url(args.url)
+        transport, tls, host, port, path = parse_url(args.url)
         size, mix = parse_size_mix(args.size)
         if args.connections > MAX_CONNECTIONS:
             raise ValueError(f"--connections at most {MAX_CONNECTIONS:,}")
@@ -239,6 +239,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             secret = args.token_secret or _demo_secret()
         ip = socket.gethostbyname(host)
+        if args.ca_file and not Path(args.ca_file).is_file():
+            raise ValueError(f"--ca-file {args.ca_file}: no such file")
     except (ValueError, OSError) as e:
         err.write(f"gateway loadtest: {e}\n")
         return 2
@@ -253,6 +255,10 @@ def run(args: argparse.Namespace) -> int:
         port=port,
         path=path,
         transport=transport,
+        tls=tls,
+        tls_verify=not args.insecure,
+        ca_file=args.ca_file,
+        server_name=host,
         connections=args.connections,
         ramp=args.ramp,
         active=args.connections if args.active is None else min(args.active, args.connections),

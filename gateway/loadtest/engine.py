@@ -18,6 +18,7 @@ import heapq
 import os
 import select
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ from gateway.loadtest import rawws
 from gateway.loadtest.h2client import H2Error, H2Stream
 
 # Connection states.
-CONNECTING, UPGRADING, HELLO, OPEN, CLOSED = range(5)
+CONNECTING, UPGRADING, HELLO, OPEN, CLOSED, TLS_HANDSHAKE = range(6)
 
 HIST_MAX_US = 120_000_000
 
@@ -63,6 +64,10 @@ class Plan:
     origin: str | None = None
     platform: str = "web"
     ready_file: str | None = None  # touched once every connection is open
+    tls: bool = False  # wss:// or https://
+    tls_verify: bool = True  # check the certificate (and the host name)
+    ca_file: str | None = None  # extra CA bundle (default: the system's)
+    server_name: str = ""  # SNI and the name checked (default: host)
     transport: str = "ws"  # "ws" | "h2" (h2c, prior knowledge)
     size_mix: list[list[int]] = field(default_factory=list)  # [[bytes, weight], ...]
     encrypt: str = ""  # "" | "aes-256-gcm" | "aes-128-gcm" | "sm4-gcm"
@@ -91,7 +96,10 @@ class Conn:
         "state",
         "t_open",
         "t_sent",
+        "tin",
+        "tls",
         "token",
+        "tout",
     )
 
     def __init__(self, idx: int, token: str) -> None:
@@ -112,6 +120,9 @@ class Conn:
         self.acked_seq = 0
         self.resume = False
         self.h2: H2Stream | None = None
+        self.tls: ssl.SSLObject | None = None
+        self.tin: ssl.MemoryBIO | None = None
+        self.tout: ssl.MemoryBIO | None = None
 
 
 def body_sequence(size: int, mix: list[list[int]], n: int = 1024) -> list[bytes]:
@@ -173,7 +184,15 @@ class Engine:
         self.body_i = 0
         self.body = self.bodies[0]
         self.text_msg = rawws.frame(self.body, rawws.OP_TEXT)
-        self.authority = f"{plan.host}:{plan.port}"
+        self.authority = f"{plan.server_name or plan.host}:{plan.port}"
+        self.ssl_ctx: ssl.SSLContext | None = None
+        if plan.tls:
+            ctx = ssl.create_default_context(cafile=plan.ca_file)
+            if not plan.tls_verify:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            ctx.set_alpn_protocols(["h2"] if plan.transport == "h2" else ["http/1.1"])
+            self.ssl_ctx = ctx
         self.secret = plan.token_secret.encode()
         # end-to-end sealing: sends and opens gathered per loop turn
         self.keyring: Any = None
@@ -215,6 +234,7 @@ class Engine:
         c.reader = rawws.FrameReader()
         c.out = b""
         c.h2 = None
+        c.tls = c.tin = c.tout = None
         c.t_open = time.monotonic()
         c.resume = resume
         c.inflight_id = -1 if not resume else c.inflight_id
@@ -228,7 +248,7 @@ class Engine:
     def _close(self, c: Conn, reason: str | None) -> None:
         if c.sock is None:
             return
-        if c.state in (CONNECTING, UPGRADING, HELLO):
+        if c.state in (CONNECTING, UPGRADING, HELLO, TLS_HANDSHAKE):
             self.pending -= 1
         elif c.state == OPEN:
             self.open_now -= 1
@@ -243,6 +263,21 @@ class Engine:
         c.state = CLOSED
 
     def _send(self, c: Conn, data: bytes) -> None:
+        if c.sock is None:
+            return
+        if c.tls is not None:
+            assert c.tout is not None
+            try:
+                c.tls.write(data)
+            except ssl.SSLError:
+                self._close(c, "tls_error")
+                return
+            data = c.tout.read()
+            if not data:
+                return
+        self._send_raw(c, data)
+
+    def _send_raw(self, c: Conn, data: bytes) -> None:
         if c.sock is None:
             return
         if c.out:
@@ -339,13 +374,14 @@ class Engine:
                 self.pending += 0
                 return
             self.ep.modify(c.fd, select.EPOLLIN)
-            if self.p.transport == "h2":
-                c.state = HELLO
-                c.h2 = H2Stream(self.authority, self.p.path)
-                self._hello(c)
+            if self.ssl_ctx is not None:
+                c.tin, c.tout = ssl.MemoryBIO(), ssl.MemoryBIO()
+                name = self.p.server_name or self.p.host
+                c.tls = self.ssl_ctx.wrap_bio(c.tin, c.tout, server_hostname=name)
+                c.state = TLS_HANDSHAKE
+                self._tls_step(c)
                 return
-            c.state = UPGRADING
-            self._send(c, rawws.upgrade_request(self.authority, self.p.path, self.p.origin))
+            self._start_protocol(c)
             return
         if c.out and c.sock is not None:
             try:
@@ -358,6 +394,65 @@ class Engine:
             c.out = c.out[n:]
             if not c.out:
                 self.ep.modify(c.fd, select.EPOLLIN)
+
+    def _start_protocol(self, c: Conn) -> None:
+        """The connection (and its TLS, if any) is up: upgrade or h2."""
+        if self.p.transport == "h2":
+            c.state = HELLO
+            c.h2 = H2Stream(self.authority, self.p.path)
+            self._hello(c)
+            return
+        c.state = UPGRADING
+        self._send(c, rawws.upgrade_request(self.authority, self.p.path, self.p.origin))
+
+    def _flush_tls(self, c: Conn) -> None:
+        assert c.tout is not None
+        out = c.tout.read()
+        if out:
+            self._send_raw(c, out)
+
+    def _tls_step(self, c: Conn) -> None:
+        assert c.tls is not None
+        try:
+            c.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush_tls(c)
+            return
+        except (ssl.SSLError, OSError) as e:
+            reason = getattr(e, "reason", None) or type(e).__name__
+            self._err(f"tls:{reason}")
+            self._close(c, None)
+            return
+        self._flush_tls(c)
+        if self.p.transport == "h2" and c.tls.selected_alpn_protocol() != "h2":
+            self._err("tls:no_alpn_h2")
+            self._close(c, None)
+            return
+        self._start_protocol(c)
+
+    def _tls_in(self, c: Conn, data: bytes) -> bytes | None:
+        """TLS records in, plaintext out (b"" while the handshake runs);
+        None when the connection was closed."""
+        assert c.tls is not None and c.tin is not None
+        c.tin.write(data)
+        if c.state == TLS_HANDSHAKE:
+            self._tls_step(c)
+            if c.sock is None or c.state == TLS_HANDSHAKE:
+                return None if c.sock is None else b""
+        chunks = []
+        while True:
+            try:
+                chunks.append(c.tls.read(262144))
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self._close(c, "eof")
+                return None
+            except ssl.SSLError:
+                self._close(c, "tls_error")
+                return None
+        self._flush_tls(c)
+        return b"".join(chunks)
 
     def _opened(self, c: Conn, now: float) -> None:
         self.pending -= 1
@@ -391,6 +486,11 @@ class Engine:
         if not data:
             self._close(c, "eof")
             return
+        if c.tls is not None:
+            plain = self._tls_in(c, data)
+            if not plain:
+                return
+            data = plain
         h2s = c.h2
         if h2s is not None:
             try:
