@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=2000.0)
     ap.add_argument("--active", type=int, default=20_000)
     ap.add_argument("--url-kind", choices=["ws", "h2"], default="ws")
+    ap.add_argument("--desk-processes", type=int, default=0,
+                    help="forward to a `gateway desk-sim` with this many processes "
+                         "(0: the in-process demo bot)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path("/tmp/loadtest-run"))
     args = ap.parse_args()
     tune_loopback()
@@ -74,11 +77,21 @@ def main() -> None:
     port, ops = free_port(), free_port()
     env = dict(os.environ, GATEWAY_STATE_DIR=str(args.out / "state"), GATEWAY_LOG_LEVEL="warning")
     gw_log = open(args.out / "gateway.log", "wb")  # noqa: SIM115
-    gw = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
-         "--max-connections", str(args.connections), "--ops-listen", f"127.0.0.1:{ops}"],
-        env=env, stdout=gw_log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    serve = [
+        *(sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}"),
+        *("--max-connections", str(args.connections), "--ops-listen", f"127.0.0.1:{ops}"),
+    ]
+    desk = None
+    if args.desk_processes:
+        dport = free_port()
+        desk = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "desk-sim", "--listen", f"127.0.0.1:{dport}",
+             "--processes", str(args.desk_processes)],
+            env=env, stdout=gw_log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        time.sleep(2.0)
+        serve += ["--downstream", f"general=127.0.0.1:{dport}"]
+    gw = subprocess.Popen(serve, env=env, stdout=gw_log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         up, want = metric(ops, "gateway_workers_up"), metric(ops, "gateway_workers")
@@ -120,11 +133,18 @@ def main() -> None:
         gw.wait(60)
     except subprocess.TimeoutExpired:
         gw.kill()
+    if desk is not None:
+        desk.send_signal(signal.SIGTERM)
+        try:
+            desk.wait(20)
+        except subprocess.TimeoutExpired:
+            desk.kill()
     gw_log.close()
     peak = max(samples, key=lambda s: s[1]) if samples else (0, 0, 0)
     held = int(peak[1])
     summary = {
         "loadtest_exit": code,
+        "downstream": f"desk-sim x{args.desk_processes}" if desk is not None else "demo bot",
         "workers": workers,
         "wall_s": round(wall, 1),
         "peak_connections_open": held,
