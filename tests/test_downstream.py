@@ -325,3 +325,29 @@ async def test_flapping_endpoint_loses_and_refuses_nothing(tmp_path: Path) -> No
     got_b = {r["body"] for r in records(rec_b)}
     assert set(acked) <= got_a | got_b
     assert a_up_cycles >= 2 and got_a  # A really was in rotation between flaps
+
+
+async def test_endpoint_that_never_answers_the_link_setup(tmp_path: Path) -> None:
+    """A downstream that accepts TCP and never sends response headers (an
+    overloaded or wedged process): the link gives up after its setup timeout
+    and retries; the worker keeps serving through the other endpoint."""
+    held: list[trio.SocketStream] = []
+
+    async def mute(stream: trio.SocketStream) -> None:
+        held.append(stream)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as n:
+        listeners = await n.start(trio.serve_tcp, mute, 0)
+        pm = listeners[0].socket.getsockname()[1]
+        rec = tmp_path / "b.jsonl"
+        async with desk(record=rec, reply=False) as (pb, _, _):  # noqa: SIM117
+            async with running(tmp_path, downstream=ds(("general", [pm, pb]))) as gw:
+                fw = gw.w.forwarder
+                await wait_links_up(fw, 1)
+                await trio.sleep(2.5)  # past the 2 s link setup timeout
+                assert len(held) >= 1
+                async with gc.connect(gw.url, token=gw.token("m"), reconnect=False) as s:
+                    await s.send("still served")
+                assert [r["body"] for r in records(rec)] == ["still served"]
+        n.cancel_scope.cancel()

@@ -429,6 +429,28 @@ async def test_window_pauses_reading_until_downstream_acks(tmp_path: Path) -> No
         assert gw.stats["window_exceeded"] == 0
 
 
+async def test_paused_connection_is_not_killed_by_heartbeats(tmp_path: Path) -> None:
+    """While the gateway does not read a connection (its downstream holds the
+    window), the visitor's pongs wait unread: that silence must not close it
+    with 4001, however long the downstream takes."""
+    async with running(tmp_path, window=2, heartbeat_s=0.3, heartbeat_misses=2) as gw:
+        down = Holding()
+        gw.w.hub.downstream = down
+        c = await RawWs.connect(gw.port)
+        await c.hello(gw.token())
+        for i in range(3):
+            await c.send({"t": "msg", "id": i, "body": "x"})
+        await trio.sleep(2.0)  # more than three heartbeat limits (0.6 s each)
+        assert gw.stats["reads_paused"] == 1 and gw.stats["heartbeat_timeouts"] == 0
+        assert down.release() == 2
+        got = [await c.recv(timeout=2) for _ in range(2)]
+        assert [a["n"] for a in got] == [1, 2]
+        await trio.sleep(0.2)
+        assert down.release() == 1
+        assert (await c.recv(timeout=2))["n"] == 3
+        assert gw.stats["heartbeat_timeouts"] == 0
+
+
 async def test_slow_consumer_is_disconnected(tmp_path: Path) -> None:
     async with running(tmp_path, outbound_max_bytes=256 * 1024, max_frame=65536) as gw:
         c = await RawWs.connect(gw.port)

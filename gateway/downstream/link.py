@@ -11,6 +11,7 @@ its owner (:class:`gateway.downstream.forwarder.Forwarder`).
 
 from __future__ import annotations
 
+import logging
 import random
 import socket
 import ssl
@@ -28,6 +29,8 @@ from gateway.protocol.codec import LengthPrefixedDecoder
 from gateway.protocol.codes import ProtocolError
 
 __all__ = ["Link", "LinkCore", "LinkError", "LinkOwner"]
+
+_log = logging.getLogger("gateway.downstream")
 
 #: Our receive window (per stream and connection): deliveries in flight.
 RECV_WINDOW: Final = 1 << 22
@@ -268,9 +271,14 @@ class Link:
                     backoff = BACKOFF_FIRST_S
                 except LinkError as e:
                     why = str(e)
+                except trio.TooSlowError:
+                    why = f"no response headers in {self.connect_timeout_s} s"
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                     why = f"connection lost: {e}"
                     backoff = BACKOFF_FIRST_S
+                except Exception as e:  # a bug here must not take the worker down
+                    _log.exception("downstream link failed")
+                    why = f"internal error: {e!r}"
                 finally:
                     was_up = self.state == UP
                     self.state = DOWN

@@ -324,6 +324,9 @@ class WsConn:
         ev = self.resume_ev
         if ev is not None:
             self.resume_ev = None
+            # silence while we were not reading is not the visitor's: a fresh
+            # heartbeat period starts now
+            self.last_rx = trio.current_time()
             ev.set()
 
     # -- timers -----------------------------------------------------------------
@@ -340,6 +343,11 @@ class WsConn:
         if proto.state != proto.OPEN:
             return
         hb = w.cfg.heartbeat_s
+        if self.resume_ev is not None:
+            # paused by us (window full or the downstream cannot take more):
+            # its pongs wait unread in the socket, so silence proves nothing
+            w.wheel.schedule(now + hb, self)
+            return
         limit = hb * w.cfg.heartbeat_misses + proto.grace_s
         idle = now - self.last_rx
         if idle >= limit:
