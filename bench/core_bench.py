@@ -202,8 +202,14 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
             )
         finally:
             gw.stop()
-    base = res["websockets"]["msgs_per_s"]
-    print("| server | msg/s | p50 ms | p99 ms | errors | vs websockets |")
+    return print_table(res, "server", "websockets", "vs websockets")
+
+
+def print_table(res: dict[str, Any], first: str, base_key: str, ratio: str) -> dict[str, Any]:
+    """Prints the runs as a markdown table, message rates as ratios to
+    ``res[base_key]``; returns ``res``."""
+    base = res[base_key]["msgs_per_s"]
+    print(f"| {first} | msg/s | p50 ms | p99 ms | errors | {ratio} |")
     print("|---|---|---|---|---|---|")
     for k, r in res.items():
         print(row(k, r, f"{r['msgs_per_s'] / base:.2f}x"))
@@ -254,12 +260,7 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
         )
     finally:
         gw.stop()
-    base = res["websockets echo (max)"]["msgs_per_s"]
-    print("| run | msg/s | p50 ms | p99 ms | errors | vs websockets max |")
-    print("|---|---|---|---|---|---|")
-    for k, r in res.items():
-        print(row(k, r, f"{r['msgs_per_s'] / base:.2f}x"))
-    return res
+    return print_table(res, "run", "websockets echo (max)", "vs websockets max")
 
 
 def hold_and_measure(srv: Server, plan: Plan, procs: int) -> dict[str, Any]:

@@ -16,7 +16,6 @@ if it outlives its drain.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -28,24 +27,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.core_bench import free_port, tune_loopback
-
-
-def rss_kib(root: int) -> int:
-    """Total RSS of ``root`` and its children (KiB)."""
-    pids = [root]
-    for task in Path(f"/proc/{root}/task").glob("*"):
-        with contextlib.suppress(OSError):  # children are listed per forking thread
-            pids += [int(k) for k in (task / "children").read_text().split()]
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
+from bench.core_bench import free_port, rss_bytes, tune_loopback
 
 
 def metric(ops: int, name: str) -> float | None:
@@ -99,7 +81,7 @@ def main() -> None:
             break
         time.sleep(0.5)
     workers = metric(ops, "gateway_workers_up")
-    base_rss = rss_kib(gw.pid)
+    base_rss = rss_bytes(gw.pid) // 1024
     samples: list[tuple[float, float, int]] = []
     stop = threading.Event()
 
@@ -107,7 +89,7 @@ def main() -> None:
         t0 = time.monotonic()
         while not stop.wait(5.0):
             conns = metric(ops, "gateway_connections_open") or 0.0
-            samples.append((round(time.monotonic() - t0, 1), conns, rss_kib(gw.pid)))
+            samples.append((round(time.monotonic() - t0, 1), conns, rss_bytes(gw.pid) // 1024))
 
     th = threading.Thread(target=sampler, daemon=True)
     th.start()

@@ -155,16 +155,7 @@ class RawPipe(Pipe):
             self.close()
 
     def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.out.clear()
-        self.out_bytes = 0
-        sock = self.sock
-        trio.lowlevel.notify_closing(sock)
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        sock.close()
+        self._let_go(shutdown=True)
 
     def abort(self) -> None:
         """Closes at once with a TCP reset-free close (queued data dropped)."""
@@ -173,13 +164,20 @@ class RawPipe(Pipe):
     def detach(self) -> None:
         """Lets go of the socket without shutting the connection down (its
         file descriptor now lives in another process)."""
+        self._let_go(shutdown=False)
+
+    def _let_go(self, shutdown: bool) -> None:
         if self.closed:
             return
         self.closed = True
         self.out.clear()
         self.out_bytes = 0
-        trio.lowlevel.notify_closing(self.sock)
-        self.sock.close()
+        sock = self.sock
+        trio.lowlevel.notify_closing(sock)
+        if shutdown:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
 
 
 class TlsPipe(Pipe):
