@@ -12,6 +12,7 @@ configuration (argparse errors exit 2 as well).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -168,9 +169,9 @@ def _float_at_least(lo: float, hi: float | None = None) -> Callable[[str], float
             v = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not v >= lo or (hi is not None and v > hi):
+        if not math.isfinite(v) or not v >= lo or (hi is not None and v > hi):
             rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-            raise argparse.ArgumentTypeError(f"must be {rng}: {text}")
+            raise argparse.ArgumentTypeError(f"must be a finite number {rng}: {text}")
         return v
 
     return parse

@@ -15,6 +15,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from gateway.cli import _float_at_least, _int_at_least
+
 __all__ = ["parse_size_mix", "parse_url", "run", "setup"]
 
 DEFAULT_URL: Final = "ws://127.0.0.1:8080/v1/ws"
@@ -70,19 +72,6 @@ def _int(text: str, what: str) -> int:
         raise ValueError(f"{what}: not an integer: {text!r}") from None
 
 
-def _positive(kind: type, lo: float = 0.0) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not (isinstance(v, int) or math.isfinite(v)) or v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}: {text}")
-        return v
-
-    return parse
-
-
 def setup(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--url", default=DEFAULT_URL,
@@ -98,32 +87,32 @@ def setup(p: argparse.ArgumentParser) -> None:
     tok.add_argument("--tokens", metavar="FILE", help="file with one visitor token per line")
     a("--tenant", default="demo", help="tenant of minted tokens (default demo)")
     a("--kid", default=None, help="key id of minted tokens (default: none)")
-    a("--connections", metavar="N", type=_positive(int, 1), default=100,
+    a("--connections", metavar="N", type=_int_at_least(1), default=100,
       help="connections to open (default 100)")  # fmt: skip
-    a("--ramp", metavar="PER_S", type=_positive(float), default=1000.0,
+    a("--ramp", metavar="PER_S", type=_float_at_least(0.0), default=1000.0,
       help="new connections per second (0 = as fast as possible; default 1000)")  # fmt: skip
-    a("--rate", metavar="MSGS_PER_S", type=_positive(float), default=0.0,
+    a("--rate", metavar="MSGS_PER_S", type=_float_at_least(0.0), default=0.0,
       help="messages per second over all connections "
            "(0 = closed loop, one in flight per active connection; default 0)")  # fmt: skip
     a("--size", metavar="BYTES|MIX", default="230",
       help="message body size, or a mix BYTES:WEIGHT,... (default 230)")  # fmt: skip
-    a("--duration", metavar="S", type=_positive(float), default=10.0,
+    a("--duration", metavar="S", type=_float_at_least(0.0), default=10.0,
       help="seconds of sending once all connections are open (default 10)")  # fmt: skip
-    a("--active", metavar="N", type=_positive(int), default=None,
+    a("--active", metavar="N", type=_int_at_least(0), default=None,
       help="connections that send (default: all)")  # fmt: skip
-    a("--hold", metavar="S", type=_positive(float), default=0.0,
+    a("--hold", metavar="S", type=_float_at_least(0.0), default=0.0,
       help="keep the connections open this long after sending stops")  # fmt: skip
-    a("--storm", metavar="N", type=_positive(int), default=0,
+    a("--storm", metavar="N", type=_int_at_least(0), default=0,
       help="drop N connections at once mid-run and resume them")  # fmt: skip
-    a("--storm-at", metavar="F", type=_positive(float), default=0.5,
+    a("--storm-at", metavar="F", type=_float_at_least(0.0), default=0.5,
       help="when the storm happens, as a fraction of --duration (default 0.5)")  # fmt: skip
     a("--encrypt", choices=SUITES, default=None,
       help="seal message bodies end to end with this suite (native core, batched)")  # fmt: skip
     a("--platform", default="web", help="hello platform hint (web, ios, android, ...)")
     a("--origin", default=None, help="Origin header of the WebSocket upgrade")
-    a("--processes", metavar="N", type=_positive(int, 1), default=None,
+    a("--processes", metavar="N", type=_int_at_least(1), default=None,
       help="client processes (default: one per 18,000 connections)")  # fmt: skip
-    a("--max-runtime", metavar="S", type=_positive(float, 1.0), default=None,
+    a("--max-runtime", metavar="S", type=_float_at_least(1.0), default=None,
       help="hard stop (default: ramp + duration + hold + 120 s)")  # fmt: skip
     a("--json", metavar="FILE", help="write the full result as JSON")
     a("--html", metavar="FILE", help="write an HTML report with plots")
