@@ -35,25 +35,22 @@ def wait_listening(port: int, timeout: float = 15.0) -> None:
     raise TimeoutError(f"nothing listening on {port}")
 
 
+def serve_two_workers(
+    state: Path, port: int, new_session: bool = False, **env: str
+) -> subprocess.Popen[bytes]:
+    """`gateway serve --workers 2` on ``port`` (no ops listener), output
+    (stdout and stderr) on its stdout pipe."""
+    e = dict(os.environ, GATEWAY_STATE_DIR=str(state), GATEWAY_OPS_LISTEN="", **env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
+         "--workers", "2"],
+        env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=new_session,
+    )  # fmt: skip
+
+
 async def test_serve_two_workers_and_sigterm_drain(tmp_path: Path) -> None:
     port = free_port()
-    env = dict(os.environ, GATEWAY_STATE_DIR=str(tmp_path), GATEWAY_DRAIN_S="3")
-    env["GATEWAY_OPS_LISTEN"] = ""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--workers",
-            "2",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    proc = serve_two_workers(tmp_path, port, GATEWAY_DRAIN_S="3")
     try:
         await trio.to_thread.run_sync(wait_listening, port)
         cfg = load_config(None, {"GATEWAY_STATE_DIR": str(tmp_path)}, {})
@@ -97,13 +94,7 @@ async def test_sigterm_to_the_whole_process_group(tmp_path: Path) -> None:
     and each worker gets a second SIGTERM forwarded by the supervisor: the
     drain still ends cleanly (exit 0, no traceback)."""
     port = free_port()
-    env = dict(os.environ, GATEWAY_STATE_DIR=str(tmp_path), GATEWAY_DRAIN_S="2")
-    env["GATEWAY_OPS_LISTEN"] = ""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
-         "--workers", "2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    proc = serve_two_workers(tmp_path, port, new_session=True, GATEWAY_DRAIN_S="2")
     try:
         await trio.to_thread.run_sync(wait_listening, port)
         await trio.sleep(0.5)  # the workers are in their trio loops
@@ -130,13 +121,7 @@ async def test_resume_on_another_worker_is_handed_to_the_owner(tmp_path: Path) -
     replies are in flight: every resume is a real resume and every reply
     arrives exactly once, in order."""
     port = free_port()
-    env = dict(os.environ, GATEWAY_STATE_DIR=str(tmp_path), GATEWAY_BOT_THINK_MS="100")
-    env["GATEWAY_OPS_LISTEN"] = ""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
-         "--workers", "2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    proc = serve_two_workers(tmp_path, port, GATEWAY_BOT_THINK_MS="100")
     try:
         await trio.to_thread.run_sync(wait_listening, port)
         await trio.sleep(0.5)  # both workers listening
