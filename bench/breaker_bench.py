@@ -18,8 +18,8 @@ Scenarios:
   dropped (`downstream_link_down`); restart -> link up
   (`downstream_link_up`).
 
-Times come from the gateway's JSON log events (`ts`, wall clock, written at
-the forwarder's 0.1 s tick for breaker changes) and the wall clock of this
+Times come from the gateway's JSON log events (`ts`, wall clock; a breaker
+turns half-open at the forwarder's 0.1 s tick once its open time is up) and the wall clock of this
 script (failure time: A's record file reaching 1,500 lines, or A's exit).
 """
 

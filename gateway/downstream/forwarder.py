@@ -19,6 +19,7 @@ I/O tasks are started by :meth:`Forwarder.run`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import ssl
 from collections import deque
@@ -28,7 +29,7 @@ import trio
 
 from gateway.downstream.admission import Admission, ClusterLoad
 from gateway.downstream.balancer import Balancer, Endpoint
-from gateway.downstream.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, OutlierDetector
+from gateway.downstream.breaker import OPEN, STATE_NAMES, Breaker, OutlierDetector
 from gateway.downstream.link import Link
 from gateway.downstream.proto import encode
 from gateway.downstream.routing import StickyTable
@@ -146,7 +147,11 @@ class Forwarder:
             ctx = _client_ssl(spec) if spec.tls else None
             endpoints = []
             for host, port in spec.endpoints:
-                ep_obj = Endpoint(f"{host}:{port}", Breaker(settings.breaker, 0.0))
+                breaker = Breaker(settings.breaker, 0.0)
+                breaker.on_change = functools.partial(
+                    self._breaker_changed, spec.name, f"{host}:{port}"
+                )
+                ep_obj = Endpoint(f"{host}:{port}", breaker)
                 ep_obj.up = False
                 endpoints.append(ep_obj)
                 ep = _Ep(c, ep_obj)
@@ -173,8 +178,6 @@ class Forwarder:
         # per link, sent messages in deadline order: (deadline, session, n)
         self._deadlines: deque[tuple[float, Session, int]] = deque()
         self._now = 0.0
-        # breaker state last seen per (cluster, endpoint), for transitions
-        self._breaker_seen: dict[tuple[str, str], int] = {}
 
     # -- helpers --------------------------------------------------------------
     def _time(self) -> float:
@@ -577,23 +580,19 @@ class Forwarder:
         for c in self.clusters.values():
             metrics.DOWNSTREAM_INFLIGHT.labels(c.name).set(c.inflight)
             for ep in c.eps.values():
+                # state() also moves an open breaker whose time is up to
+                # half-open, so no breaker waits longer than a tick for that
                 st = ep.endpoint.breaker.state(now)
                 metrics.BREAKER_STATE.labels(c.name, ep.key).set(st)
-                self._breaker_moved(c.name, ep.key, st)
 
-    def _breaker_moved(self, cluster: str, key: str, st: int) -> None:
-        """Counts and logs a breaker state change seen at a tick (the tick
-        runs every 0.1 s, which bounds the timing of these events)."""
-        old = self._breaker_seen.get((cluster, key), CLOSED)
-        if st == old:
-            return
-        self._breaker_seen[(cluster, key)] = st
-        to = _STATE_NAMES[st]
+    def _breaker_changed(self, cluster: str, key: str, old: int, st: int, now: float) -> None:
+        """The breaker's ``on_change``: counts and logs the transition."""
+        to = STATE_NAMES[st]
         metrics.BREAKER_TRANSITIONS.labels(cluster, key, to).inc()
         if self.hub is not None:
             level = "warning" if st == OPEN else "info"
             self.hub.log(level, "breaker", cluster=cluster, endpoint=key, to=to,
-                         was=_STATE_NAMES[old])  # fmt: skip
+                         was=STATE_NAMES[old])  # fmt: skip
 
     async def run(self) -> None:
         """The link tasks and the tick, until cancelled."""
@@ -605,7 +604,6 @@ class Forwarder:
                 self.tick(trio.current_time())
 
 
-_STATE_NAMES: Final = {CLOSED: "closed", HALF_OPEN: "half_open", OPEN: "open"}
 _NO_LOAD: Final = ClusterLoad(available_endpoints=1, pending=0, inflight=0, capacity=1)
 
 
