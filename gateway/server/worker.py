@@ -14,9 +14,10 @@ import signal
 import sys
 
 if __name__ == "__main__":
-    # Installed before the heavier imports below: a stop request that comes
-    # while this process is still starting has nothing to drain (see main()).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Installed before the heavier imports below (see main()).
+    from gateway.server.stopsig import outside_trio
+
+    signal.signal(signal.SIGTERM, outside_trio)
 
 import argparse
 import array
@@ -42,6 +43,7 @@ from gateway.ratelimit import TokenBucket
 from gateway.server.bot import DemoBot
 from gateway.server.http1 import HttpError, check_upgrade, parse_head, response, upgrade_response
 from gateway.server.pipe import RawPipe, TlsPipe
+from gateway.server.stopsig import STOP, ignore_from_now, outside_trio
 from gateway.server.ws import WsConn
 from gateway.session.hub import Hub
 from gateway.supervisor import watch_parent
@@ -534,14 +536,10 @@ class Worker:
     async def signal_loop(self, cancel: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
             async for _ in sigs:
+                # set before leaving the receiver, which puts outside_trio
+                # back: a signal arriving from then on must not exit
+                STOP.requested = True
                 break
-        # Leaving the receiver restores main()'s early handler (sys.exit),
-        # which a second SIGTERM (say, one to the whole process group plus
-        # the supervisor's) would run in the middle of trio's shutdown. From
-        # here on stop signals change nothing: the drain runs to its end, and
-        # the supervisor SIGKILLs a worker that outlives its deadline.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         await self.drain()
         cancel.cancel()
 
@@ -611,9 +609,9 @@ async def _amain(cfg: Config, index: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # A stop request that arrives before the trio loop handles signals has
-    # nothing to drain yet: exit cleanly instead of dying by the signal.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Stop signals outside trio's receiver: see gateway.server.stopsig.
+    signal.signal(signal.SIGTERM, outside_trio)
+    signal.signal(signal.SIGINT, outside_trio)
     ap = argparse.ArgumentParser(prog="gateway.server.worker")
     ap.add_argument("--index", type=int, required=True)
     args = ap.parse_args(argv)
@@ -622,6 +620,7 @@ def main(argv: list[str] | None = None) -> None:
     watch_parent()
     random.seed(time.time_ns() ^ args.index)
     trio.run(_amain, cfg, args.index)
+    ignore_from_now()  # drained: nothing left for a late stop signal to do
     sys.exit(0)
 
 
