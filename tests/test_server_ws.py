@@ -482,3 +482,94 @@ async def test_client_ack_trims_replay(tmp_path: Path) -> None:
 
 def test_closed_is_exception() -> None:
     assert isinstance(Closed(1000, ""), Exception)
+
+
+async def test_a_bug_on_one_connection_closes_it_with_1011_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception while the reactor handles one connection's bytes closes
+    that connection with 1011 (counted) and nothing else."""
+    from gateway.session.visitor import VisitorProtocol
+
+    real = VisitorProtocol.on_frame
+
+    def buggy(self: VisitorProtocol, frame: dict[str, Any]) -> None:
+        if frame.get("body") == "boom":
+            raise RuntimeError("a bug")
+        real(self, frame)
+
+    monkeypatch.setattr(VisitorProtocol, "on_frame", buggy)
+    async with running(tmp_path) as gw:
+        other = await RawWs.connect(gw.port)
+        await other.hello(gw.token("other"))
+        await other.recv()  # greeting
+        c = await RawWs.connect(gw.port)
+        await c.hello(gw.token())
+        await c.send({"t": "msg", "id": 1, "body": "boom"})
+        code, _ = await c.until_close()
+        assert code == 1011
+        assert gw.stats["internal_errors"] == 1
+        await other.send({"t": "msg", "id": 1, "body": "still here"})
+        got = [await other.recv(), await other.recv()]
+        assert any(f["t"] == "ack" for f in got)
+        await conversation_ok(gw.port, gw.token("third"))
+
+
+async def test_fragments_pings_and_a_client_close(tmp_path: Path) -> None:
+    async with running(tmp_path) as gw:
+        c = await RawWs.connect(gw.port)
+        await c.hello(gw.token())
+        await c.recv()  # greeting
+        raw = msgpack.packb({"t": "msg", "id": "f", "body": "in three parts"})
+        parts = [raw[:5], raw[5:9], raw[9:]]
+        mask = b"\x01\x02\x03\x04"
+
+        def masked(op: int, fin: bool, data: bytes) -> bytes:
+            body = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+            return bytes(((0x80 if fin else 0) | op, 0x80 | len(data))) + mask + body
+
+        wire = masked(rawws.OP_BINARY, False, parts[0]) + masked(rawws.OP_PING, True, b"hi")
+        wire += masked(0, False, parts[1]) + masked(0, True, parts[2])
+        for i in range(0, len(wire), 3):  # in small pieces
+            await c.send_raw(wire[i : i + 3])
+            await trio.sleep(0)
+        op, payload = await c.next_raw()
+        assert (op, payload) == (rawws.OP_PONG, b"hi")
+        got = [await c.recv(), await c.recv()]
+        assert {"t": "ack", "id": "f", "n": 1, "dup": False} in got
+        await c.send_raw(masked(rawws.OP_CLOSE, True, struct.pack("!H", 1000)))
+        op, payload = await c.next_raw()
+        assert op == rawws.OP_CLOSE and struct.unpack("!H", payload[:2])[0] == 1000
+        with pytest.raises(EOFError):
+            await c.next_raw(timeout=2)  # the gateway closed the TCP connection
+        assert not gw.w.conns
+
+
+def all_tasks() -> int:
+    todo = [trio.lowlevel.current_root_task()]
+    n = 0
+    while todo:
+        t = todo.pop()
+        n += 1
+        for nursery in t.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return n
+
+
+async def test_idle_plain_connections_hold_no_task(tmp_path: Path) -> None:
+    """Plain-TCP WebSocket connections are read by the worker's reactor:
+    once open, they add no trio task."""
+    async with running(tmp_path) as gw:
+        before = all_tasks()
+        conns = []
+        for i in range(20):
+            c = await RawWs.connect(gw.port)
+            await c.hello(gw.token(f"v{i}"))
+            conns.append(c)
+        await trio.sleep(0.1)
+        assert len(gw.w.reactor) == 20
+        assert all_tasks() <= before + 1  # (at most a short-lived task in flight)
+        for c in conns:
+            await c.aclose()
+        await trio.sleep(0.2)
+        assert len(gw.w.reactor) == 0 and not gw.w.conns

@@ -4,7 +4,8 @@
 synchronously with non-blocking ``send``; only when the kernel buffer is
 full does the rest go into a queue bounded in bytes and chunks, flushed by a
 short-lived task that exits once the queue is empty. An idle connection thus
-costs one parked reader task and no writer. :class:`TlsPipe` does the same
+costs no writer task (and no reader task either once the worker's reactor
+reads it: see :mod:`gateway.server.reactor`). :class:`TlsPipe` does the same
 over ``trio.SSLStream``, whose writes always go through the flusher.
 
 ``write`` never blocks and never buffers beyond the bounds: over them it
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -82,13 +84,16 @@ class Pipe:
 
 
 class RawPipe(Pipe):
-    __slots__ = ("sock",)
+    __slots__ = ("on_closed", "sock")
 
     def __init__(
         self, sock: socket.socket, nursery: trio.Nursery, max_bytes: int, max_chunks: int
     ) -> None:
         super().__init__(nursery, max_bytes, max_chunks)
         self.sock = sock
+        # called once when the pipe lets go of its socket, before the
+        # descriptor is closed (a reactor-driven connection ends there)
+        self.on_closed: Callable[[], None] | None = None
 
     async def recv(self) -> bytes:
         """The next bytes received; ``b""`` at end of stream or error."""
@@ -172,6 +177,10 @@ class RawPipe(Pipe):
         self.closed = True
         self.out.clear()
         self.out_bytes = 0
+        cb = self.on_closed
+        if cb is not None:
+            self.on_closed = None
+            cb()
         sock = self.sock
         trio.lowlevel.notify_closing(sock)
         if shutdown:

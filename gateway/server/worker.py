@@ -3,9 +3,10 @@
 Reads its configuration from ``$GATEWAY_WORKER_CONFIG`` (set by the
 supervisor), binds the shared port with SO_REUSEPORT and serves WebSocket,
 HTTP/2 and the static widget files on it. Tasks: the accept loop, one task
-per connection, the timer-wheel task (heartbeats, hello/handshake timeouts,
-closing grace, session expiry), the demo bot and the signal task (SIGTERM:
-drain). See docs/architecture.md.
+per connection during its handshake (and after it for TLS and HTTP/2
+connections), the reactor that reads every plain-TCP WebSocket connection,
+the timer-wheel task (heartbeats, hello/handshake timeouts, closing grace,
+session expiry), the demo bot and the signal task (SIGTERM: drain). See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import resource
 import socket
 import ssl
 import time
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import Any, Final
 
@@ -43,6 +44,7 @@ from gateway.ratelimit import TokenBucket
 from gateway.server.bot import DemoBot
 from gateway.server.http1 import HttpError, check_upgrade, parse_head, response, upgrade_response
 from gateway.server.pipe import RawPipe, TlsPipe
+from gateway.server.reactor import Reactor
 from gateway.server.stopsig import STOP, ignore_from_now, outside_trio
 from gateway.server.ws import WsConn
 from gateway.session.hub import Hub
@@ -123,6 +125,7 @@ class Worker:
         self.per_ip: dict[str, int] = {}
         self.open_sockets = 0
         self.conns: set[Any] = set()
+        self.reactor = Reactor()
         self.draining = False
         self.static: dict[str, tuple[bytes, str]] = {}
         for path, (name, ctype) in STATIC_FILES.items():
@@ -253,23 +256,32 @@ class Worker:
             return
         self._held(ip)
         pipe: RawPipe | TlsPipe | None = None
+        kept = False
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             pipe, alpn = await self._open_pipe(sock)
             if pipe is None:
                 return
             pipe.ip = ip
-            # The handshake coroutine returns before the long-lived phase, so
-            # an idle connection's task only holds this frame and run()'s.
             conn, rest = await self._handshake(pipe, alpn)
-            if conn is not None:
-                await conn.run(rest)
+            if conn is None:
+                return
+            if type(conn) is WsConn and type(pipe) is RawPipe:
+                # the reactor reads it from now on; this task ends here
+                conn.held = kept = True
+                conn.attach(self.reactor, rest, None)
+                return
+            # TLS and HTTP/2: the coroutine returned by _handshake ran
+            # before this long-lived phase, so an idle connection's task
+            # only holds this frame and run()'s.
+            await conn.run(rest)
         finally:
-            if pipe is not None:
-                pipe.close()
-            else:
-                sock.close()
-            self._released(ip)
+            if not kept:
+                if pipe is not None:
+                    pipe.close()
+                else:
+                    sock.close()
+                self._released(ip)
 
     async def _open_pipe(self, sock: socket.socket) -> tuple[RawPipe | TlsPipe | None, str | None]:
         cfg = self.cfg
@@ -484,11 +496,15 @@ class Worker:
                     continue
                 sock = socket.socket(fileno=fds[0])
                 sock.setblocking(False)
-                self.nursery.start_soon(self.adopt, sock, meta)
+                try:
+                    self.adopt(sock, meta)
+                except Exception:
+                    self.hub.stats["internal_errors"] += 1
+                    _log.exception("adopting a handed-over connection failed")
         finally:
             conn.close()
 
-    async def adopt(self, sock: socket.socket, meta: dict[str, Any]) -> None:
+    def adopt(self, sock: socket.socket, meta: dict[str, Any]) -> None:
         """Serves a WebSocket connection another worker handed over, starting
         with the resume ``hello`` it read."""
         ip = str(meta.get("ip", ""))
@@ -502,15 +518,12 @@ class Worker:
             sock, self.nursery, self.cfg.outbound_max_bytes, self.cfg.outbound_max_frames
         )
         pipe.ip = ip
-        try:
-            origin = meta.get("origin")
-            conn = WsConn(self, pipe, origin if isinstance(origin, str) else None)
-            conn.enc = Encoding.JSON if meta.get("enc") == "JSON" else Encoding.MSGPACK
-            conn.proto.adopted = True
-            await conn.run(b"", meta["hello"])
-        finally:
-            pipe.close()
-            self._released(ip)
+        origin = meta.get("origin")
+        conn = WsConn(self, pipe, origin if isinstance(origin, str) else None)
+        conn.enc = Encoding.JSON if meta.get("enc") == "JSON" else Encoding.MSGPACK
+        conn.proto.adopted = True
+        conn.held = True
+        conn.attach(self.reactor, b"", meta["hello"])
 
     # -- timers ---------------------------------------------------------------------
     async def timer_loop(self) -> None:
@@ -528,6 +541,11 @@ class Worker:
             if now >= next_expire:
                 next_expire = now + 1.0
                 self.hub.expire(now)
+
+    def spawn(self, fn: Callable[[], Awaitable[object]]) -> None:
+        """Starts a short-lived task in the worker's nursery."""
+        assert self.nursery is not None
+        self.nursery.start_soon(fn)
 
     def schedule(self, deadline: float, key: Hashable) -> None:
         self.wheel.schedule(deadline, key)
@@ -573,6 +591,7 @@ class Worker:
             self.nursery = nursery
             nursery.start_soon(self.accept_loop, lsock)
             nursery.start_soon(self.timer_loop)
+            nursery.start_soon(self.reactor.run)
             hsock = self.open_handoff()
             if hsock is not None:
                 nursery.start_soon(self.handoff_accept_loop, hsock)

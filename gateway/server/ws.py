@@ -1,46 +1,34 @@
-"""WebSocket connection shell: wsproto frames <-> visitor protocol.
+"""WebSocket connection shell: RFC 6455 frames <-> visitor protocol.
 
-One task per connection (:meth:`WsConn.run`) reads, feeds wsproto, decodes
-messages and hands frames to the :class:`VisitorProtocol`. Heartbeats, the
-hello timeout and the closing grace come from the worker's timer wheel
-(:meth:`WsConn.on_timer`), never from a sleeping task.
+Received bytes go through :class:`~gateway.protocol.wsframe.FrameReader`,
+messages are decoded and handed to the :class:`VisitorProtocol`, and what it
+sends back is framed and written. A plain-TCP connection is read by the
+worker's reactor (no task of its own); a TLS connection by its own task
+(:meth:`WsConn.run`). Heartbeats, the hello timeout and the closing grace
+come from the worker's timer wheel (:meth:`WsConn.on_timer`), never from a
+sleeping task.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
-from wsproto.connection import Connection, ConnectionType
-from wsproto.events import (
-    BytesMessage,
-    CloseConnection,
-    Ping,
-    Pong,
-    TextMessage,
-)
-from wsproto.utilities import LocalProtocolError
 
+from gateway.protocol import wsframe
 from gateway.protocol.codec import Encoding, decode_frame, encode_frame
 from gateway.protocol.codes import Code, ProtocolError
-from gateway.server.pipe import RawPipe
+from gateway.server.pipe import RECV_SIZE, RawPipe
 from gateway.session.visitor import VisitorProtocol
 
 if TYPE_CHECKING:
     from gateway.server.pipe import TlsPipe
+    from gateway.server.reactor import Reactor
     from gateway.server.worker import Worker
 
 __all__ = ["WsConn"]
-
-
-class _SmallQueue(list[Any]):
-    __slots__ = ()
-
-    def popleft(self) -> Any:
-        return self.pop(0)
 
 
 _log = logging.getLogger("gateway.ws")
@@ -48,70 +36,160 @@ _log = logging.getLogger("gateway.ws")
 #: Seconds a closing connection waits for the peer's close before dropping.
 CLOSE_GRACE_S = 2.0
 
+_PING: Final = wsframe.frame(wsframe.OP_PING, b"")
+
 
 class WsConn:
-    """Sink of a :class:`VisitorProtocol` over one WebSocket connection."""
+    """Sink of a :class:`VisitorProtocol` over one WebSocket connection.
+
+    Driven in one of two ways: a plain-TCP connection is attached to the
+    worker's :class:`~gateway.server.reactor.Reactor` (:meth:`attach`; no
+    task of its own), a TLS one runs :meth:`run` in its own task. Both feed
+    received bytes through :meth:`feed`.
+    """
 
     __slots__ = (
         "closing",
         "cork",
         "enc",
+        "finished",
         "handoff_to",
+        "held",
         "last_rx",
-        "msg_len",
-        "msg_parts",
+        "paused",
         "pipe",
         "proto",
-        "resume_ev",
+        "reactor",
+        "reader",
         "w",
-        "ws",
+        "wake",
     )
 
     def __init__(self, w: Worker, pipe: RawPipe | TlsPipe, origin: str | None) -> None:
         self.w = w
         self.pipe = pipe
-        self.ws = ws = Connection(ConnectionType.SERVER)
-        # wsproto keeps a deque for events it queues itself (760 bytes even
-        # when empty); it only ever appends, pops from the left and tests
-        # emptiness, which a small list subclass does in 56 bytes.
-        if type(getattr(ws, "_events", None)) is deque and not ws._events:
-            ws._events = _SmallQueue()  # type: ignore[assignment]
+        self.reader = wsframe.FrameReader(w.cfg.max_frame)
         self.proto = VisitorProtocol(w.hub, self, origin, pipe.ip)
         self.enc = Encoding.MSGPACK
         self.last_rx = trio.current_time()
-        self.msg_parts: list[Any] | None = None
-        self.msg_len = 0
         self.closing = False
+        self.finished = False
+        self.paused = False
+        self.held = False  # holds one of the worker's connection slots
+        self.wake: trio.Event | None = None  # run(): set when reading resumes
+        self.reactor: Reactor | None = None
         self.handoff_to: tuple[int, dict[str, Any]] | None = None
-        self.resume_ev: trio.Event | None = None
         # while handling one read, outbound frames are gathered here and
         # written with one send() at the end (half the syscalls per message)
         self.cork: list[bytes] | None = None
 
-    # -- the connection task ------------------------------------------------
-    async def run(self, trailing: bytes, hello: dict[str, Any] | None = None) -> None:
-        """Serves the connection; ``hello`` is a hello frame already read
-        (by the worker that handed this connection over)."""
+    def _start(self, hello: dict[str, Any] | None) -> None:
         w = self.w
-        pipe = self.pipe
         w.wheel.schedule(self.last_rx + w.cfg.hello_timeout_s, self)
         w.conns.add(self)
-        stats = w.hub.stats
+        if hello is not None:
+            self.cork = []
+            try:
+                self._frame(hello)
+            finally:
+                self._uncork()
+
+    def _finish(self) -> None:
+        """The connection is over (idempotent)."""
+        if self.finished:
+            return
+        self.finished = True
+        w = self.w
+        if self.reactor is not None:
+            self.reactor.remove(self.pipe.sock.fileno())  # type: ignore[union-attr]
+        w.conns.discard(self)
+        w.wheel.cancel(self)
+        self.proto.connection_lost(trio.current_time())
+        self.pipe.close()
+        if self.held:
+            self.held = False
+            w._released(self.pipe.ip)
+
+    # -- driven by the reactor (plain TCP) ---------------------------------------
+    def attach(self, reactor: Reactor, trailing: bytes, hello: dict[str, Any] | None) -> None:
+        """Serves the connection from ``reactor`` from now on; ``trailing``
+        are bytes read past the upgrade, ``hello`` a hello frame already
+        read (by the worker that handed this connection over). The
+        connection releases its slot itself when it ends (``held``)."""
+        pipe = self.pipe
+        assert isinstance(pipe, RawPipe)
+        self.reactor = reactor
+        pipe.on_closed = self._finish
+        self._start(hello)
+        if not pipe.closed and not self.paused and self.handoff_to is None:
+            reactor.add(pipe.sock.fileno(), self)
+        if trailing:
+            self._got(trailing)
+
+    def on_readable(self) -> None:
+        pipe = self.pipe
         try:
-            if hello is not None:
-                self.cork = []
-                try:
-                    self._frame(hello)
-                finally:
-                    self._uncork()
+            data = pipe.sock.recv(RECV_SIZE)  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            pipe.close()  # -> _finish
+            return
+        self.w.hub.stats["bytes_in_ws"] += len(data)
+        self.last_rx = trio.current_time()
+        self._got(data)
+
+    def on_failure(self) -> None:
+        self.w.hub.stats["internal_errors"] += 1
+        self._send_close(int(Code.INTERNAL), "internal error")
+
+    def _got(self, data: bytes) -> None:
+        self.feed(data)
+        if self.handoff_to is not None:
+            assert self.reactor is not None
+            self.reactor.remove(self.pipe.sock.fileno())  # type: ignore[union-attr]
+            self.w.spawn(self._handoff_later)
+
+    async def _handoff_later(self) -> None:
+        try:
+            if not await self._handoff():
+                self._read_again()
+        except Exception:
+            _log.exception("websocket hand-off failed")
+            self.on_failure()
+
+    def _read_again(self) -> None:
+        pipe = self.pipe
+        if self.reactor is not None and not pipe.closed and not self.paused:
+            self.reactor.add(pipe.sock.fileno(), self)  # type: ignore[union-attr]
+
+    async def _feed_buffered(self) -> None:
+        """Frames read before a pause, once reading resumes."""
+        try:
+            if not self.paused and not self.pipe.closed:
+                self._got(b"")
+        except Exception:
+            _log.exception("websocket connection failed")
+            self.on_failure()
+
+    # -- driven by its own task (TLS) ----------------------------------------------
+    async def run(self, trailing: bytes, hello: dict[str, Any] | None = None) -> None:
+        """Serves the connection until it ends."""
+        pipe = self.pipe
+        stats = self.w.hub.stats
+        try:
+            self._start(hello)
             data = trailing
             while True:
                 self.feed(data)
                 data = b""  # not kept alive while waiting
                 if self.handoff_to is not None and await self._handoff():
                     break  # the connection lives on in another worker
-                while self.resume_ev is not None and not self.closing and not pipe.closed:
-                    await self.resume_ev.wait()
+                while self.paused and not self.closing and not pipe.closed:
+                    ev = self.wake = trio.Event()
+                    await ev.wait()
                     self.feed(b"")  # frames read before the pause
                 if pipe.closed:
                     break
@@ -122,14 +200,11 @@ class WsConn:
                 self.last_rx = trio.current_time()
         except Exception:  # a bug must not take down the worker
             _log.exception("websocket connection failed")
-            w.hub.stats["internal_errors"] += 1
-            self._send_close(int(Code.INTERNAL), "internal error")
+            self.on_failure()
         finally:
-            w.conns.discard(self)
-            w.wheel.cancel(self)
-            self.proto.connection_lost(trio.current_time())
-            pipe.close()
+            self._finish()
 
+    # -- bytes in -------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
         self.cork = []
         try:
@@ -144,25 +219,28 @@ class WsConn:
             self._write(cork[0] if len(cork) == 1 else b"".join(cork))
 
     def _feed(self, data: bytes) -> None:
-        ws = self.ws
-        if data:
-            try:
-                ws.receive_data(data)
-            except LocalProtocolError:
-                return  # data after our close: ignore
+        reader = self.reader
+        reader.feed(data)
         proto = self.proto
-        for event in ws.events():
+        while True:
+            try:
+                got = reader.next()
+            except wsframe.WsViolation as e:
+                if self.closing:
+                    self.pipe.close()
+                else:
+                    self._violation(e)
+                return
+            if got is None:
+                return
+            op, payload = got
             if self.closing:
-                if isinstance(event, CloseConnection):
+                if op == wsframe.OP_CLOSE:
                     self.pipe.close()
                     return
                 continue
-            t = type(event)
-            if t is TextMessage or t is BytesMessage:
-                payload = self._assemble(event)  # type: ignore[arg-type]
-                if payload is None:
-                    continue
-                if t is TextMessage and proto.state == proto.HELLO:
+            if op <= wsframe.OP_BINARY:
+                if op == wsframe.OP_TEXT and proto.state == proto.HELLO:
                     self.enc = Encoding.JSON
                 try:
                     frame = decode_frame(payload, self.w.cfg.max_frame)
@@ -172,22 +250,23 @@ class WsConn:
                     return
                 if not self._frame(frame) or self.handoff_to is not None:
                     return
-                if self.resume_ev is not None:
-                    return  # paused: the rest stays in wsproto's buffer
-            elif t is Ping:
-                self._write(ws.send(event.response()))  # type: ignore[attr-defined]
-            elif t is CloseConnection:
-                code = event.code  # type: ignore[attr-defined]
-                if code in (1002, 1007, 1009, 1008):  # wsproto found a violation
-                    self.w.count_error(code)
-                    self.w.hub.stats[f"closed_{code}"] += 1
-                    self._send_close(code, str(event.reason or "")[:100])  # type: ignore[attr-defined]
-                else:
-                    self._send_close(1000, "")
-                    self.pipe.close_after_flush()
+                if self.paused:
+                    return  # the rest stays in the reader
+            elif op == wsframe.OP_PING:
+                self._write(wsframe.frame(wsframe.OP_PONG, payload))  # type: ignore[arg-type]
+            elif op == wsframe.OP_CLOSE:
+                try:
+                    wsframe.parse_close(payload)  # type: ignore[arg-type]
+                except wsframe.WsViolation as e:
+                    self._violation(e)
+                    return
+                self._send_close(1000, "")
                 return
-            elif t is Pong:
-                pass
+
+    def _violation(self, e: wsframe.WsViolation) -> None:
+        self.w.count_error(e.code)
+        self.w.hub.stats[f"closed_{e.code}"] += 1
+        self._send_close(e.code, e.reason)
 
     def _frame(self, frame: dict[str, Any]) -> bool:
         """One decoded frame to the protocol; False when it failed the
@@ -211,13 +290,9 @@ class WsConn:
         connection with nothing written since the upgrade and nothing read
         past the hello can move."""
         pipe = self.pipe
-        if not isinstance(pipe, RawPipe) or pipe.pending or self.cork or self.msg_parts:
+        if not isinstance(pipe, RawPipe) or pipe.pending or self.cork or self.reader.buffered:
             return False
-        dec = getattr(getattr(self.ws, "_proto", None), "_frame_decoder", None)
-        buf = getattr(dec, "buffer", None)
-        if buf is None or len(buf) or getattr(dec, "header", None) is not None:
-            return False
-        self.handoff_to = (owner, hello)  # done by run() (it may have to wait)
+        self.handoff_to = (owner, hello)  # done once the read is handled (it may wait)
         return True
 
     async def _handoff(self) -> bool:
@@ -243,40 +318,15 @@ class WsConn:
             self._uncork()
         return False
 
-    def _assemble(self, event: TextMessage | BytesMessage) -> Any:
-        data = event.data
-        limit = self.w.cfg.max_frame
-        parts = self.msg_parts
-        if parts is None:
-            if event.message_finished:
-                return data
-            parts = self.msg_parts = []
-            self.msg_len = 0
-        n = len(data) if type(data) is not str else len(data) * 1  # chars; bytes checked later
-        self.msg_len += n
-        if self.msg_len > limit:
-            self.msg_parts = None
-            self.w.count_error(int(Code.TOO_BIG))
-            self.w.hub.stats["closed_1009"] += 1
-            self._send_close(int(Code.TOO_BIG), "message too big")
-            return None
-        parts.append(data)
-        if not event.message_finished:
-            return None
-        self.msg_parts = None
-        if type(data) is str:
-            return "".join(parts)
-        return b"".join(parts)
-
     # -- Sink -----------------------------------------------------------------
     def send(self, frame: dict[str, Any]) -> None:
         if self.closing:
             return
         payload = encode_frame(frame, self.enc)
-        if isinstance(payload, str):
-            out = self.ws.send(TextMessage(data=payload))
+        if type(payload) is str:
+            out = wsframe.frame(wsframe.OP_TEXT, payload.encode("utf-8"))
         else:
-            out = self.ws.send(BytesMessage(data=payload))
+            out = wsframe.frame(wsframe.OP_BINARY, payload)  # type: ignore[arg-type]
         if frame["t"] == "deliver":
             self.w.hub.stats["messages_out_ws"] += 1
         self._write(out)
@@ -300,34 +350,47 @@ class WsConn:
     def _send_close(self, code: int, reason: str) -> None:
         if self.closing:
             return
-        try:
-            data = self.ws.send(CloseConnection(code=code, reason=reason[:100]))
-        except LocalProtocolError:
-            data = b""
+        data = wsframe.close_frame(code, reason[:100])
         self._uncork()
         self.closing = True
-        if self.resume_ev is not None:
-            self.resume_ev.set()
-            self.resume_ev = None
-        if data:
-            self.w.hub.stats["bytes_out_ws"] += len(data)
-            self.pipe.write(data)
+        if self.paused:  # read the peer's close (or the task's end of stream)
+            self.paused = False
+            self._wake()
+        self.w.hub.stats["bytes_out_ws"] += len(data)
+        self.pipe.write(data)
         self.pipe.close_after_flush()
         self.w.wheel.schedule(trio.current_time() + CLOSE_GRACE_S, self)
 
     def pause(self) -> None:
-        if self.resume_ev is None:
-            self.resume_ev = trio.Event()
-            self.w.hub.stats["reads_paused"] += 1
+        """Stops reading (TCP backpressure) until :meth:`resume`."""
+        if self.paused or self.closing:
+            return
+        self.paused = True
+        self.w.hub.stats["reads_paused"] += 1
+        if self.reactor is not None and not self.pipe.closed:
+            self.reactor.remove(self.pipe.sock.fileno())  # type: ignore[union-attr]
 
     def resume(self) -> None:
-        ev = self.resume_ev
+        if not self.paused:
+            return
+        self.paused = False
+        # silence while we were not reading is not the visitor's: a fresh
+        # heartbeat period starts now
+        self.last_rx = trio.current_time()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Reading goes on: the task's wait ends, or the reactor watches the
+        socket again (and frames read before the pause are handled soon, not
+        from inside whatever called resume())."""
+        ev = self.wake
         if ev is not None:
-            self.resume_ev = None
-            # silence while we were not reading is not the visitor's: a fresh
-            # heartbeat period starts now
-            self.last_rx = trio.current_time()
+            self.wake = None
             ev.set()
+        if self.reactor is not None and self.handoff_to is None:
+            self._read_again()
+            if self.reader.buffered:
+                self.w.spawn(self._feed_buffered)
 
     # -- timers -----------------------------------------------------------------
     def on_timer(self, now: float) -> None:
@@ -343,7 +406,7 @@ class WsConn:
         if proto.state != proto.OPEN:
             return
         hb = w.cfg.heartbeat_s
-        if self.resume_ev is not None:
+        if self.paused:
             # paused by us (window full or the downstream cannot take more):
             # its pongs wait unread in the socket, so silence proves nothing
             w.wheel.schedule(now + hb, self)
@@ -359,7 +422,7 @@ class WsConn:
             proto.fail(ProtocolError(Code.TOKEN_EXPIRED))
             return
         if idle >= hb * 0.5:
-            self._write(self.ws.send(Ping(b"")))
+            self._write(_PING)
             w.hub.stats["heartbeats_sent"] += 1
         w.wheel.schedule(min(now + hb, self.last_rx + limit), self)
 

@@ -1,0 +1,90 @@
+"""One readiness loop per worker for its established plain-TCP WebSocket
+connections.
+
+A trio task per connection costs a task object and its coroutine frames
+while the connection idles, and on every message a scheduler round: the
+task's wakeup, an ``epoll_ctl`` to re-arm its file descriptor and the
+switch into the coroutine. Here the connections' sockets sit in one
+level-triggered epoll set whose own file descriptor trio watches; one task
+wakes when any of them is readable, takes up to :data:`BATCH` ready
+connections and calls each one's ``on_readable`` synchronously (the
+protocol layers below are sans-IO and never block). An idle connection
+costs one epoll entry and no task.
+
+A connection that pauses its reading (backpressure) is taken out of the
+set and put back when it resumes. Writes do not go through here: they are
+non-blocking ``send`` calls, and only a connection whose kernel buffer is
+full gets a short-lived flusher task (see :mod:`gateway.server.pipe`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+from typing import Final, Protocol
+
+import trio
+
+__all__ = ["Reactor", "Readable"]
+
+#: Ready connections handled per wakeup before trio runs its other tasks.
+BATCH: Final = 256
+
+_log = logging.getLogger("gateway.reactor")
+
+
+class Readable(Protocol):
+    def on_readable(self) -> None:
+        """The descriptor is readable (or at end of stream, or failed)."""
+
+    def on_failure(self) -> None:
+        """``on_readable`` raised: count it and close the connection."""
+
+
+class Reactor:
+    __slots__ = ("ep", "handlers")
+
+    def __init__(self) -> None:
+        self.ep = select.epoll()
+        self.handlers: dict[int, Readable] = {}
+
+    def __len__(self) -> int:
+        return len(self.handlers)
+
+    def add(self, fd: int, handler: Readable) -> None:
+        """Watches ``fd`` for reading (again)."""
+        if fd in self.handlers:
+            return
+        self.ep.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+        self.handlers[fd] = handler
+
+    def remove(self, fd: int) -> None:
+        """Stops watching ``fd``; must come before the descriptor is closed
+        or sent to another process (an epoll entry belongs to the open file,
+        which outlives this descriptor number when it was duplicated)."""
+        if self.handlers.pop(fd, None) is not None:
+            with contextlib.suppress(OSError, ValueError):  # fd or epoll closed already
+                self.ep.unregister(fd)
+
+    async def run(self) -> None:
+        ep = self.ep
+        handlers = self.handlers
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(ep.fileno())
+                for fd, _ in ep.poll(0, BATCH):
+                    h = handlers.get(fd)
+                    if h is None:
+                        continue
+                    try:
+                        h.on_readable()
+                    except Exception:  # a bug must not take down the worker
+                        _log.exception("connection failed")
+                        self.remove(fd)
+                        try:
+                            h.on_failure()
+                        except Exception:
+                            _log.exception("connection cleanup failed")
+        finally:
+            ep.close()
