@@ -1,7 +1,7 @@
 """Gateway core benchmarks, side by side with the `websockets` library in the
 same run, from the same raw-socket client (gateway.loadtest).
 
-    python bench/core_bench.py throughput [--seconds 10] [--workers 1,2]
+    python bench/core_bench.py throughput [--seconds 10] [--workers 1,2] [--clients 1]
     python bench/core_bench.py idle --connections 15000 [--workers 1] [--peer]
     python bench/core_bench.py idle --connections 250000 --workers 14 --hold 60
 
@@ -190,7 +190,9 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     plan = dict(connections=200, active=200, duration=args.seconds, size=230, max_runtime=120)
     peer = start_peer()
     try:
-        res["websockets"] = run(Plan(host="127.0.0.1", port=peer.port, mode="echo", **plan), 1)
+        res["websockets"] = run(
+            Plan(host="127.0.0.1", port=peer.port, mode="echo", **plan), args.clients
+        )
     finally:
         peer.stop()
     toks = tokens(200)
@@ -198,7 +200,8 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
         gw = start_gateway(w)
         try:
             res[f"gateway-{w}w"] = run(
-                Plan(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks, **plan), 1
+                Plan(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks, **plan),
+                args.clients,
             )
         finally:
             gw.stop()
@@ -227,7 +230,7 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
     peer = start_peer()
     try:
         res["websockets echo (max)"] = run(
-            Plan(host="127.0.0.1", port=peer.port, mode="echo", **plan), 1
+            Plan(host="127.0.0.1", port=peer.port, mode="echo", **plan), args.clients
         )
     finally:
         peer.stop()
@@ -239,13 +242,13 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
         try:
             time.sleep(1.0)  # links up
             mk = dict(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks, **plan)
-            top = run(Plan(**mk), 1)  # type: ignore[arg-type]
+            top = run(Plan(**mk), args.clients)  # type: ignore[arg-type]
             res[f"gateway-{w}w + desk-sim (max)"] = top
             for share in (0.5, 0.9):
                 rate = top["msgs_per_s"] * share
                 res[f"gateway-{w}w + desk-sim @{int(share * 100)}%"] = run(
-                    Plan(**{**mk, "rate": rate}),
-                    1,  # type: ignore[arg-type]
+                    Plan(**{**mk, "rate": rate}),  # type: ignore[arg-type]
+                    args.clients,
                 )
         finally:
             gw.stop()
@@ -255,8 +258,8 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
     try:
         mk = dict(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks, **plan)
         res[f"gateway-{w}w + in-process bot @50%"] = run(
-            Plan(**{**mk, "rate": top["msgs_per_s"] * 0.5}),
-            1,  # type: ignore[arg-type]
+            Plan(**{**mk, "rate": top["msgs_per_s"] * 0.5}),  # type: ignore[arg-type]
+            args.clients,
         )
     finally:
         gw.stop()
@@ -360,6 +363,9 @@ def main() -> None:
     ap.add_argument("--hold", type=float, default=10.0)
     ap.add_argument("--ramp", type=float, default=0.0)
     ap.add_argument("--peer", action="store_true")
+    ap.add_argument(
+        "--clients", type=int, default=1, help="load-client processes (throughput, e2e)"
+    )
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
     tune_loopback()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import ssl
 import struct
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,14 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.settings
 import msgpack
 import trio
 import trustme
 from websockets.sync.client import connect as ws_connect
 
+from gateway.server.h2compact import compact
+from gateway.server.h2conn import H2Conn
 from tests.gwserver import running
 
 
@@ -112,6 +116,76 @@ async def test_h2c_conversation_two_streams(tmp_path: Path) -> None:
         d = await cl.recv(s1)
         assert d["t"] == "deliver" and d["body"] == b"\x00\x01bin"
         assert gw.stats["h2_streams"] == 2
+        # h2c connections are read by the reactor, and their h2 state holds no
+        # deque (760 bytes each) once the settings were exchanged
+        (conn,) = [c for c in gw.w.conns if isinstance(c, H2Conn)]
+        assert len(gw.w.reactor) == 1 and conn.reactor is gw.w.reactor
+        assert not deques_in(conn.h2)
+        # the peer changes a setting on a live connection: still none, and the
+        # connection keeps working with the new value
+        cl.c.update_settings({h2.settings.SettingCodes.MAX_FRAME_SIZE: 32768})
+        await cl.flush()
+        assert (await cl.recv(s2))["seq"] == 1  # greeting
+        await cl.send(s2, {"t": "msg", "id": 1, "body": "after settings"})
+        assert (await cl.recv(s2))["t"] == "ack"
+        assert conn.h2.remote_settings.max_frame_size == 32768
+        assert not deques_in(conn.h2)
+        # no HPACK dynamic table kept on either side (HEADER_TABLE_SIZE 0)
+        s3 = await cl.open()
+        await cl.send(s3, {"t": "hello", "v": 1, "token": gw.token("c")})
+        assert (await cl.recv(s3))["t"] == "welcome"
+        assert cl.c.encoder.header_table_size == 0
+        assert not conn.h2.decoder.header_table.dynamic_entries
+        assert not conn.h2.encoder.header_table.dynamic_entries
+        await cl.stream.aclose()
+        with trio.fail_after(2):
+            while gw.w.conns:
+                await trio.sleep(0.02)
+        assert len(gw.w.reactor) == 0
+
+
+def deques_in(c: Any) -> list[str]:
+    found = []
+    for name, settings in (("local", c.local_settings), ("remote", c.remote_settings)):
+        found += [f"{name}:{k}" for k, v in settings._settings.items() if type(v) is deque]
+    for side in ("encoder", "decoder"):
+        if type(getattr(c, side).header_table.dynamic_entries) is deque:
+            found.append(side)
+    return found
+
+
+def test_compact_swaps_every_deque_of_a_fresh_h2_connection() -> None:
+    """The h2 version we pin stores settings and header tables in deques
+    (what gateway.server.h2compact exists for); after compact() none is
+    left, and the connection still negotiates with a client."""
+    srv = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    assert deques_in(srv)  # if this fails, h2 changed: revisit h2compact
+    srv.initiate_connection()
+    assert compact(srv) >= 11
+    assert not deques_in(srv)
+    # a setting's values behave like h2's deque: current first, then pending
+    values = srv.local_settings._settings[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE]
+    assert len(values) == 1 and values[0] == 65535 and list(values) == [65535]
+    assert not isinstance(srv._frame_dispatch_table, dict)  # bound on lookup
+    cl = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    cl.initiate_connection()
+    cl.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 1024})
+    srv.receive_data(cl.data_to_send())
+    cl.receive_data(srv.data_to_send())
+    srv.receive_data(cl.data_to_send())
+    compact(srv)
+    assert srv.remote_settings.header_table_size == 1024
+    assert not deques_in(srv)
+    # a local change pending, then acknowledged by the peer
+    srv.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1000})
+    values = srv.local_settings._settings[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE]
+    assert len(values) == 2 and values[1] == 1000
+    assert srv.local_settings.initial_window_size == 65535  # not yet acknowledged
+    events = cl.receive_data(srv.data_to_send())
+    assert any(isinstance(e, h2.events.RemoteSettingsChanged) for e in events)
+    events = srv.receive_data(cl.data_to_send())
+    assert any(isinstance(e, h2.events.SettingsAcknowledged) for e in events)
+    assert srv.local_settings.initial_window_size == 1000 and len(values) == 1
 
 
 async def test_h2_bad_input(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 
 import h2.config
@@ -27,10 +26,13 @@ import trio
 
 from gateway.protocol.codec import Encoding, LengthPrefixedDecoder, encode_frame, length_prefix
 from gateway.protocol.codes import Code, ProtocolError
+from gateway.server.h2compact import SmallDeque, compact
+from gateway.server.pipe import RawPipe
 from gateway.session.visitor import VisitorProtocol
 
 if TYPE_CHECKING:
-    from gateway.server.pipe import RawPipe, TlsPipe
+    from gateway.server.pipe import TlsPipe
+    from gateway.server.reactor import Reactor
     from gateway.server.worker import Worker
 
 __all__ = ["H2Conn"]
@@ -68,10 +70,11 @@ class H2Stream:
         self.sid = stream_id
         self.decoder = LengthPrefixedDecoder(conn.w.cfg.max_frame)
         self.proto = VisitorProtocol(conn.w.hub, self, origin, conn.pipe.ip, "h2")
-        self.pending: deque[bytes] = deque()
+        # lists, not deques (760 bytes each even when empty, as they usually are)
+        self.pending: SmallDeque = SmallDeque()
         self.pending_bytes = 0
         # decoded frames not yet handled because the session paused
-        self.backlog: deque[dict[str, Any]] = deque()
+        self.backlog: SmallDeque = SmallDeque()
         self.unacked = 0
         self.paused = False
         self.ended = False
@@ -128,7 +131,10 @@ class H2Stream:
 
 
 class H2Conn:
-    __slots__ = ("closing", "h2", "last_rx", "pipe", "streams", "w")
+    """One HTTP/2 connection: read by the worker's reactor when it is plain
+    TCP (h2c, :meth:`attach`), by its own task over TLS (:meth:`run`)."""
+
+    __slots__ = ("closing", "finished", "h2", "held", "last_rx", "pipe", "reactor", "streams", "w")
 
     def __init__(self, w: Worker, pipe: RawPipe | TlsPipe) -> None:
         self.w = w
@@ -138,8 +144,11 @@ class H2Conn:
         self.streams: dict[int, H2Stream] = {}
         self.last_rx = trio.current_time()
         self.closing = False
+        self.finished = False
+        self.held = False  # holds one of the worker's connection slots
+        self.reactor: Reactor | None = None
 
-    async def run(self, initial: bytes) -> None:
+    def _start(self) -> None:
         w = self.w
         c = self.h2
         c.local_settings = h2.settings.Settings(
@@ -148,17 +157,75 @@ class H2Conn:
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 65535,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 16384,
+                # no HPACK dynamic table either way: a stream sends one
+                # header block per direction, so a table would only hold
+                # those headers in memory for the connection's lifetime
+                h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0,
             },
         )
         c.initiate_connection()
+        c.encoder.header_table_size = 0
         c.increment_flow_control_window(CONN_WINDOW)
+        compact(c)
         self.write_out()
         w.conns.add(self)
         hb = w.cfg.heartbeat_s
         w.wheel.schedule(self.last_rx + hb * (0.1 + 0.9 * random.random()), self)
-        stats = w.hub.stats
-        stats["h2_connections"] += 1
+        w.hub.stats["h2_connections"] += 1
+
+    def _finish(self) -> None:
+        """The connection is over (idempotent)."""
+        if self.finished:
+            return
+        self.finished = True
+        w = self.w
+        if self.reactor is not None:
+            self.reactor.remove(self.pipe.sock.fileno())  # type: ignore[union-attr]
+        w.conns.discard(self)
+        w.wheel.cancel(self)
+        now = trio.current_time()
+        for st in list(self.streams.values()):
+            self._drop(st, now)
+        self.pipe.close()
+        if self.held:
+            self.held = False
+            w._released(self.pipe.ip)
+
+    # -- driven by the reactor (h2c) ---------------------------------------------
+    def attach(self, reactor: Reactor, initial: bytes) -> None:
+        """Serves the connection from ``reactor`` from now on (see
+        :meth:`gateway.server.ws.WsConn.attach`)."""
+        pipe = self.pipe
+        assert isinstance(pipe, RawPipe)
+        self.reactor = reactor
+        pipe.on_closed = self._finish
         try:
+            self._start()
+            if initial:
+                self.feed(initial)
+        except Exception:  # a bug must not take down the worker
+            _log.exception("http/2 connection failed")
+            self.on_failure()
+        if not pipe.closed:
+            reactor.add(pipe.sock.fileno(), self)
+
+    def on_readable(self) -> None:
+        data = self.pipe.recv_ready()  # type: ignore[union-attr]
+        if data:
+            self.w.hub.stats["bytes_in_h2"] += len(data)
+            self.last_rx = trio.current_time()
+            self.feed(data)
+
+    def on_failure(self) -> None:
+        self.w.hub.stats["internal_errors"] += 1
+        self.pipe.close()
+
+    # -- driven by its own task (TLS) --------------------------------------------
+    async def run(self, initial: bytes) -> None:
+        w = self.w
+        stats = w.hub.stats
+        try:
+            self._start()
             data = initial
             while True:
                 if data:
@@ -172,14 +239,9 @@ class H2Conn:
                 self.last_rx = trio.current_time()
         except Exception:
             _log.exception("http/2 connection failed")
-            w.hub.stats["internal_errors"] += 1
+            stats["internal_errors"] += 1
         finally:
-            w.conns.discard(self)
-            w.wheel.cancel(self)
-            now = trio.current_time()
-            for st in list(self.streams.values()):
-                self._drop(st, now)
-            self.pipe.close()
+            self._finish()
 
     def feed(self, data: bytes) -> None:
         c = self.h2
@@ -192,6 +254,7 @@ class H2Conn:
             self.write_out()
             self.pipe.close_after_flush()
             return
+        settings_changed = False
         for ev in events:
             t = type(ev)
             if t is h2.events.DataReceived:
@@ -219,6 +282,12 @@ class H2Conn:
                             self.flush_stream(st)
             elif t is h2.events.ConnectionTerminated:
                 self.pipe.close_after_flush()
+            elif t is h2.events.RemoteSettingsChanged or t is h2.events.SettingsAcknowledged:
+                settings_changed = True
+        if settings_changed:
+            compact(c)  # new setting keys came with fresh deques
+            if c.encoder.header_table_size:  # h2 follows the peer's limit
+                c.encoder.header_table_size = 0
         self.write_out()
 
     def _on_request(self, ev: h2.events.RequestReceived) -> None:

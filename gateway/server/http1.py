@@ -5,7 +5,7 @@ connection: a WebSocket upgrade on ``/v1/ws`` or a ``GET`` of a static file.
 This parser is strict and bounded (:data:`MAX_HEAD` bytes, :data:`MAX_HEADERS`
 lines) and much cheaper than a general HTTP/1.1 state machine, which matters
 in reconnect storms (tens of thousands of upgrades per second). The frames
-after the upgrade are handled by wsproto.
+after the upgrade are handled by :mod:`gateway.protocol.wsframe`.
 """
 
 from __future__ import annotations

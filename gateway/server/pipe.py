@@ -112,6 +112,21 @@ class RawPipe(Pipe):
             except (trio.ClosedResourceError, OSError):
                 return b""
 
+    def recv_ready(self) -> bytes | None:
+        """For a reactor that saw the socket readable: the bytes received,
+        or None (nothing to read after all, or the connection ended: then
+        the pipe is closed, which calls ``on_closed``)."""
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return None
+        return data
+
     def write(self, data: bytes) -> bool:
         """Sends or queues ``data``; False when the queue bounds would be
         exceeded (nothing is queued then)."""

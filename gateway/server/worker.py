@@ -266,10 +266,13 @@ class Worker:
             conn, rest = await self._handshake(pipe, alpn)
             if conn is None:
                 return
-            if type(conn) is WsConn and type(pipe) is RawPipe:
+            if type(pipe) is RawPipe:
                 # the reactor reads it from now on; this task ends here
                 conn.held = kept = True
-                conn.attach(self.reactor, rest, None)
+                if type(conn) is WsConn:
+                    conn.attach(self.reactor, rest, None)
+                else:
+                    conn.attach(self.reactor, rest)
                 return
             # TLS and HTTP/2: the coroutine returned by _handshake ran
             # before this long-lived phase, so an idle connection's task

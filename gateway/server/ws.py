@@ -20,7 +20,7 @@ import trio
 from gateway.protocol import wsframe
 from gateway.protocol.codec import Encoding, decode_frame, encode_frame
 from gateway.protocol.codes import Code, ProtocolError
-from gateway.server.pipe import RECV_SIZE, RawPipe
+from gateway.server.pipe import RawPipe
 from gateway.session.visitor import VisitorProtocol
 
 if TYPE_CHECKING:
@@ -120,26 +120,22 @@ class WsConn:
         assert isinstance(pipe, RawPipe)
         self.reactor = reactor
         pipe.on_closed = self._finish
-        self._start(hello)
-        if not pipe.closed and not self.paused and self.handoff_to is None:
-            reactor.add(pipe.sock.fileno(), self)
-        if trailing:
-            self._got(trailing)
+        try:
+            self._start(hello)
+            if not pipe.closed and not self.paused and self.handoff_to is None:
+                reactor.add(pipe.sock.fileno(), self)
+            if trailing:
+                self._got(trailing)
+        except Exception:  # a bug must not take down the worker
+            _log.exception("websocket connection failed")
+            self.on_failure()
 
     def on_readable(self) -> None:
-        pipe = self.pipe
-        try:
-            data = pipe.sock.recv(RECV_SIZE)  # type: ignore[union-attr]
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            pipe.close()  # -> _finish
-            return
-        self.w.hub.stats["bytes_in_ws"] += len(data)
-        self.last_rx = trio.current_time()
-        self._got(data)
+        data = self.pipe.recv_ready()  # type: ignore[union-attr]
+        if data:
+            self.w.hub.stats["bytes_in_ws"] += len(data)
+            self.last_rx = trio.current_time()
+            self._got(data)
 
     def on_failure(self) -> None:
         self.w.hub.stats["internal_errors"] += 1
