@@ -4,6 +4,8 @@ same run, from the same raw-socket client (gateway.loadtest).
     python bench/core_bench.py throughput [--seconds 10] [--workers 1,2] [--clients 1]
     python bench/core_bench.py idle --connections 15000 [--workers 1] [--peer]
     python bench/core_bench.py idle --connections 250000 --workers 14 --hold 60
+    python bench/core_bench.py e2e --workers 2 --connections 200
+    python bench/core_bench.py forwarding --workers 2 --connections 200 --rate 10000 --repeat 5
 
 "idle" also reports new connections per second while the clients ramp up as
 fast as they can (a reconnect storm from every client process at once).
@@ -185,13 +187,37 @@ def row(name: str, r: dict[str, Any], extra: str = "") -> str:
     )
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its live descendants."""
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measured(srv: Server, plan: Plan, clients: int) -> dict[str, Any]:
+    """``run`` plus the server's CPU time over the run: ``msgs_per_cpu_s`` is
+    the server's work per message, whoever else shares the cores."""
+    c0 = cpu_seconds(srv.proc.pid)
+    r = run(plan, clients)
+    used = cpu_seconds(srv.proc.pid) - c0
+    r["server_cpu_s"] = used
+    r["msgs_per_cpu_s"] = r["counts"].get("acked", 0) / used if used > 0 else 0.0
+    return r
+
+
 def throughput(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {}
     plan = dict(connections=200, active=200, duration=args.seconds, size=230, max_runtime=120)
     peer = start_peer()
     try:
-        res["websockets"] = run(
-            Plan(host="127.0.0.1", port=peer.port, mode="echo", **plan), args.clients
+        res["websockets"] = measured(
+            peer, Plan(host="127.0.0.1", port=peer.port, mode="echo", **plan), args.clients
         )
     finally:
         peer.stop()
@@ -199,13 +225,24 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     for w in args.workers:
         gw = start_gateway(w)
         try:
-            res[f"gateway-{w}w"] = run(
+            res[f"gateway-{w}w"] = measured(
+                gw,
                 Plan(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks, **plan),
                 args.clients,
             )
         finally:
             gw.stop()
-    return print_table(res, "server", "websockets", "vs websockets")
+    print_table(res, "server", "websockets", "vs websockets")
+    base = res["websockets"]["msgs_per_cpu_s"]
+    print()
+    print("| server | server CPU s | msg per server CPU s | vs websockets |")
+    print("|---|---|---|---|")
+    for k, r in res.items():
+        print(
+            f"| {k} | {r['server_cpu_s']:.1f} | {r['msgs_per_cpu_s']:,.0f} | "
+            f"{r['msgs_per_cpu_s'] / base if base else 0:.2f}x |"
+        )
+    return res
 
 
 def print_table(res: dict[str, Any], first: str, base_key: str, ratio: str) -> dict[str, Any]:
@@ -264,6 +301,51 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         gw.stop()
     return print_table(res, "run", "websockets echo (max)", "vs websockets max")
+
+
+def forwarding(args: argparse.Namespace) -> dict[str, Any]:
+    """What the downstream hop adds to the round trip: two gateways side by
+    side, one forwarding to desk-sim over HTTP/2, one answering with its
+    in-process bot, loaded in alternation (A B A B ...) at the same rate,
+    so both see the same machine noise; reports each pair's p50/p99 and the
+    median of the differences."""
+    conns = args.connections
+    toks = tokens(conns)
+    w = args.workers[-1]
+    plan = dict(connections=conns, active=conns, duration=args.seconds, size=230,
+                max_runtime=300, rate=args.rate)  # fmt: skip
+    res: dict[str, Any] = {"pairs": []}
+    desk = start_desk(processes=1)
+    fwd = start_gateway(w, downstream=[f"general=127.0.0.1:{desk.port}"], conns=conns)
+    bot = start_gateway(w, conns=conns)
+    try:
+        time.sleep(1.0)  # links up
+        for _ in range(args.repeat):
+            pair = {}
+            for name, gw in (("desk-sim", fwd), ("bot", bot)):
+                r = run(Plan(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks, **plan),
+                        args.clients)  # type: ignore[arg-type]  # fmt: skip
+                pair[name] = {"msgs_per_s": r["msgs_per_s"], **r["rtt"]}
+            res["pairs"].append(pair)
+    finally:
+        fwd.stop()
+        bot.stop()
+        desk.stop()
+    print(f"{conns} connections, {args.rate:,.0f} msg/s offered, {w} workers")
+    print("| pair | desk-sim p50 / p99 ms | in-process bot p50 / p99 ms | added p50 / p99 ms |")
+    print("|---|---|---|---|")
+    d50, d99 = [], []
+    for i, p in enumerate(res["pairs"], 1):
+        a, b = p["desk-sim"], p["bot"]
+        d50.append(a["p50_ms"] - b["p50_ms"])
+        d99.append(a["p99_ms"] - b["p99_ms"])
+        print(f"| {i} | {a['p50_ms']:.2f} / {a['p99_ms']:.2f} | {b['p50_ms']:.2f} / "
+              f"{b['p99_ms']:.2f} | {d50[-1]:+.2f} / {d99[-1]:+.2f} |")  # fmt: skip
+    res["median_added_p50_ms"] = sorted(d50)[len(d50) // 2]
+    res["median_added_p99_ms"] = sorted(d99)[len(d99) // 2]
+    print(f"median added: p50 {res['median_added_p50_ms']:+.2f} ms, "
+          f"p99 {res['median_added_p99_ms']:+.2f} ms")  # fmt: skip
+    return {"forwarding": res}
 
 
 def hold_and_measure(srv: Server, plan: Plan, procs: int) -> dict[str, Any]:
@@ -356,20 +438,23 @@ def tune_loopback() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["throughput", "idle", "e2e"])
+    ap.add_argument("mode", choices=["throughput", "idle", "e2e", "forwarding"])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2])
     ap.add_argument("--connections", type=int, default=15000)
     ap.add_argument("--hold", type=float, default=10.0)
     ap.add_argument("--ramp", type=float, default=0.0)
     ap.add_argument("--peer", action="store_true")
+    ap.add_argument("--rate", type=float, default=10000.0, help="offered msg/s (forwarding)")
+    ap.add_argument("--repeat", type=int, default=5, help="alternating pairs (forwarding)")
     ap.add_argument(
         "--clients", type=int, default=1, help="load-client processes (throughput, e2e)"
     )
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
     tune_loopback()
-    res = {"throughput": throughput, "idle": idle, "e2e": e2e}[args.mode](args)
+    modes = {"throughput": throughput, "idle": idle, "e2e": e2e, "forwarding": forwarding}
+    res = modes[args.mode](args)
     for r in res.values():
         r.pop("hist", None)
     (OUT / f"bench-{args.mode}.json").write_text(json.dumps(res, indent=1))

@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
 
 from gateway.config import DEMO_TENANT, load_config
@@ -114,6 +116,18 @@ async def test_sigterm_to_the_whole_process_group(tmp_path: Path) -> None:
     assert rc == 0, out
 
 
+def stop(proc: subprocess.Popen[bytes]) -> str:
+    """SIGTERM (SIGKILL after 15 s); returns everything it printed."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    proc.wait()
+    return out
+
+
 async def test_resume_on_another_worker_is_handed_to_the_owner(tmp_path: Path) -> None:
     """SO_REUSEPORT sends a reconnect to any worker; a resume that lands on a
     worker without the session is handed (socket and hello) to the worker
@@ -159,11 +173,70 @@ async def test_resume_on_another_worker_is_handed_to_the_owner(tmp_path: Path) -
             await c.aclose()
         assert resumed == 40
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        out = proc.stdout.read().decode() if proc.stdout else ""
-        proc.wait()
+        out = stop(proc)
+    assert "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["h2c", "h2-tls"])
+async def test_http2_resume_on_another_worker_moves_the_session(tmp_path: Path, tls: bool) -> None:
+    """An HTTP/2 (or TLS) connection cannot move to the worker that holds
+    its session, so the session moves to the connection: six sessions, each
+    resumed four times over fresh connections while the bot's replies are
+    in flight; every resume is a real one (a fresh session would say
+    resumed: false, about half the time with two workers) and every reply
+    arrives exactly once, in order, wherever it was produced."""
+    from tests.test_server_h2 import H2Client, _tls
+
+    port = free_port()
+    env = {"GATEWAY_BOT_THINK_MS": "100"}
+    ctx = None
+    if tls:
+        cert, key, ctx = _tls(tmp_path)
+        ctx.set_alpn_protocols(["h2"])
+        env.update(GATEWAY_TLS_CERT=cert, GATEWAY_TLS_KEY=key)
+    proc = serve_two_workers(tmp_path, port, **env)
+    try:
+        await trio.to_thread.run_sync(wait_listening, port)
+        await trio.sleep(0.5)  # both workers listening
+        cfg = load_config(None, {"GATEWAY_STATE_DIR": str(tmp_path)}, {})
+        t = cfg.tenants[DEMO_TENANT]
+
+        async def open_stream(hello: dict[str, object]) -> tuple[H2Client, int, dict[str, Any]]:
+            cl = await H2Client.connect(port, ctx)
+            st = await cl.open()
+            await cl.send(st, hello)
+            return cl, st, await cl.recv(st)
+
+        resumed = 0
+        for i in range(6):
+            tok = mint(DEMO_TENANT, f"h{i}", t.secrets[t.primary_kid], 600, time.time())
+            hello: dict[str, object] = {"t": "hello", "v": 1, "token": tok}
+            cl, st, w = await open_stream(hello)
+            sid, last, seen = w["sid"], 0, []
+            for k in range(4):
+                await cl.send(st, {"t": "msg", "id": k + 1, "body": f"m{k}"})
+                while True:  # the ack (the reply comes 100 ms later)
+                    f = await cl.recv(st)
+                    if f["t"] == "deliver":
+                        last = f["seq"]
+                        seen.append(f["body"])
+                    if f["t"] == "ack":
+                        break
+                await cl.stream.aclose()  # drop it with the reply still pending
+                cl, st, w = await open_stream({**hello, "resume": {"sid": sid, "last": last}})
+                assert w["t"] == "welcome" and w["sid"] == sid, w
+                assert w["resumed"] is True and w["resync"] is False
+                resumed += 1
+            while len(seen) < 5:  # the greeting and four replies
+                f = await cl.recv(st)
+                if f["t"] == "deliver":
+                    assert f["seq"] == last + 1
+                    last = f["seq"]
+                    seen.append(f["body"])
+            assert seen == ["Hi! I'm the demo bot. Say something and I'll answer.",
+                            *(f"You said: m{k}" for k in range(4))]  # fmt: skip
+            await cl.stream.aclose()
+        assert resumed == 24
+    finally:
+        out = stop(proc)
     assert "Traceback" not in out, out

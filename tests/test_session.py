@@ -7,12 +7,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from gateway.config import DEMO_TENANT, load_config
 from gateway.protocol.codes import Code, ProtocolError
 from gateway.protocol.tokens import mint
 from gateway.session.hub import Hub
+from gateway.session.migrate import Tombstones, export_state, import_state
 from gateway.session.state import Session, SessionTable, new_sid, sid_owner
 from gateway.session.visitor import VisitorProtocol
 
@@ -44,6 +46,34 @@ class FakeSink:
     def handoff(self, owner: int, hello: dict[str, Any]) -> bool:
         self.handed = (owner, hello)
         return self.accept_handoff
+
+    proto: VisitorProtocol | None = None
+
+    def rehello(self, hello: dict[str, Any]) -> None:
+        assert self.proto is not None
+        self.proto.on_frame(hello)
+        self.resume()
+
+
+class FakeMigrator:
+    """Holders by the sid's owner byte (3 workers, this one is 0)."""
+
+    def __init__(self, handoff: bool = True) -> None:
+        self.requests: list[tuple[Any, int, str, str, str]] = []
+        self.handoff = handoff
+
+    def holder(self, sid: str) -> int | None:
+        owner = sid_owner(sid)
+        return owner if owner is not None and 0 < owner < 3 else None
+
+    def handoff_possible(self) -> bool:
+        return self.handoff
+
+    def request(self, proto: Any, holder: int, sid: str, tenant: str, visitor: str) -> None:
+        self.requests.append((proto, holder, sid, tenant, visitor))
+
+    def forward_deliver(self, sid: str, body: Any, sender: dict[str, str]) -> bool:
+        return False
 
 
 class FakeDown:
@@ -223,7 +253,8 @@ def test_session_ids_carry_their_worker() -> None:
 def test_resume_of_another_workers_session_is_handed_over(tmp_path: Path) -> None:
     cfg = load_config(None, {"GATEWAY_STATE_DIR": str(tmp_path)}, {})
     hub = Hub(cfg, FakeDown(), workers=3, index=0)
-    hub.handoff = True
+    mig = FakeMigrator()
+    hub.migrator = mig
     sid = new_sid(2)
     sink = FakeSink()
     sink.accept_handoff = True
@@ -232,23 +263,162 @@ def test_resume_of_another_workers_session_is_handed_over(tmp_path: Path) -> Non
     p.on_frame(hello)
     assert sink.handed == (2, hello) and sink.sent == [] and p.state == p.CLOSED
     assert hub.stats["handoffs_out"] == 1 and len(hub.sessions) == 0
-    # the owner cannot take it now: served here (a fresh session)
+    # the connection cannot move (the owner's queue, TLS, HTTP/2): the
+    # session is asked for instead, reading pauses until the answer
     sink2 = FakeSink()
-    p2 = VisitorProtocol(hub, sink2, None)
+    p2 = sink2.proto = VisitorProtocol(hub, sink2, None)
     p2.on_frame(dict(hello))
-    assert sink2.handed[0] == 2 and sink2.types()[0] == "welcome"
-    assert sink2.sent[0]["resumed"] is False and sink2.sent[0]["sid"] != sid
-    # an adopted connection (handed over already), our own index, an index
-    # past the worker count, a bad token: never handed over
-    for owner, adopted in ((2, True), (0, False), (7, False)):
+    assert sink2.handed[0] == 2 and sink2.sent == [] and sink2.paused == 1
+    assert p2.state == p2.HELLO and hub.stats["migrations_requested"] == 1
+    (req,) = mig.requests
+    assert req[0] is p2 and req[1:] == (2, sid, "demo", "v")
+    # the session arrives (as the worker's migrator would import it)
+    moved = Session(sid, "demo", "v", {}, "web", 16, 16, 1 << 20)
+    moved.next_n = 8
+    for i in range(1, 4):
+        moved.push({"t": "deliver", "body": f"m{i}"})
+    hub.sessions.add(moved)
+    hub.detach(moved, 0.0)
+    p2.migrated()
+    w = sink2.sent[0]
+    assert w["t"] == "welcome" and w["resumed"] is True and w["sid"] == sid
+    assert [f["seq"] for f in sink2.sent[1:]] == [] and sink2.resumed == 1  # last was 4
+    assert p2.state == p2.OPEN and moved.conn is p2
+    # not there after all (or no answer): a fresh session, asked once only
+    sink3 = FakeSink()
+    p3 = sink3.proto = VisitorProtocol(hub, sink3, None)
+    p3.on_frame({**hello, "resume": {"sid": new_sid(1), "last": 0}})
+    assert len(mig.requests) == 2 and sink3.sent == []
+    p3.migrated()
+    assert sink3.sent[0]["t"] == "welcome" and sink3.sent[0]["resumed"] is False
+    assert len(mig.requests) == 2
+    p3.migrated()  # a late second answer changes nothing
+    assert sink3.types().count("welcome") == 1
+    # an adopted connection is not handed on again, but may still pull the
+    # session; our own index or one past the worker count: served here
+    s5 = FakeSink()
+    s5.accept_handoff = True
+    p5 = VisitorProtocol(hub, s5, None)
+    p5.adopted = True
+    p5.on_frame({**hello, "resume": {"sid": new_sid(2), "last": 0}})
+    assert not hasattr(s5, "handed") and len(mig.requests) == 3
+    for owner in (0, 7):
         s3 = FakeSink()
         s3.accept_handoff = True
-        p3 = VisitorProtocol(hub, s3, None)
-        p3.adopted = adopted
-        p3.on_frame({**hello, "resume": {"sid": new_sid(owner), "last": 0}})
+        VisitorProtocol(hub, s3, None).on_frame(
+            {**hello, "resume": {"sid": new_sid(owner), "last": 0}}
+        )
         assert not hasattr(s3, "handed") and s3.types()[0] == "welcome"
+    # without hand-off (TLS listener): straight to asking for the session
+    mig.handoff = False
+    s6 = FakeSink()
+    s6.accept_handoff = True
+    VisitorProtocol(hub, s6, None).on_frame({**hello, "resume": {"sid": new_sid(1), "last": 0}})
+    assert not hasattr(s6, "handed") and len(mig.requests) == 4
     s4 = FakeSink()
     s4.accept_handoff = True
     with pytest.raises(ProtocolError):
         VisitorProtocol(hub, s4, None).on_frame({**hello, "token": "forged"})
     assert not hasattr(s4, "handed")
+
+
+def test_session_state_moves_with_its_numbering_replay_and_dedup() -> None:
+    s = Session("sid-x", "t", "v", {"channel": "web"}, "ios", 4, 8, 1 << 20)
+    s.exp = 1234
+    for i in range(6):
+        n = s.begin(f"id{i}")
+        if i < 5:
+            s.accept(f"id{i}")  # id5 stays in flight (n = 6)
+    assert n == 6
+    for i in range(10):
+        s.push({"t": "deliver", "body": f"reply {i}", "from": {"kind": "bot", "name": "b"}})
+    s.client_acked(3)
+    state = export_state(s, 1 << 20)
+    packed = msgpack.packb(state, use_bin_type=True)
+    t = import_state(msgpack.unpackb(packed, raw=False), 4, 8, 1 << 20)
+    assert (t.sid, t.tenant, t.visitor, t.tags, t.platform, t.exp) == (
+        "sid-x",
+        "t",
+        "v",
+        {"channel": "web"},
+        "ios",
+        1234,
+    )
+    assert t.seq == 10 and t.first == s.first == 4 and t.next_n == 7
+    assert [f["seq"] for f in t.replay] == list(range(4, 11))
+    assert t.replay_bytes == s.replay_bytes
+    # dedup: the last 4 accepted ids answer as duplicates with their n
+    assert t.classify("id4") == 5 and t.classify("id1") == 2 and t.classify("id0") is None
+    # the message in flight when it moved is sent again: same n
+    assert t.classify("id5") is None and t.begin("id5") == 6 and t.reissue is None
+    assert t.begin("new") == 7
+    missed, resync = t.missed(3)
+    assert [f["seq"] for f in missed] == list(range(4, 11)) and not resync
+    # too big to move whole: the oldest frames stay behind, first moves up
+    limit = len(packed) - 60
+    small = export_state(s, limit)
+    assert len(msgpack.packb(small, use_bin_type=True)) <= limit
+    u = import_state(small, 4, 8, 1 << 20)
+    assert u.first > 4 and [f["seq"] for f in u.replay] == list(range(u.first, 11))
+    assert u.missed(3)[1] is True  # a visitor that saw seq 3 must resync
+    with pytest.raises(ValueError):
+        export_state(s, 50)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.pop("sid"),
+        lambda d: d.update(seq=-1),
+        lambda d: d.update(tags={"a": 1}),
+        lambda d: d.update(replay=[{"body": "no seq"}]),
+        lambda d: d.update(accepted=[["id", "n"]]),
+        lambda d: d.update(inflight=[[1.5, 2]]),
+        lambda d: d.update(accepted="x"),
+    ],
+)
+def test_malformed_session_state_is_refused(mutate: Any) -> None:
+    s = Session("sid-y", "t", "v", {}, "web", 4, 8, 1 << 20)
+    d = export_state(s, 1 << 20)
+    mutate(d)
+    with pytest.raises(ValueError):
+        import_state(d, 4, 8, 1 << 20)
+    with pytest.raises(ValueError):
+        import_state(["not", "a", "map"], 4, 8, 1 << 20)
+
+
+def test_tombstones_expire_and_stay_bounded() -> None:
+    t = Tombstones(2)
+    t.add("a", 1, 10.0)
+    t.add("b", 2, 10.0)
+    assert t.holder("a", 5.0) == 1 and t.holder("b", 5.0) == 2
+    t.add("c", 3, 10.0)
+    assert len(t) == 2 and t.holder("a", 5.0) is None  # oldest dropped
+    assert t.holder("c", 10.0) is None and len(t) == 1  # expired
+    t.discard("b")
+    assert len(t) == 0
+
+
+def test_delivery_to_a_stale_session_follows_it(tmp_path: Path) -> None:
+    """The demo bot's delayed reply may hold a session object that has moved
+    to another worker (passed on through the migrator) or moved away and
+    back (delivered to the session now in the table)."""
+    cfg = load_config(None, {"GATEWAY_STATE_DIR": str(tmp_path)}, {})
+    hub = Hub(cfg, FakeDown(), workers=3, index=0)
+    forwarded: list[tuple[str, Any]] = []
+
+    class Forwarding(FakeMigrator):
+        def forward_deliver(self, sid: str, body: Any, sender: dict[str, str]) -> bool:
+            forwarded.append((sid, body))
+            return True
+
+    hub.migrator = Forwarding()
+    old = hub.new_session("demo", "v", {}, "web")
+    hub.sessions.remove(old)  # it moved away
+    assert hub.deliver(old, "late", {"kind": "bot", "name": "b"}) == 0
+    assert forwarded == [(old.sid, "late")] and old.seq == 0
+    back = Session(old.sid, "demo", "v", {}, "web", 4, 8, 1 << 20)
+    back.seq = 5
+    hub.sessions.add(back)  # and came back as a new object
+    assert hub.deliver(old, "later", {"kind": "bot", "name": "b"}) == 6
+    assert back.replay[-1]["body"] == "later" and old.seq == 0 and len(forwarded) == 1

@@ -231,12 +231,12 @@ class Forwarder:
             if not fl.waiting:
                 self._drop_probe(fl, now)
 
-    def closed(self, hub: Hub, s: Session) -> None:
+    def closed(self, hub: Hub, s: Session, reason: str = "ended") -> None:
         fl: Flow | None = s.ds
         if fl is None:
             return
         if fl.link is not None and fl.link.up:
-            fl.link.send(encode({"t": "close", "sid": s.sid, "reason": "ended"}))
+            fl.link.send(encode({"t": "close", "sid": s.sid, "reason": reason}))
             fl.link.sessions.discard(s)
         for out in fl.sent.values():
             self._finish(out, ok=True, count=False)
@@ -503,6 +503,11 @@ class Forwarder:
         for f in frames:
             s = sessions.get(f["sid"])
             if s is None:
+                if f["t"] == "deliver" and hub.migrator is not None:
+                    # the session moved to another worker: pass it on
+                    sender = f.get("from") or {"kind": "agent", "name": "?"}
+                    if hub.migrator.forward_deliver(f["sid"], f["body"], sender):
+                        continue
                 hub.stats["downstream_unknown_session"] += 1
                 continue
             fl: Flow | None = s.ds

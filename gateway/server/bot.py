@@ -54,7 +54,7 @@ class DemoBot:
         if not resumed:
             hub.deliver(s, GREETING, SENDER)
 
-    def closed(self, hub: Hub, s: Session) -> None:
+    def closed(self, hub: Hub, s: Session, reason: str = "ended") -> None:
         pass
 
     def submit(self, hub: Hub, s: Session, msg_id: Any, n: int, body: Any) -> bool:

@@ -120,6 +120,12 @@ class H2Stream:
     def handoff(self, owner: int, hello: dict[str, Any]) -> bool:
         return False  # one stream of a multiplexed connection cannot move
 
+    def rehello(self, hello: dict[str, Any]) -> None:
+        if self.ended:
+            return
+        self.backlog.insert(0, hello)
+        self.resume()
+
     def goaway(self, reconnect_after_ms: int) -> None:
         self.proto.goaway(reconnect_after_ms)
 

@@ -22,6 +22,7 @@ if __name__ == "__main__":
 
 import argparse
 import array
+import contextlib
 import json
 import logging
 import math
@@ -43,6 +44,7 @@ from gateway.protocol.codec import Encoding
 from gateway.ratelimit import TokenBucket
 from gateway.server.bot import DemoBot
 from gateway.server.http1 import HttpError, check_upgrade, parse_head, response, upgrade_response
+from gateway.server.migrator import WorkerMigrator
 from gateway.server.pipe import RawPipe, TlsPipe
 from gateway.server.reactor import Reactor
 from gateway.server.stopsig import STOP, ignore_from_now, outside_trio
@@ -60,8 +62,9 @@ HANDOFF_BACKLOG: Final = 64
 #: How long a connection waits for room in the owner's hand-off queue
 #: (unix datagram queues are short: net.unix.max_dgram_qlen, 10 by default).
 HANDOFF_WAIT_S: Final = 2.0
-#: The largest hand-off message (a hello frame is at most max_frame bytes).
-HANDOFF_MAX_BYTES: Final = 65536 + 4096
+#: The largest message between workers: a hand-off carries a hello frame
+#: (at most max_frame bytes), a moving session its state (trimmed to fit).
+PEER_MAX_BYTES: Final = 196608
 WHEEL_SLOTS: Final = 1024
 H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 STATIC_DIR: Final = Path(__file__).parent / "static"
@@ -142,6 +145,7 @@ class Worker:
         self.listener: socket.socket | None = None
         # sockets to the other workers, for handing over resumed connections
         self.peers: dict[int, socket.socket] = {}
+        self.migrator: WorkerMigrator | None = None
         self.peer_locks: dict[int, trio.Lock] = {}
         self.handoff_sock: socket.socket | None = None
         # the pipe to the supervisor's metrics (set by main(); None in tests)
@@ -395,9 +399,10 @@ class Worker:
         return f"\0chat-gateway-{self.cfg.node_id}-{self.cfg.listen_port}-{index}".encode()
 
     def open_handoff(self) -> socket.socket | None:
-        """Binds this worker's hand-off socket (when there are peers and the
-        connections are plain TCP: a TLS session cannot move)."""
-        if self.hub.workers < 2 or self.ssl_ctx is not None or self.cfg.listen_port == 0:
+        """Binds this worker's socket for its peers (when it has peers):
+        plain-TCP connections and sessions move between workers through it
+        (docs/architecture.md, "Resumes across workers")."""
+        if self.hub.workers < 2 or self.cfg.listen_port == 0:
             return None
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -409,17 +414,25 @@ class Worker:
         s.listen(HANDOFF_BACKLOG)
         s.setblocking(False)
         self.handoff_sock = s
-        self.hub.handoff = True
+        self.migrator = WorkerMigrator(self)
+        self.hub.migrator = self.migrator
         return s
 
-    async def send_handoff(self, owner: int, sock: socket.socket, meta: dict[str, Any]) -> bool:
-        """Sends ``sock`` (by SCM_RIGHTS) and ``meta`` to worker ``owner``,
-        waiting up to :data:`HANDOFF_WAIT_S` for room in its queue; False if
-        it cannot be done (the caller serves the connection itself)."""
+    async def send_handoff(
+        self, owner: int, sock: socket.socket | None, meta: dict[str, Any]
+    ) -> bool:
+        """Sends ``meta`` and ``sock`` (by SCM_RIGHTS, when given) to worker
+        ``owner``, waiting up to :data:`HANDOFF_WAIT_S` for room in its
+        queue; False if it cannot be done (for a socket: the caller serves
+        the connection itself)."""
         data = msgpack.packb(meta, use_bin_type=True)
-        if len(data) > HANDOFF_MAX_BYTES:
+        if len(data) > PEER_MAX_BYTES:
             return False
-        fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))]
+        fds = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))]
+            if sock is not None
+            else []
+        )
         lock = self.peer_locks.get(owner)
         if lock is None:
             lock = self.peer_locks[owner] = trio.Lock()
@@ -430,6 +443,8 @@ class Worker:
                     if peer is None:
                         peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                         peer.setblocking(False)
+                        with contextlib.suppress(OSError):  # room for session states
+                            peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PEER_MAX_BYTES)
                         try:
                             peer.connect(self._handoff_addr(owner))
                         except OSError:
@@ -470,7 +485,7 @@ class Worker:
             while True:
                 await trio.lowlevel.wait_readable(conn)
                 try:
-                    data, anc, _, _ = conn.recvmsg(HANDOFF_MAX_BYTES, cmsg_len)
+                    data, anc, _, _ = conn.recvmsg(PEER_MAX_BYTES, cmsg_len)
                 except (BlockingIOError, InterruptedError):
                     continue
                 except OSError:
@@ -483,6 +498,9 @@ class Worker:
                     for fd in fds:
                         os.close(fd)
                     return  # the peer worker is gone
+                if not fds and self.migrator is not None:
+                    self.migrator.on_message(data)  # a session moving
+                    continue
                 if len(fds) != 1:
                     for fd in fds:
                         os.close(fd)

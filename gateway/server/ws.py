@@ -291,6 +291,16 @@ class WsConn:
         self.handoff_to = (owner, hello)  # done once the read is handled (it may wait)
         return True
 
+    def rehello(self, hello: dict[str, Any]) -> None:
+        if self.closing or self.pipe.closed:
+            return
+        self.cork = []
+        try:
+            self._frame(hello)
+        finally:
+            self._uncork()
+        self.resume()
+
     async def _handoff(self) -> bool:
         """Sends the connection to its owner; if that fails, answers the
         hello here after all (a fresh session). True when it moved."""

@@ -19,7 +19,7 @@ from gateway.protocol.tokens import TokenVerifier
 from gateway.session.limits import Limits
 from gateway.session.state import Session, SessionTable
 
-__all__ = ["Downstream", "Hub", "Sender"]
+__all__ = ["Downstream", "Hub", "Migrator", "Sender"]
 
 Sender = dict[str, str]  # {"kind": "bot" | "agent" | "system", "name": ...}
 
@@ -35,8 +35,9 @@ class Downstream(Protocol):
 
     def opened(self, hub: Hub, s: Session, resumed: bool) -> None: ...
 
-    def closed(self, hub: Hub, s: Session) -> None:
-        """The session ended for good (expired or evicted)."""
+    def closed(self, hub: Hub, s: Session, reason: str = "ended") -> None:
+        """The session ended for good (expired or evicted: ``"ended"``), or
+        moved to another worker (``"moved"``)."""
         ...
 
     def submit(self, hub: Hub, s: Session, msg_id: Any, n: int, body: Any) -> bool:
@@ -47,15 +48,37 @@ class Downstream(Protocol):
         ...
 
 
+class Migrator(Protocol):
+    """The worker's side of moving sessions between workers."""
+
+    def holder(self, sid: str) -> int | None:
+        """The worker that holds (or last held) session ``sid``, when it is
+        another worker of this node."""
+        ...
+
+    def handoff_possible(self) -> bool:
+        """Whether connections (plain-TCP sockets) can move to a peer."""
+        ...
+
+    def request(self, proto: Any, holder: int, sid: str, tenant: str, visitor: str) -> None:
+        """Asks ``holder`` for the session; ``proto.pulled(state)`` follows."""
+        ...
+
+    def forward_deliver(self, sid: str, body: Any, sender: Sender) -> bool:
+        """Sends a delivery for a session that moved away on to its holder;
+        False when it did not move (or the tombstone expired)."""
+        ...
+
+
 class Hub:
     __slots__ = (
         "_paused",
         "cfg",
         "downstream",
-        "handoff",
         "index",
         "limits",
         "log",
+        "migrator",
         "mono",
         "sessions",
         "stats",
@@ -79,7 +102,9 @@ class Hub:
         self.workers = workers
         # True when a resume of another worker's session may be handed to
         # that worker (set by the worker once its hand-off socket is up)
-        self.handoff = False
+        # moves sessions between this node's workers (set by the worker
+        # when it has peers; see gateway.session.migrate)
+        self.migrator: Migrator | None = None
         self.verifier = TokenVerifier(cfg.tenants)
         self.sessions = SessionTable(cfg.max_detached_sessions)
         self.downstream = downstream
@@ -149,6 +174,15 @@ class Hub:
     def deliver(self, s: Session, body: Any, sender: Sender) -> int:
         """Sends ``body`` to the visitor of ``s`` (now if attached, else on
         resume, within the replay bounds); returns its ``seq``."""
+        if self.migrator is not None:
+            cur = self.sessions.get(s.sid)
+            if cur is not s:
+                # a stale reference (the demo bot's delayed reply) to a
+                # session that moved to another worker (and maybe back)
+                if cur is not None:
+                    s = cur
+                elif self.migrator.forward_deliver(s.sid, body, sender):
+                    return 0
         frame = {"t": "deliver", "body": body, "from": sender, "ts": int(self.wall() * 1000)}
         s.push(frame)
         self.stats["messages_delivered"] += 1

@@ -76,6 +76,7 @@ class Session:
         "inflight",
         "next_n",
         "platform",
+        "reissue",
         "replay",
         "replay_bytes",
         "replay_max_bytes",
@@ -123,6 +124,10 @@ class Session:
         # the downstream side's state for this session (its route, messages
         # in flight); None until a downstream that needs one sets it
         self.ds: Any = None
+        # id -> n of messages that were in flight when the session moved
+        # here from another worker (gateway.session.migrate): sent again,
+        # they keep their n
+        self.reissue: dict[Any, int] | None = None
 
     # -- visitor -> downstream ------------------------------------------
     def classify(self, msg_id: Any) -> int | None:
@@ -137,6 +142,13 @@ class Session:
 
     def begin(self, msg_id: Any) -> int:
         """Numbers a new message and marks it in flight."""
+        if self.reissue is not None:
+            old = self.reissue.pop(msg_id, None)
+            if not self.reissue:
+                self.reissue = None
+            if old is not None:
+                self.inflight[msg_id] = old
+                return old
         n = self.next_n
         self.next_n = n + 1
         self.inflight[msg_id] = n

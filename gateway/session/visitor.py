@@ -14,7 +14,7 @@ from typing import Any, Final, Protocol
 
 from gateway.protocol.codes import Code, ProtocolError
 from gateway.session.hub import Hub
-from gateway.session.state import Session, sid_owner
+from gateway.session.state import Session
 
 __all__ = ["MOBILE_PLATFORMS", "PLATFORMS", "Sink", "VisitorProtocol"]
 
@@ -40,6 +40,11 @@ class Sink(Protocol):
     def handoff(self, owner: int, hello: dict[str, Any]) -> bool:
         """Passes this connection, with its ``hello`` not answered yet, to
         worker ``owner``; False when this transport cannot."""
+        ...
+
+    def rehello(self, hello: dict[str, Any]) -> None:
+        """Handles ``hello`` again (the session it resumes has moved here
+        meanwhile, or will not), then resumes reading."""
         ...
 
 
@@ -81,7 +86,9 @@ class VisitorProtocol:
         "ip",
         "origin",
         "paused",
+        "pending_hello",
         "platform",
+        "pulled",
         "session",
         "sink",
         "state",
@@ -98,6 +105,8 @@ class VisitorProtocol:
         self.hub = hub
         self.transport = transport
         self.adopted = False  # handed over by another worker: never hand off again
+        self.pulled = False  # asked another worker for its session already
+        self.pending_hello: dict[str, Any] | None = None
         self.sink = sink
         self.origin = origin
         self.ip = ip
@@ -172,16 +181,21 @@ class VisitorProtocol:
             s = hub.sessions.get(sid)
             if s is not None and (s.tenant != claims.tenant or s.visitor != claims.visitor):
                 raise ProtocolError(Code.BAD_RESUME)
-            if s is None and hub.handoff and not self.adopted:
-                owner = sid_owner(sid)
-                if (
-                    owner is not None
-                    and owner != hub.index
-                    and owner < hub.workers
-                    and self.sink.handoff(owner, f)
-                ):
-                    hub.stats["handoffs_out"] += 1
-                    self.state = self.CLOSED
+            mig = hub.migrator
+            if s is None and mig is not None and not self.pulled:
+                holder = mig.holder(sid)
+                if holder is not None:
+                    # another worker of this node holds the session: move
+                    # this connection there (plain TCP), or the session here
+                    if not self.adopted and mig.handoff_possible() and self.sink.handoff(holder, f):
+                        hub.stats["handoffs_out"] += 1
+                        self.state = self.CLOSED
+                        return
+                    self.pulled = True
+                    self.pending_hello = f
+                    hub.stats["migrations_requested"] += 1
+                    self.sink.pause()  # frames after the hello wait
+                    mig.request(self, holder, sid, claims.tenant, claims.visitor)
                     return
         wait, scope = hub.limits.connection(claims.tenant, self.ip, hub.mono())
         if wait > 0:
@@ -324,6 +338,14 @@ class VisitorProtocol:
         if self.paused and s is not None and len(s.inflight) < self.hub.cfg.window:
             self.paused = False
             self.sink.resume()
+
+    def migrated(self) -> None:
+        """The session asked for (:meth:`Hub.migrator`) has moved to this
+        worker, or will not (then the hello gets a fresh session)."""
+        f = self.pending_hello
+        self.pending_hello = None
+        if f is not None and self.state == self.HELLO:
+            self.sink.rehello(f)
 
     def taken_over(self) -> None:
         self.session = None
