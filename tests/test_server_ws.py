@@ -557,10 +557,20 @@ def all_tasks() -> int:
 
 
 async def test_idle_plain_connections_hold_no_task(tmp_path: Path) -> None:
-    """Plain-TCP WebSocket connections are read by the worker's reactor:
-    once open, they add no trio task."""
+    """Plain-TCP connections are read by the worker's reactor, from the
+    first byte of their handshake on: they add no trio task."""
     async with running(tmp_path) as gw:
         before = all_tasks()
+        silent = [await trio.open_tcp_stream("127.0.0.1", gw.port) for _ in range(10)]
+        with trio.fail_after(2):
+            while len(gw.w.reactor) < 10:
+                await trio.sleep(0.01)
+        assert all_tasks() == before  # ten connections in their handshake
+        for st in silent:
+            await st.aclose()
+        with trio.fail_after(2):
+            while len(gw.w.reactor) or gw.w.open_sockets:
+                await trio.sleep(0.01)
         conns = []
         for i in range(20):
             c = await RawWs.connect(gw.port)
@@ -573,3 +583,15 @@ async def test_idle_plain_connections_hold_no_task(tmp_path: Path) -> None:
             await c.aclose()
         await trio.sleep(0.2)
         assert len(gw.w.reactor) == 0 and not gw.w.conns
+
+
+@pytest.mark.parametrize("value", [b"a\x00b", b"a\nb", b"a\rb"], ids=["nul", "bare-lf", "bare-cr"])
+def test_header_values_with_control_characters_are_refused(value: bytes) -> None:
+    from gateway.server.http1 import HttpError, parse_head
+
+    ok = b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nX-Thing:  fine\t\r\n\r\n"
+    req, used = parse_head(ok)  # type: ignore[misc]
+    assert req.headers["x-thing"] == "fine" and used == len(ok)
+    with pytest.raises(HttpError) as e:
+        parse_head(b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nX-Thing: " + value + b"\r\n\r\n")
+    assert e.value.status == 400

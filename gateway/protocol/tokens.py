@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import json
 import re
@@ -79,7 +78,9 @@ def _b64d(text: str) -> bytes:
 
 
 def _sign(secret: bytes, signing_input: str) -> str:
-    return _b64e(hmac.new(secret, signing_input.encode("ascii"), hashlib.sha256).digest())
+    # hmac.digest: one call into OpenSSL (hmac.new builds a Python HMAC object
+    # with two hash contexts first, ~8% of a worker's time in connection storms)
+    return _b64e(hmac.digest(secret, signing_input.encode("ascii"), "sha256"))
 
 
 def mint(

@@ -205,6 +205,7 @@ class H2Conn:
         assert isinstance(pipe, RawPipe)
         self.reactor = reactor
         pipe.on_closed = self._finish
+        reactor.add(pipe.sock.fileno(), self)  # (takes over from the handshake's handler)
         try:
             self._start()
             if initial:
@@ -212,8 +213,6 @@ class H2Conn:
         except Exception:  # a bug must not take down the worker
             _log.exception("http/2 connection failed")
             self.on_failure()
-        if not pipe.closed:
-            reactor.add(pipe.sock.fileno(), self)
 
     def on_readable(self) -> None:
         data = self.pipe.recv_ready()  # type: ignore[union-attr]

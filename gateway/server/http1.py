@@ -87,12 +87,11 @@ def parse_head(buf: bytes) -> tuple[Request, int] | None:
         name, colon, value = line.partition(b":")
         if not colon or not _TOKEN.fullmatch(name):
             raise HttpError(400, "malformed header line")
-        try:
-            text = value.strip(b" \t").decode("latin-1")
-        except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes anything
-            raise HttpError(400, "bad header value") from None
-        if any(c in text for c in "\r\n\x00"):
+        # (three scans in C: a generator over the characters cost ~10% of a
+        # worker's time in connection storms)
+        if b"\n" in value or b"\r" in value or b"\x00" in value:
             raise HttpError(400, "bad header value")
+        text = value.strip(b" \t").decode("latin-1")
         key = name.decode("ascii").lower()
         if key in headers:
             if key in ("host", "sec-websocket-key", "origin", "content-length", "upgrade"):

@@ -53,10 +53,11 @@ class Reactor:
         return len(self.handlers)
 
     def add(self, fd: int, handler: Readable) -> None:
-        """Watches ``fd`` for reading (again)."""
-        if fd in self.handlers:
-            return
-        self.ep.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+        """Watches ``fd`` for reading (again), for ``handler`` (which takes
+        over from the previous one if ``fd`` is watched already, without a
+        system call: a handshake handing its connection on)."""
+        if fd not in self.handlers:
+            self.ep.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
         self.handlers[fd] = handler
 
     def remove(self, fd: int) -> None:

@@ -89,6 +89,69 @@ class _Handshake:
         self.pipe.close()
 
 
+class _PlainHandshake:
+    """A plain-TCP connection before its protocol is known, read by the
+    worker's reactor: no task per new connection. Also its own timer-wheel
+    entry (the handshake timeout; after an HTTP answer, the 2 s the peer
+    gets to read it)."""
+
+    __slots__ = ("answered", "buf", "pipe", "w")
+
+    def __init__(self, w: Worker, pipe: RawPipe) -> None:
+        self.w = w
+        self.pipe = pipe
+        self.buf = b""
+        self.answered = False
+
+    def start(self) -> None:
+        w = self.w
+        self.pipe.on_closed = self._closed
+        w.wheel.schedule(trio.current_time() + w.cfg.handshake_timeout_s, self)
+        w.reactor.add(self.pipe.sock.fileno(), self)
+
+    def on_readable(self) -> None:
+        pipe = self.pipe
+        data = pipe.recv_ready()
+        if not data:
+            return
+        self.buf += data
+        w = self.w
+        got = w.sniff(pipe, self.buf, None)
+        if got is None:
+            return
+        self.buf = b""
+        if got is False:  # answered: closes after the flush, or in 2 s
+            w.reactor.remove(pipe.sock.fileno())
+            self.answered = True
+            if not pipe.closed:
+                w.wheel.schedule(trio.current_time() + 2.0, self)
+            return
+        w.wheel.cancel(self)
+        conn, rest = got
+        # the connection object takes the pipe (and its reactor entry) over
+        pipe.on_closed = None
+        conn.held = True
+        if type(conn) is WsConn:
+            conn.attach(w.reactor, rest, None)
+        else:
+            conn.attach(w.reactor, rest)
+
+    def on_failure(self) -> None:
+        self.w.hub.stats["internal_errors"] += 1
+        self.pipe.close()
+
+    def on_timer(self, now: float) -> None:
+        if not self.answered:
+            self.w.hub.stats["handshake_timeouts"] += 1
+        self.pipe.close()
+
+    def _closed(self) -> None:
+        w = self.w
+        w.wheel.cancel(self)
+        w.reactor.remove(self.pipe.sock.fileno())
+        w._released(self.pipe.ip)
+
+
 class Worker:
     def __init__(self, cfg: Config, index: int) -> None:
         self.cfg = cfg
@@ -207,7 +270,14 @@ class Worker:
                     break
                 self.hub.stats["connections_accepted"] += 1
                 sock.setblocking(False)
-                nursery.start_soon(self.serve, sock, addr[0])
+                if self.ssl_ctx is not None:
+                    nursery.start_soon(self.serve, sock, addr[0])
+                    continue
+                try:
+                    self._accept_plain(sock, addr[0])
+                except Exception:  # a bug must not stop the accept loop
+                    self.hub.stats["internal_errors"] += 1
+                    _log.exception("accepting a connection failed")
 
     def _refuse(
         self, sock: socket.socket, status: int, why: str, reason: str, retry_s: float
@@ -240,63 +310,74 @@ class Worker:
         else:
             del self.per_ip[ip]
 
-    async def serve(self, sock: socket.socket, ip: str) -> None:
-        now = trio.current_time()
+    def _admit(self, sock: socket.socket, ip: str) -> bool:
+        """The limits on new connections (refused with an HTTP status and
+        Retry-After); True when ``sock`` is taken (and holds a slot)."""
         if self.draining:
             self._refuse(sock, 503, "draining", "draining", 1)
-            return
+            return False
         if self.open_sockets >= self.max_conns:
             self._refuse(
                 sock, 503, "worker_limit", "worker at its connection limit", 1 + random.random()
             )
-            return
+            return False
         n_ip = self.per_ip.get(ip, 0)
         if n_ip >= self.max_per_ip:
             self._refuse(sock, 429, "ip_limit", "too many connections from this address", 5)
-            return
-        wait = self.handshakes.take(now)
+            return False
+        wait = self.handshakes.take(trio.current_time())
         if wait > 0:
             self._refuse(sock, 429, "handshake_rate", "too many handshakes", wait + random.random())
-            return
+            return False
         self._held(ip)
-        pipe: RawPipe | TlsPipe | None = None
-        kept = False
+        return True
+
+    def _accept_plain(self, sock: socket.socket, ip: str) -> None:
+        """A plain-TCP connection: its handshake is read by the reactor too
+        (no task per new connection)."""
+        if not self._admit(sock, ip):
+            return
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            pipe, alpn = await self._open_pipe(sock)
+            assert self.nursery is not None
+            pipe = RawPipe(
+                sock, self.nursery, self.cfg.outbound_max_bytes, self.cfg.outbound_max_frames
+            )
+            pipe.ip = ip
+        except Exception:
+            sock.close()
+            self._released(ip)
+            raise
+        _PlainHandshake(self, pipe).start()
+
+    async def serve(self, sock: socket.socket, ip: str) -> None:
+        """A TLS connection, in its own task."""
+        if not self._admit(sock, ip):
+            return
+        pipe: TlsPipe | None = None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            pipe, alpn = await self._open_tls(sock)
             if pipe is None:
                 return
             pipe.ip = ip
             conn, rest = await self._handshake(pipe, alpn)
             if conn is None:
                 return
-            if type(pipe) is RawPipe:
-                # the reactor reads it from now on; this task ends here
-                conn.held = kept = True
-                if type(conn) is WsConn:
-                    conn.attach(self.reactor, rest, None)
-                else:
-                    conn.attach(self.reactor, rest)
-                return
-            # TLS and HTTP/2: the coroutine returned by _handshake ran
-            # before this long-lived phase, so an idle connection's task
-            # only holds this frame and run()'s.
+            # the coroutine returned by _handshake ran before this long-lived
+            # phase, so an idle connection's task only holds this frame and
+            # run()'s
             await conn.run(rest)
         finally:
-            if not kept:
-                if pipe is not None:
-                    pipe.close()
-                else:
-                    sock.close()
-                self._released(ip)
+            if pipe is not None:
+                pipe.close()
+            else:
+                sock.close()
+            self._released(ip)
 
-    async def _open_pipe(self, sock: socket.socket) -> tuple[RawPipe | TlsPipe | None, str | None]:
+    async def _open_tls(self, sock: socket.socket) -> tuple[TlsPipe | None, str | None]:
         cfg = self.cfg
-        assert self.nursery is not None
-        if self.ssl_ctx is None:
-            return RawPipe(
-                sock, self.nursery, cfg.outbound_max_bytes, cfg.outbound_max_frames
-            ), None
+        assert self.nursery is not None and self.ssl_ctx is not None
         stream = trio.SSLStream(
             trio.SocketStream(trio.socket.from_stdlib_socket(sock)),
             self.ssl_ctx,
@@ -329,27 +410,40 @@ class Worker:
                 if not data:
                     return None, b""
                 buf += data
-                if alpn == "h2" or buf.startswith(H2_PREFACE[: len(buf)]):
-                    if alpn == "h2" or len(buf) >= len(H2_PREFACE):
-                        from gateway.server.h2conn import H2Conn
-
-                        return H2Conn(self, pipe), buf
+                got = self.sniff(pipe, buf, alpn)
+                if got is None:
                     continue
-                try:
-                    parsed = parse_head(buf)
-                except HttpError as e:
-                    self._http_error(pipe, e.status, e.reason)
-                    return None, b""
-                if parsed is None:
-                    continue
-                req, used = parsed
-                conn = self._http(pipe, req)
-                if conn is None:
+                if got is False:
                     await self._linger(pipe)
                     return None, b""
-                return conn, buf[used:]
+                return got  # type: ignore[no-any-return]
         finally:
             self.wheel.cancel(hs)
+
+    def sniff(self, pipe: RawPipe | TlsPipe, buf: bytes, alpn: str | None) -> Any:
+        """One step of a handshake over the bytes read so far: None when
+        more are needed; False when it was answered here (an HTTP error or a
+        static file: the pipe closes after the flush); else the connection
+        object to run (WebSocket or HTTP/2) and the bytes read past the
+        handshake."""
+        if alpn == "h2" or buf.startswith(H2_PREFACE[: len(buf)]):
+            if alpn == "h2" or len(buf) >= len(H2_PREFACE):
+                from gateway.server.h2conn import H2Conn
+
+                return H2Conn(self, pipe), buf
+            return None
+        try:
+            parsed = parse_head(buf)
+        except HttpError as e:
+            self._http_error(pipe, e.status, e.reason)
+            return False
+        if parsed is None:
+            return None
+        req, used = parsed
+        conn = self._http(pipe, req)
+        if conn is None:
+            return False
+        return conn, buf[used:]
 
     def _http_error(self, pipe: RawPipe | TlsPipe, status: int, reason: str) -> None:
         self.hub.stats[f"http_{status}"] += 1

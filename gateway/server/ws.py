@@ -120,10 +120,12 @@ class WsConn:
         assert isinstance(pipe, RawPipe)
         self.reactor = reactor
         pipe.on_closed = self._finish
+        fd = pipe.sock.fileno()
+        reactor.add(fd, self)  # (takes over from the handshake's handler)
         try:
             self._start(hello)
-            if not pipe.closed and not self.paused and self.handoff_to is None:
-                reactor.add(pipe.sock.fileno(), self)
+            if self.paused or self.handoff_to is not None:
+                reactor.remove(fd)
             if trailing:
                 self._got(trailing)
         except Exception:  # a bug must not take down the worker
