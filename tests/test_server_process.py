@@ -3,6 +3,7 @@ port (SO_REUSEPORT), and the SIGTERM drain (goaway, then 1001, exit 0)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -38,14 +39,14 @@ def wait_listening(port: int, timeout: float = 15.0) -> None:
 
 
 def serve_two_workers(
-    state: Path, port: int, new_session: bool = False, **env: str
+    state: Path, port: int, new_session: bool = False, args: tuple[str, ...] = (), **env: str
 ) -> subprocess.Popen[bytes]:
     """`gateway serve --workers 2` on ``port`` (no ops listener), output
     (stdout and stderr) on its stdout pipe."""
     e = dict(os.environ, GATEWAY_STATE_DIR=str(state), GATEWAY_OPS_LISTEN="", **env)
     return subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
-         "--workers", "2"],
+         "--workers", "2", *args],
         env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=new_session,
     )  # fmt: skip
 
@@ -239,4 +240,77 @@ async def test_http2_resume_on_another_worker_moves_the_session(tmp_path: Path, 
         assert resumed == 24
     finally:
         out = stop(proc)
+    assert "Traceback" not in out, out
+
+
+async def test_moved_sessions_keep_their_desk_agent_and_replies(tmp_path: Path) -> None:
+    """The same over HTTP/2 with desk-sim behind two workers: sessions move
+    between the workers while the desk's replies are in flight (100 ms think
+    time). Every message reaches the desk once, every reply reaches the
+    visitor once and in order (replies sent to the old worker's link are
+    passed on), and the agent stays the same across moves (close "moved"
+    keeps it at the desk, the new worker re-opens with the agent hint)."""
+    from tests.test_server_h2 import H2Client
+
+    dport, port = free_port(), free_port()
+    rec = tmp_path / "desk.jsonl"
+    desk = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "desk-sim", "--listen", f"127.0.0.1:{dport}",
+         "--think-ms", "100", "--record", str(rec)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    proc = serve_two_workers(tmp_path, port, args=("--downstream", f"support=127.0.0.1:{dport}"))
+    try:
+        await trio.to_thread.run_sync(wait_listening, dport)
+        await trio.to_thread.run_sync(wait_listening, port)
+        await trio.sleep(1.0)  # links up
+        cfg = load_config(None, {"GATEWAY_STATE_DIR": str(tmp_path)}, {})
+        t = cfg.tenants[DEMO_TENANT]
+
+        async def open_stream(hello: dict[str, object]) -> tuple[H2Client, int, dict[str, Any]]:
+            cl = await H2Client.connect(port)
+            st = await cl.open()
+            await cl.send(st, hello)
+            return cl, st, await cl.recv(st)
+
+        sids = []
+        for i in range(4):
+            tok = mint(DEMO_TENANT, f"d{i}", t.secrets[t.primary_kid], 600, time.time())
+            hello: dict[str, object] = {"t": "hello", "v": 1, "token": tok}
+            cl, st, w = await open_stream(hello)
+            sid, last, seen = w["sid"], 0, []
+            sids.append(sid)
+            for k in range(3):
+                await cl.send(st, {"t": "msg", "id": k + 1, "body": f"m{k}"})
+                while True:
+                    f = await cl.recv(st)
+                    if f["t"] == "deliver":
+                        assert f["seq"] == last + 1
+                        last = f["seq"]
+                        seen.append(f)
+                    if f["t"] == "ack":
+                        break
+                await cl.stream.aclose()
+                cl, st, w = await open_stream({**hello, "resume": {"sid": sid, "last": last}})
+                assert w["resumed"] is True and w["sid"] == sid, w
+            with trio.fail_after(10):
+                while sum(1 for f in seen if "noted" in str(f["body"])) < 3:
+                    f = await cl.recv(st)
+                    if f["t"] == "deliver":
+                        assert f["seq"] == last + 1
+                        last = f["seq"]
+                        seen.append(f)
+            agents = {f["from"]["name"] for f in seen if f["from"]["kind"] == "agent"}
+            assigned = [f for f in seen if f["from"]["kind"] == "system"]
+            assert len(agents) == 1 and len(assigned) == 1, seen
+            said = [str(f["body"]).split(": ", 1)[1] for f in seen if f["from"]["kind"] == "agent"]
+            assert said == ["noted 'm0'", "noted 'm1'", "noted 'm2'"]
+            await cl.stream.aclose()
+        lines = [json.loads(x) for x in rec.read_text().splitlines()]
+        got = sorted((x["sid"], x["id"]) for x in lines)
+        assert got == sorted((sid, k + 1) for sid in sids for k in range(3))
+    finally:
+        out = stop(proc)
+        desk.terminate()
+        desk.wait(10)
     assert "Traceback" not in out, out

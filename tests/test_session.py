@@ -422,3 +422,54 @@ def test_delivery_to_a_stale_session_follows_it(tmp_path: Path) -> None:
     hub.sessions.add(back)  # and came back as a new object
     assert hub.deliver(old, "later", {"kind": "bot", "name": "b"}) == 6
     assert back.replay[-1]["body"] == "later" and old.seq == 0 and len(forwarded) == 1
+
+
+def test_a_moved_session_keeps_its_agent_at_the_desk() -> None:
+    """close {reason: moved} keeps the desk's session and agent (the new
+    worker re-opens it with the agent hint); close ended releases them."""
+    from gateway.downstream.desk import Desk, DeskConfig
+
+    desk = Desk(DeskConfig(agents=1, capacity=1))
+    opened = {"t": "open", "sid": "s1", "tenant": "t", "visitor": "v", "group": "g",
+              "stage": "human", "agent": None}  # fmt: skip
+    (assign,) = [a[2] for a in desk.on_frame(1, opened)]
+    assert assign["t"] == "assign"
+    agent = assign["agent"]
+    assert desk.on_frame(1, {"t": "close", "sid": "s1", "reason": "moved"}) == []
+    assert desk.sessions["s1"].agent == agent
+    assert desk.on_frame(2, {**opened, "agent": agent}) == []  # same agent, no re-assign
+    assert desk.sessions["s1"].link == 2
+    desk.on_frame(2, {"t": "close", "sid": "s1", "reason": "ended"})
+    assert "s1" not in desk.sessions and desk.load["g"][agent] == 0
+
+
+def test_the_downstream_hint_moves_with_the_state() -> None:
+    s = Session("sid-z", "t", "v", {}, "web", 4, 8, 1 << 20)
+    d = export_state(s, 1 << 20, {"ep": "127.0.0.1:9000", "agent": "g-agent-2"})
+    packed = msgpack.unpackb(msgpack.packb(d, use_bin_type=True), raw=False)
+    assert packed["ds"] == {"ep": "127.0.0.1:9000", "agent": "g-agent-2"}
+    import_state(packed, 4, 8, 1 << 20)  # the hint does not disturb the import
+
+
+def test_the_forwarder_hint_carries_endpoint_and_agent() -> None:
+    """What the forwarder of the old worker keeps of a moving session (its
+    endpoint and agent) becomes the new worker's sticky preference."""
+    from gateway.downstream.forwarder import Flow, Forwarder
+    from gateway.downstream.settings import merge_cli_specs, parse_settings
+
+    settings = parse_settings(merge_cli_specs({}, ["general=127.0.0.1:9001,127.0.0.1:9002"]))
+    assert settings is not None
+    old, new = Forwarder(settings), Forwarder(settings)
+    s = Session("sid-f", "t", "v", {}, "web", 4, 8, 1 << 20)
+    assert old.moving(None, s) is None  # type: ignore[arg-type]  # never routed
+    fl = s.ds = Flow(None)
+    fl.agent = "general-agent-3"
+    eps = list(old.clusters["general"].eps.values())
+    fl.ep = eps[1]
+    hint = old.moving(None, s)  # type: ignore[arg-type]
+    assert hint == {"ep": eps[1].key, "agent": "general-agent-3"}
+    new.moved_in(None, s, msgpack.unpackb(msgpack.packb(hint)))  # type: ignore[arg-type]
+    got = new.sticky.get("t", "v", new._time())
+    assert got is not None and got[1] == "general-agent-3" and got[0] == hint["ep"]
+    new.moved_in(None, s, {"ep": 3, "agent": []})  # type: ignore[arg-type]  # ignored
+    assert new.sticky.get("t", "v", new._time()) == got

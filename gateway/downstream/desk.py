@@ -110,6 +110,8 @@ class Desk:
         if t == "open":
             return self._on_open(link, f)
         if t == "close":
+            if f.get("reason") == "moved":
+                return []  # served on (re-opened on) another link: keep it
             return self._end(f["sid"])
         return []
 

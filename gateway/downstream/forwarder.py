@@ -247,6 +247,21 @@ class Forwarder:
         self._drop_probe(fl, self._now)
         self._backlog.pop(s.sid, None)
 
+    def moving(self, hub: Hub, s: Session) -> Any:
+        fl: Flow | None = s.ds
+        if fl is None:
+            return None
+        return {"ep": fl.ep.key if fl.ep is not None else "", "agent": fl.agent}
+
+    def moved_in(self, hub: Hub, s: Session, hint: Any) -> None:
+        # the new worker prefers the endpoint and agent that served the
+        # session, as for a returning visitor (sticky)
+        if type(hint) is not dict:
+            return
+        ep, agent = hint.get("ep"), hint.get("agent")
+        if type(ep) is str and (agent is None or type(agent) is str):
+            self.sticky.put(s.tenant, s.visitor, ep, agent, self._time())
+
     def submit(self, hub: Hub, s: Session, msg_id: Any, n: int, body: Any) -> bool:
         self.hub = hub
         fl: Flow | None = s.ds

@@ -57,6 +57,12 @@ class DemoBot:
     def closed(self, hub: Hub, s: Session, reason: str = "ended") -> None:
         pass
 
+    def moving(self, hub: Hub, s: Session) -> Any:
+        return None  # its pending replies follow the session (Hub.deliver)
+
+    def moved_in(self, hub: Hub, s: Session, hint: Any) -> None:
+        pass
+
     def submit(self, hub: Hub, s: Session, msg_id: Any, n: int, body: Any) -> bool:
         hub.downstream_ack(s, msg_id)
         _ACK_OBSERVE(0.0)  # the bot accepts at once

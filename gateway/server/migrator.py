@@ -157,7 +157,7 @@ class WorkerMigrator:
             self._send(frm, {"k": "mrep", "rid": rid, "state": None})
             return
         try:
-            state = export_state(s, STATE_MAX_BYTES)
+            state = export_state(s, STATE_MAX_BYTES, hub.downstream.moving(hub, s))
         except ValueError:
             hub.stats["migrate_too_big"] += 1
             self._send(frm, {"k": "mrep", "rid": rid, "state": None})
@@ -185,6 +185,7 @@ class WorkerMigrator:
                 hub.stats["migrate_bad"] += 1
             else:
                 if hub.sessions.get(s.sid) is None:
+                    hub.downstream.moved_in(hub, s, state.get("ds"))
                     hub.sessions.add(s)
                     hub.detach(s, trio.current_time())  # attached by the hello
                     self.tombs.discard(s.sid)

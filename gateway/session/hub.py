@@ -40,6 +40,17 @@ class Downstream(Protocol):
         moved to another worker (``"moved"``)."""
         ...
 
+    def moving(self, hub: Hub, s: Session) -> Any:
+        """What the downstream side keeps of ``s`` when the session moves to
+        another worker of this node (msgpack-able; e.g. its endpoint and
+        agent), handed to that worker's :meth:`moved_in`."""
+        ...
+
+    def moved_in(self, hub: Hub, s: Session, hint: Any) -> None:
+        """``s`` moved here from another worker, with its :meth:`moving`
+        hint (not yet opened: :meth:`opened` follows)."""
+        ...
+
     def submit(self, hub: Hub, s: Session, msg_id: Any, n: int, body: Any) -> bool:
         """Hands a visitor message over; the downstream later calls
         :meth:`Hub.downstream_ack`. Returns False when it cannot take more

@@ -37,9 +37,10 @@ _STR_FIELDS: Final = ("sid", "tenant", "visitor", "platform")
 _INT_FIELDS: Final = ("next_n", "seq", "first", "exp")
 
 
-def export_state(s: Session, max_bytes: int) -> dict[str, Any]:
+def export_state(s: Session, max_bytes: int, ds: Any = None) -> dict[str, Any]:
     """The state of ``s`` as a msgpack-able map, at most ``max_bytes`` once
-    packed (replay frames are dropped oldest first to fit)."""
+    packed (replay frames are dropped oldest first to fit); ``ds`` is the
+    downstream side's hint (``Downstream.moving``)."""
     replay = list(s.replay)
     state = {
         "sid": s.sid,
@@ -54,6 +55,7 @@ def export_state(s: Session, max_bytes: int) -> dict[str, Any]:
         "accepted": [[k, v] for k, v in s.accepted.items()],
         "inflight": [[k, v] for k, v in s.inflight.items()],
         "replay": replay,
+        "ds": ds,
     }
     size = len(msgpack.packb(state, use_bin_type=True))
     while replay and size > max_bytes:
