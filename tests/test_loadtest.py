@@ -260,3 +260,12 @@ async def test_cli_over_tls_wss_and_https(tmp_path: Path) -> None:
              "--no-progress"]
         )  # fmt: skip
         assert code == 0 and "connected 3 of 3" in out, out
+
+
+def test_open_loop_sends_are_paced_in_small_steps() -> None:
+    from gateway.loadtest.engine import send_wait
+
+    assert send_wait(0.0, 2000) == 0.001  # 0.5 ms away: the 1 ms floor
+    assert send_wait(0.5, 100) == pytest.approx(0.005)
+    assert send_wait(0.0, 1) == 0.05  # never sleeps past 50 ms (other work)
+    assert send_wait(3.0, 10) == 0.001  # owed already: poll, then send

@@ -39,6 +39,17 @@ def new_hist() -> HdrHistogram:
     return HdrHistogram(1, HIST_MAX_US, 3)
 
 
+def send_wait(credit: float, rate: float) -> float:
+    """Seconds until the next open-loop send is due (``credit`` messages
+    owed, ``rate`` per second), between 1 ms and 50 ms. The loop sleeps at
+    most this long, so sends are paced in ~1 ms steps, not in bursts of
+    up to 50 ms worth of messages (which queued behind each other and
+    showed up as latency)."""
+    if credit >= 1.0:
+        return 0.001
+    return min(0.05, max(0.001, (1.0 - credit) / rate))
+
+
 @dataclass
 class Plan:
     """What one client process does. Times in seconds, rates per second."""
@@ -722,7 +733,10 @@ class Engine:
                     self.sec_h.reset()
                 if progress is not None:
                     progress(self._progress_row(now, start))
-            for fd, ev in self.ep.poll(0.05):
+            wait = 0.05
+            if p.rate > 0 and opened_all_at is not None and now < self.send_until:
+                wait = send_wait(rate_credit, p.rate)
+            for fd, ev in self.ep.poll(wait):
                 got = self.by_fd.get(fd)
                 if got is None:
                     continue
