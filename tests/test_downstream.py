@@ -4,11 +4,13 @@ HTTP/2 to desk-sim servers (in-process, real sockets)."""
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 import gateway.client as gc
@@ -351,3 +353,62 @@ async def test_endpoint_that_never_answers_the_link_setup(tmp_path: Path) -> Non
                     await s.send("still served")
                 assert [r["body"] for r in records(rec)] == ["still served"]
         n.cancel_scope.cancel()
+
+
+class _Owner:
+    def __init__(self) -> None:
+        self.deferred = True
+        self.drained = 0
+
+    def link_up(self, link: Any) -> None:
+        pass
+
+    def link_down(self, link: Any, why: str) -> None:
+        pass
+
+    def link_frames(self, link: Any, frames: list[dict[str, Any]]) -> None:
+        pass
+
+    def link_drained(self, link: Any) -> None:
+        self.drained += 1
+
+    def link_dirty(self, link: Any) -> bool:
+        return self.deferred
+
+
+async def test_link_frames_queued_in_a_reactor_batch_go_out_in_one_direct_write() -> None:
+    """While the worker's reactor handles a batch, frames queued on a link
+    wait (the writer task is not woken) and flush_now writes them with one
+    non-blocking send; outside a batch, or while the writer is sending, the
+    writer task gets them."""
+    from gateway.downstream.link import UP, Link, LinkCore
+    from gateway.downstream.proto import encode
+
+    a_std, b = socket.socketpair()
+    b.setblocking(False)
+    a = trio.socket.from_stdlib_socket(a_std)
+    owner = _Owner()
+    link = Link(owner, None, "127.0.0.1", 1, 0, [])
+    core = LinkCore()
+    core.start("127.0.0.1:1", [])
+    link.core, link.state = core, UP
+    link._stream = trio.SocketStream(a)
+    core.flush()  # the preface and headers: not what this test is about
+    link.send(encode({"t": "close", "sid": "s1", "reason": "ended"}))
+    assert not link._wake.is_set() and core.backlog > 0
+    with pytest.raises(BlockingIOError):
+        b.recv(65536)  # nothing written yet
+    link.flush_now()
+    got = b.recv(65536)
+    assert b"s1" in got and core.backlog == 0 and not link._wake.is_set()
+    owner.deferred = False  # outside a batch: the writer task is woken
+    link.send(encode({"t": "close", "sid": "s2", "reason": "ended"}))
+    assert link._wake.is_set()
+    link._wake = trio.Event()
+    owner.deferred = True
+    link._busy = True  # the writer is in a send: it gets the frames
+    link.send(encode({"t": "close", "sid": "s3", "reason": "ended"}))
+    link.flush_now()
+    assert link._wake.is_set() and core.backlog > 0
+    a.close()
+    b.close()

@@ -139,6 +139,10 @@ class Forwarder:
         self.admission = Admission(settings.admission, self.rng)
         self.sticky = StickyTable(settings.sticky_entries, settings.sticky_ttl_s)
         self.hub: Hub | None = None
+        # the worker's reactor (gateway.server.reactor), when there is one:
+        # frames queued while it handles a batch are written at its end
+        self.reactor: Any = None
+        self._dirty: set[Link] = set()
         self.clusters: dict[str, _Cluster] = {}
         self.links: list[Link] = []
         headers = [("x-gateway-node", str(node)), ("x-gateway-worker", str(worker))]
@@ -246,6 +250,22 @@ class Forwarder:
         fl.waiting.clear()
         self._drop_probe(fl, self._now)
         self._backlog.pop(s.sid, None)
+
+    # -- writes gathered per reactor batch --------------------------------------------
+    def link_dirty(self, link: Link) -> bool:
+        r = self.reactor
+        if r is not None and r.in_batch:
+            self._dirty.add(link)
+            return True
+        return False
+
+    def flush_links(self) -> None:
+        """The end of a reactor batch: each link with frames queued during
+        it writes them now, in one send."""
+        if self._dirty:
+            dirty, self._dirty = self._dirty, set()
+            for link in dirty:
+                link.flush_now()
 
     def moving(self, hub: Hub, s: Session) -> Any:
         fl: Flow | None = s.ds

@@ -12,6 +12,7 @@ its owner (:class:`gateway.downstream.forwarder.Forwarder`).
 from __future__ import annotations
 
 import logging
+import os
 import random
 import socket
 import ssl
@@ -176,11 +177,18 @@ class LinkOwner(Protocol):
         """The link's backlog fell below its low watermark."""
         ...
 
+    def link_dirty(self, link: Link) -> bool:
+        """Frames were queued on ``link``: True when the owner will call
+        :meth:`Link.flush_now` soon (then the writer task is not woken)."""
+        ...
+
 
 class Link:
     """A link to ``host:port`` kept up for ever by :meth:`run`."""
 
     __slots__ = (
+        "_busy",
+        "_carry",
         "_stream",
         "_wake",
         "connect_timeout_s",
@@ -233,6 +241,8 @@ class Link:
         self.rng = random.Random()
         self._wake = trio.Event()
         self._stream: trio.abc.Stream | None = None
+        self._busy = False  # the writer task is in a send
+        self._carry = b""  # flushed by flush_now, not taken by the socket yet
 
     @property
     def key(self) -> str:
@@ -252,7 +262,36 @@ class Link:
         c = self.core
         if c is not None and self.state == UP:
             c.queue(data)
+            if not self.owner.link_dirty(self):
+                self._wake.set()
+
+    def flush_now(self) -> None:
+        """Writes what is queued with one non-blocking send, from the
+        caller (the worker's reactor, at the end of a batch): no hand-off
+        to the writer task, which only gets what the socket did not take
+        (or everything, over TLS or while it is sending itself)."""
+        c = self.core
+        st = self._stream
+        if c is None or self.state != UP:
+            return
+        if self._busy or self._carry or type(st) is not trio.SocketStream:
             self._wake.set()
+            return
+        was_full = self.full
+        data = c.flush()
+        if not data:
+            return
+        try:
+            n = os.write(st.socket.fileno(), data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            n = 0  # the writer's send fails too and ends the link
+        if n < len(data):
+            self._carry = data[n:]
+            self._wake.set()
+        elif was_full and not self.full:
+            self.owner.link_drained(self)
 
     async def run(self) -> None:
         """Connects, serves, and reconnects with backoff, until cancelled."""
@@ -310,6 +349,8 @@ class Link:
         core.start(f"{self.host}:{self.port}", self.headers)
         self.core = core
         self._stream = stream
+        self._carry = b""
+        self._busy = False
         await stream.send_all(core.flush())
         # wait for the response headers before declaring the link up
         with trio.fail_after(self.connect_timeout_s):
@@ -350,9 +391,14 @@ class Link:
             await self._wake.wait()
             self._wake = trio.Event()
             was_full = self.full
-            data = core.flush()
+            data = self._carry + core.flush()
+            self._carry = b""
             if data:
-                await stream.send_all(data)
+                self._busy = True
+                try:
+                    await stream.send_all(data)
+                finally:
+                    self._busy = False
             if was_full and not self.full:
                 self.owner.link_drained(self)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import select
+from collections.abc import Callable
 from typing import Final, Protocol
 
 import trio
@@ -43,11 +44,16 @@ class Readable(Protocol):
 
 
 class Reactor:
-    __slots__ = ("ep", "handlers")
+    __slots__ = ("after_batch", "ep", "handlers", "in_batch")
 
     def __init__(self) -> None:
         self.ep = select.epoll()
         self.handlers: dict[int, Readable] = {}
+        # True while handlers run: work they cause elsewhere (a downstream
+        # link's frames) can wait for the end of the batch and go out in one
+        # write, from here, with no task hand-off (``after_batch``)
+        self.in_batch = False
+        self.after_batch: list[Callable[[], None]] = []
 
     def __len__(self) -> int:
         return len(self.handlers)
@@ -74,6 +80,7 @@ class Reactor:
         try:
             while True:
                 await trio.lowlevel.wait_readable(ep.fileno())
+                self.in_batch = True
                 for fd, _ in ep.poll(0, BATCH):
                     h = handlers.get(fd)
                     if h is None:
@@ -87,5 +94,11 @@ class Reactor:
                             h.on_failure()
                         except Exception:
                             _log.exception("connection cleanup failed")
+                self.in_batch = False
+                for cb in self.after_batch:
+                    try:
+                        cb()
+                    except Exception:
+                        _log.exception("after-batch work failed")
         finally:
             ep.close()

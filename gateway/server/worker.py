@@ -192,6 +192,9 @@ class Worker:
         self.open_sockets = 0
         self.conns: set[Any] = set()
         self.reactor = Reactor()
+        if self.forwarder is not None:
+            self.forwarder.reactor = self.reactor
+            self.reactor.after_batch.append(self.forwarder.flush_links)
         self.draining = False
         self.static: dict[str, tuple[bytes, str]] = {}
         for path, (name, ctype) in STATIC_FILES.items():
