@@ -314,3 +314,51 @@ async def test_moved_sessions_keep_their_desk_agent_and_replies(tmp_path: Path) 
         desk.terminate()
         desk.wait(10)
     assert "Traceback" not in out, out
+
+
+async def test_wss_resume_on_another_worker_moves_the_session(tmp_path: Path) -> None:
+    """WebSocket over TLS: the connection cannot be handed over either, so
+    the session moves. Eight sessions, each resumed over a new connection
+    (half of them land on the other worker): all resumed."""
+    import ssl
+
+    from websockets.sync.client import connect as ws_connect
+
+    from tests.test_server_h2 import _ca_pem, _tls
+
+    port = free_port()
+    cert, key, ctx = _tls(tmp_path)
+    ws_ctx = ssl.create_default_context()
+    ws_ctx.load_verify_locations(cadata=_ca_pem(ctx))
+    proc = serve_two_workers(tmp_path, port, GATEWAY_TLS_CERT=cert, GATEWAY_TLS_KEY=key)
+    try:
+        await trio.to_thread.run_sync(wait_listening, port)
+        await trio.sleep(0.5)
+        cfg = load_config(None, {"GATEWAY_STATE_DIR": str(tmp_path)}, {})
+        t = cfg.tenants[DEMO_TENANT]
+        url = f"wss://localhost:{port}/v1/ws"
+
+        def session(i: int) -> tuple[dict[str, Any], list[str]]:
+            tok = mint(DEMO_TENANT, f"w{i}", t.secrets[t.primary_kid], 600, time.time())
+            with ws_connect(url, ssl=ws_ctx) as ws:
+                ws.send(json.dumps({"t": "hello", "v": 1, "token": tok}))
+                w = json.loads(ws.recv(timeout=5))
+                assert json.loads(ws.recv(timeout=5))["seq"] == 1  # greeting
+                ws.send(json.dumps({"t": "msg", "id": 1, "body": "before"}))
+                got = [json.loads(ws.recv(timeout=5)) for _ in range(2)]
+                assert {f["t"] for f in got} == {"ack", "deliver"}
+            resume = {"sid": w["sid"], "last": 1}  # the reply (seq 2) not seen
+            with ws_connect(url, ssl=ws_ctx) as ws:
+                ws.send(json.dumps({"t": "hello", "v": 1, "token": tok, "resume": resume}))
+                w2 = json.loads(ws.recv(timeout=5))
+                replayed = json.loads(ws.recv(timeout=5))
+            assert w2["sid"] == w["sid"], w2
+            return w2, [replayed["body"]]
+
+        for i in range(8):
+            w2, replayed = await trio.to_thread.run_sync(session, i)
+            assert w2["resumed"] is True and w2["resync"] is False
+            assert replayed == ["You said: before"]
+    finally:
+        out = stop(proc)
+    assert "Traceback" not in out, out
