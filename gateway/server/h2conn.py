@@ -28,6 +28,7 @@ from gateway.protocol.codec import Encoding, LengthPrefixedDecoder, encode_frame
 from gateway.protocol.codes import Code, ProtocolError
 from gateway.server.h2compact import SmallDeque, compact
 from gateway.server.pipe import RawPipe
+from gateway.server.shell import ConnShell
 from gateway.session.visitor import VisitorProtocol
 
 if TYPE_CHECKING:
@@ -123,7 +124,7 @@ class H2Stream:
     def rehello(self, hello: dict[str, Any]) -> None:
         if self.ended:
             return
-        self.backlog.insert(0, hello)
+        self.backlog.appendleft(hello)
         self.resume()
 
     def goaway(self, reconnect_after_ms: int) -> None:
@@ -136,23 +137,20 @@ class H2Stream:
             self.conn.write_out()
 
 
-class H2Conn:
+class H2Conn(ConnShell):
     """One HTTP/2 connection: read by the worker's reactor when it is plain
     TCP (h2c, :meth:`attach`), by its own task over TLS (:meth:`run`)."""
 
-    __slots__ = ("closing", "finished", "h2", "held", "last_rx", "pipe", "reactor", "streams", "w")
+    BYTES_IN = "bytes_in_h2"
+
+    __slots__ = ("closing", "h2", "streams")
 
     def __init__(self, w: Worker, pipe: RawPipe | TlsPipe) -> None:
-        self.w = w
-        self.pipe = pipe
+        super().__init__(w, pipe)
         cfg = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
         self.h2 = h2.connection.H2Connection(config=cfg)
         self.streams: dict[int, H2Stream] = {}
-        self.last_rx = trio.current_time()
         self.closing = False
-        self.finished = False
-        self.held = False  # holds one of the worker's connection slots
-        self.reactor: Reactor | None = None
 
     def _start(self) -> None:
         w = self.w
@@ -179,33 +177,15 @@ class H2Conn:
         w.wheel.schedule(self.last_rx + hb * (0.1 + 0.9 * random.random()), self)
         w.hub.stats["h2_connections"] += 1
 
-    def _finish(self) -> None:
-        """The connection is over (idempotent)."""
-        if self.finished:
-            return
-        self.finished = True
-        w = self.w
-        if self.reactor is not None:
-            self.reactor.remove(self.pipe.sock.fileno())  # type: ignore[union-attr]
-        w.conns.discard(self)
-        w.wheel.cancel(self)
-        now = trio.current_time()
+    def _lost(self, now: float) -> None:
         for st in list(self.streams.values()):
             self._drop(st, now)
-        self.pipe.close()
-        if self.held:
-            self.held = False
-            w._released(self.pipe.ip)
 
     # -- driven by the reactor (h2c) ---------------------------------------------
     def attach(self, reactor: Reactor, initial: bytes) -> None:
         """Serves the connection from ``reactor`` from now on (see
         :meth:`gateway.server.ws.WsConn.attach`)."""
-        pipe = self.pipe
-        assert isinstance(pipe, RawPipe)
-        self.reactor = reactor
-        pipe.on_closed = self._finish
-        reactor.add(pipe.sock.fileno(), self)  # (takes over from the handshake's handler)
+        self._bind(reactor)
         try:
             self._start()
             if initial:
@@ -214,12 +194,8 @@ class H2Conn:
             _log.exception("http/2 connection failed")
             self.on_failure()
 
-    def on_readable(self) -> None:
-        data = self.pipe.recv_ready()  # type: ignore[union-attr]
-        if data:
-            self.w.hub.stats["bytes_in_h2"] += len(data)
-            self.last_rx = trio.current_time()
-            self.feed(data)
+    def _got(self, data: bytes) -> None:
+        self.feed(data)
 
     def on_failure(self) -> None:
         self.w.hub.stats["internal_errors"] += 1

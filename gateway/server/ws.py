@@ -21,6 +21,7 @@ from gateway.protocol import wsframe
 from gateway.protocol.codec import Encoding, decode_frame, encode_frame
 from gateway.protocol.codes import Code, ProtocolError
 from gateway.server.pipe import RawPipe
+from gateway.server.shell import ConnShell
 from gateway.session.visitor import VisitorProtocol
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ CLOSE_GRACE_S = 2.0
 _PING: Final = wsframe.frame(wsframe.OP_PING, b"")
 
 
-class WsConn:
+class WsConn(ConnShell):
     """Sink of a :class:`VisitorProtocol` over one WebSocket connection.
 
     Driven in one of two ways: a plain-TCP connection is attached to the
@@ -48,36 +49,27 @@ class WsConn:
     received bytes through :meth:`feed`.
     """
 
+    BYTES_IN = "bytes_in_ws"
+
     __slots__ = (
         "closing",
         "cork",
         "enc",
-        "finished",
         "handoff_to",
-        "held",
-        "last_rx",
         "paused",
-        "pipe",
         "proto",
-        "reactor",
         "reader",
-        "w",
         "wake",
     )
 
     def __init__(self, w: Worker, pipe: RawPipe | TlsPipe, origin: str | None) -> None:
-        self.w = w
-        self.pipe = pipe
+        super().__init__(w, pipe)
         self.reader = wsframe.FrameReader(w.cfg.max_frame)
         self.proto = VisitorProtocol(w.hub, self, origin, pipe.ip)
         self.enc = Encoding.MSGPACK
-        self.last_rx = trio.current_time()
         self.closing = False
-        self.finished = False
         self.paused = False
-        self.held = False  # holds one of the worker's connection slots
         self.wake: trio.Event | None = None  # run(): set when reading resumes
-        self.reactor: Reactor | None = None
         self.handoff_to: tuple[int, dict[str, Any]] | None = None
         # while handling one read, outbound frames are gathered here and
         # written with one send() at the end (half the syscalls per message)
@@ -88,27 +80,18 @@ class WsConn:
         w.wheel.schedule(self.last_rx + w.cfg.hello_timeout_s, self)
         w.conns.add(self)
         if hello is not None:
-            self.cork = []
-            try:
-                self._frame(hello)
-            finally:
-                self._uncork()
+            self._hello(hello)
 
-    def _finish(self) -> None:
-        """The connection is over (idempotent)."""
-        if self.finished:
-            return
-        self.finished = True
-        w = self.w
-        if self.reactor is not None:
-            self.reactor.remove(self.pipe.sock.fileno())  # type: ignore[union-attr]
-        w.conns.discard(self)
-        w.wheel.cancel(self)
-        self.proto.connection_lost(trio.current_time())
-        self.pipe.close()
-        if self.held:
-            self.held = False
-            w._released(self.pipe.ip)
+    def _hello(self, hello: dict[str, Any]) -> None:
+        """A hello read earlier (handed over, or waiting for its session)."""
+        self.cork = []
+        try:
+            self._frame(hello)
+        finally:
+            self._uncork()
+
+    def _lost(self, now: float) -> None:
+        self.proto.connection_lost(now)
 
     # -- driven by the reactor (plain TCP) ---------------------------------------
     def attach(self, reactor: Reactor, trailing: bytes, hello: dict[str, Any] | None) -> None:
@@ -116,12 +99,7 @@ class WsConn:
         are bytes read past the upgrade, ``hello`` a hello frame already
         read (by the worker that handed this connection over). The
         connection releases its slot itself when it ends (``held``)."""
-        pipe = self.pipe
-        assert isinstance(pipe, RawPipe)
-        self.reactor = reactor
-        pipe.on_closed = self._finish
-        fd = pipe.sock.fileno()
-        reactor.add(fd, self)  # (takes over from the handshake's handler)
+        fd = self._bind(reactor)
         try:
             self._start(hello)
             if self.paused or self.handoff_to is not None:
@@ -131,13 +109,6 @@ class WsConn:
         except Exception:  # a bug must not take down the worker
             _log.exception("websocket connection failed")
             self.on_failure()
-
-    def on_readable(self) -> None:
-        data = self.pipe.recv_ready()  # type: ignore[union-attr]
-        if data:
-            self.w.hub.stats["bytes_in_ws"] += len(data)
-            self.last_rx = trio.current_time()
-            self._got(data)
 
     def on_failure(self) -> None:
         self.w.hub.stats["internal_errors"] += 1
@@ -296,11 +267,7 @@ class WsConn:
     def rehello(self, hello: dict[str, Any]) -> None:
         if self.closing or self.pipe.closed:
             return
-        self.cork = []
-        try:
-            self._frame(hello)
-        finally:
-            self._uncork()
+        self._hello(hello)
         self.resume()
 
     async def _handoff(self) -> bool:
@@ -319,11 +286,7 @@ class WsConn:
         proto = self.proto
         proto.state = proto.HELLO
         proto.adopted = True  # do not try again
-        self.cork = []
-        try:
-            self._frame(hello)
-        finally:
-            self._uncork()
+        self._hello(hello)
         return False
 
     # -- Sink -----------------------------------------------------------------
