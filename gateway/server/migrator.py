@@ -23,6 +23,7 @@ as a fresh session after :data:`WAIT_S`).
 from __future__ import annotations
 
 import logging
+from collections import deque
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
@@ -57,7 +58,7 @@ class WorkerMigrator:
         self.tombs = Tombstones(w.cfg.max_detached_sessions)
         self.pending: dict[int, Any] = {}  # rid -> VisitorProtocol waiting
         self.next_rid = 0
-        self.queues: dict[int, list[dict[str, Any]]] = {}
+        self.queues: dict[int, deque[dict[str, Any]]] = {}  # per peer, in order
         self.sending: set[int] = set()
 
     # -- Migrator ---------------------------------------------------------------
@@ -93,7 +94,9 @@ class WorkerMigrator:
 
     # -- sending --------------------------------------------------------------------
     def _send(self, peer: int, msg: dict[str, Any]) -> None:
-        q = self.queues.setdefault(peer, [])
+        q = self.queues.get(peer)
+        if q is None:
+            q = self.queues[peer] = deque()
         if len(q) >= QUEUE_LIMIT:
             self.hub.stats["migrate_queue_full"] += 1
             return
@@ -106,7 +109,7 @@ class WorkerMigrator:
         q = self.queues[peer]
         try:
             while q:
-                msg = q.pop(0)
+                msg = q.popleft()
                 if not await self.w.send_handoff(peer, None, msg):
                     self.hub.stats["migrate_send_failed"] += 1
         finally:
