@@ -356,6 +356,8 @@ async def test_endpoint_that_never_answers_the_link_setup(tmp_path: Path) -> Non
 
 
 class _Owner:
+    reactor = None
+
     def __init__(self) -> None:
         self.deferred = True
         self.drained = 0
@@ -412,3 +414,41 @@ async def test_link_frames_queued_in_a_reactor_batch_go_out_in_one_direct_write(
     assert link._wake.is_set() and core.backlog > 0
     a.close()
     b.close()
+
+
+async def answered(gw: Any, visitor: str, body: str) -> None:
+    """``visitor`` sends ``body`` and gets desk-sim's reply to it."""
+    async with gc.connect(gw.url, token=gw.token(visitor), reconnect=False) as s:
+        await s.send(body)
+        with trio.fail_after(5):
+            while f"noted {body!r}" not in str((await s.receive()).body):
+                pass
+
+
+async def test_plain_link_is_read_by_the_reactor_and_leaves_it_when_it_goes_down(
+    tmp_path: Path,
+) -> None:
+    """An h2c link has no reader task: the worker's reactor reads it. When
+    the endpoint goes away its descriptor leaves the reactor before it is
+    closed (a reused descriptor number would otherwise never be read), and
+    the reconnected link is read by the reactor again."""
+    async with desk(think_ms=0) as (port, _, scope):  # noqa: SIM117
+        async with running(tmp_path, downstream=ds(("general", [port]))) as gw:
+            fw, reactor = gw.w.forwarder, gw.w.reactor
+            await wait_links_up(fw)
+            (link,) = fw.links
+            fd = link._stream.socket.fileno()
+            assert reactor.handlers[fd] is link._watch is not None
+            await answered(gw, "v", "one")
+            watch = link._watch
+            scope.cancel()
+            with trio.fail_after(5):
+                while link.up:
+                    await trio.sleep(0.02)
+            assert link._watch is None
+            assert watch not in reactor.handlers.values()
+            async with desk(port=port, think_ms=0):
+                await wait_links_up(fw)
+                fd = link._stream.socket.fileno()
+                assert reactor.handlers[fd] is link._watch is not watch
+                await answered(gw, "w", "two")

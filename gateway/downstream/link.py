@@ -167,6 +167,10 @@ def _first_link_error(eg: BaseExceptionGroup[Any]) -> BaseException:
 
 
 class LinkOwner(Protocol):
+    #: The worker's reactor (:class:`gateway.server.reactor.Reactor`), or
+    #: None: a plain-TCP link is read from it, with no task of its own.
+    reactor: Any
+
     def link_up(self, link: Link) -> None: ...
 
     def link_down(self, link: Link, why: str) -> None: ...
@@ -191,6 +195,7 @@ class Link:
         "_carry",
         "_stream",
         "_wake",
+        "_watch",
         "connect_timeout_s",
         "core",
         "endpoint",
@@ -243,6 +248,7 @@ class Link:
         self._stream: trio.abc.Stream | None = None
         self._busy = False  # the writer task is in a send
         self._carry = b""  # flushed by flush_now, not taken by the socket yet
+        self._watch: _ReactorRead | None = None  # read by the reactor
 
     @property
     def key(self) -> str:
@@ -363,28 +369,57 @@ class Link:
                     raise LinkError("downstream sent frames before the response headers")
         self.state = UP
         self.owner.link_up(self)
+        reactor = self.owner.reactor
         try:
             async with trio.open_nursery() as n:
                 n.start_soon(self._writer, stream, core)
                 n.start_soon(self._health, core)
-                await self._reader(stream, core)
+                if reactor is not None and type(stream) is trio.SocketStream:
+                    await self._reactor_reads(reactor, stream, core)
+                else:
+                    await self._reader(stream, core)
                 n.cancel_scope.cancel()
         except BaseExceptionGroup as eg:
             raise _first_link_error(eg) from None
 
     async def _reader(self, stream: trio.abc.Stream, core: LinkCore) -> None:
-        owner = self.owner
+        """Reads the link in this task (TLS, or no reactor)."""
         while True:
             data = await stream.receive_some(READ_SIZE)
             if not data:
                 raise LinkError("downstream closed the connection")
-            was_full = self.full
-            frames = core.receive(data)
-            if frames:
-                owner.link_frames(self, frames)
+            self.received(core, data)
+
+    async def _reactor_reads(self, reactor: Any, stream: trio.SocketStream, core: LinkCore) -> None:
+        """Lets the worker's reactor read the link until it ends: the
+        frames are handled in the reactor's batch, next to the visitor
+        connections they answer, and what they cause (acks and replies to
+        visitors, more frames for this link, h2's own frames) is written
+        once at the end of the batch."""
+        fd = stream.socket.fileno()
+        watch = self._watch = _ReactorRead(self, core, reactor, fd)
+        reactor.add(fd, watch)
+        try:
+            await watch.done.wait()
+        finally:
+            reactor.remove(fd)  # before the descriptor is closed
+            self._watch = None
+        assert watch.error is not None
+        raise watch.error
+
+    def received(self, core: LinkCore, data: bytes | bytearray) -> None:
+        """Bytes read from the link: frames to the owner, and whatever they
+        queued (and h2's own answers: WINDOW_UPDATE, PING ACK) written at
+        the end of the reactor batch, or by the writer task."""
+        owner = self.owner
+        was_full = self.full
+        frames = core.receive(data)
+        if frames:
+            owner.link_frames(self, frames)
+        if not owner.link_dirty(self):
             self._wake.set()
-            if was_full and not self.full:
-                owner.link_drained(self)
+        if was_full and not self.full:
+            owner.link_drained(self)
 
     async def _writer(self, stream: trio.abc.Stream, core: LinkCore) -> None:
         while True:
@@ -412,12 +447,46 @@ class Link:
                 core.ping(now)
                 self._wake.set()
 
-    def kill(self) -> None:
-        """Drops the connection (for a stalled peer); :meth:`run` reconnects."""
-        s = self._stream
-        if s is not None:
-            sock = getattr(s, "socket", None) or getattr(
-                getattr(s, "transport_stream", None), "socket", None
-            )
-            if sock is not None:
-                sock.close()
+
+class _ReactorRead:
+    """The reactor's handler for a plain-TCP link: reads what is there and
+    hands it to :meth:`Link.received`; records why the link ended and wakes
+    :meth:`Link._reactor_reads`, which raises it in the link's task."""
+
+    __slots__ = ("core", "done", "error", "fd", "link", "reactor")
+
+    def __init__(self, link: Link, core: LinkCore, reactor: Any, fd: int) -> None:
+        self.link = link
+        self.core = core
+        self.reactor = reactor
+        self.fd = fd
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+    def on_readable(self) -> None:
+        if self.error is not None:
+            return
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._end(e)
+            return
+        if not data:
+            self._end(LinkError("downstream closed the connection"))
+            return
+        try:
+            self.link.received(self.core, data)
+        except LinkError as e:
+            self._end(e)
+
+    def on_failure(self) -> None:
+        """A bug while handling the link's frames (the reactor logged it)."""
+        self._end(LinkError("internal error while reading the link"))
+
+    def _end(self, e: BaseException) -> None:
+        if self.error is None:
+            self.error = e
+        self.reactor.remove(self.fd)  # level-triggered: it would report again
+        self.done.set()

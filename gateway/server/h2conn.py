@@ -143,7 +143,7 @@ class H2Conn(ConnShell):
 
     BYTES_IN = "bytes_in_h2"
 
-    __slots__ = ("closing", "h2", "streams")
+    __slots__ = ("closing", "deferred", "h2", "streams")
 
     def __init__(self, w: Worker, pipe: RawPipe | TlsPipe) -> None:
         super().__init__(w, pipe)
@@ -151,6 +151,7 @@ class H2Conn(ConnShell):
         self.h2 = h2.connection.H2Connection(config=cfg)
         self.streams: dict[int, H2Stream] = {}
         self.closing = False
+        self.deferred = False  # output waits for the end of the reactor batch
 
     def _start(self) -> None:
         w = self.w
@@ -233,7 +234,7 @@ class H2Conn(ConnShell):
             self.w.hub.stats["h2_protocol_errors"] += 1
             self.w.event("info", "h2_protocol_error", error=str(e)[:100])
             self.write_out()
-            self.pipe.close_after_flush()
+            self._close_after_flush()
             return
         settings_changed = False
         for ev in events:
@@ -262,7 +263,7 @@ class H2Conn(ConnShell):
                         if st.pending:
                             self.flush_stream(st)
             elif t is h2.events.ConnectionTerminated:
-                self.pipe.close_after_flush()
+                self._close_after_flush()
             elif t is h2.events.RemoteSettingsChanged or t is h2.events.SettingsAcknowledged:
                 settings_changed = True
         if settings_changed:
@@ -398,6 +399,25 @@ class H2Conn(ConnShell):
         st.proto.connection_lost(now)
 
     def write_out(self) -> None:
+        """Writes h2's output; inside a reactor batch, once at its end (so
+        an ack and the replies of the same batch leave in one send)."""
+        r = self.reactor
+        if r is not None and r.in_batch:
+            if not self.deferred:
+                self.deferred = True
+                r.defer(self)
+            return
+        self._write_now()
+
+    def write_deferred(self) -> None:
+        self.deferred = False
+        self._write_now()
+
+    def _close_after_flush(self) -> None:
+        self._write_now()
+        self.pipe.close_after_flush()
+
+    def _write_now(self) -> None:
         data = self.h2.data_to_send()
         if not data:
             return
@@ -423,7 +443,7 @@ class H2Conn(ConnShell):
                 st.proto.fail(ProtocolError(Code.HEARTBEAT_TIMEOUT))
             self.h2.close_connection()
             self.write_out()
-            self.pipe.close_after_flush()
+            self._close_after_flush()
             return
         wall = self.w.hub.wall()
         for st in list(self.streams.values()):
@@ -446,5 +466,5 @@ class H2Conn(ConnShell):
         self.h2.close_connection()
         self.write_out()
         self.closing = True
-        self.pipe.close_after_flush()
+        self._close_after_flush()
         self.w.wheel.schedule(trio.current_time() + 1.0, self)

@@ -1,5 +1,6 @@
-"""One readiness loop per worker for its established plain-TCP WebSocket
-connections.
+"""One readiness loop per worker for its established plain-TCP connections:
+visitors' WebSocket and h2c connections, handshakes, and the downstream
+links.
 
 A trio task per connection costs a task object and its coroutine frames
 while the connection idles, and on every message a scheduler round: the
@@ -12,9 +13,13 @@ protocol layers below are sans-IO and never block). An idle connection
 costs one epoll entry and no task.
 
 A connection that pauses its reading (backpressure) is taken out of the
-set and put back when it resumes. Writes do not go through here: they are
-non-blocking ``send`` calls, and only a connection whose kernel buffer is
-full gets a short-lived flusher task (see :mod:`gateway.server.pipe`).
+set and put back when it resumes. Writes are non-blocking ``send`` calls,
+and only a connection whose kernel buffer is full gets a short-lived
+flusher task (see :mod:`gateway.server.pipe`). What the handlers of one
+batch write is gathered and sent when the batch ends (:meth:`Reactor.defer`,
+``after_batch``): frames for a downstream link first, then one ``send`` per
+connection for everything the batch produced for it (a visitor's ack and
+the replies that came over a link in the same batch).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Final, Protocol
 
 import trio
 
-__all__ = ["Reactor", "Readable"]
+__all__ = ["Deferred", "Reactor", "Readable"]
 
 #: Ready connections handled per wakeup before trio runs its other tasks.
 BATCH: Final = 256
@@ -43,8 +48,13 @@ class Readable(Protocol):
         """``on_readable`` raised: count it and close the connection."""
 
 
+class Deferred(Protocol):
+    def write_deferred(self) -> None:
+        """The batch is over: write what was gathered during it."""
+
+
 class Reactor:
-    __slots__ = ("after_batch", "ep", "handlers", "in_batch")
+    __slots__ = ("after_batch", "deferred", "ep", "handlers", "in_batch")
 
     def __init__(self) -> None:
         self.ep = select.epoll()
@@ -54,6 +64,9 @@ class Reactor:
         # write, from here, with no task hand-off (``after_batch``)
         self.in_batch = False
         self.after_batch: list[Callable[[], None]] = []
+        # connections whose writes wait for the end of the batch: one send
+        # for all a batch produced for each (see :meth:`defer`)
+        self.deferred: list[Deferred] = []
 
     def __len__(self) -> int:
         return len(self.handlers)
@@ -73,6 +86,11 @@ class Reactor:
         if self.handlers.pop(fd, None) is not None:
             with contextlib.suppress(OSError, ValueError):  # fd or epoll closed already
                 self.ep.unregister(fd)
+
+    def defer(self, w: Deferred) -> None:
+        """Calls ``w.write_deferred()`` when the current batch ends (after
+        the ``after_batch`` work: downstream links first)."""
+        self.deferred.append(w)
 
     async def run(self) -> None:
         ep = self.ep
@@ -94,11 +112,23 @@ class Reactor:
                             h.on_failure()
                         except Exception:
                             _log.exception("connection cleanup failed")
-                self.in_batch = False
-                for cb in self.after_batch:
-                    try:
-                        cb()
-                    except Exception:
-                        _log.exception("after-batch work failed")
+                self.end_batch()
         finally:
             ep.close()
+
+    def end_batch(self) -> None:
+        """The batch is over: the ``after_batch`` work (the downstream
+        links' writes), then the deferred connections' writes."""
+        self.in_batch = False
+        for cb in self.after_batch:
+            try:
+                cb()
+            except Exception:
+                _log.exception("after-batch work failed")
+        if self.deferred:
+            deferred, self.deferred = self.deferred, []
+            for w in deferred:
+                try:
+                    w.write_deferred()
+                except Exception:
+                    _log.exception("deferred write failed")

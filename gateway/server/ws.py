@@ -84,6 +84,9 @@ class WsConn(ConnShell):
 
     def _hello(self, hello: dict[str, Any]) -> None:
         """A hello read earlier (handed over, or waiting for its session)."""
+        if self._batch_cork() is not None:
+            self._frame(hello)
+            return
         self.cork = []
         try:
             self._frame(hello)
@@ -175,17 +178,38 @@ class WsConn(ConnShell):
 
     # -- bytes in -------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
+        if self._batch_cork() is not None:
+            self._feed(data)
+            return
         self.cork = []
         try:
             self._feed(data)
         finally:
             self._uncork()
 
+    def _batch_cork(self) -> list[bytes] | None:
+        """Inside a reactor batch: gathers this connection's writes until
+        the batch ends (the reactor then calls :meth:`write_deferred`), so
+        what a batch produces for one connection (an ack, the replies that
+        came over a downstream link in the same batch) leaves in one send.
+        Returns the list gathering them, None outside a batch."""
+        r = self.reactor
+        if r is None or not r.in_batch:
+            return None
+        cork = self.cork
+        if cork is None:
+            cork = self.cork = []
+            r.defer(self)
+        return cork
+
+    def write_deferred(self) -> None:
+        self._uncork()
+
     def _uncork(self) -> None:
         cork = self.cork
         self.cork = None
         if cork:
-            self._write(cork[0] if len(cork) == 1 else b"".join(cork))
+            self._put(cork[0] if len(cork) == 1 else b"".join(cork))
 
     def _feed(self, data: bytes) -> None:
         reader = self.reader
@@ -304,9 +328,14 @@ class WsConn(ConnShell):
 
     def _write(self, data: bytes) -> None:
         cork = self.cork
+        if cork is None:
+            cork = self._batch_cork()
         if cork is not None:
             cork.append(data)
-            return
+        else:
+            self._put(data)
+
+    def _put(self, data: bytes) -> None:
         stats = self.w.hub.stats
         stats["bytes_out_ws"] += len(data)
         if not self.pipe.write(data):
