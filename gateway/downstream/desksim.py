@@ -33,6 +33,7 @@ import trio
 
 from gateway.downstream.desk import Desk, DeskConfig
 from gateway.downstream.proto import LINK_PATH, MAX_LINK_FRAME, check_from_gateway, encode
+from gateway.netio import write_some
 from gateway.protocol.codec import LengthPrefixedDecoder
 from gateway.protocol.codes import ProtocolError
 
@@ -49,7 +50,7 @@ SAFE_FRAME: Final = 16384
 
 
 class _Conn:
-    __slots__ = ("h2", "links", "out", "sock", "srv", "wake")
+    __slots__ = ("busy", "carry", "h2", "links", "out", "reading", "sock", "srv", "wake")
 
     def __init__(self, srv: DeskServer, sock: trio.SocketStream) -> None:
         self.srv = srv
@@ -68,6 +69,9 @@ class _Conn:
         self.links: dict[int, tuple[int, LengthPrefixedDecoder]] = {}  # stream -> link
         self.out: dict[int, bytearray] = {}  # stream -> bytes waiting for window
         self.wake = trio.Event()
+        self.busy = False  # the writer task is in a send
+        self.carry = b""  # packed by the reader, not taken by the socket yet
+        self.reading = False  # the reader writes the answers itself when done
 
 
 class DeskServer:
@@ -126,10 +130,29 @@ class DeskServer:
             except h2.exceptions.ProtocolError as e:
                 print(f"desk-sim: HTTP/2 error from a gateway: {e}", file=sys.stderr)
                 return
-            for ev in events:
-                self._event(c, ev)
+            c.reading = True
+            try:
+                for ev in events:
+                    self._event(c, ev)
+            finally:
+                c.reading = False
             if self.desk.crashed:
                 os._exit(3)  # simulated crash: no goodbye, no flush of anything
+            self._write_now(c)
+
+    def _write_now(self, c: _Conn) -> None:
+        """Writes the answers to a read with one non-blocking send from the
+        reader (no hand-off to the writer task, which only gets what the
+        socket did not take, or everything while it is sending itself)."""
+        if c.busy or c.carry:
+            c.wake.set()
+            return
+        data = self._pack(c)
+        if not data:
+            return
+        rest = write_some(c.sock.socket.fileno(), data)
+        if rest:
+            c.carry = rest
             c.wake.set()
 
     def _event(self, c: _Conn, ev: Any) -> None:
@@ -197,29 +220,40 @@ class DeskServer:
             print("desk-sim: gateway not reading, dropping its connection", file=sys.stderr)
             c.sock.socket.close()
             return
-        c.wake.set()
+        if not c.reading:
+            c.wake.set()
 
     async def _writer(self, c: _Conn) -> None:
         while True:
             await c.wake.wait()
             c.wake = trio.Event()
-            for stream, buf in list(c.out.items()):
-                if not buf:
-                    continue
-                try:
-                    room = min(c.h2.local_flow_control_window(stream), len(buf))
-                    mx = min(c.h2.max_outbound_frame_size, SAFE_FRAME)
-                    pos = 0
-                    while pos < room:
-                        k = min(mx, room - pos)
-                        c.h2.send_data(stream, bytes(buf[pos : pos + k]))
-                        pos += k
-                    del buf[:pos]
-                except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                    self._drop_stream(c, stream)
-            data = c.h2.data_to_send()
+            data = c.carry + self._pack(c)
+            c.carry = b""
             if data:
-                await c.sock.send_all(data)
+                c.busy = True
+                try:
+                    await c.sock.send_all(data)
+                finally:
+                    c.busy = False
+
+    def _pack(self, c: _Conn) -> bytes:
+        """Moves queued answers into DATA frames as far as the windows
+        allow; returns the bytes to send."""
+        for stream, buf in list(c.out.items()):
+            if not buf:
+                continue
+            try:
+                room = min(c.h2.local_flow_control_window(stream), len(buf))
+                mx = min(c.h2.max_outbound_frame_size, SAFE_FRAME)
+                pos = 0
+                while pos < room:
+                    k = min(mx, room - pos)
+                    c.h2.send_data(stream, bytes(buf[pos : pos + k]))
+                    pos += k
+                del buf[:pos]
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                self._drop_stream(c, stream)
+        return c.h2.data_to_send()
 
     async def timers(self) -> None:
         heap = self._heap

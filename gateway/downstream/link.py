@@ -26,6 +26,7 @@ import h2.settings
 import trio
 
 from gateway.downstream.proto import LINK_PATH, MAX_LINK_FRAME, check_from_downstream
+from gateway.netio import write_some
 from gateway.protocol.codec import LengthPrefixedDecoder
 from gateway.protocol.codes import ProtocolError
 
@@ -287,14 +288,9 @@ class Link:
         data = c.flush()
         if not data:
             return
-        try:
-            n = os.write(st.socket.fileno(), data)
-        except BlockingIOError:
-            n = 0
-        except OSError:
-            n = 0  # the writer's send fails too and ends the link
-        if n < len(data):
-            self._carry = data[n:]
+        rest = write_some(st.socket.fileno(), data)
+        if rest:
+            self._carry = rest
             self._wake.set()
         elif was_full and not self.full:
             self.owner.link_drained(self)
