@@ -6,6 +6,7 @@ same run, from the same raw-socket client (gateway.loadtest).
     python bench/core_bench.py idle --connections 250000 --workers 14 --hold 60
     python bench/core_bench.py e2e --workers 2 --connections 200
     python bench/core_bench.py forwarding --workers 2 --connections 200 --rate 10000 --repeat 5
+    python bench/core_bench.py unloaded --workers 2 [--messages 400]
 
 "idle" also reports new connections per second while the clients ramp up as
 fast as they can (a reconnect storm from every client process at once).
@@ -323,9 +324,14 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.repeat):
             pair = {}
             for name, gw in (("desk-sim", fwd), ("bot", bot)):
-                r = run(Plan(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks, **plan),
-                        args.clients)  # type: ignore[arg-type]  # fmt: skip
-                pair[name] = {"msgs_per_s": r["msgs_per_s"], **r["rtt"]}
+                d0 = cpu_seconds(desk.proc.pid)
+                r = measured(gw, Plan(host="127.0.0.1", port=gw.port, mode="gateway",
+                                      tokens=toks, **plan), args.clients)  # type: ignore[arg-type]  # fmt: skip
+                acked = max(1, r["counts"].get("acked", 0))
+                desk_s = cpu_seconds(desk.proc.pid) - d0
+                pair[name] = {"msgs_per_s": r["msgs_per_s"], **r["rtt"],
+                              "gateway_cpu_us": r["server_cpu_s"] / acked * 1e6,
+                              "desk_cpu_us": desk_s / acked * 1e6}  # fmt: skip
             res["pairs"].append(pair)
     finally:
         fwd.stop()
@@ -345,7 +351,76 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
     res["median_added_p99_ms"] = sorted(d99)[len(d99) // 2]
     print(f"median added: p50 {res['median_added_p50_ms']:+.2f} ms, "
           f"p99 {res['median_added_p99_ms']:+.2f} ms")  # fmt: skip
+    print()
+    print("| pair | gateway CPU µs/msg, desk-sim | gateway CPU µs/msg, bot | desk-sim CPU µs/msg |")
+    print("|---|---|---|---|")
+    for i, p in enumerate(res["pairs"], 1):
+        a, b = p["desk-sim"], p["bot"]
+        print(f"| {i} | {a['gateway_cpu_us']:.1f} | {b['gateway_cpu_us']:.1f} | "
+              f"{a['desk_cpu_us']:.1f} |")  # fmt: skip
     return {"forwarding": res}
+
+
+def unloaded(args: argparse.Namespace) -> dict[str, Any]:
+    """What the downstream hop adds with no load to speak of: one SDK client
+    (`gateway.client`) sends one 200-byte message at a time, 5 ms apart, to a
+    gateway forwarding to desk-sim and to one answering with its in-process
+    bot, in alternating blocks of 50; the time is `send()` until the ack."""
+    import trio
+
+    import gateway.client as gc
+
+    w = args.workers[-1]
+    toks = tokens(2)
+    times: dict[str, list[float]] = {"desk-sim": [], "bot": []}
+
+    async def drain(s: Any) -> None:
+        while True:
+            await s.receive()
+
+    async def measure(ports: dict[str, int]) -> None:
+        async with (
+            gc.connect(f"ws://127.0.0.1:{ports['desk-sim']}/v1/ws", token=toks[0],
+                       reconnect=False) as a,
+            gc.connect(f"ws://127.0.0.1:{ports['bot']}/v1/ws", token=toks[1],
+                       reconnect=False) as b,
+            trio.open_nursery() as n,
+        ):  # fmt: skip
+            n.start_soon(drain, a)
+            n.start_soon(drain, b)
+            sessions = {"desk-sim": a, "bot": b}
+            for _ in range(max(1, args.messages // 50)):
+                for name, s in sessions.items():
+                    for _ in range(50):
+                        t0 = time.perf_counter()
+                        await s.send("x" * 200)
+                        times[name].append((time.perf_counter() - t0) * 1000)
+                        await trio.sleep(0.005)
+            n.cancel_scope.cancel()
+
+    desk = start_desk(processes=1)
+    fwd = start_gateway(w, downstream=[f"general=127.0.0.1:{desk.port}"], conns=100)
+    bot = start_gateway(w, conns=100)
+    try:
+        time.sleep(1.0)  # links up
+        trio.run(measure, {"desk-sim": fwd.port, "bot": bot.port})
+    finally:
+        fwd.stop()
+        bot.stop()
+        desk.stop()
+    res: dict[str, Any] = {}
+    print(f"one message at a time, {len(times['bot'])} each, {w} workers")
+    print("| gateway | p50 ms | p99 ms |")
+    print("|---|---|---|")
+    for name, ts in times.items():
+        ts.sort()
+        res[name] = {"p50_ms": ts[len(ts) // 2], "p99_ms": ts[int(len(ts) * 0.99)], "n": len(ts)}
+        print(f"| {name} | {res[name]['p50_ms']:.2f} | {res[name]['p99_ms']:.2f} |")
+    a, b = res["desk-sim"], res["bot"]
+    print(
+        f"added: p50 {a['p50_ms'] - b['p50_ms']:+.2f} ms, p99 {a['p99_ms'] - b['p99_ms']:+.2f} ms"
+    )
+    return res
 
 
 def hold_and_measure(srv: Server, plan: Plan, procs: int) -> dict[str, Any]:
@@ -438,7 +513,7 @@ def tune_loopback() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["throughput", "idle", "e2e", "forwarding"])
+    ap.add_argument("mode", choices=["throughput", "idle", "e2e", "forwarding", "unloaded"])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2])
     ap.add_argument("--connections", type=int, default=15000)
@@ -447,13 +522,20 @@ def main() -> None:
     ap.add_argument("--peer", action="store_true")
     ap.add_argument("--rate", type=float, default=10000.0, help="offered msg/s (forwarding)")
     ap.add_argument("--repeat", type=int, default=5, help="alternating pairs (forwarding)")
+    ap.add_argument("--messages", type=int, default=400, help="per gateway (unloaded)")
     ap.add_argument(
         "--clients", type=int, default=1, help="load-client processes (throughput, e2e)"
     )
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
     tune_loopback()
-    modes = {"throughput": throughput, "idle": idle, "e2e": e2e, "forwarding": forwarding}
+    modes = {
+        "throughput": throughput,
+        "idle": idle,
+        "e2e": e2e,
+        "forwarding": forwarding,
+        "unloaded": unloaded,
+    }
     res = modes[args.mode](args)
     for r in res.values():
         r.pop("hist", None)
