@@ -214,7 +214,8 @@ def measured(srv: Server, plan: Plan, clients: int) -> dict[str, Any]:
 
 def throughput(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {}
-    plan = dict(connections=200, active=200, duration=args.seconds, size=230, max_runtime=120)
+    n = args.connections
+    plan = dict(connections=n, active=n, duration=args.seconds, size=230, max_runtime=120)
     peer = start_peer()
     try:
         res["websockets"] = measured(
@@ -222,7 +223,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
         )
     finally:
         peer.stop()
-    toks = tokens(200)
+    toks = tokens(n)
     for w in args.workers:
         gw = start_gateway(w)
         try:
@@ -516,7 +517,9 @@ def main() -> None:
     ap.add_argument("mode", choices=["throughput", "idle", "e2e", "forwarding", "unloaded"])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2])
-    ap.add_argument("--connections", type=int, default=15000)
+    ap.add_argument(
+        "--connections", type=int, default=0, help="default: 200 (throughput, e2e), 15000 (idle)"
+    )
     ap.add_argument("--hold", type=float, default=10.0)
     ap.add_argument("--ramp", type=float, default=0.0)
     ap.add_argument("--peer", action="store_true")
@@ -527,6 +530,8 @@ def main() -> None:
         "--clients", type=int, default=1, help="load-client processes (throughput, e2e)"
     )
     args = ap.parse_args()
+    if not args.connections:
+        args.connections = 15000 if args.mode == "idle" else 200
     OUT.mkdir(exist_ok=True)
     tune_loopback()
     modes = {
