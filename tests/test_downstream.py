@@ -161,8 +161,11 @@ async def test_connected_session_is_buffered_while_its_only_endpoint_restarts(
         async with running(tmp_path, downstream=ds(("general", [port]))) as gw:
             fw = gw.w.forwarder
             await wait_links_up(fw)
+            ack_hist = metrics.MESSAGE_ACK.labels()
+            ds_hist = metrics.DOWNSTREAM_LATENCY.labels("general")
             async with gc.connect(gw.url, token=gw.token("v"), reconnect=False) as s:
                 await s.send("before")
+                ack0, ds0 = ack_hist.sum, ds_hist.sum
                 scope.cancel()  # the only desk goes away
                 with trio.fail_after(5):
                     while any(ln.up for ln in fw.links):
@@ -180,6 +183,10 @@ async def test_connected_session_is_buffered_while_its_only_endpoint_restarts(
                     async with desk(port=port, record=rec, reply=False):
                         with trio.fail_after(10):
                             await acked.wait()
+            # the ack latency counts the wait for an endpoint (>= 0.5 s
+            # here); the downstream latency only the time since the send
+            assert ack_hist.sum - ack0 >= 0.5
+            assert ds_hist.sum - ds0 < 0.5
     assert [r["body"] for r in records(rec)] == ["before", "during"]
 
 

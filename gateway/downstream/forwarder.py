@@ -50,14 +50,17 @@ BOT_STAGE: Final = "bot"
 class _Out:
     """A visitor message handed downstream and not answered yet."""
 
-    __slots__ = ("attempts", "body", "deadline", "ep", "link", "msg_id", "n", "t0", "tried")
+    __slots__ = (
+        "attempts", "body", "deadline", "ep", "link", "msg_id", "n", "received", "t0", "tried",
+    )  # fmt: skip
 
-    def __init__(self, n: int, msg_id: Any, body: Any) -> None:
+    def __init__(self, n: int, msg_id: Any, body: Any, received: float) -> None:
         self.n = n
         self.msg_id = msg_id
         self.body = body
+        self.received = received  # when the visitor's message came in
         self.attempts = 0
-        self.t0 = 0.0
+        self.t0 = 0.0  # when it was last sent downstream
         self.deadline = 0.0
         self.ep: _Ep | None = None
         self.link: Link | None = None
@@ -292,7 +295,7 @@ class Forwarder:
         if new_route != fl.route:
             fl.route = new_route
             fl.link = None  # re-open in the new group
-        out = _Out(n, msg_id, body)
+        out = _Out(n, msg_id, body, now)
         c = fl.cluster
         verdict = self.admission.admit_message(
             len(fl.sent), len(fl.waiting), c.load(now) if c is not None else _NO_LOAD
@@ -553,7 +556,9 @@ class Forwarder:
                     hub.stats["downstream_ack_unknown"] += 1
                     continue
                 self._finish(out, ok=True)
-                metrics.MESSAGE_ACK.observe(self._now - out.t0)
+                # from the visitor's message to its ack: queueing while no
+                # endpoint could take it and redeliveries included
+                metrics.MESSAGE_ACK.observe(self._now - out.received)
                 hub.downstream_ack(s, out.msg_id)
                 freed = True
                 if fl is not None and fl.waiting:
