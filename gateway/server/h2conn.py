@@ -219,9 +219,9 @@ class H2Conn(ConnShell):
                     break
                 stats["bytes_in_h2"] += len(data)
                 self.last_rx = trio.current_time()
-        except Exception:
+        except Exception:  # a bug must not take down the worker
             _log.exception("http/2 connection failed")
-            stats["internal_errors"] += 1
+            self.on_failure()
         finally:
             self._finish()
 

@@ -3,8 +3,8 @@
 Reads its configuration from ``$GATEWAY_WORKER_CONFIG`` (set by the
 supervisor), binds the shared port with SO_REUSEPORT and serves WebSocket,
 HTTP/2 and the static widget files on it. Tasks: the accept loop, one task
-per connection during its handshake (and after it for TLS and HTTP/2
-connections), the reactor that reads every plain-TCP WebSocket connection,
+per TLS connection, the reactor that reads every plain-TCP connection
+(handshakes, WebSocket and h2c connections, downstream links),
 the timer-wheel task (heartbeats, hello/handshake timeouts, closing grace,
 session expiry), the demo bot and the signal task (SIGTERM: drain). See docs/architecture.md.
 """
@@ -131,10 +131,7 @@ class _PlainHandshake:
         # the connection object takes the pipe (and its reactor entry) over
         pipe.on_closed = None
         conn.held = True
-        if type(conn) is WsConn:
-            conn.attach(w.reactor, rest, None)
-        else:
-            conn.attach(w.reactor, rest)
+        conn.attach(w.reactor, rest)
 
     def on_failure(self) -> None:
         self.w.hub.stats["internal_errors"] += 1
@@ -342,16 +339,20 @@ class Worker:
             return
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            assert self.nursery is not None
-            pipe = RawPipe(
-                sock, self.nursery, self.cfg.outbound_max_bytes, self.cfg.outbound_max_frames
-            )
-            pipe.ip = ip
+            pipe = self._raw_pipe(sock, ip)
         except Exception:
             sock.close()
             self._released(ip)
             raise
         _PlainHandshake(self, pipe).start()
+
+    def _raw_pipe(self, sock: socket.socket, ip: str) -> RawPipe:
+        assert self.nursery is not None
+        pipe = RawPipe(
+            sock, self.nursery, self.cfg.outbound_max_bytes, self.cfg.outbound_max_frames
+        )
+        pipe.ip = ip
+        return pipe
 
     async def serve(self, sock: socket.socket, ip: str) -> None:
         """A TLS connection, in its own task."""
@@ -631,11 +632,7 @@ class Worker:
             return
         self.hub.stats["handoffs_in"] += 1
         self._held(ip)
-        assert self.nursery is not None
-        pipe = RawPipe(
-            sock, self.nursery, self.cfg.outbound_max_bytes, self.cfg.outbound_max_frames
-        )
-        pipe.ip = ip
+        pipe = self._raw_pipe(sock, ip)
         origin = meta.get("origin")
         conn = WsConn(self, pipe, origin if isinstance(origin, str) else None)
         conn.enc = Encoding.JSON if meta.get("enc") == "JSON" else Encoding.MSGPACK

@@ -97,7 +97,9 @@ class WsConn(ConnShell):
         self.proto.connection_lost(now)
 
     # -- driven by the reactor (plain TCP) ---------------------------------------
-    def attach(self, reactor: Reactor, trailing: bytes, hello: dict[str, Any] | None) -> None:
+    def attach(
+        self, reactor: Reactor, trailing: bytes, hello: dict[str, Any] | None = None
+    ) -> None:
         """Serves the connection from ``reactor`` from now on; ``trailing``
         are bytes read past the upgrade, ``hello`` a hello frame already
         read (by the worker that handed this connection over). The
