@@ -15,6 +15,7 @@ import trio
 import gateway.client as gc
 from gateway.client import ClientCore, GatewayError, backoff_delay
 from tests.gwserver import running
+from tests.test_server_process import free_port
 
 
 def welcome(sid: str = "s1", resumed: bool = False, **kw: object) -> dict[str, object]:
@@ -300,15 +301,9 @@ async def test_no_reconnect_raises_on_connection_loss(tmp_path: Path) -> None:
         assert e.value.code == 1006
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_against_gateway_serve_process(tmp_path: Path) -> None:
     """The SDK against ``python -m gateway serve`` as users start it."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, GATEWAY_STATE_DIR=str(tmp_path), GATEWAY_BOT_THINK_MS="0")
     env["GATEWAY_OPS_LISTEN"] = ""
     token = subprocess.run(

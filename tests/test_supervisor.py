@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import trio
 from gateway.config import DEMO_TENANT, Config, load_config
 from gateway.protocol.tokens import TokenVerifier
 from gateway.supervisor import banner
+from tests.test_server_process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -30,9 +32,10 @@ sys.exit(run_supervisor(cfg, "supervisor_fake_worker",
 
 
 class Sup:
-    def __init__(self, proc: trio.Process, d: Path) -> None:
+    def __init__(self, proc: trio.Process, d: Path, port: int) -> None:
         self.proc = proc
         self.dir = d
+        self.port = port
 
     def events(self) -> list[list[str]]:
         p = self.dir / "events"
@@ -55,11 +58,14 @@ class Sup:
         return (self.dir / "stdout").read_text()
 
 
-async def start(tmp_path: Path, mode: str = "normal", workers: int = 2, **extra_env: str) -> Sup:
+async def start(
+    tmp_path: Path, mode: str = "normal", workers: int = 2, ops_listen: str = "", **extra_env: str
+) -> Sup:
     state = tmp_path / "state"
-    cfg = load_config(None, {"GATEWAY_STATE_DIR": str(state)}, {"workers": workers,
-                                                                 "listen_port": 18123,
-                                                                 "drain_s": 1.0})  # fmt: skip
+    port = free_port()  # passed to the workers; the fake ones do not bind it
+    # no ops listener by default: a fixed ops port may be taken by another run
+    overrides = {"workers": workers, "listen_port": port, "drain_s": 1.0, "ops_listen": ops_listen}
+    cfg = load_config(None, {"GATEWAY_STATE_DIR": str(state)}, overrides)
     env = dict(os.environ)
     env.update(
         SUP_TEST_CONFIG=cfg.to_json(),
@@ -76,7 +82,7 @@ async def start(tmp_path: Path, mode: str = "normal", workers: int = 2, **extra_
     )  # fmt: skip
     out.close()
     err.close()
-    return Sup(proc, tmp_path)
+    return Sup(proc, tmp_path, port)
 
 
 async def finish(sup: Sup, timeout: float = 20.0) -> int:
@@ -104,7 +110,7 @@ async def test_starts_workers_and_drains_cleanly_on_sigterm(tmp_path: Path) -> N
     await sup.wait_for(lambda: len(sup.starts()) == 2)
     starts = sup.starts()
     assert sorted(s[1] for s in starts) == ["0", "1"]
-    assert all(s[3] == "18123" for s in starts)  # config reached the workers
+    assert all(s[3] == str(sup.port) for s in starts)  # config reached the workers
     sup.proc.send_signal(signal.SIGTERM)
     assert await finish(sup) == 0
     terms = [e for e in sup.events() if e[0] == "term"]
@@ -117,7 +123,7 @@ async def test_starts_workers_and_drains_cleanly_on_sigterm(tmp_path: Path) -> N
     assert sup.logs()[-1]["clean"] is True
     # banner with a working demo token
     out = sup.stdout()
-    assert "ws://127.0.0.1:18123/v1/ws" in out
+    assert f"ws://127.0.0.1:{sup.port}/v1/ws" in out
     token = next(line for line in out.splitlines() if line.count(".") == 1 and " " not in line)
     cfg = load_config(None, {"GATEWAY_STATE_DIR": str(tmp_path / "state")}, {})
     assert TokenVerifier(cfg.tenants).verify(token, time.time()).tenant == "demo"
@@ -156,6 +162,18 @@ async def test_restart_limit_stops_the_gateway(tmp_path: Path) -> None:
     # backoff doubles
     delays = [r["restart_in_s"] for r in sup.logs() if r["event"] == "worker_died"]
     assert delays == [0.1, 0.2, 0.4]
+
+
+async def test_busy_ops_port_refuses_to_start(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        sup = await start(tmp_path, workers=1, ops_listen=f"127.0.0.1:{busy}")
+        assert await finish(sup) == 1
+    assert sup.starts() == []  # no worker was started
+    failed = [r for r in sup.logs() if r["event"] == "ops_listen_failed"]
+    assert len(failed) == 1 and failed[0]["address"] == f"127.0.0.1:{busy}"
 
 
 async def test_workers_outliving_the_drain_are_killed(tmp_path: Path) -> None:
