@@ -1,7 +1,7 @@
 """Gateway core benchmarks, side by side with the `websockets` library in the
 same run, from the same raw-socket client (gateway.loadtest).
 
-    python bench/core_bench.py throughput [--seconds 10] [--workers 1,2] [--clients 1]
+    python bench/core_bench.py throughput [--seconds 10] [--workers 1,2] [--clients 1] [--window 1]
     python bench/core_bench.py idle --connections 15000 [--workers 1] [--peer]
     python bench/core_bench.py idle --connections 250000 --workers 14 --hold 60
     python bench/core_bench.py e2e --workers 2 --connections 200
@@ -215,7 +215,8 @@ def measured(srv: Server, plan: Plan, clients: int) -> dict[str, Any]:
 def throughput(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {}
     n = args.connections
-    plan = dict(connections=n, active=n, duration=args.seconds, size=230, max_runtime=120)
+    plan = dict(connections=n, active=n, duration=args.seconds, size=230, max_runtime=120,
+                window=args.window)  # fmt: skip
     peer = start_peer()
     try:
         res["websockets"] = measured(
@@ -526,6 +527,9 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=10000.0, help="offered msg/s (forwarding)")
     ap.add_argument("--repeat", type=int, default=5, help="alternating pairs (forwarding)")
     ap.add_argument("--messages", type=int, default=400, help="per gateway (unloaded)")
+    ap.add_argument(
+        "--window", type=int, default=1, help="messages in flight per connection (throughput)"
+    )
     ap.add_argument(
         "--clients", type=int, default=1, help="load-client processes (throughput, e2e)"
     )

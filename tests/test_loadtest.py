@@ -21,7 +21,7 @@ import trio
 
 from gateway import cli
 from gateway.loadtest.cli import Progress, parse_size_mix, parse_url
-from gateway.loadtest.engine import body_sequence
+from gateway.loadtest.engine import Engine, Plan, body_sequence
 from gateway.loadtest.h2client import H2Error, H2Stream
 from gateway.loadtest.report import html_report, nice_ticks
 from tests.gwserver import running
@@ -213,6 +213,8 @@ async def test_cli_bad_usage_and_unreachable(tmp_path: Path) -> None:
     empty.write_text("\n")
     code, out = await _cli(["loadtest", "--tokens", str(empty)])
     assert code == 2 and "no tokens" in out
+    code, out = await _cli(["loadtest", "--window", "1025", "--token-secret", "x"])
+    assert code == 2 and "--window at most 1,024" in out
     from tests.test_server_process import free_port
 
     port = free_port()  # nothing listens there
@@ -269,3 +271,57 @@ def test_open_loop_sends_are_paced_in_small_steps() -> None:
     assert send_wait(0.5, 100) == pytest.approx(0.005)
     assert send_wait(0.0, 1) == 0.05  # never sleeps past 50 ms (other work)
     assert send_wait(3.0, 10) == 0.001  # owed already: poll, then send
+
+
+@pytest.mark.parametrize("window", [1, 8])
+def test_window_keeps_that_many_messages_in_flight(window: int) -> None:
+    """An echo server that answers only once a burst has stopped growing
+    sees exactly ``window`` messages per burst from each connection."""
+    import threading
+
+    from websockets.sync.server import ServerConnection, serve
+
+    bursts: list[int] = []
+
+    def handler(ws: ServerConnection) -> None:
+        try:
+            while True:
+                got = [ws.recv()]
+                while True:
+                    try:
+                        got.append(ws.recv(timeout=0.15))
+                    except TimeoutError:
+                        break
+                bursts.append(len(got))
+                for m in got:
+                    ws.send(m)
+        except Exception:  # the client went away
+            return
+
+    with serve(handler, "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.socket.getsockname()[1]
+        plan = Plan(host="127.0.0.1", port=port, mode="echo", connections=2, active=2,
+                    window=window, duration=1.2, max_runtime=10)  # fmt: skip
+        r = Engine(plan).run()
+        server.shutdown()
+    c = r["counts"]
+    assert len(bursts) >= 6 and max(bursts) == window and bursts[:2] == [window, window]
+    assert c["acked"] >= 4 * window and c["sent"] - c["acked"] <= 2 * window
+
+
+async def test_cli_window_against_the_gateway(tmp_path: Path) -> None:
+    async with running(tmp_path, visitor_msg_rate=0) as gw:
+        js = tmp_path / "r.json"
+        code, out = await _cli(
+            ["loadtest", "--url", f"ws://127.0.0.1:{gw.port}/v1/ws", "--token-secret",
+             _secret(gw), "--connections", "4", "--window", "16", "--ramp", "0",
+             "--duration", "1", "--no-progress", "--json", str(js)]
+        )  # fmt: skip
+        assert code == 0, out
+        r = json.loads(js.read_text())
+        c = r["counts"]
+        assert r["plan"]["window"] == 16 and r["errors"] == {} and c["dup_acks"] == 0
+        assert c["acked"] >= 4 * 16 and gw.stats["messages_in_ws"] >= c["acked"]
+        # the gateway held no more than the window unacknowledged per session
+        assert gw.stats["window_exceeded"] == 0

@@ -23,6 +23,7 @@ DEFAULT_URL: Final = "ws://127.0.0.1:8080/v1/ws"
 SUITES: Final = ("aes-128-gcm", "aes-256-gcm", "sm4-gcm")
 MAX_CONNECTIONS: Final = 2_000_000
 MAX_SIZE: Final = 16 << 20
+MAX_WINDOW: Final = 1024
 
 
 def parse_url(url: str) -> tuple[str, bool, str, int, str]:
@@ -93,7 +94,11 @@ def setup(p: argparse.ArgumentParser) -> None:
       help="new connections per second (0 = as fast as possible; default 1000)")  # fmt: skip
     a("--rate", metavar="MSGS_PER_S", type=_float_at_least(0.0), default=0.0,
       help="messages per second over all connections "
-           "(0 = closed loop, one in flight per active connection; default 0)")  # fmt: skip
+           "(0 = closed loop, --window in flight per active connection; default 0)")  # fmt: skip
+    a("--window", metavar="N", type=_int_at_least(1), default=1,
+      help="messages in flight per connection: kept in flight in a closed loop, "
+           "at most this many with --rate (default 1; the gateway's own window, "
+           "64 by default, holds back the rest)")  # fmt: skip
     a("--size", metavar="BYTES|MIX", default="230",
       help="message body size, or a mix BYTES:WEIGHT,... (default 230)")  # fmt: skip
     a("--duration", metavar="S", type=_float_at_least(0.0), default=10.0,
@@ -219,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
         size, mix = parse_size_mix(args.size)
         if args.connections > MAX_CONNECTIONS:
             raise ValueError(f"--connections at most {MAX_CONNECTIONS:,}")
+        if args.window > MAX_WINDOW:
+            raise ValueError(f"--window at most {MAX_WINDOW:,}")
         tokens: list[str] = []
         secret = ""
         if args.tokens:
@@ -252,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
         ramp=args.ramp,
         active=args.connections if args.active is None else min(args.active, args.connections),
         rate=args.rate,
+        window=args.window,
         size=size,
         size_mix=mix,
         duration=args.duration,

@@ -64,7 +64,8 @@ class Plan:
     src_ips: list[str] = field(default_factory=lambda: ["127.0.0.1"])
     tokens: list[str] = field(default_factory=list)  # cycled over connections
     active: int = 0  # connections that send messages (first `active` opened)
-    rate: float = 0.0  # messages/s over the process; 0 = closed loop (1 in flight each)
+    rate: float = 0.0  # messages/s over the process; 0 = closed loop (`window` in flight each)
+    window: int = 1  # messages in flight per connection (closed loop), or at most (rate)
     size: int = 230
     duration: float = 10.0  # after all connections are open (or ramp ended)
     hold_after: float = 0.0  # keep connections open this long after sending stops
@@ -95,7 +96,7 @@ class Conn:
         "fd",
         "h2",
         "idx",
-        "inflight_id",
+        "inflight",
         "last_seq",
         "next_id",
         "out",
@@ -106,7 +107,6 @@ class Conn:
         "sock",
         "state",
         "t_open",
-        "t_sent",
         "tin",
         "tls",
         "token",
@@ -123,8 +123,7 @@ class Conn:
         self.reader = rawws.FrameReader()
         self.out = b""
         self.t_open = 0.0
-        self.t_sent = 0.0
-        self.inflight_id = -1
+        self.inflight: dict[int, float] = {}  # unacknowledged message id -> sent at
         self.next_id = 1
         self.sid = ""
         self.last_seq = 0
@@ -208,7 +207,7 @@ class Engine:
         # end-to-end sealing: sends and opens gathered per loop turn
         self.keyring: Any = None
         self.key = 0
-        self.outbox: list[Conn] = []
+        self.outbox: list[tuple[Conn, int]] = []  # (connection, message id) to seal
         self.inbox: list[bytes] = []
         if plan.encrypt:
             from gateway.crypto import Keyring
@@ -248,7 +247,8 @@ class Engine:
         c.tls = c.tin = c.tout = None
         c.t_open = time.monotonic()
         c.resume = resume
-        c.inflight_id = -1 if not resume else c.inflight_id
+        if not resume:
+            c.inflight = {}  # a resumed connection resends these with their ids
         self.by_fd[c.fd] = c
         self.pending += 1
         self.ep.register(c.fd, select.EPOLLOUT | select.EPOLLIN)
@@ -324,31 +324,35 @@ class Engine:
         return b
 
     def _send_msg(self, c: Conn, now: float) -> None:
-        c.t_sent = now
+        mid = c.next_id
+        c.next_id += 1
+        c.inflight[mid] = now
         if self.p.mode == "echo":
-            c.inflight_id = 0
             self._send(c, self.text_msg)
         else:
-            c.inflight_id = c.next_id
-            c.next_id += 1
             if self.keyring is not None:
-                self.outbox.append(c)  # sealed with the others at the end of this turn
+                self.outbox.append((c, mid))  # sealed with the others at the end of this turn
                 return
-            self._send_frame(c, {"t": "msg", "id": c.inflight_id, "body": self._next_body()})
+            self._send_frame(c, {"t": "msg", "id": mid, "body": self._next_body()})
         self.counts["sent"] += 1
+
+    def _fill(self, c: Conn, now: float) -> None:
+        """Closed loop: sends until ``window`` messages are in flight."""
+        while len(c.inflight) < self.p.window and c.state == OPEN:
+            self._send_msg(c, now)
 
     def _flush_crypto(self) -> None:
         """Seals this turn's messages in one batch and opens this turn's
         sealed deliveries in another."""
         kr = self.keyring
         if self.outbox:
-            conns, self.outbox = self.outbox, []
+            sends, self.outbox = self.outbox, []
             aad = self.p.tenant.encode()
-            sealed = kr.seal_many([(self.key, self._next_body(), aad) for _ in conns])
+            sealed = kr.seal_many([(self.key, self._next_body(), aad) for _ in sends])
             self.counts["sealed"] += len(sealed)
-            for c, body in zip(conns, sealed, strict=True):
-                if c.sock is not None and c.state == OPEN:
-                    self._send_frame(c, {"t": "msg", "id": c.inflight_id, "body": body})
+            for (c, mid), body in zip(sends, sealed, strict=True):
+                if c.sock is not None and c.state == OPEN and mid in c.inflight:
+                    self._send_frame(c, {"t": "msg", "id": mid, "body": body})
                     self.counts["sent"] += 1
         if self.inbox:
             items, self.inbox = self.inbox, []
@@ -475,15 +479,18 @@ class Engine:
         else:
             self.connect_h.record_value(min(dt, HIST_MAX_US))
             self.counts["connected"] += 1
-        if c.idx < self.p.active and self.p.rate == 0 and now < self.send_until:
-            if c.inflight_id >= 0 and self.p.mode == "gateway":
-                # Resend the unacknowledged message with its id (deduplicated).
+        if self.p.mode != "gateway":
+            c.inflight.clear()  # an echo server does not resume
+        elif c.inflight:
+            # Resend the unacknowledged messages with their ids (deduplicated).
+            aad = self.p.tenant.encode()
+            for mid in c.inflight:
                 body = self.body
                 if self.keyring is not None:
-                    body = self.keyring.seal_many([(self.key, body, self.p.tenant.encode())])[0]
-                self._send_frame(c, {"t": "msg", "id": c.inflight_id, "body": body})
-            else:
-                self._send_msg(c, now)
+                    body = self.keyring.seal_many([(self.key, body, aad)])[0]
+                self._send_frame(c, {"t": "msg", "id": mid, "body": body})
+        if c.idx < self.p.active and self.p.rate == 0 and now < self.send_until:
+            self._fill(c, now)
 
     def _on_readable(self, c: Conn, now: float) -> None:
         assert c.sock is not None
@@ -562,18 +569,18 @@ class Engine:
                 if c.sock is None:
                     return
 
-    def _record_rtt(self, c: Conn, now: float) -> None:
-        us = min(int((now - c.t_sent) * 1e6) or 1, HIST_MAX_US)
+    def _record_rtt(self, c: Conn, mid: int, now: float) -> None:
+        sent = c.inflight.pop(mid)
+        us = min(int((now - sent) * 1e6) or 1, HIST_MAX_US)
         self.rtt_h.record_value(us)
         self.sec_h.record_value(us)
         self.counts["acked"] += 1
-        c.inflight_id = -1
         if self.p.rate == 0 and c.idx < self.p.active and now < self.send_until:
             self._send_msg(c, now)
 
     def _on_echo(self, c: Conn, now: float) -> None:
-        if c.inflight_id >= 0:
-            self._record_rtt(c, now)
+        if c.inflight:  # echoes come back in the order sent
+            self._record_rtt(c, next(iter(c.inflight)), now)
 
     def _on_frame(self, c: Conn, payload: bytes, now: float) -> None:
         try:
@@ -585,8 +592,9 @@ class Engine:
         if t == "ack":
             if f.get("dup"):
                 self.counts["dup_acks"] += 1
-            if f.get("id") == c.inflight_id:
-                self._record_rtt(c, now)
+            mid = f.get("id")
+            if type(mid) is int and mid in c.inflight:
+                self._record_rtt(c, mid, now)
         elif t == "deliver":
             seq = f.get("seq", 0)
             if seq > c.last_seq:
@@ -616,13 +624,13 @@ class Engine:
             self._send_frame(c, {"t": "pong", "ts": f.get("ts", 0)})
         elif t == "error":
             self._err(f"code:{f.get('code')}")
-            if f.get("id") is not None and f.get("id") == c.inflight_id:
-                # refused (4029, 4429, ...): a closed loop sends again after retry_after
-                c.inflight_id = -1
-                if self.p.rate == 0 and c.idx < self.p.active:
-                    wait = f.get("retry_after")
-                    wait_s = wait / 1000 if type(wait) is int and 0 < wait < 600_000 else 1.0
-                    heapq.heappush(self.retry, (now + wait_s, c.idx))
+            mid = f.get("id")
+            refused = type(mid) is int and c.inflight.pop(mid, None) is not None
+            # refused (4029, 4429, ...): a closed loop sends again after retry_after
+            if refused and self.p.rate == 0 and c.idx < self.p.active:
+                wait = f.get("retry_after")
+                wait_s = wait / 1000 if type(wait) is int and 0 < wait < 600_000 else 1.0
+                heapq.heappush(self.retry, (now + wait_s, c.idx))
         elif t == "goaway":
             self._err("goaway")
 
@@ -673,8 +681,7 @@ class Engine:
                     open(p.ready_file, "w").close()
                 if p.rate == 0:
                     for c in self.conns[: p.active]:
-                        if c.state == OPEN and c.inflight_id < 0:
-                            self._send_msg(c, now)
+                        self._fill(c, now)
             # Time out stuck connects.
             if self.pending and now - last_tick > 1.0:
                 for c in list(self.by_fd.values()):
@@ -690,7 +697,7 @@ class Engine:
                     c = self.conns[rr % p.active]
                     rr += 1
                     tried += 1
-                    if c.state == OPEN and c.inflight_id < 0:
+                    if c.state == OPEN and len(c.inflight) < p.window:
                         self._send_msg(c, now)
                         budget -= 1
                         rate_credit -= 1
@@ -701,7 +708,7 @@ class Engine:
             retry = self.retry
             while retry and retry[0][0] <= now:
                 c = self.conns[heapq.heappop(retry)[1]]
-                if c.state == OPEN and c.inflight_id < 0 and now < self.send_until:
+                if c.state == OPEN and len(c.inflight) < p.window and now < self.send_until:
                     self._send_msg(c, now)
             # Reconnect storm: drop N open connections at once, resume them.
             if (
