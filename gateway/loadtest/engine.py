@@ -572,8 +572,7 @@ class Engine:
     def _record_rtt(self, c: Conn, mid: int, now: float) -> None:
         sent = c.inflight.pop(mid)
         us = min(int((now - sent) * 1e6) or 1, HIST_MAX_US)
-        self.rtt_h.record_value(us)
-        self.sec_h.record_value(us)
+        self.sec_h.record_value(us)  # added to rtt_h once a second (_close_second)
         self.counts["acked"] += 1
         if self.p.rate == 0 and c.idx < self.p.active and now < self.send_until:
             self._send_msg(c, now)
@@ -635,6 +634,15 @@ class Engine:
             self._err("goaway")
 
     # -- main loop ---------------------------------------------------------
+
+    def _close_second(self, second: int) -> None:
+        """Moves the current second's round trips into the run's histogram
+        and the timeline (one histogram update per round trip, not two)."""
+        sec = self.sec_h
+        if sec.get_total_count():
+            self.rtt_h.add(sec)
+            self.sec_hists.append([second, sec.encode().decode()])
+            sec.reset()
 
     def _progress_row(self, now: float, start: float) -> dict[str, Any]:
         return {
@@ -735,9 +743,7 @@ class Engine:
                         self.counts["delivered"],
                     ]
                 )
-                if self.sec_h.get_total_count():
-                    self.sec_hists.append([int(now - start), self.sec_h.encode().decode()])
-                    self.sec_h.reset()
+                self._close_second(int(now - start))
                 if progress is not None:
                     progress(self._progress_row(now, start))
             wait = 0.05
@@ -759,6 +765,7 @@ class Engine:
                     self._on_readable(c, time.monotonic())
             if self.keyring is not None:
                 self._flush_crypto()
+        self._close_second(int(time.monotonic() - start))
         elapsed_send = (
             (min(time.monotonic(), self.send_until) - opened_all_at) if opened_all_at else 0
         )
