@@ -8,8 +8,10 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.deps-stamp
 NATIVE  := gateway/_native/lib_native.so
 RUST_SRC := $(shell find native/src -name '*.rs') native/Cargo.toml Cargo.toml
+LOADGEN := target/release/gw-loadgen
+LOADGEN_SRC := $(shell find native/loadgen/src -name '*.rs') native/loadgen/Cargo.toml Cargo.toml
 
-.PHONY: all setup native run test test-rust test-py lint fmt bench bench-crypto sysdeps clean
+.PHONY: all setup native loadgen run test test-rust test-py lint fmt bench bench-crypto sysdeps clean
 
 all: setup
 
@@ -28,7 +30,14 @@ $(NATIVE): $(STAMP) $(RUST_SRC)
 
 native: $(NATIVE)
 
-setup: native
+# The native engine of `gateway loadtest --engine native` (native/loadgen).
+$(LOADGEN): $(LOADGEN_SRC)
+	cargo build --release -q -p gw-loadgen
+	touch $@
+
+loadgen: $(LOADGEN)
+
+setup: native loadgen
 
 # System packages the tests use: headless Chromium (browser tests) and
 # promtool from Debian's prometheus package (checks the /metrics output).

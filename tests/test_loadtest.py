@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from gateway import cli
+from gateway.loadtest import native
 from gateway.loadtest.cli import Progress, parse_size_mix, parse_url
 from gateway.loadtest.engine import Engine, Plan, body_sequence
 from gateway.loadtest.h2client import H2Error, H2Stream
@@ -273,10 +274,12 @@ def test_open_loop_sends_are_paced_in_small_steps() -> None:
     assert send_wait(3.0, 10) == 0.001  # owed already: poll, then send
 
 
+@pytest.mark.parametrize("engine", ["python", "native"])
 @pytest.mark.parametrize("window", [1, 8])
-def test_window_keeps_that_many_messages_in_flight(window: int) -> None:
+def test_window_keeps_that_many_messages_in_flight(window: int, engine: str) -> None:
     """An echo server that answers only once a burst has stopped growing
-    sees exactly ``window`` messages per burst from each connection."""
+    sees exactly ``window`` messages per burst from each connection (both
+    engines, against the websockets library's server)."""
     import threading
 
     from websockets.sync.server import ServerConnection, serve
@@ -302,8 +305,8 @@ def test_window_keeps_that_many_messages_in_flight(window: int) -> None:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         port = server.socket.getsockname()[1]
         plan = Plan(host="127.0.0.1", port=port, mode="echo", connections=2, active=2,
-                    window=window, duration=1.2, max_runtime=10)  # fmt: skip
-        r = Engine(plan).run()
+                    window=window, duration=1.2, max_runtime=10, engine=engine)  # fmt: skip
+        r = native.run(plan) if engine == "native" else Engine(plan).run()
         server.shutdown()
     c = r["counts"]
     assert len(bursts) >= 6 and max(bursts) == window and bursts[:2] == [window, window]
@@ -325,3 +328,60 @@ async def test_cli_window_against_the_gateway(tmp_path: Path) -> None:
         assert c["acked"] >= 4 * 16 and gw.stats["messages_in_ws"] >= c["acked"]
         # the gateway held no more than the window unacknowledged per session
         assert gw.stats["window_exceeded"] == 0
+
+
+async def test_native_engine_against_the_gateway(tmp_path: Path) -> None:
+    async with running(tmp_path, visitor_msg_rate=0) as gw:
+        js = tmp_path / "r.json"
+        code, out = await _cli(
+            ["loadtest", "--url", f"ws://127.0.0.1:{gw.port}/v1/ws", "--token-secret",
+             _secret(gw), "--engine", "native", "--connections", "20", "--window", "4",
+             "--ramp", "0", "--duration", "1.5", "--no-progress", "--json", str(js)]
+        )  # fmt: skip
+        assert code == 0, out
+        r = json.loads(js.read_text())
+        c = r["counts"]
+        assert c["connected"] == 20 and r["open_at_end"] == 20 and c["disconnects"] == 0
+        assert r["errors"] == {} and r["fatal"] == [] and c["dup_acks"] == 0
+        assert c["acked"] >= 20 * 4 and r["rtt"]["count"] == c["acked"]
+        assert c["sent"] - c["acked"] <= 20 * 4  # never more than the window in flight
+        assert gw.stats["sessions_opened"] == 20 and gw.stats["messages_in_ws"] >= c["acked"]
+        # the demo bot answers every message; the engine counts the deliveries
+        assert c["delivered"] >= c["acked"]
+        assert r["connect"]["count"] == 20 and r["latency_timeline"]
+        assert f"messages acked {c['acked']:,}" in out
+
+
+async def test_native_engine_counts_refusals_like_the_python_engine(tmp_path: Path) -> None:
+    bad = tmp_path / "tokens"
+    bad.write_text("not.a-token\n")
+    async with running(tmp_path, visitor_msg_rate=0) as gw:
+        outs = []
+        for engine in ("python", "native"):
+            code, out = await _cli(
+                ["loadtest", "--url", f"ws://127.0.0.1:{gw.port}/v1/ws", "--tokens", str(bad),
+                 "--engine", engine, "--connections", "3", "--ramp", "0", "--duration", "0.2",
+                 "--no-progress", "--max-runtime", "5"]
+            )  # fmt: skip
+            assert code == 1, out
+            outs.append(out.splitlines()[-1])
+        assert outs[0] == outs[1] and "code:4501 3" in outs[1], outs
+
+
+async def test_native_engine_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = ["loadtest", "--url", "ws://127.0.0.1:1/v1/ws", "--token-secret", "x" * 32]
+    for extra, msg in [
+        (["--rate", "10"], "does not support --rate"),
+        (["--storm", "2"], "does not support --storm"),
+        (["--size", "10:1,20:1"], "does not support a size mix"),
+    ]:
+        code, out = await _cli([*url, "--engine", "native", *extra])
+        assert code == 2 and msg in out, out
+    code, out = await _cli(
+        ["loadtest", "--url", "http://127.0.0.1:1/v1/stream", "--token-secret", "x" * 32,
+         "--engine", "native"]
+    )  # fmt: skip
+    assert code == 2 and "does not support HTTP/2" in out
+    monkeypatch.setenv(native.BINARY_ENV, str(tmp_path / "missing"))
+    code, out = await _cli([*url, "--engine", "native"])
+    assert code == 2 and "not an executable" in out

@@ -95,6 +95,9 @@ def setup(p: argparse.ArgumentParser) -> None:
     a("--rate", metavar="MSGS_PER_S", type=_float_at_least(0.0), default=0.0,
       help="messages per second over all connections "
            "(0 = closed loop, --window in flight per active connection; default 0)")  # fmt: skip
+    a("--engine", choices=("python", "native"), default="python",
+      help="client engine: python (everything) or native (gw-loadgen, Rust: ws:// closed "
+           "loop only, a few µs of client CPU per message; default python)")  # fmt: skip
     a("--window", metavar="N", type=_int_at_least(1), default=1,
       help="messages in flight per connection: kept in flight in a closed loop, "
            "at most this many with --rate (default 1; the gateway's own window, "
@@ -260,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
         active=args.connections if args.active is None else min(args.active, args.connections),
         rate=args.rate,
         window=args.window,
+        engine=args.engine,
         size=size,
         size_mix=mix,
         duration=args.duration,
@@ -276,6 +280,17 @@ def run(args: argparse.Namespace) -> int:
         max_runtime=max_runtime,
         src_ips=["127.0.0.1"] if ip.startswith("127.") else ["0.0.0.0"],
     )
+    if plan.engine == "native":
+        from gateway.loadtest import native
+
+        try:
+            why = native.unsupported(plan)
+            if why:
+                raise ValueError(why)
+            native.find_binary()
+        except (ValueError, FileNotFoundError) as e:
+            err.write(f"gateway loadtest: {e}\n")
+            return 2
     progress = None if args.no_progress else Progress(ramp_s + args.duration, args.connections, err)
     t0 = time.time()
     result = run_plan(plan, args.processes, progress=progress)

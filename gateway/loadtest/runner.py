@@ -31,7 +31,13 @@ def _child(plan_d: dict[str, Any], q: Any, index: int = 0) -> None:
         q.put({"progress": index, **row})
 
     try:
-        q.put(Engine(Plan(**plan_d)).run(progress))
+        plan = Plan(**plan_d)
+        if plan.engine == "native":
+            from gateway.loadtest import native
+
+            q.put(native.run(plan))
+        else:
+            q.put(Engine(plan).run(progress))
     except BaseException as e:  # report, never hang the parent
         q.put({"fatal": repr(e)})
 
