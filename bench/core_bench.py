@@ -2,6 +2,7 @@
 same run, from the same raw-socket client (gateway.loadtest).
 
     python bench/core_bench.py throughput [--seconds 10] [--workers 1,2] [--clients 1] [--window 1]
+        [--engine native|python]
     python bench/core_bench.py idle --connections 15000 [--workers 1] [--peer]
     python bench/core_bench.py idle --connections 250000 --workers 14 --hold 60
     python bench/core_bench.py e2e --workers 2 --connections 200
@@ -216,7 +217,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {}
     n = args.connections
     plan = dict(connections=n, active=n, duration=args.seconds, size=230, max_runtime=120,
-                window=args.window)  # fmt: skip
+                window=args.window, engine=args.engine)  # fmt: skip
     peer = start_peer()
     try:
         res["websockets"] = measured(
@@ -527,6 +528,10 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=10000.0, help="offered msg/s (forwarding)")
     ap.add_argument("--repeat", type=int, default=5, help="alternating pairs (forwarding)")
     ap.add_argument("--messages", type=int, default=400, help="per gateway (unloaded)")
+    ap.add_argument(
+        "--engine", choices=["native", "python"], default="native",
+        help="load client (throughput): gw-loadgen or the Python engine",
+    )  # fmt: skip
     ap.add_argument(
         "--window", type=int, default=1, help="messages in flight per connection (throughput)"
     )

@@ -306,9 +306,11 @@ async def test_flapping_endpoint_loses_and_refuses_nothing(tmp_path: Path) -> No
             a_up_cycles = 0
 
             async def visitor(v: int) -> None:
-                await trio.sleep(v * 0.35)  # sessions open across the flaps (they are sticky)
+                # sessions open all through the flaps (they are sticky): some
+                # while A is up, however slow the machine makes A's cycles
+                await trio.sleep(v * 0.17)
                 async with gc.connect(gw.url, token=gw.token(f"f{v}"), reconnect=False) as s:
-                    for i in range(40):
+                    for i in range(20):
                         await s.send(f"f{v} m{i}")
                         acked.append(f"f{v} m{i}")
                         await trio.sleep(0.03)
@@ -326,10 +328,10 @@ async def test_flapping_endpoint_loses_and_refuses_nothing(tmp_path: Path) -> No
             with trio.fail_after(60):
                 async with trio.open_nursery() as n:
                     n.start_soon(flap)
-                    for v in range(8):
+                    for v in range(16):
                         n.start_soon(visitor, v)
             assert gw.stats["downstream_nacks"] == 0
-    assert len(acked) == 8 * 40  # send() raises on a refusal: none happened
+    assert len(acked) == 16 * 20  # send() raises on a refusal: none happened
     got_a = {r["body"] for r in records(rec_a)}
     got_b = {r["body"] for r in records(rec_b)}
     assert set(acked) <= got_a | got_b

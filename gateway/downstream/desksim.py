@@ -33,6 +33,7 @@ import trio
 
 from gateway.downstream.desk import Desk, DeskConfig
 from gateway.downstream.proto import LINK_PATH, MAX_LINK_FRAME, check_from_gateway, encode
+from gateway.gctune import tune_gc
 from gateway.netio import write_some
 from gateway.protocol.codec import LengthPrefixedDecoder
 from gateway.protocol.codes import ProtocolError
@@ -331,6 +332,7 @@ def run_desk_sim(
     if processes > 1 and port == 0:
         print("desk-sim: --processes needs a fixed port", file=sys.stderr)
         return 2
+    tune_gc()
     children: list[int] = []
     for _ in range(processes - 1):
         pid = os.fork()

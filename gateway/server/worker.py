@@ -40,6 +40,7 @@ import msgpack
 import trio
 
 from gateway.config import Config, config_from_env, effective_workers
+from gateway.gctune import tune_gc
 from gateway.protocol.codec import Encoding
 from gateway.ratelimit import TokenBucket
 from gateway.server.bot import DemoBot
@@ -753,6 +754,7 @@ def main(argv: list[str] | None = None) -> None:
     _setup_logging(cfg.log_level, args.index)
     watch_parent()
     random.seed(time.time_ns() ^ args.index)
+    tune_gc()
     trio.run(_amain, cfg, args.index)
     ignore_from_now()  # drained: nothing left for a late stop signal to do
     sys.exit(0)
