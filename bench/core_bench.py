@@ -5,8 +5,9 @@ same run, from the same raw-socket client (gateway.loadtest).
         [--engine native|python]
     python bench/core_bench.py idle --connections 15000 [--workers 1] [--peer]
     python bench/core_bench.py idle --connections 250000 --workers 14 --hold 60
-    python bench/core_bench.py e2e --workers 2 --connections 200
+    python bench/core_bench.py e2e --workers 2 --connections 200 [--engine native|python]
     python bench/core_bench.py forwarding --workers 2 --connections 200 --rate 10000 --repeat 5
+        [--engine native|python]
     python bench/core_bench.py unloaded --workers 2 [--messages 400]
 
 "idle" also reports new connections per second while the clients ramp up as
@@ -267,7 +268,8 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
     the websockets echo is the peer."""
     res: dict[str, Any] = {}
     conns = args.connections
-    plan = dict(connections=conns, active=conns, duration=args.seconds, size=230, max_runtime=300)
+    plan = dict(connections=conns, active=conns, duration=args.seconds, size=230, max_runtime=300,
+                engine=args.engine)  # fmt: skip
     peer = start_peer()
     try:
         res["websockets echo (max)"] = run(
@@ -317,7 +319,7 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
     toks = tokens(conns)
     w = args.workers[-1]
     plan = dict(connections=conns, active=conns, duration=args.seconds, size=230,
-                max_runtime=300, rate=args.rate)  # fmt: skip
+                max_runtime=300, rate=args.rate, engine=args.engine)  # fmt: skip
     res: dict[str, Any] = {"pairs": []}
     desk = start_desk(processes=1)
     fwd = start_gateway(w, downstream=[f"general=127.0.0.1:{desk.port}"], conns=conns)
@@ -530,7 +532,7 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=400, help="per gateway (unloaded)")
     ap.add_argument(
         "--engine", choices=["native", "python"], default="native",
-        help="load client (throughput): gw-loadgen or the Python engine",
+        help="load client (throughput, e2e, forwarding): gw-loadgen or the Python engine",
     )  # fmt: skip
     ap.add_argument(
         "--window", type=int, default=1, help="messages in flight per connection (throughput)"

@@ -274,15 +274,29 @@ def test_open_loop_sends_are_paced_in_small_steps() -> None:
     assert send_wait(3.0, 10) == 0.001  # owed already: poll, then send
 
 
+def _run_against_sync_server(handler: Any, engine: str, **plan: Any) -> dict[str, Any]:
+    """Runs an echo-mode plan with ``engine`` against a websockets sync
+    server calling ``handler`` per connection; the engine's result."""
+    import threading
+
+    from websockets.sync.server import serve
+
+    with serve(handler, "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.socket.getsockname()[1]
+        p = Plan(host="127.0.0.1", port=port, mode="echo", max_runtime=10, engine=engine, **plan)
+        r = native.run(p) if engine == "native" else Engine(p).run()
+        server.shutdown()
+    return r
+
+
 @pytest.mark.parametrize("engine", ["python", "native"])
 @pytest.mark.parametrize("window", [1, 8])
 def test_window_keeps_that_many_messages_in_flight(window: int, engine: str) -> None:
     """An echo server that answers only once a burst has stopped growing
     sees exactly ``window`` messages per burst from each connection (both
     engines, against the websockets library's server)."""
-    import threading
-
-    from websockets.sync.server import ServerConnection, serve
+    from websockets.sync.server import ServerConnection
 
     bursts: list[int] = []
 
@@ -301,16 +315,46 @@ def test_window_keeps_that_many_messages_in_flight(window: int, engine: str) -> 
         except Exception:  # the client went away
             return
 
-    with serve(handler, "127.0.0.1", 0) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        port = server.socket.getsockname()[1]
-        plan = Plan(host="127.0.0.1", port=port, mode="echo", connections=2, active=2,
-                    window=window, duration=1.2, max_runtime=10, engine=engine)  # fmt: skip
-        r = native.run(plan) if engine == "native" else Engine(plan).run()
-        server.shutdown()
+    r = _run_against_sync_server(handler, engine, connections=2, active=2, window=window,
+                                 duration=1.2)  # fmt: skip
     c = r["counts"]
     assert len(bursts) >= 6 and max(bursts) == window and bursts[:2] == [window, window]
     assert c["acked"] >= 4 * window and c["sent"] - c["acked"] <= 2 * window
+
+
+@pytest.mark.parametrize("engine", ["python", "native"])
+def test_rate_paces_messages_over_the_active_connections(engine: str) -> None:
+    """Open loop: ``rate`` messages a second, round robin over the first
+    ``active`` connections only (both engines, against the websockets
+    library's echo server, which counts what each connection sent)."""
+    import threading
+
+    from websockets.sync.server import ServerConnection
+
+    per_conn: list[int] = []
+    lock = threading.Lock()
+
+    def handler(ws: ServerConnection) -> None:
+        with lock:
+            k = len(per_conn)
+            per_conn.append(0)
+        try:
+            for m in ws:
+                with lock:
+                    per_conn[k] += 1
+                ws.send(m)
+        except Exception:  # the client went away
+            return
+
+    r = _run_against_sync_server(handler, engine, connections=6, active=3, rate=300.0,
+                                 window=4, duration=1.5)  # fmt: skip
+    c = r["counts"]
+    assert len(per_conn) == 6 and sorted(per_conn)[:3] == [0, 0, 0]
+    busy = [n for n in per_conn if n]
+    assert len(busy) == 3 and max(busy) - min(busy) <= 0.2 * max(busy) + 2, per_conn
+    # 1.5 s at 300/s; loaded CI machines run late, never early
+    assert 250 <= c["sent"] <= 470 and c["sent"] == sum(per_conn), (c, per_conn)
+    assert c["acked"] >= c["sent"] - 3 * 4
 
 
 async def test_cli_window_against_the_gateway(tmp_path: Path) -> None:
@@ -371,7 +415,7 @@ async def test_native_engine_counts_refusals_like_the_python_engine(tmp_path: Pa
 async def test_native_engine_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url = ["loadtest", "--url", "ws://127.0.0.1:1/v1/ws", "--token-secret", "x" * 32]
     for extra, msg in [
-        (["--rate", "10"], "does not support --rate"),
+        (["--hold", "1"], "does not support --hold"),
         (["--storm", "2"], "does not support --storm"),
         (["--size", "10:1,20:1"], "does not support a size mix"),
     ]:

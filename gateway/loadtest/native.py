@@ -2,11 +2,12 @@
 process's share of a plan run by ``gw-loadgen`` (the Rust crate in
 ``native/loadgen``), its result returned in the Python engine's shape.
 
-It covers the closed loop over plain WebSocket (``ws://``), in the
-gateway's protocol or against any echo server: what a throughput
-measurement needs, at a few microseconds of client CPU per message instead
-of ~20 (docs/loadtest.md). Everything else (HTTP/2, TLS, ``--rate``,
-storms, sealing, size mixes, ``--hold``) stays with the Python engine.
+It covers plain WebSocket (``ws://``), in the gateway's protocol or against
+any echo server, closed loop (``--window``) or open loop (``--rate`` over
+``--active`` connections): what throughput and latency measurements need,
+at a few microseconds of client CPU per message instead of ~20
+(docs/loadtest.md). Everything else (HTTP/2, TLS, storms, sealing, size
+mixes, ``--hold``) stays with the Python engine.
 """
 
 from __future__ import annotations
@@ -67,7 +68,6 @@ def unsupported(plan: Plan) -> str | None:
         (plan.transport != "ws", "HTTP/2"),
         (plan.tls, "TLS"),
         (bool(plan.encrypt), "--encrypt"),
-        (plan.rate > 0, "--rate (it runs the closed loop only)"),
         (plan.storm > 0, "--storm"),
         (plan.hold_after > 0, "--hold"),
         (bool(plan.size_mix), "a size mix"),
@@ -118,7 +118,7 @@ def run(plan: Plan) -> dict[str, Any]:
             "--size", str(plan.size), "--duration", str(plan.duration),
             "--max-runtime", str(plan.max_runtime), "--max-pending", str(plan.max_pending),
             "--src-ips", ",".join(plan.src_ips), "--platform", plan.platform,
-            "--ramp", str(plan.ramp),
+            "--ramp", str(plan.ramp), "--rate", str(plan.rate), "--active", str(plan.active),
         ]  # fmt: skip
         if plan.origin:
             argv += ["--origin", plan.origin]

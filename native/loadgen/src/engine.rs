@@ -33,6 +33,11 @@ pub struct Plan {
     pub max_pending: usize,
     /// New connections per second; 0 = as fast as `max_pending` allows.
     pub ramp: f64,
+    /// Messages per second over the active connections (open loop, each
+    /// connection still at most `window` in flight); 0 = closed loop.
+    pub rate: f64,
+    /// Connections that send: the first `active`; the rest stay idle.
+    pub active: usize,
     pub tokens: Vec<String>,
     pub src_ips: Vec<Ipv4Addr>,
     pub origin: Option<String>,
@@ -53,6 +58,8 @@ impl Default for Plan {
             max_runtime: 600.0,
             max_pending: 2000,
             ramp: 0.0,
+            rate: 0.0,
+            active: usize::MAX,
             tokens: Vec::new(),
             src_ips: vec![Ipv4Addr::LOCALHOST],
             origin: None,
@@ -117,6 +124,9 @@ struct Engine<'a> {
     retry: BinaryHeap<Reverse<(Instant, usize)>>,
     scratch: Vec<u8>,
     recv_buf: Vec<u8>,
+    /// Open loop: messages owed, and the next connection to send on.
+    credit: f64,
+    rr: usize,
 }
 
 const RECV_SIZE: usize = 256 * 1024;
@@ -175,6 +185,8 @@ impl<'a> Engine<'a> {
             retry: BinaryHeap::new(),
             scratch: Vec::with_capacity(512),
             recv_buf: vec![0; RECV_SIZE],
+            credit: 0.0,
+            rr: 0,
         })
     }
 
@@ -271,6 +283,11 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// Whether connection `i` runs the closed loop (sends again on each ack).
+    fn looping(&self, i: usize) -> bool {
+        self.sending && self.p.rate == 0.0 && i < self.p.active
+    }
+
     fn fill(&mut self, i: usize, now: Instant) {
         while self.conns[i].state == State::Open && self.conns[i].inflight.len() < self.p.window {
             self.send_msg(i, now);
@@ -299,7 +316,7 @@ impl<'a> Engine<'a> {
         self.counts.connected += 1;
         self.connect_h
             .record(now.duration_since(c.t_open).as_micros().max(1) as u64);
-        if self.sending {
+        if self.looping(i) {
             self.fill(i, now);
         }
     }
@@ -312,7 +329,7 @@ impl<'a> Engine<'a> {
         self.rtt_h.record(us);
         self.sec_h.record(us);
         self.counts.acked += 1;
-        if self.sending {
+        if self.looping(i) {
             self.send_msg(i, now);
         }
     }
@@ -516,6 +533,41 @@ impl<'a> Engine<'a> {
         }
     }
 
+    fn has_room(&self, i: usize) -> bool {
+        let c = &self.conns[i];
+        c.state == State::Open && c.inflight.len() < self.p.window
+    }
+
+    /// Open loop: sends what `elapsed` seconds at `rate` owe, round robin
+    /// over the active connections that have room in their window; a backlog
+    /// of more than one second's worth is dropped (and counted) rather than
+    /// sent in a burst.
+    fn pace(&mut self, elapsed: f64) {
+        let active = self.p.active.min(self.conns.len());
+        if active == 0 {
+            return;
+        }
+        let now = Instant::now();
+        self.credit += elapsed * self.p.rate;
+        let mut budget = (self.credit as usize).min(active);
+        let mut tried = 0;
+        while budget > 0 && tried < active {
+            let i = self.rr % active;
+            self.rr = self.rr.wrapping_add(1);
+            tried += 1;
+            if self.has_room(i) {
+                self.send_msg(i, now);
+                self.flush(i);
+                budget -= 1;
+                self.credit -= 1.0;
+            }
+        }
+        if self.credit > self.p.rate {
+            self.err("send_backlog".into());
+            self.credit = 0.0;
+        }
+    }
+
     fn sample(&mut self, t: f64, second: u64) {
         self.timeline.push(format!(
             "[{t:.3},{},{},{}]",
@@ -535,6 +587,7 @@ impl<'a> Engine<'a> {
         let mut all_open: Option<Instant> = None;
         let mut send_until = hard_stop;
         let mut last_sample = start;
+        let mut last_tick = start;
         loop {
             let now = Instant::now();
             if now >= hard_stop || now >= send_until {
@@ -553,11 +606,18 @@ impl<'a> Engine<'a> {
                 all_open = Some(now);
                 send_until = now + Duration::from_secs_f64(p.duration);
                 self.sending = true;
+                last_tick = now;
                 for i in 0..self.conns.len() {
-                    self.fill(i, now);
-                    self.flush(i);
+                    if self.looping(i) {
+                        self.fill(i, now);
+                        self.flush(i);
+                    }
                 }
             }
+            if self.sending && p.rate > 0.0 {
+                self.pace(now.duration_since(last_tick).as_secs_f64());
+            }
+            last_tick = now;
             if self.pending > 0 {
                 let stuck: Vec<usize> = (0..self.conns.len())
                     .filter(|&i| {
@@ -576,10 +636,12 @@ impl<'a> Engine<'a> {
                     break;
                 }
                 self.retry.pop();
-                if self.sending && self.conns[i].state == State::Open {
+                if self.looping(i) {
                     self.fill(i, now);
-                    self.flush(i);
+                } else if self.sending && self.p.rate > 0.0 && self.has_room(i) {
+                    self.send_msg(i, now);
                 }
+                self.flush(i);
             }
             if now.duration_since(last_sample) >= Duration::from_secs(1) {
                 last_sample = now;
@@ -587,10 +649,15 @@ impl<'a> Engine<'a> {
                 self.sample(t, t as u64);
             }
             let until = send_until.min(last_sample + Duration::from_secs(1));
-            let wait = until
+            let mut wait = until
                 .saturating_duration_since(now)
                 .as_millis()
                 .clamp(1, 50) as i32;
+            if self.sending && p.rate > 0.0 {
+                // wake when the next message is owed (epoll counts whole ms)
+                let owed_ms = ((1.0 - self.credit).max(0.0) / p.rate * 1000.0) as i32;
+                wait = wait.min(owed_ms.max(1));
+            }
             for (key, ev) in self.ep.wait(wait)? {
                 let i = key as usize;
                 if self.conns[i].state == State::Closed {

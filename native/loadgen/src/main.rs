@@ -4,8 +4,10 @@
 //! (upgrade, then the gateway's `hello` unless `--mode echo`), and once all
 //! are open keeps `--window` messages in flight on each for `--duration`
 //! seconds (closed loop: the next message leaves when one is acknowledged,
-//! or echoed). Prints one JSON object (counts, errors, latency histograms as
-//! `[microseconds, count]` pairs, a per-second timeline) on stdout.
+//! or echoed), or with `--rate` sends that many messages per second round
+//! robin over the first `--active` connections (open loop). Prints one JSON
+//! object (counts, errors, latency histograms as `[microseconds, count]`
+//! pairs, a per-second timeline) on stdout.
 //!
 //! It exists so the load client costs a few microseconds per message: the
 //! Python engine needs ~20 µs, which on a 2-core machine leaves the server
@@ -25,7 +27,7 @@ use engine::{Mode, Plan};
 const USAGE: &str = "usage: gw-loadgen --host IP --port N [--path /v1/ws] [--mode gateway|echo] \
 [--connections N] [--window N] [--size BYTES] [--duration S] [--max-runtime S] \
 [--tokens FILE] [--src-ips IP,IP...] [--origin URL] [--platform NAME] [--max-pending N] \
-[--ramp PER_S]";
+[--ramp PER_S] [--rate MSGS_PER_S] [--active N]";
 
 fn parse(args: &[String]) -> Result<Plan, String> {
     let mut p = Plan::default();
@@ -41,7 +43,7 @@ fn parse(args: &[String]) -> Result<Plan, String> {
             v.parse::<f64>()
                 .ok()
                 .filter(|x| x.is_finite() && *x >= 0.0)
-                .ok_or_else(|| format!("{what}: not a number of seconds: {v}"))
+                .ok_or_else(|| format!("{what}: not a non-negative number: {v}"))
         };
         match k.as_str() {
             "--host" => {
@@ -67,6 +69,8 @@ fn parse(args: &[String]) -> Result<Plan, String> {
             "--duration" => p.duration = secs("--duration")?,
             "--max-runtime" => p.max_runtime = secs("--max-runtime")?,
             "--ramp" => p.ramp = secs("--ramp")?,
+            "--rate" => p.rate = secs("--rate")?,
+            "--active" => p.active = num("--active")? as usize,
             "--max-pending" => p.max_pending = num("--max-pending")?.max(1) as usize,
             "--tokens" => tokens_file = Some(v.clone()),
             "--src-ips" => {
@@ -156,7 +160,8 @@ mod tests {
                 "--port 1 --tokens /nonexistent/t",
                 "--tokens /nonexistent/t",
             ),
-            ("--port 1 --duration -1", "seconds"),
+            ("--port 1 --duration -1", "non-negative"),
+            ("--port 1 --rate x", "--rate: not a non-negative"),
             ("--port", "needs a value"),
             ("--bogus 1", "unknown option"),
             ("--mode echo", "--port is required"),
