@@ -285,14 +285,15 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
         try:
             time.sleep(1.0)  # links up
             mk = dict(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks, **plan)
-            top = run(Plan(**mk), args.clients)  # type: ignore[arg-type]
-            res[f"gateway-{w}w + desk-sim (max)"] = top
-            for share in (0.5, 0.9):
-                rate = top["msgs_per_s"] * share
-                res[f"gateway-{w}w + desk-sim @{int(share * 100)}%"] = run(
-                    Plan(**{**mk, "rate": rate}),  # type: ignore[arg-type]
-                    args.clients,
-                )
+            top: dict[str, Any] = {}
+            for share in (1.0, 0.5, 0.9):
+                extra = {"rate": top["msgs_per_s"] * share} if top else {}
+                d0 = cpu_seconds(desk.proc.pid)
+                r = measured(gw, Plan(**{**mk, **extra}), args.clients)  # type: ignore[arg-type]
+                r["desk_cpu_s"] = cpu_seconds(desk.proc.pid) - d0
+                top = top or r
+                label = "max" if share == 1.0 else f"@{int(share * 100)}%"
+                res[f"gateway-{w}w + desk-sim ({label})"] = r
         finally:
             gw.stop()
     finally:
@@ -300,13 +301,23 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
     gw = start_gateway(w, conns=conns)
     try:
         mk = dict(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks, **plan)
-        res[f"gateway-{w}w + in-process bot @50%"] = run(
+        res[f"gateway-{w}w + in-process bot (@50%)"] = measured(
+            gw,
             Plan(**{**mk, "rate": top["msgs_per_s"] * 0.5}),  # type: ignore[arg-type]
             args.clients,
         )
     finally:
         gw.stop()
-    return print_table(res, "run", "websockets echo (max)", "vs websockets max")
+    print_table(res, "run", "websockets echo (max)", "vs websockets max")
+    print()
+    print("| run | gateway CPU µs/msg | desk-sim CPU µs/msg |")
+    print("|---|---|---|")
+    for k, r in res.items():
+        if "server_cpu_s" in r:
+            acked = max(1, r["counts"].get("acked", 0))
+            desk_us = f"{r['desk_cpu_s'] / acked * 1e6:.1f}" if "desk_cpu_s" in r else "-"
+            print(f"| {k} | {r['server_cpu_s'] / acked * 1e6:.1f} | {desk_us} |")
+    return res
 
 
 def forwarding(args: argparse.Namespace) -> dict[str, Any]:
