@@ -5,7 +5,7 @@ same run, from the same raw-socket client (gateway.loadtest).
         [--engine native|python]
     python bench/core_bench.py idle --connections 15000 [--workers 1] [--peer]
     python bench/core_bench.py idle --connections 250000 --workers 14 --hold 60
-    python bench/core_bench.py e2e --workers 2 --connections 200 [--engine native|python]
+    python bench/core_bench.py e2e --workers 2 --connections 200 [--window 1] [--engine native|python]
     python bench/core_bench.py forwarding --workers 2 --connections 200 --rate 10000 --repeat 5
         [--engine native|python]
     python bench/core_bench.py unloaded --workers 2 [--messages 400]
@@ -269,7 +269,7 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {}
     conns = args.connections
     plan = dict(connections=conns, active=conns, duration=args.seconds, size=230, max_runtime=300,
-                engine=args.engine)  # fmt: skip
+                engine=args.engine, window=args.window)  # fmt: skip
     peer = start_peer()
     try:
         res["websockets echo (max)"] = run(
