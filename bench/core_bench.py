@@ -5,7 +5,8 @@ same run, from the same raw-socket client (gateway.loadtest).
         [--engine native|python]
     python bench/core_bench.py idle --connections 15000 [--workers 1] [--peer]
     python bench/core_bench.py idle --connections 250000 --workers 14 --hold 60
-    python bench/core_bench.py e2e --workers 2 --connections 200 [--window 1] [--engine native|python]
+    python bench/core_bench.py e2e --workers 2 --connections 200 [--window 1]
+        [--engine native|python]
     python bench/core_bench.py forwarding --workers 2 --connections 200 --rate 10000 --repeat 5
         [--engine native|python]
     python bench/core_bench.py unloaded --workers 2 [--messages 400]
