@@ -547,7 +547,7 @@ def main() -> None:
         help="load client (throughput, e2e, forwarding): gw-loadgen or the Python engine",
     )  # fmt: skip
     ap.add_argument(
-        "--window", type=int, default=1, help="messages in flight per connection (throughput)"
+        "--window", type=int, default=1, help="messages in flight per connection (throughput, e2e)"
     )
     ap.add_argument(
         "--clients", type=int, default=1, help="load-client processes (throughput, e2e)"
