@@ -127,7 +127,14 @@ struct Engine<'a> {
     /// Open loop: messages owed, and the next connection to send on.
     credit: f64,
     rr: usize,
+    /// Open loop: wakes the loop when the next message is owed.
+    timer: Option<sys::Timer>,
 }
+
+/// The epoll key of the pacing timer (connection keys are indexes).
+const TIMER_KEY: u64 = u64::MAX;
+/// The open loop never wakes more often than this.
+const MIN_PACE: Duration = Duration::from_micros(20);
 
 const RECV_SIZE: usize = 256 * 1024;
 /// The client acknowledges deliveries every this many frames.
@@ -165,9 +172,17 @@ impl<'a> Engine<'a> {
             })
             .collect();
         let seed = now.elapsed().as_nanos() as u64 ^ std::process::id() as u64;
+        let ep = Epoll::new(4096)?;
+        let timer = if p.rate > 0.0 {
+            let t = sys::Timer::new()?;
+            ep.add(t.fd, IN, TIMER_KEY)?;
+            Some(t)
+        } else {
+            None
+        };
         Ok(Engine {
             p,
-            ep: Epoll::new(4096)?,
+            ep,
             conns,
             counts: Counts::default(),
             errors: BTreeMap::new(),
@@ -187,6 +202,7 @@ impl<'a> Engine<'a> {
             recv_buf: vec![0; RECV_SIZE],
             credit: 0.0,
             rr: 0,
+            timer,
         })
     }
 
@@ -649,16 +665,23 @@ impl<'a> Engine<'a> {
                 self.sample(t, t as u64);
             }
             let until = send_until.min(last_sample + Duration::from_secs(1));
-            let mut wait = until
+            let wait = until
                 .saturating_duration_since(now)
                 .as_millis()
                 .clamp(1, 50) as i32;
-            if self.sending && p.rate > 0.0 {
-                // wake when the next message is owed (epoll counts whole ms)
-                let owed_ms = ((1.0 - self.credit).max(0.0) / p.rate * 1000.0) as i32;
-                wait = wait.min(owed_ms.max(1));
+            if let (true, Some(t)) = (self.sending, &self.timer) {
+                // wake when the next message is owed, to the microsecond, so
+                // sends are spread evenly rather than sent in 1 ms bursts
+                let owed = Duration::from_secs_f64((1.0 - self.credit).max(0.0) / p.rate);
+                t.arm(owed.max(MIN_PACE))?;
             }
             for (key, ev) in self.ep.wait(wait)? {
+                if key == TIMER_KEY {
+                    if let Some(t) = &self.timer {
+                        t.clear();
+                    }
+                    continue;
+                }
                 let i = key as usize;
                 if self.conns[i].state == State::Closed {
                     continue;

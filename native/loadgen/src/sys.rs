@@ -1,5 +1,5 @@
 //! Thin wrappers over the few Linux calls the client makes (non-blocking
-//! TCP sockets and epoll), each returning `std::io::Result`.
+//! TCP sockets, epoll and a timerfd), each returning `std::io::Result`.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -174,6 +174,58 @@ impl Epoll {
             .iter()
             .map(|e| (e.u64, e.events))
             .collect())
+    }
+}
+
+/// A one-shot monotonic timer readable through epoll, with the kernel's
+/// hrtimer precision (epoll_wait's own timeout counts whole milliseconds).
+pub struct Timer {
+    pub fd: i32,
+}
+
+impl Timer {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall with constant arguments; the result is checked.
+        let fd = check(unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        })?;
+        Ok(Timer { fd })
+    }
+
+    /// Fires once, `after` from now (re-arming replaces the previous time).
+    pub fn arm(&self, after: std::time::Duration) -> io::Result<()> {
+        let after = after.max(std::time::Duration::from_nanos(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: after.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: `spec` is a live local; a null old-value pointer is allowed.
+        check(unsafe { libc::timerfd_settime(self.fd, 0, &spec, std::ptr::null_mut()) }).map(|_| ())
+    }
+
+    /// Consumes an expiry so the descriptor stops being readable.
+    pub fn clear(&self) {
+        let mut n = [0u8; 8];
+        // SAFETY: `n` is a live, writable 8-byte buffer, the size a timerfd
+        // read needs; a would-block result is fine and ignored.
+        unsafe {
+            libc::read(self.fd, n.as_mut_ptr().cast(), n.len());
+        }
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        close(self.fd);
     }
 }
 
