@@ -234,3 +234,26 @@ impl Drop for Epoll {
         close(self.fd);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timer_fires_once_through_epoll_and_clears() {
+        let mut ep = Epoll::new(4).unwrap();
+        let t = Timer::new().unwrap();
+        ep.add(t.fd, IN, 7).unwrap();
+        assert!(ep.wait(0).unwrap().is_empty(), "not armed yet");
+        t.arm(std::time::Duration::from_micros(200)).unwrap();
+        let got = ep.wait(5000).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, 7);
+        t.clear();
+        assert!(ep.wait(0).unwrap().is_empty(), "one shot, and cleared");
+        // re-arming replaces the earlier expiry
+        t.arm(std::time::Duration::from_secs(3600)).unwrap();
+        t.arm(std::time::Duration::from_micros(100)).unwrap();
+        assert_eq!(ep.wait(5000).unwrap().len(), 1);
+    }
+}
