@@ -204,12 +204,16 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def measured(srv: Server, plan: Plan, clients: int) -> dict[str, Any]:
+def measured(srv: Server, plan: Plan, clients: int, desk: Server | None = None) -> dict[str, Any]:
     """``run`` plus the server's CPU time over the run: ``msgs_per_cpu_s`` is
-    the server's work per message, whoever else shares the cores."""
+    the server's work per message, whoever else shares the cores; with
+    ``desk``, that downstream's CPU time too (``desk_cpu_s``)."""
     c0 = cpu_seconds(srv.proc.pid)
+    d0 = cpu_seconds(desk.proc.pid) if desk is not None else 0.0
     r = run(plan, clients)
     used = cpu_seconds(srv.proc.pid) - c0
+    if desk is not None:
+        r["desk_cpu_s"] = cpu_seconds(desk.proc.pid) - d0
     r["server_cpu_s"] = used
     r["msgs_per_cpu_s"] = r["counts"].get("acked", 0) / used if used > 0 else 0.0
     return r
@@ -289,9 +293,7 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
             top: dict[str, Any] = {}
             for share in (1.0, 0.5, 0.9):
                 extra = {"rate": top["msgs_per_s"] * share} if top else {}
-                d0 = cpu_seconds(desk.proc.pid)
-                r = measured(gw, Plan(**{**mk, **extra}), args.clients)  # type: ignore[arg-type]
-                r["desk_cpu_s"] = cpu_seconds(desk.proc.pid) - d0
+                r = measured(gw, Plan(**{**mk, **extra}), args.clients, desk)  # type: ignore[arg-type]
                 top = top or r
                 label = "max" if share == 1.0 else f"@{int(share * 100)}%"
                 res[f"gateway-{w}w + desk-sim ({label})"] = r
@@ -341,14 +343,12 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.repeat):
             pair = {}
             for name, gw in (("desk-sim", fwd), ("bot", bot)):
-                d0 = cpu_seconds(desk.proc.pid)
                 r = measured(gw, Plan(host="127.0.0.1", port=gw.port, mode="gateway",
-                                      tokens=toks, **plan), args.clients)  # type: ignore[arg-type]  # fmt: skip
+                                      tokens=toks, **plan), args.clients, desk)  # type: ignore[arg-type]  # fmt: skip
                 acked = max(1, r["counts"].get("acked", 0))
-                desk_s = cpu_seconds(desk.proc.pid) - d0
                 pair[name] = {"msgs_per_s": r["msgs_per_s"], **r["rtt"],
                               "gateway_cpu_us": r["server_cpu_s"] / acked * 1e6,
-                              "desk_cpu_us": desk_s / acked * 1e6}  # fmt: skip
+                              "desk_cpu_us": r["desk_cpu_s"] / acked * 1e6}  # fmt: skip
             res["pairs"].append(pair)
     finally:
         fwd.stop()

@@ -357,16 +357,23 @@ def test_rate_paces_messages_over_the_active_connections(engine: str) -> None:
     assert c["acked"] >= c["sent"] - 3 * 4
 
 
+async def _loadtest_ws(gw: Any, tmp_path: Path, *opts: str) -> tuple[str, dict[str, Any]]:
+    """``gateway loadtest`` over WebSocket against ``gw`` with ``opts``;
+    asserts it exits 0 and returns its output and its JSON result."""
+    js = tmp_path / "r.json"
+    code, out = await _cli(
+        ["loadtest", "--url", f"ws://127.0.0.1:{gw.port}/v1/ws", "--token-secret", _secret(gw),
+         "--ramp", "0", "--no-progress", "--json", str(js), *opts]
+    )  # fmt: skip
+    assert code == 0, out
+    return out, json.loads(js.read_text())
+
+
 async def test_cli_window_against_the_gateway(tmp_path: Path) -> None:
     async with running(tmp_path, visitor_msg_rate=0) as gw:
-        js = tmp_path / "r.json"
-        code, out = await _cli(
-            ["loadtest", "--url", f"ws://127.0.0.1:{gw.port}/v1/ws", "--token-secret",
-             _secret(gw), "--connections", "4", "--window", "16", "--ramp", "0",
-             "--duration", "1", "--no-progress", "--json", str(js)]
-        )  # fmt: skip
-        assert code == 0, out
-        r = json.loads(js.read_text())
+        _, r = await _loadtest_ws(
+            gw, tmp_path, "--connections", "4", "--window", "16", "--duration", "1"
+        )
         c = r["counts"]
         assert r["plan"]["window"] == 16 and r["errors"] == {} and c["dup_acks"] == 0
         assert c["acked"] >= 4 * 16 and gw.stats["messages_in_ws"] >= c["acked"]
@@ -376,14 +383,10 @@ async def test_cli_window_against_the_gateway(tmp_path: Path) -> None:
 
 async def test_native_engine_against_the_gateway(tmp_path: Path) -> None:
     async with running(tmp_path, visitor_msg_rate=0) as gw:
-        js = tmp_path / "r.json"
-        code, out = await _cli(
-            ["loadtest", "--url", f"ws://127.0.0.1:{gw.port}/v1/ws", "--token-secret",
-             _secret(gw), "--engine", "native", "--connections", "20", "--window", "4",
-             "--ramp", "0", "--duration", "1.5", "--no-progress", "--json", str(js)]
+        out, r = await _loadtest_ws(
+            gw, tmp_path, "--engine", "native", "--connections", "20", "--window", "4",
+            "--duration", "1.5",
         )  # fmt: skip
-        assert code == 0, out
-        r = json.loads(js.read_text())
         c = r["counts"]
         assert c["connected"] == 20 and r["open_at_end"] == 20 and c["disconnects"] == 0
         assert r["errors"] == {} and r["fatal"] == [] and c["dup_acks"] == 0

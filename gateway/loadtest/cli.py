@@ -96,8 +96,8 @@ def setup(p: argparse.ArgumentParser) -> None:
       help="messages per second over all connections "
            "(0 = closed loop, --window in flight per active connection; default 0)")  # fmt: skip
     a("--engine", choices=("python", "native"), default="python",
-      help="client engine: python (everything) or native (gw-loadgen, Rust: ws:// closed "
-           "loop only, a few µs of client CPU per message; default python)")  # fmt: skip
+      help="client engine: python (everything) or native (gw-loadgen, Rust: ws:// only, "
+           "a few µs of client CPU per message; default python)")  # fmt: skip
     a("--window", metavar="N", type=_int_at_least(1), default=1,
       help="messages in flight per connection: kept in flight in a closed loop, "
            "at most this many with --rate (default 1; the gateway's own window, "

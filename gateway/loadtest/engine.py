@@ -88,7 +88,7 @@ class Plan:
     kid: str | None = None
     visitor_prefix: str = "lt"
     visitor_base: int = 0  # this process's first visitor number
-    engine: str = "python"  # "python" | "native" (gw-loadgen: ws:// closed loop only)
+    engine: str = "python"  # "python" | "native" (gw-loadgen: ws:// only, see native.py)
 
 
 class Conn:

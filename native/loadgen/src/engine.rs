@@ -305,7 +305,7 @@ impl<'a> Engine<'a> {
     }
 
     fn fill(&mut self, i: usize, now: Instant) {
-        while self.conns[i].state == State::Open && self.conns[i].inflight.len() < self.p.window {
+        while self.has_room(i) {
             self.send_msg(i, now);
         }
     }
@@ -558,12 +558,11 @@ impl<'a> Engine<'a> {
     /// over the active connections that have room in their window; a backlog
     /// of more than one second's worth is dropped (and counted) rather than
     /// sent in a burst.
-    fn pace(&mut self, elapsed: f64) {
+    fn pace(&mut self, now: Instant, elapsed: f64) {
         let active = self.p.active.min(self.conns.len());
         if active == 0 {
             return;
         }
-        let now = Instant::now();
         self.credit += elapsed * self.p.rate;
         let mut budget = (self.credit as usize).min(active);
         let mut tried = 0;
@@ -631,7 +630,7 @@ impl<'a> Engine<'a> {
                 }
             }
             if self.sending && p.rate > 0.0 {
-                self.pace(now.duration_since(last_tick).as_secs_f64());
+                self.pace(now, now.duration_since(last_tick).as_secs_f64());
             }
             last_tick = now;
             if self.pending > 0 {
