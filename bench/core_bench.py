@@ -128,10 +128,12 @@ def start_peer() -> Server:
     return Server([PY, str(ROOT / "bench/peers/websockets_echo.py"), "127.0.0.1", str(port)], port)
 
 
-def start_desk(processes: int = 1, think_ms: int = 0) -> Server:
+def start_desk(processes: int = 1, think_ms: int = 0, reply: bool = True) -> Server:
     port = free_port()
     argv = [PY, "-m", "gateway", "desk-sim", "--listen", f"127.0.0.1:{port}",
             "--think-ms", str(think_ms), "--processes", str(processes)]  # fmt: skip
+    if not reply:
+        argv.append("--no-reply")
     return Server(argv, port)
 
 
@@ -284,7 +286,8 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
         peer.stop()
     toks = tokens(conns)
     w = args.workers[-1]
-    desk = start_desk(processes=1)
+    desk = start_desk(processes=1, reply=args.desk_reply)
+    what = "desk-sim" if args.desk_reply else "desk-sim, acks only"
     try:
         gw = start_gateway(w, downstream=[f"general=127.0.0.1:{desk.port}"], conns=conns)
         try:
@@ -296,7 +299,7 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
                 r = measured(gw, Plan(**{**mk, **extra}), args.clients, desk)  # type: ignore[arg-type]
                 top = top or r
                 label = "max" if share == 1.0 else f"@{int(share * 100)}%"
-                res[f"gateway-{w}w + desk-sim ({label})"] = r
+                res[f"gateway-{w}w + {what} ({label})"] = r
         finally:
             gw.stop()
     finally:
@@ -549,6 +552,10 @@ def main() -> None:
     ap.add_argument(
         "--window", type=int, default=1, help="messages in flight per connection (throughput, e2e)"
     )
+    ap.add_argument(
+        "--desk-reply", action=argparse.BooleanOptionalAction, default=True,
+        help="e2e: desk-sim answers every message with a reply (default) or only acks it",
+    )  # fmt: skip
     ap.add_argument(
         "--clients", type=int, default=1, help="load-client processes (throughput, e2e)"
     )

@@ -88,13 +88,22 @@ class Admission:
     def admit_message(self, session_inflight: int, session_buffered: int, load: ClusterLoad) -> str:
         """ "send" now, "buffer" in the session's queue, or "refuse" (the
         session's queue is full: the visitor gets 4429 with retry_after)."""
+        return self.message_verdict(
+            session_inflight, session_buffered, load.available_endpoints > 0, load.inflight
+        )
+
+    def message_verdict(
+        self, session_inflight: int, session_buffered: int, available: bool, cluster_inflight: int
+    ) -> str:
+        """:meth:`admit_message` on plain values (the forwarder's per-message
+        path: no :class:`ClusterLoad` to build)."""
         cfg = self.cfg
         if session_buffered >= cfg.max_buffered_per_session:
             return REFUSE
         if (
-            load.available_endpoints > 0
+            available
             and session_inflight < cfg.max_inflight_per_session
-            and load.inflight < cfg.max_pending_per_cluster
+            and cluster_inflight < cfg.max_pending_per_cluster
         ):
             return SEND
         return BUFFER

@@ -164,7 +164,7 @@ class DeskServer:
                 c.h2.send_headers(sid, [(":status", "404")], end_stream=True)
                 return
             link = next(self._ids)
-            c.links[sid] = (link, LengthPrefixedDecoder(MAX_LINK_FRAME))
+            c.links[sid] = (link, LengthPrefixedDecoder(MAX_LINK_FRAME, check_from_gateway))
             self.links[link] = (c, sid)
             c.out[sid] = bytearray()
             c.h2.send_headers(sid, [(":status", "200"), ("content-type", "application/msgpack")])
@@ -176,9 +176,7 @@ class DeskServer:
                 return
             link, dec = entry
             try:
-                frames = dec.feed(ev.data)
-                for f in frames:
-                    check_from_gateway(f)
+                for f in dec.feed(ev.data):
                     self._actions(self.desk.on_frame(link, f))
             except ProtocolError as e:
                 print(f"desk-sim: bad frame on link {link}: {e}", file=sys.stderr)

@@ -18,7 +18,6 @@ I/O tasks are started by :meth:`Forwarder.run`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import random
 import ssl
@@ -31,7 +30,7 @@ from gateway.downstream.admission import Admission, ClusterLoad
 from gateway.downstream.balancer import Balancer, Endpoint
 from gateway.downstream.breaker import OPEN, STATE_NAMES, Breaker, OutlierDetector
 from gateway.downstream.link import Link
-from gateway.downstream.proto import encode
+from gateway.downstream.proto import encode, encode_msg, msg_head
 from gateway.downstream.routing import StickyTable
 from gateway.downstream.settings import ClusterSpec, DownstreamSettings
 from gateway.ops import names as metrics
@@ -70,7 +69,9 @@ class _Out:
 class Flow:
     """Downstream state of one session."""
 
-    __slots__ = ("agent", "cluster", "ep", "link", "probe", "route", "sent", "waiting")
+    __slots__ = (
+        "agent", "cluster", "ep", "head", "head_route", "link", "probe", "route", "sent", "waiting",
+    )  # fmt: skip
 
     def __init__(self, route: Any) -> None:
         self.route = route
@@ -83,6 +84,10 @@ class Flow:
         # holds a half-open probe slot of ``ep`` (granted by the pick; used by
         # the next message sent, or released)
         self.probe = False
+        # the unchanging part of the session's msg frames, and the route it
+        # was made for (proto.msg_head)
+        self.head = b""
+        self.head_route: Any = None
 
 
 class _Ep:
@@ -107,7 +112,9 @@ class _Ep:
 
 
 class _Cluster:
-    __slots__ = ("balancer", "eps", "inflight", "name", "spec", "waiting")
+    __slots__ = (
+        "balancer", "eps", "inflight", "m_error", "m_latency", "m_ok", "name", "spec", "waiting",
+    )  # fmt: skip
 
     def __init__(self, spec: ClusterSpec) -> None:
         self.name = spec.name
@@ -116,6 +123,11 @@ class _Cluster:
         self.inflight = 0
         self.waiting = 0  # messages buffered in sessions for this cluster
         self.balancer: Balancer
+        # the cluster's metric children, looked up once (a registry never
+        # drops a child)
+        self.m_latency = metrics.DOWNSTREAM_LATENCY.labels(spec.name)
+        self.m_ok = metrics.DOWNSTREAM_REQUESTS.labels(spec.name, "ok")
+        self.m_error = metrics.DOWNSTREAM_REQUESTS.labels(spec.name, "error")
 
     def load(self, now: float) -> ClusterLoad:
         return ClusterLoad(
@@ -185,12 +197,17 @@ class Forwarder:
         # per link, sent messages in deadline order: (deadline, session, n)
         self._deadlines: deque[tuple[float, Session, int]] = deque()
         self._now = 0.0
+        self._m_ack = metrics.MESSAGE_ACK.labels()
 
     # -- helpers --------------------------------------------------------------
     def _time(self) -> float:
-        with contextlib.suppress(RuntimeError):  # outside trio, tests set _now
-            self._now = trio.current_time()
-        return self._now
+        # (not contextlib.suppress: this runs for every message)
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # outside trio: tests set _now
+            return self._now
+        self._now = now
+        return now
 
     def _target_group(self, route: Any) -> str:
         """The group whose cluster serves ``route`` now (its bot group at the
@@ -292,14 +309,23 @@ class Forwarder:
             fl = s.ds = Flow(self.router.entry_group(s.tags))
         now = self._time()
         new_route = self.router.message_group(fl.route, body)
-        if new_route != fl.route:
+        if new_route is not fl.route:  # message_group returns it when unchanged
             fl.route = new_route
             fl.link = None  # re-open in the new group
         out = _Out(n, msg_id, body, now)
         c = fl.cluster
-        verdict = self.admission.admit_message(
-            len(fl.sent), len(fl.waiting), c.load(now) if c is not None else _NO_LOAD
-        )
+        if c is None:
+            verdict = self.admission.message_verdict(len(fl.sent), len(fl.waiting), True, 0)
+        else:
+            # the session's own endpoint being fine answers "is any endpoint
+            # available" without going over the cluster's endpoints
+            ep = fl.ep
+            available = (ep is not None and ep.cluster is c and self._ep_ok(ep, now)) or (
+                c.balancer.available(now) > 0
+            )
+            verdict = self.admission.message_verdict(
+                len(fl.sent), len(fl.waiting), available, c.inflight
+            )
         if verdict == "refuse":
             self._refuse(s, out, "session queue full")
             return True
@@ -394,46 +420,40 @@ class Forwarder:
         else:
             max_sess = self.s.admission.max_inflight_per_session
         c = ep.cluster
-        max_link = self.s.max_inflight_per_link
-        max_pending = self.s.admission.max_pending_per_cluster
-        timeout = self.s.request_timeout_s
-        group = self._target_group(fl.route)
-        stage = str(fl.route.stage)
+        settings = self.s
+        max_link = settings.max_inflight_per_link
+        max_pending = settings.admission.max_pending_per_cluster
+        deadline = now + settings.request_timeout_s
         sid = s.sid
-        bal = c.balancer
+        if fl.head_route is not fl.route:
+            route = fl.head_route = fl.route
+            fl.head = msg_head(sid, self._target_group(route), str(route.stage))
+        head = fl.head
+        endpoint = ep.endpoint
+        deadlines = self._deadlines
+        waiting, sent = fl.waiting, fl.sent
         while (
-            fl.waiting
-            and len(fl.sent) < max_sess
+            waiting
+            and len(sent) < max_sess
             and link.inflight < max_link
             and c.inflight < max_pending
             and not link.full
         ):
-            out = fl.waiting.popleft()
+            out = waiting.popleft()
             c.waiting -= 1
             out.attempts += 1
             out.t0 = now
-            out.deadline = now + timeout
+            out.deadline = deadline
             out.ep = ep
             out.link = link
-            fl.sent[out.n] = out
+            n = out.n
+            sent[n] = out
             link.inflight += 1
             c.inflight += 1
-            bal.start(ep.endpoint)
-            self._deadlines.append((out.deadline, s, out.n))
-            link.send(
-                encode(
-                    {
-                        "t": "msg",
-                        "sid": sid,
-                        "n": out.n,
-                        "id": out.msg_id,
-                        "body": out.body,
-                        "group": group,
-                        "stage": stage,
-                    }
-                )
-            )
-        if fl.waiting:
+            endpoint.outstanding += 1  # Balancer.start
+            deadlines.append((deadline, s, n))
+            link.send(encode_msg(head, n, out.msg_id, out.body))
+        if waiting:
             self._backlog[sid] = s
         else:
             self._backlog.pop(sid, None)
@@ -453,13 +473,14 @@ class Forwarder:
         if ep is None or link is None:
             return
         link.inflight -= 1
-        ep.cluster.inflight -= 1
-        latency = self._now - out.t0
-        ep.cluster.balancer.finish(ep.endpoint, self._now, latency, ok)
+        c = ep.cluster
+        c.inflight -= 1
+        now = self._now
+        latency = now - out.t0
+        c.balancer.finish(ep.endpoint, now, latency, ok)
         if count:
-            cname = ep.cluster.name
-            metrics.DOWNSTREAM_LATENCY.labels(cname).observe(latency)
-            metrics.DOWNSTREAM_REQUESTS.labels(cname, "ok" if ok else "error").inc()
+            c.m_latency.observe(latency)
+            (c.m_ok if ok else c.m_error).inc()
         out.ep = None
         out.link = None
 
@@ -537,6 +558,7 @@ class Forwarder:
             return
         self._time()
         sessions = hub.sessions
+        ack_seconds = self._m_ack
         freed = False
         for f in frames:
             s = sessions.get(f["sid"])
@@ -558,7 +580,7 @@ class Forwarder:
                 self._finish(out, ok=True)
                 # from the visitor's message to its ack: queueing while no
                 # endpoint could take it and redeliveries included
-                metrics.MESSAGE_ACK.observe(self._now - out.received)
+                ack_seconds.observe(self._now - out.received)
                 hub.downstream_ack(s, out.msg_id)
                 freed = True
                 if fl is not None and fl.waiting:
@@ -647,9 +669,6 @@ class Forwarder:
             while True:
                 await trio.sleep(TICK_S)
                 self.tick(trio.current_time())
-
-
-_NO_LOAD: Final = ClusterLoad(available_endpoints=1, pending=0, inflight=0, capacity=1)
 
 
 def _client_ssl(spec: ClusterSpec) -> ssl.SSLContext:

@@ -65,7 +65,7 @@ class LinkCore:
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 16384,
             },
         )
-        self.decoder = LengthPrefixedDecoder(MAX_LINK_FRAME)
+        self.decoder = LengthPrefixedDecoder(MAX_LINK_FRAME, check_from_downstream)
         self.out = bytearray()
         self.stream = 0
         self.status: int | None = None
@@ -134,8 +134,7 @@ class LinkCore:
                 if ev.stream_id != self.stream:
                     continue
                 try:
-                    for f in self.decoder.feed(ev.data):
-                        frames.append(check_from_downstream(f))
+                    frames += self.decoder.feed(ev.data)
                 except ProtocolError as e:
                     raise LinkError(f"bad frame from downstream: {e}") from None
             elif isinstance(ev, h2.events.ResponseReceived):
@@ -262,7 +261,7 @@ class Link:
     @property
     def full(self) -> bool:
         c = self.core
-        return c is None or c.backlog >= self.high_water
+        return c is None or len(c.out) >= self.high_water  # c.backlog, inlined
 
     def send(self, data: bytes) -> None:
         """Queues encoded frames (only while up)."""

@@ -13,6 +13,7 @@ Downstream -> gateway: ``ack``, ``nack``, ``deliver``, ``assign``,
 
 from __future__ import annotations
 
+import struct
 from typing import Any, Final
 
 import msgpack
@@ -26,6 +27,8 @@ __all__ = [
     "check_from_downstream",
     "check_from_gateway",
     "encode",
+    "encode_msg",
+    "msg_head",
 ]
 
 LINK_PATH: Final = "/v1/link"
@@ -34,6 +37,9 @@ MAX_LINK_FRAME: Final = 96 * 1024
 MAX_NAME: Final = 128
 
 _packb = msgpack.Packer(use_bin_type=True).pack
+_U32: Final = struct.Struct(">I")
+_KEY_ID: Final = _packb("id")
+_KEY_BODY: Final = _packb("body")
 
 
 def encode(frame: dict[str, Any]) -> bytes:
@@ -41,8 +47,42 @@ def encode(frame: dict[str, Any]) -> bytes:
     return length_prefix(_packb(frame))
 
 
+def msg_head(sid: str, group: str, stage: str) -> bytes:
+    """The part of a session's ``msg`` frames that stays the same from one
+    message to the next (see :func:`encode_msg`)."""
+    head = {"t": "msg", "sid": sid, "group": group, "stage": stage}
+    # a map of 7 entries (fixmap 0x87): these 4, then n, id and body
+    parts: list[bytes] = [b"\x87"]
+    for k, v in head.items():
+        parts += (_packb(k), _packb(v))
+    parts.append(_packb("n"))
+    return b"".join(parts)
+
+
+def encode_msg(head: bytes, n: int, msg_id: Any, body: Any) -> bytes:
+    """The length-prefixed ``msg`` frame for message ``n`` of the session
+    whose :func:`msg_head` is ``head``: the same bytes as :func:`encode` of
+    the whole map, without packing the unchanging part again."""
+    payload = b"".join((head, _packb(n), _KEY_ID, _packb(msg_id), _KEY_BODY, _packb(body)))
+    return _U32.pack(len(payload)) + payload
+
+
 def _bad(reason: str) -> ProtocolError:
     return ProtocolError(Code.BAD_FRAME, reason)
+
+
+def _frame(f: Any) -> str:
+    """The frame's type, after checking it is a map with a string ``t``
+    and a string ``sid``."""
+    if type(f) is not dict:
+        raise _bad("frame is not a map")
+    t = f.get("t")
+    if type(t) is not str:
+        raise _bad("missing or non-string t")
+    sid = f.get("sid")
+    if type(sid) is not str or len(sid) > MAX_NAME:
+        raise _bad(f"{t[:32]}.sid must be a string of at most {MAX_NAME} characters")
+    return t
 
 
 def _str(f: dict[str, Any], key: str, optional: bool = False) -> None:
@@ -65,13 +105,25 @@ def _body(f: dict[str, Any]) -> None:
         raise _bad(f"{f['t']}.body must be a string or bytes")
 
 
-def check_from_downstream(f: dict[str, Any]) -> dict[str, Any]:
-    """Validates a frame a downstream sent to the gateway (already decoded
-    by :class:`gateway.protocol.codec.LengthPrefixedDecoder`)."""
-    t = f["t"]
-    _str(f, "sid")
+def _short_strings(m: Any) -> bool:
+    """A map of short strings to short strings."""
+    return type(m) is dict and all(
+        type(k) is str and type(v) is str and len(k) <= MAX_NAME and len(v) <= MAX_NAME
+        for k, v in m.items()
+    )
+
+
+def check_from_downstream(f: Any) -> dict[str, Any]:
+    """Validates an object decoded from a downstream's frame (the check of
+    the link's :class:`gateway.protocol.codec.LengthPrefixedDecoder`): every
+    field the gateway reads has its type and bounds; other keys are
+    ignored."""
+    t = _frame(f)
+    frame: dict[str, Any] = f
     if t == "ack":
-        _uint(f, "n")
+        n = f.get("n")
+        if type(n) is not int or n < 0:
+            raise _bad("ack.n must be an int >= 0")
     elif t == "nack":
         _uint(f, "n")
         c = f.get("code", 0)
@@ -80,10 +132,7 @@ def check_from_downstream(f: dict[str, Any]) -> dict[str, Any]:
     elif t == "deliver":
         _body(f)
         sender = f.get("from")
-        if sender is not None and (
-            type(sender) is not dict
-            or any(type(v) is not str or len(v) > MAX_NAME for v in sender.values())
-        ):
+        if sender is not None and not _short_strings(sender):
             raise _bad("deliver.from must be a map of short strings")
     elif t == "assign":
         _str(f, "agent")
@@ -92,13 +141,14 @@ def check_from_downstream(f: dict[str, Any]) -> dict[str, Any]:
         _str(f, "group", optional=True)
     else:
         raise ProtocolError(Code.UNKNOWN_TYPE, f"unknown downstream frame {t[:32]!r}")
-    return f
+    return frame
 
 
-def check_from_gateway(f: dict[str, Any]) -> dict[str, Any]:
-    """Validates a frame a gateway sent to a downstream (used by desk-sim)."""
-    t = f["t"]
-    _str(f, "sid")
+def check_from_gateway(f: Any) -> dict[str, Any]:
+    """Validates an object decoded from a gateway's frame (used by
+    desk-sim, as its link decoder's check)."""
+    t = _frame(f)
+    frame: dict[str, Any] = f
     if t == "msg":
         _uint(f, "n")
         _body(f)
@@ -109,10 +159,11 @@ def check_from_gateway(f: dict[str, Any]) -> dict[str, Any]:
         _str(f, "group")
         _str(f, "stage")
         _str(f, "agent", optional=True)
-        if type(f.get("tags", {})) is not dict:
-            raise _bad("open.tags must be a map")
+        tags = f.get("tags", {})
+        if type(tags) is not dict or not all(type(k) is str for k in tags):
+            raise _bad("open.tags must be a map with string keys")
     elif t == "close":
         pass
     else:
         raise ProtocolError(Code.UNKNOWN_TYPE, f"unknown gateway frame {t[:32]!r}")
-    return f
+    return frame

@@ -32,6 +32,7 @@ import enum
 import json
 import re
 import struct
+from collections.abc import Callable
 from typing import Any, Final
 
 import msgpack
@@ -170,11 +171,9 @@ def _decode_json(data: str, max_size: int) -> dict[str, Any]:
     return frame
 
 
-def _decode_msgpack(data: bytes | bytearray, max_size: int) -> dict[str, Any]:
-    if len(data) > max_size:
-        raise ProtocolError(Code.TOO_BIG)
+def _unpack(data: bytes | bytearray) -> Any:
     try:
-        obj = msgpack.unpackb(
+        return msgpack.unpackb(
             data,
             raw=False,
             strict_map_key=True,
@@ -185,7 +184,12 @@ def _decode_msgpack(data: bytes | bytearray, max_size: int) -> dict[str, Any]:
     except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as e:
         # FormatError, StackError, ExtraData, UnicodeDecodeError, limits ...
         raise _bad(f"bad msgpack: {type(e).__name__}") from None
-    return _check_frame(obj)
+
+
+def _decode_msgpack(data: bytes | bytearray, max_size: int) -> dict[str, Any]:
+    if len(data) > max_size:
+        raise ProtocolError(Code.TOO_BIG)
+    return _check_frame(_unpack(data))
 
 
 def decode_frame(data: bytes | str, max_size: int) -> dict[str, Any]:
@@ -241,14 +245,23 @@ class LengthPrefixedDecoder:
     :meth:`feed` decodes every complete frame in what it is given (the caller
     bounds chunk sizes; HTTP/2 flow control does). After an error the decoder
     is unusable: every later :meth:`feed` raises the same error.
+
+    ``check`` validates each decoded object and returns it as a frame, or
+    raises :class:`ProtocolError`; by default the shape checks of this
+    module. A protocol that validates every field it reads itself (the
+    downstream link, :mod:`gateway.downstream.proto`) passes its own check
+    instead, so a frame is not walked twice.
     """
 
-    __slots__ = ("_buf", "_error", "_max")
+    __slots__ = ("_buf", "_check", "_error", "_max")
 
-    def __init__(self, max_frame: int) -> None:
+    def __init__(
+        self, max_frame: int, check: Callable[[Any], dict[str, Any]] = _check_frame
+    ) -> None:
         if max_frame < 1:
             raise ValueError("max_frame must be positive")
         self._max = max_frame
+        self._check = check
         self._buf = bytearray()
         self._error: ProtocolError | None = None
 
@@ -276,6 +289,7 @@ class LengthPrefixedDecoder:
         end = len(src)
         pos = 0
         mx = self._max
+        check = self._check
         while end - pos >= LENGTH_PREFIX:
             (n,) = _U32.unpack_from(src, pos)
             if n > mx:
@@ -283,7 +297,7 @@ class LengthPrefixedDecoder:
             start = pos + LENGTH_PREFIX
             if end - start < n:
                 break
-            frames.append(_decode_msgpack(src[start : start + n], mx))
+            frames.append(check(_unpack(src[start : start + n])))
             pos = start + n
         if src is self._buf:
             del self._buf[:pos]
