@@ -119,6 +119,42 @@ def test_breaker_never_has_more_probes_out_than_allowed(ops: list[tuple[str, flo
         assert b._probes_out + b._probes_ok <= cfg.half_open_probes
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(0, 0.7), st.booleans(), st.sampled_from([0.0, 0.0, 2.0])),
+        max_size=300,
+    )
+)
+def test_breaker_rate_trip_matches_a_rolling_window_model(
+    calls: list[tuple[float, bool, float]],
+) -> None:
+    """The failure/slow-rate trip happens at exactly the call where a plain
+    recount of the last 10 buckets says it should (the breaker keeps running
+    sums instead of recounting)."""
+    cfg = BreakerConfig(consecutive_failures=10_000, min_requests=8, failure_rate=0.5,
+                        window_s=2.0, slow_call_s=1.0, slow_call_rate=0.6)  # fmt: skip
+    b = Breaker(cfg, 0.0)
+    bucket_s = cfg.window_s / 10
+    seen: list[tuple[int, bool, bool]] = []
+    now = 0.0
+    for dt, ok, latency in calls:
+        now += dt
+        idx = int(now / bucket_s)
+        seen.append((idx, ok, latency > cfg.slow_call_s))
+        window = [c for c in seen if c[0] > idx - 10]
+        n = len(window)
+        fails = sum(1 for c in window if not c[1])
+        slows = sum(1 for c in window if c[2])
+        expect_trip = n >= cfg.min_requests and (
+            fails >= cfg.failure_rate * n or slows >= cfg.slow_call_rate * n
+        )
+        b.record(now, ok, latency)
+        assert (b.state(now) == OPEN) == expect_trip, (len(seen), n, fails, slows)
+        if expect_trip:
+            break
+
+
 def test_breaker_config_rejects_bad_values() -> None:
     for bad in (
         {"consecutive_failures": 0},
@@ -347,6 +383,13 @@ def test_admission_of_messages_buffers_then_refuses() -> None:
     assert a.admit_message(2, 0, up) == "buffer"
     assert a.admit_message(0, 0, down) == "buffer"
     assert a.admit_message(0, 3, down) == "refuse"
+    # the same rules on plain values (the forwarder's per-message path)
+    assert a.message_verdict(0, 0, True, 0) == "send"
+    assert a.message_verdict(1, 0, True, 0) == "send"
+    assert a.message_verdict(2, 0, True, 0) == "buffer"
+    assert a.message_verdict(0, 0, False, 0) == "buffer"
+    assert a.message_verdict(0, 0, True, 4096) == "buffer"  # cluster at max_pending
+    assert a.message_verdict(0, 3, True, 0) == "refuse"
 
 
 # -- rate limits ---------------------------------------------------------------
