@@ -31,12 +31,15 @@ import h2.exceptions
 import h2.settings
 import trio
 
+from gateway import h2repr
 from gateway.downstream.desk import Desk, DeskConfig
 from gateway.downstream.proto import LINK_PATH, MAX_LINK_FRAME, check_from_gateway, encode
 from gateway.gctune import tune_gc
 from gateway.netio import write_some
 from gateway.protocol.codec import LengthPrefixedDecoder
 from gateway.protocol.codes import ProtocolError
+
+h2repr.install()  # h2 formats every received frame eagerly: make DATA frames cheap
 
 __all__ = ["DeskServer", "run_desk_sim", "serve_desk"]
 

@@ -25,10 +25,13 @@ import h2.exceptions
 import h2.settings
 import trio
 
+from gateway import h2repr
 from gateway.downstream.proto import LINK_PATH, MAX_LINK_FRAME, check_from_downstream
 from gateway.netio import write_some
 from gateway.protocol.codec import LengthPrefixedDecoder
 from gateway.protocol.codes import ProtocolError
+
+h2repr.install()  # h2 formats every received frame eagerly: make DATA frames cheap
 
 __all__ = ["Link", "LinkCore", "LinkError", "LinkOwner"]
 

@@ -24,12 +24,15 @@ import h2.exceptions
 import h2.settings
 import trio
 
+from gateway import h2repr
 from gateway.protocol.codec import Encoding, LengthPrefixedDecoder, encode_frame, length_prefix
 from gateway.protocol.codes import Code, ProtocolError
 from gateway.server.h2compact import SmallDeque, compact
 from gateway.server.pipe import RawPipe
 from gateway.server.shell import ConnShell
 from gateway.session.visitor import VisitorProtocol
+
+h2repr.install()  # h2 formats every received frame eagerly: make DATA frames cheap
 
 if TYPE_CHECKING:
     from gateway.server.pipe import TlsPipe
