@@ -429,7 +429,7 @@ class Forwarder:
             route = fl.head_route = fl.route
             fl.head = msg_head(sid, self._target_group(route), str(route.stage))
         head = fl.head
-        endpoint = ep.endpoint
+        endpoint, bal = ep.endpoint, c.balancer
         deadlines = self._deadlines
         waiting, sent = fl.waiting, fl.sent
         while (
@@ -450,7 +450,7 @@ class Forwarder:
             sent[n] = out
             link.inflight += 1
             c.inflight += 1
-            endpoint.outstanding += 1  # Balancer.start
+            bal.start(endpoint)
             deadlines.append((deadline, s, n))
             link.send(encode_msg(head, n, out.msg_id, out.body))
         if waiting:
