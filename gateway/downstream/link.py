@@ -264,7 +264,7 @@ class Link:
     @property
     def full(self) -> bool:
         c = self.core
-        return c is None or len(c.out) >= self.high_water  # c.backlog, inlined
+        return c is None or c.backlog >= self.high_water
 
     def send(self, data: bytes) -> None:
         """Queues encoded frames (only while up)."""

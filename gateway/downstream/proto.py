@@ -13,7 +13,6 @@ Downstream -> gateway: ``ack``, ``nack``, ``deliver``, ``assign``,
 
 from __future__ import annotations
 
-import struct
 from typing import Any, Final
 
 import msgpack
@@ -37,7 +36,6 @@ MAX_LINK_FRAME: Final = 96 * 1024
 MAX_NAME: Final = 128
 
 _packb = msgpack.Packer(use_bin_type=True).pack
-_U32: Final = struct.Struct(">I")
 _KEY_ID: Final = _packb("id")
 _KEY_BODY: Final = _packb("body")
 
@@ -63,8 +61,9 @@ def encode_msg(head: bytes, n: int, msg_id: Any, body: Any) -> bytes:
     """The length-prefixed ``msg`` frame for message ``n`` of the session
     whose :func:`msg_head` is ``head``: the same bytes as :func:`encode` of
     the whole map, without packing the unchanging part again."""
-    payload = b"".join((head, _packb(n), _KEY_ID, _packb(msg_id), _KEY_BODY, _packb(body)))
-    return _U32.pack(len(payload)) + payload
+    return length_prefix(
+        b"".join((head, _packb(n), _KEY_ID, _packb(msg_id), _KEY_BODY, _packb(body)))
+    )
 
 
 def _bad(reason: str) -> ProtocolError:
@@ -79,9 +78,7 @@ def _frame(f: Any) -> str:
     t = f.get("t")
     if type(t) is not str:
         raise _bad("missing or non-string t")
-    sid = f.get("sid")
-    if type(sid) is not str or len(sid) > MAX_NAME:
-        raise _bad(f"{t[:32]}.sid must be a string of at most {MAX_NAME} characters")
+    _str(f, "sid")
     return t
 
 
@@ -121,9 +118,7 @@ def check_from_downstream(f: Any) -> dict[str, Any]:
     t = _frame(f)
     frame: dict[str, Any] = f
     if t == "ack":
-        n = f.get("n")
-        if type(n) is not int or n < 0:
-            raise _bad("ack.n must be an int >= 0")
+        _uint(f, "n")
     elif t == "nack":
         _uint(f, "n")
         c = f.get("code", 0)
