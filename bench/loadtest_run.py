@@ -49,15 +49,30 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=2000.0)
     ap.add_argument("--active", type=int, default=20_000)
     ap.add_argument("--url-kind", choices=["ws", "h2"], default="ws")
+    ap.add_argument(
+        "--engine",
+        choices=["python", "native"],
+        default="python",
+        help="load client engine (native: gw-loadgen, ws only)",
+    )
+    ap.add_argument(
+        "--window",
+        type=int,
+        default=1,
+        help="messages in flight per active connection (closed loop with --rate 0)",
+    )
     ap.add_argument("--desk-processes", type=int, default=0,
                     help="forward to a `gateway desk-sim` with this many processes "
                          "(0: the in-process demo bot)")  # fmt: skip
+    ap.add_argument("--log-level", default="warning", help="gateway and desk-sim log level")
     ap.add_argument("--out", type=Path, default=Path("/tmp/loadtest-run"))
     args = ap.parse_args()
     tune_loopback()
     args.out.mkdir(parents=True, exist_ok=True)
     port, ops = free_port(), free_port()
-    env = dict(os.environ, GATEWAY_STATE_DIR=str(args.out / "state"), GATEWAY_LOG_LEVEL="warning")
+    env = dict(
+        os.environ, GATEWAY_STATE_DIR=str(args.out / "state"), GATEWAY_LOG_LEVEL=args.log_level
+    )
     gw_log = open(args.out / "gateway.log", "wb")  # noqa: SIM115
     serve = [
         *(sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}"),
@@ -103,6 +118,7 @@ def main() -> None:
         "--connections", str(args.connections), "--ramp", str(args.ramp),
         "--duration", str(args.duration), "--rate", str(args.rate),
         "--active", str(args.active), "--max-runtime", "1500",
+        "--engine", args.engine, "--window", str(args.window),
         "--json", str(args.out / "result.json"), "--html", str(args.out / "report.html"),
     ]  # fmt: skip
     t_start = time.monotonic()

@@ -461,3 +461,59 @@ async def test_plain_link_is_read_by_the_reactor_and_leaves_it_when_it_goes_down
                 fd = link._stream.socket.fileno()
                 assert reactor.handlers[fd] is link._watch is not watch
                 await answered(gw, "w", "two")
+
+
+async def _raw_link(port: int) -> tuple[trio.SocketStream, Any]:
+    """A gateway-side link to desk-sim driven by hand (LinkCore over a
+    plain socket): the test decides when to read and how to hang up."""
+    from gateway.downstream.link import LinkCore
+
+    sock = await trio.open_tcp_stream("127.0.0.1", port)
+    core = LinkCore()
+    core.start(f"127.0.0.1:{port}", [])
+    await sock.send_all(core.flush())
+    with trio.fail_after(5):
+        while core.status is None:
+            core.receive(await sock.receive_some(1 << 16))
+            await sock.send_all(core.flush())
+    return sock, core
+
+
+def _open(sid: str) -> bytes:
+    from gateway.downstream.proto import encode
+
+    return encode(
+        {"t": "open", "sid": sid, "tenant": "t", "visitor": sid, "tags": {},
+         "group": "general", "stage": "human", "agent": None}
+    )  # fmt: skip
+
+
+async def test_desk_sim_outlives_a_gateway_connection_reset_while_it_writes() -> None:
+    """A gateway that announces sessions, reads none of the answers and
+    then resets its connection (a worker killed, a link dropped by its
+    health check) ends that connection only: desk-sim goes on serving the
+    others and accepts new ones."""
+    async with desk(think_ms=0) as (port, srv, _):
+        for round_ in range(2):
+            sock, core = await _raw_link(port)
+            for i in range(4000):  # an assignment comes back for each
+                core.queue(_open(f"r{round_}-{i}"))
+            with trio.move_on_after(1):  # until the windows or buffers fill
+                while core.backlog:
+                    await sock.send_all(core.flush())
+                    await trio.sleep(0)
+            await trio.sleep(0.2)  # desk-sim is now blocked writing to us
+            sock.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            await sock.aclose()  # RST: desk-sim's send fails
+            with trio.fail_after(5):
+                while srv.conns:
+                    await trio.sleep(0.02)
+        sock, core = await _raw_link(port)  # still serving
+        core.queue(_open("after"))
+        await sock.send_all(core.flush())
+        got: list[dict[str, Any]] = []
+        with trio.fail_after(5):
+            while not any(f.get("sid") == "after" for f in got):
+                got += core.receive(await sock.receive_some(1 << 16))
+                await sock.send_all(core.flush())
+        await sock.aclose()

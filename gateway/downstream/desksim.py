@@ -22,6 +22,7 @@ import random
 import signal
 import socket
 import sys
+import traceback
 from typing import Any, Final, TextIO
 
 import h2.config
@@ -114,8 +115,12 @@ class DeskServer:
                     n.start_soon(self._writer, c)
                     await self._reader(c)
                     n.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # this gateway's connection broke (reset, GOAWAY, dropped): the others go on
+        except* Exception as eg:
+            # a defect handling one gateway must not end the other gateways' links
+            print("desk-sim: a gateway connection failed:", file=sys.stderr)
+            traceback.print_exception(eg, file=sys.stderr)
         finally:
             self.conns -= 1
             for sid_stream in list(c.links):

@@ -54,7 +54,16 @@ class LinkCore:
     """Sans-IO link state. Frames go in with :meth:`queue` (already encoded)
     and come out of :meth:`receive` (validated dicts)."""
 
-    __slots__ = ("decoder", "h2", "out", "ping_sent", "status", "stream")
+    __slots__ = (
+        "decoder",
+        "h2",
+        "out",
+        "ping_received",
+        "ping_sent",
+        "received",
+        "status",
+        "stream",
+    )
 
     def __init__(self) -> None:
         cfg = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
@@ -73,6 +82,8 @@ class LinkCore:
         self.stream = 0
         self.status: int | None = None
         self.ping_sent = 0.0  # time of the unanswered PING, 0 when none
+        self.received = 0  # reads handed to receive(): any of them shows the peer alive
+        self.ping_received = 0  # ``received`` when the unanswered PING went out
 
     def start(self, authority: str, headers: list[tuple[str, str]]) -> None:
         h = self.h2
@@ -122,9 +133,29 @@ class LinkCore:
 
     def ping(self, now: float) -> None:
         self.ping_sent = now
+        self.ping_received = self.received
         self.h2.ping(b"gwhealth")
 
+    def healthy(self, now: float, timeout: float) -> bool:
+        """One health-check round: sends a PING when none is outstanding
+        (the caller flushes it). False when the downstream sent nothing at
+        all for ``timeout`` after the outstanding PING: the link is dead.
+        Its PING ACK is the usual proof of life, but any bytes count (as
+        gRPC's keepalive counts any activity): a downstream busy answering
+        a backlog, its ACK queued behind the answers, keeps its link, and
+        the wait for the ACK starts again."""
+        if not self.ping_sent:
+            self.ping(now)
+            return True
+        if now - self.ping_sent <= timeout:
+            return True
+        if self.received == self.ping_received:
+            return False
+        self.ping_sent, self.ping_received = now, self.received
+        return True
+
     def receive(self, data: bytes | bytearray) -> list[dict[str, Any]]:
+        self.received += 1
         try:
             events = self.h2.receive_data(bytes(data))
         except h2.exceptions.ProtocolError as e:
@@ -438,12 +469,14 @@ class Link:
     async def _health(self, core: LinkCore) -> None:
         while True:
             await trio.sleep(self.health_interval_s)
-            now = trio.current_time()
-            if core.ping_sent and now - core.ping_sent > self.health_timeout_s:
-                raise LinkError(f"health check: no PING answer in {self.health_timeout_s} s")
-            if not core.ping_sent:
-                core.ping(now)
-                self._wake.set()
+            pinged = core.ping_sent
+            if not core.healthy(trio.current_time(), self.health_timeout_s):
+                raise LinkError(
+                    f"health check: nothing from the downstream in {self.health_timeout_s} s "
+                    "after a PING"
+                )
+            if not pinged:
+                self._wake.set()  # the new PING goes out
 
 
 class _ReactorRead:
