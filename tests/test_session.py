@@ -473,3 +473,31 @@ def test_the_forwarder_hint_carries_endpoint_and_agent() -> None:
     assert got is not None and got[1] == "general-agent-3" and got[0] == hint["ep"]
     new.moved_in(None, s, {"ep": 3, "agent": []})  # type: ignore[arg-type]  # ignored
     assert new.sticky.get("t", "v", new._time()) == got
+
+
+def test_desk_queues_sessions_for_busy_agents_first_come_first_served() -> None:
+    """With every agent busy, new sessions wait in order and are told
+    their place; a session that ends leaves the queue; an agent set free
+    takes the longest-waiting session that is still there."""
+    from gateway.downstream.desk import Desk, DeskConfig
+
+    desk = Desk(DeskConfig(agents=1, capacity=1))
+
+    def opened(sid: str) -> list[dict[str, Any]]:
+        f = {"t": "open", "sid": sid, "tenant": "t", "visitor": sid, "group": "g",
+             "stage": "human", "agent": None}  # fmt: skip
+        return [a[2] for a in desk.on_frame(1, f)]
+
+    def closed(sid: str) -> list[dict[str, Any]]:
+        return [a[2] for a in desk.on_frame(1, {"t": "close", "sid": sid, "reason": "ended"})]
+
+    assert opened("s1")[0]["t"] == "assign"
+    for i, sid in enumerate(["s2", "s3", "s4"], start=1):
+        (told,) = opened(sid)
+        assert told["t"] == "deliver" and f"number {i} in the queue" in told["body"]
+    assert closed("s2") == []  # left while waiting: nobody is freed
+    (nxt,) = closed("s1")
+    assert nxt == {"t": "assign", "sid": "s3", "agent": "g-agent-1", "group": "g"}
+    (nxt,) = closed("s3")
+    assert nxt["sid"] == "s4"
+    assert closed("s4") == [] and not desk.waiting["g"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -81,7 +82,10 @@ class Desk:
         self.sessions: dict[str, _Session] = {}
         # group -> agent name -> sessions assigned
         self.load: dict[str, dict[str, int]] = {}
-        self.waiting: dict[str, list[str]] = {}  # group -> sids queued for an agent
+        # group -> sids queued for an agent, first come first served; an
+        # OrderedDict, not a list: with tens of thousands waiting, a list's
+        # membership test and front pop made every open cost O(queue)
+        self.waiting: dict[str, OrderedDict[str, None]] = {}
         self.messages = 0
         self.stalled = False
         self.stats: dict[str, int] = {
@@ -209,9 +213,8 @@ class Desk:
             if free:
                 agent = min(free, key=lambda a: load[a])
         if agent is None:
-            q = self.waiting.setdefault(s.group, [])
-            if sid not in q:
-                q.append(sid)
+            q = self.waiting.setdefault(s.group, OrderedDict())
+            q[sid] = None  # a session already queued keeps its place
             text = f"All agents are busy; you are number {len(q)} in the queue."
             return [(0.0, sid, _deliver(sid, text, "system", "queue"))]
         load[agent] += 1
@@ -226,7 +229,7 @@ class Desk:
         s.agent = None
         q = self.waiting.get(s.group)
         while q:
-            nxt = self.sessions.get(q.pop(0))
+            nxt = self.sessions.get(q.popitem(last=False)[0])
             if nxt is not None and nxt.agent is None and nxt.stage == "human":
                 return self._assign(nxt, nxt.sid, None)
         return []
@@ -236,8 +239,8 @@ class Desk:
         if s is None:
             return []
         q = self.waiting.get(s.group)
-        if q and sid in q:
-            q.remove(sid)
+        if q:
+            q.pop(sid, None)
         return self._release(s)
 
     def link_closed(self, link: int) -> None:
