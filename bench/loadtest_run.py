@@ -4,6 +4,13 @@ gateway's memory and its own /metrics sampled while the connections are held.
     .venv/bin/python bench/loadtest_run.py --connections 250000 --ramp 1200 \\
         --duration 60 --rate 2000 --active 20000 --out /tmp/lt250k
 
+    .venv/bin/python bench/loadtest_run.py --connections 100000 --ramp 2000 \\
+        --duration 30 --rate 0 --active 2000 --desk-processes 2 --engine native
+
+(``--rate 0``: closed loop, ``--window`` messages in flight per active
+connection; ``--engine native``: the Rust client; ``--log-level info``
+shows the gateway's link and breaker events in ``OUT/gateway.log``.)
+
 Starts `gateway serve --max-connections N` (the worker count follows N and
 the 20,000 open-file limit per process), runs `gateway loadtest` with the
 given flags (writing JSON and HTML into --out), samples every 5 s the
