@@ -128,13 +128,15 @@ def start_peer() -> Server:
     return Server([PY, str(ROOT / "bench/peers/websockets_echo.py"), "127.0.0.1", str(port)], port)
 
 
-def start_desk(processes: int = 1, think_ms: int = 0, reply: bool = True) -> Server:
+def start_desk(
+    processes: int = 1, think_ms: int = 0, reply: bool = True, extra: tuple[str, ...] = ()
+) -> Server:
     port = free_port()
     argv = [PY, "-m", "gateway", "desk-sim", "--listen", f"127.0.0.1:{port}",
             "--think-ms", str(think_ms), "--processes", str(processes)]  # fmt: skip
     if not reply:
         argv.append("--no-reply")
-    return Server(argv, port)
+    return Server([*argv, *extra], port)
 
 
 def start_gateway(

@@ -195,6 +195,8 @@ def _setup_desk_sim(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crash-after", metavar="N", type=_int_at_least(0), default=0,
                    help="exit abruptly after N messages (0 = never)")  # fmt: skip
     p.add_argument("--no-reply", action="store_true", help="ack only, no replies")
+    p.add_argument("--single-acks", action="store_true",
+                   help="one ack frame per message instead of one acks frame per read")  # fmt: skip
     p.add_argument("--processes", metavar="N", type=_int_at_least(1, 64), default=1,
                    help="server processes sharing the port (SO_REUSEPORT)")  # fmt: skip
     p.add_argument("--record", metavar="FILE",
@@ -217,6 +219,7 @@ def _desk_sim(args: argparse.Namespace) -> int:
         stall_after=args.stall_after,
         crash_after=args.crash_after,
         reply=not args.no_reply,
+        batch_acks=not args.single_acks,
     )
     host, port = args.listen
     return run_desk_sim(cfg, host, port, args.record, args.processes)

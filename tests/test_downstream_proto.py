@@ -15,6 +15,7 @@ from gateway.downstream.proto import (
     check_from_downstream,
     check_from_gateway,
     encode,
+    encode_acks,
     encode_msg,
     msg_head,
 )
@@ -53,6 +54,7 @@ def test_downstream_frames_the_gateway_reads_pass() -> None:
         {"t": "deliver", "sid": "s1", "body": b"\x00\xff"},
         {"t": "assign", "sid": "s1", "agent": "a1", "group": "billing"},
         {"t": "handover", "sid": "s1", "extra": [1, [2, {"x": 3}]]},  # extra keys ignored
+        {"t": "acks", "sids": {"s1": [3, 4], "s2": [1]}},  # no top-level sid
     ]
     for f in frames:
         assert _feed_downstream(f) == [f]
@@ -87,6 +89,14 @@ def test_downstream_frames_the_gateway_reads_pass() -> None:
         ),
         ({"t": "assign", "sid": "s1"}, Code.BAD_FRAME, "assign.agent"),
         ({"t": "wat", "sid": "s1"}, Code.UNKNOWN_TYPE, "unknown downstream frame"),
+        ({"t": "acks"}, Code.BAD_FRAME, "acks.sids must be a map"),
+        ({"t": "acks", "sids": [["s1", 1]]}, Code.BAD_FRAME, "acks.sids must be a map"),
+        ({"t": "acks", "sids": {"s" * 129: [1]}}, Code.BAD_FRAME, "acks.sids keys"),
+        ({"t": "acks", "sids": {"s1": 1}}, Code.BAD_FRAME, "non-empty lists"),
+        ({"t": "acks", "sids": {"s1": []}}, Code.BAD_FRAME, "non-empty lists"),
+        ({"t": "acks", "sids": {"s1": [1, -1]}}, Code.BAD_FRAME, "ints >= 0"),
+        ({"t": "acks", "sids": {"s1": [1, "2"]}}, Code.BAD_FRAME, "ints >= 0"),
+        ({"t": "acks", "sids": {"s1": list(range(300))}}, Code.BAD_FRAME, "bad msgpack"),
     ],
 )
 def test_bad_downstream_frames_are_refused_with_the_reason(
@@ -96,6 +106,12 @@ def test_bad_downstream_frames_are_refused_with_the_reason(
         _feed_downstream(frame)
     assert e.value.code == code
     assert words in str(e.value)
+
+
+def test_acks_frame_encodes_what_the_gateway_reads() -> None:
+    acks = {"sid-a": [1, 2, 3], "sid-b": [7]}
+    (got,) = LengthPrefixedDecoder(MAX_LINK_FRAME, check_from_downstream).feed(encode_acks(acks))
+    assert got == {"t": "acks", "sids": acks}
 
 
 def test_gateway_frames_checked_by_desk_sim() -> None:

@@ -40,6 +40,7 @@ class DeskConfig:
     stall_after: int = 0  # stop answering after this many messages (0 = never)
     crash_after: int = 0  # the shell exits after this many messages (0 = never)
     reply: bool = True  # send replies (False: acks only, for throughput runs)
+    batch_acks: bool = True  # the acks of one read in one ``acks`` frame (False: ``ack`` each)
     max_sessions: int = 1_000_000
 
     def __post_init__(self) -> None:

@@ -34,10 +34,16 @@ import trio
 
 from gateway import h2repr
 from gateway.downstream.desk import Desk, DeskConfig
-from gateway.downstream.proto import LINK_PATH, MAX_LINK_FRAME, check_from_gateway, encode
+from gateway.downstream.proto import (
+    LINK_PATH,
+    MAX_LINK_FRAME,
+    check_from_gateway,
+    encode,
+    encode_acks,
+)
 from gateway.gctune import tune_gc
 from gateway.netio import write_some
-from gateway.protocol.codec import LengthPrefixedDecoder
+from gateway.protocol.codec import MAX_ENTRIES, LengthPrefixedDecoder
 from gateway.protocol.codes import ProtocolError
 
 h2repr.install()  # h2 formats every received frame eagerly: make DATA frames cheap
@@ -55,7 +61,7 @@ SAFE_FRAME: Final = 16384
 
 
 class _Conn:
-    __slots__ = ("busy", "carry", "h2", "links", "out", "reading", "sock", "srv", "wake")
+    __slots__ = ("acks", "busy", "carry", "h2", "links", "out", "reading", "sock", "srv", "wake")
 
     def __init__(self, srv: DeskServer, sock: trio.SocketStream) -> None:
         self.srv = srv
@@ -73,10 +79,47 @@ class _Conn:
         )
         self.links: dict[int, tuple[int, LengthPrefixedDecoder]] = {}  # stream -> link
         self.out: dict[int, bytearray] = {}  # stream -> bytes waiting for window
+        # stream -> sid -> n: acks not packed yet (one ``acks`` frame per
+        # stream when the read's answers are written, or before any other
+        # frame for that stream, so frames keep their order)
+        self.acks: dict[int, _AckBatch] = {}
         self.wake = trio.Event()
         self.busy = False  # the writer task is in a send
         self.carry = b""  # packed by the reader, not taken by the socket yet
         self.reading = False  # the reader writes the answers itself when done
+
+
+class _AckBatch:
+    """Acks waiting to go out as one ``acks`` frame."""
+
+    __slots__ = ("acks", "entries")
+
+    #: Map entries plus list items at which a batch is packed: the
+    #: gateway's link decoder takes maps and lists of at most MAX_ENTRIES
+    #: (256) items each, so ``sids`` and every list stay under it. (With
+    #: session ids of at most 128 characters the frame also stays under
+    #: MAX_LINK_FRAME.)
+    LIMIT: Final = MAX_ENTRIES - 16
+
+    def __init__(self) -> None:
+        self.acks: dict[str, list[int]] = {}
+        self.entries = 0
+
+    def add(self, sid: str, n: int) -> bool:
+        """Adds one ack; True when the batch should be packed now."""
+        ns = self.acks.get(sid)
+        if ns is None:
+            self.acks[sid] = [n]
+            self.entries += 2
+        else:
+            ns.append(n)
+            self.entries += 1
+        return self.entries >= self.LIMIT
+
+    def take(self) -> bytes:
+        """The ``acks`` frame (length-prefixed); empties the batch."""
+        acks, self.acks, self.entries = self.acks, {}, 0
+        return encode_acks(acks) if acks else b""
 
 
 class DeskServer:
@@ -198,6 +241,7 @@ class DeskServer:
     def _drop_stream(self, c: _Conn, stream: int) -> None:
         entry = c.links.pop(stream, None)
         c.out.pop(stream, None)
+        c.acks.pop(stream, None)
         if entry is not None:
             self.links.pop(entry[0], None)
             self.desk.link_closed(entry[0])
@@ -222,7 +266,17 @@ class DeskServer:
         buf = c.out.get(stream)
         if buf is None:
             return
-        buf += encode(frame)
+        if self.cfg.batch_acks and frame["t"] == "ack" and not frame.get("dup"):
+            batch = c.acks.get(stream)
+            if batch is None:
+                batch = c.acks[stream] = _AckBatch()
+            if batch.add(sid, frame["n"]):
+                buf += batch.take()  # full (see _AckBatch.LIMIT)
+        else:
+            batch = c.acks.pop(stream, None)
+            if batch is not None:
+                buf += batch.take()
+            buf += encode(frame)
         if len(buf) > MAX_OUT_BYTES:
             print("desk-sim: gateway not reading, dropping its connection", file=sys.stderr)
             c.sock.socket.close()
@@ -246,6 +300,12 @@ class DeskServer:
     def _pack(self, c: _Conn) -> bytes:
         """Moves queued answers into DATA frames as far as the windows
         allow; returns the bytes to send."""
+        if c.acks:
+            for stream, batch in c.acks.items():
+                buf = c.out.get(stream)
+                if buf is not None:
+                    buf += batch.take()
+            c.acks.clear()
         for stream, buf in list(c.out.items()):
             if not buf:
                 continue

@@ -22,6 +22,7 @@ import functools
 import random
 import ssl
 from collections import deque
+from collections.abc import Iterable
 from typing import Any, Final
 
 import trio
@@ -558,9 +559,16 @@ class Forwarder:
             return
         self._time()
         sessions = hub.sessions
-        ack_seconds = self._m_ack
         freed = False
         for f in frames:
+            if f["t"] == "acks":
+                for sid, ns in f["sids"].items():
+                    s = sessions.get(sid)
+                    if s is None:
+                        hub.stats["downstream_unknown_session"] += 1
+                    elif self._acked(hub, s, ns):
+                        freed = True
+                continue
             s = sessions.get(f["sid"])
             if s is None:
                 if f["t"] == "deliver" and hub.migrator is not None:
@@ -573,18 +581,8 @@ class Forwarder:
             fl: Flow | None = s.ds
             t = f["t"]
             if t == "ack":
-                out = fl.sent.pop(f["n"], None) if fl is not None else None
-                if out is None:
-                    hub.stats["downstream_ack_unknown"] += 1
-                    continue
-                self._finish(out, ok=True)
-                # from the visitor's message to its ack: queueing while no
-                # endpoint could take it and redeliveries included
-                ack_seconds.observe(self._now - out.received)
-                hub.downstream_ack(s, out.msg_id)
-                freed = True
-                if fl is not None and fl.waiting:
-                    self._pump(s, fl, self._now)
+                if self._acked(hub, s, (f["n"],)):
+                    freed = True
             elif t == "deliver":
                 sender = f.get("from") or {"kind": "agent", "name": "?"}
                 hub.deliver(s, f["body"], sender)
@@ -614,6 +612,32 @@ class Forwarder:
                 self._open(s, fl, self._now)
         if freed:
             hub.downstream_ready()
+
+    def _acked(self, hub: Any, s: Session, ns: Iterable[int]) -> bool:
+        """The downstream accepted messages ``ns`` of ``s``: each gets its
+        visitor ack. False when none of them was in flight."""
+        fl: Flow | None = s.ds
+        if fl is None:
+            hub.stats["downstream_ack_unknown"] += 1
+            return False
+        sent = fl.sent
+        now = self._now
+        ack_seconds = self._m_ack
+        any_ok = False
+        for n in ns:
+            out = sent.pop(n, None)
+            if out is None:
+                hub.stats["downstream_ack_unknown"] += 1
+                continue
+            self._finish(out, ok=True)
+            # from the visitor's message to its ack: queueing while no
+            # endpoint could take it and redeliveries included
+            ack_seconds.observe(now - out.received)
+            hub.downstream_ack(s, out.msg_id)
+            any_ok = True
+        if any_ok and fl.waiting:
+            self._pump(s, fl, now)
+        return any_ok
 
     # -- time ---------------------------------------------------------------------------
     def tick(self, now: float) -> None:

@@ -7,8 +7,8 @@ HTTP/2 transport). This module builds the gateway's frames and checks the
 downstream's; the desk simulator uses the reverse direction.
 
 Gateway -> downstream: ``open``, ``msg``, ``close``.
-Downstream -> gateway: ``ack``, ``nack``, ``deliver``, ``assign``,
-``handover``.
+Downstream -> gateway: ``ack`` (or ``acks``, many at once), ``nack``,
+``deliver``, ``assign``, ``handover``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ __all__ = [
     "check_from_downstream",
     "check_from_gateway",
     "encode",
+    "encode_acks",
     "encode_msg",
     "msg_head",
 ]
@@ -64,6 +65,13 @@ def encode_msg(head: bytes, n: int, msg_id: Any, body: Any) -> bytes:
     return length_prefix(
         b"".join((head, _packb(n), _KEY_ID, _packb(msg_id), _KEY_BODY, _packb(body)))
     )
+
+
+def encode_acks(acks: dict[str, list[int]]) -> bytes:
+    """The length-prefixed ``acks`` frame: for each session id, the numbers
+    of its messages accepted (a downstream's alternative to one ``ack``
+    frame per message)."""
+    return length_prefix(_packb({"t": "acks", "sids": acks}))
 
 
 def _bad(reason: str) -> ProtocolError:
@@ -110,11 +118,29 @@ def _short_strings(m: Any) -> bool:
     )
 
 
+def _acks(f: dict[str, Any]) -> None:
+    """``acks``: ``sids`` maps session ids to non-empty lists of ``n``."""
+    sids = f.get("sids")
+    if type(sids) is not dict:
+        raise _bad("acks.sids must be a map")
+    for sid, ns in sids.items():
+        if type(sid) is not str or len(sid) > MAX_NAME:
+            raise _bad(f"acks.sids keys must be strings of at most {MAX_NAME} characters")
+        if type(ns) is not list or not ns:
+            raise _bad("acks.sids values must be non-empty lists")
+        for n in ns:
+            if type(n) is not int or n < 0:
+                raise _bad("acks.sids lists must hold ints >= 0")
+
+
 def check_from_downstream(f: Any) -> dict[str, Any]:
     """Validates an object decoded from a downstream's frame (the check of
     the link's :class:`gateway.protocol.codec.LengthPrefixedDecoder`): every
     field the gateway reads has its type and bounds; other keys are
     ignored."""
+    if type(f) is dict and f.get("t") == "acks":
+        _acks(f)
+        return f
     t = _frame(f)
     frame: dict[str, Any] = f
     if t == "ack":

@@ -118,7 +118,7 @@ def import_state(d: Any, dedup_max: int, replay_max_frames: int, replay_max_byte
     s.seq = d["seq"]
     s.first = d["first"]
     s.exp = d["exp"]
-    s.accepted = dict(_pairs(d.get("accepted"), "accepted")[-dedup_max:])
+    s.restore_accepted(_pairs(d.get("accepted"), "accepted"))
     reissue = dict(_pairs(d.get("inflight"), "inflight"))
     s.reissue = reissue or None
     for f in replay:

@@ -1,0 +1,169 @@
+"""Batched acks on the downstream link (docs/protocol.md, ``acks``):
+desk-sim packs the acks of one read into ``acks`` frames the gateway's
+decoder takes, in order with its other frames; the forwarder acks every
+visitor message such a frame names and counts what it cannot match."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import trio
+
+from gateway.downstream.forwarder import Forwarder
+from gateway.downstream.link import UP, LinkCore
+from gateway.downstream.proto import (
+    MAX_LINK_FRAME,
+    check_from_downstream,
+    encode,
+    encode_acks,
+)
+from gateway.downstream.settings import merge_cli_specs, parse_settings
+from gateway.protocol.codec import LengthPrefixedDecoder
+from gateway.session.state import Session
+from tests.test_downstream import _open, _raw_link, desk
+
+
+def _msg(sid: str, n: int) -> bytes:
+    return encode({"t": "msg", "sid": sid, "n": n, "id": f"{sid}-{n}", "body": "hi",
+                   "group": "general", "stage": "human"})  # fmt: skip
+
+
+async def _exchange(port: int, sessions: int, per: int) -> list[dict[str, Any]]:
+    """Opens ``sessions`` sessions on a hand-driven link, sends ``per``
+    messages each in one write, and returns what came back (decoded and
+    checked as the gateway does) once every message is acked."""
+    sock, core = await _raw_link(port)
+    sids = [f"s{i:04d}" for i in range(sessions)]
+    for sid in sids:
+        core.queue(_open(sid))
+    for n in range(1, per + 1):
+        for sid in sids:
+            core.queue(_msg(sid, n))
+    await sock.send_all(core.flush())
+    got: list[dict[str, Any]] = []
+    acked = 0
+    with trio.fail_after(10):
+        while acked < sessions * per:
+            frames = core.receive(await sock.receive_some(1 << 16))
+            await sock.send_all(core.flush())
+            got += frames
+            for f in frames:
+                if f["t"] == "acks":
+                    acked += sum(len(ns) for ns in f["sids"].values())
+                elif f["t"] == "ack":
+                    acked += 1
+    await sock.aclose()
+    return got
+
+
+def _acks(frames: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    for f in frames:
+        if f["t"] == "acks":
+            out += [(sid, n) for sid, ns in f["sids"].items() for n in ns]
+        elif f["t"] == "ack":
+            out.append((f["sid"], f["n"]))
+    return out
+
+
+async def test_desk_sim_packs_a_reads_acks_into_few_frames_the_gateway_accepts() -> None:
+    # 300 sessions x 3 messages in one write: more acks than one frame may
+    # carry (its map and lists hold at most 256 items for the gateway)
+    async with desk(think_ms=0, reply=False) as (port, _, _):
+        got = await _exchange(port, 300, 3)
+    acks = _acks(got)
+    assert sorted(acks) == sorted((f"s{i:04d}", n) for i in range(300) for n in (1, 2, 3))
+    assert len(set(acks)) == len(acks)  # each once
+    frames = [f for f in got if f["t"] in ("ack", "acks")]
+    assert all(f["t"] == "acks" for f in frames)
+    assert 4 <= len(frames) <= 60  # 900 acks, at most ~120 sessions per frame
+    for sid in {s for s, _ in acks}:  # per session in order
+        assert [n for s, n in acks if s == sid] == [1, 2, 3]
+
+
+async def test_single_acks_option_sends_one_ack_frame_per_message() -> None:
+    async with desk(think_ms=0, reply=False, batch_acks=False) as (port, _, _):
+        got = await _exchange(port, 20, 2)
+    frames = [f for f in got if f["t"] in ("ack", "acks")]
+    assert len(frames) == 40 and all(f["t"] == "ack" for f in frames)
+
+
+async def test_batched_acks_keep_their_place_before_the_replies() -> None:
+    """A reply written after an ack never overtakes it: pending acks are
+    packed before any other frame for the link."""
+    async with desk(think_ms=0, agents=4, capacity=8) as (port, _, _):
+        got = await _exchange(port, 20, 4)
+    for i in range(20):
+        sid = f"s{i:04d}"
+        acked = 0
+        for f in got:
+            if f["t"] == "acks":
+                acked += len(f["sids"].get(sid, ()))
+            elif f["t"] == "deliver" and f["sid"] == sid and f["from"]["kind"] != "system":
+                replies = sum(
+                    1 for g in got[: got.index(f) + 1] if g["t"] == "deliver" and g["sid"] == sid
+                )
+                assert acked >= min(replies, 4), (sid, acked, replies)
+        assert acked == 4
+
+
+class _Hub:
+    def __init__(self) -> None:
+        self.sessions: dict[str, Session] = {}
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.migrator = None
+        self.acked: list[tuple[str, Any]] = []
+        self.ready = 0
+
+    def downstream_ack(self, s: Session, msg_id: Any) -> None:
+        self.acked.append((s.sid, msg_id))
+
+    def downstream_ready(self) -> None:
+        self.ready += 1
+
+    def log(self, *a: Any, **k: Any) -> None:
+        pass
+
+
+async def test_forwarder_acks_every_message_an_acks_frame_names() -> None:
+    settings = parse_settings(merge_cli_specs({}, ["general=127.0.0.1:9001"]))
+    assert settings is not None
+    fwd = Forwarder(settings)
+    hub = _Hub()
+    fwd.hub = hub  # type: ignore[assignment]
+    link = fwd.links[0]
+    link.core = core = LinkCore()
+    link.state = UP
+    link.endpoint.endpoint.up = True
+    sessions = []
+    for i in range(50):
+        s = Session(f"sid-{i}", "t", f"v{i}", {}, "web", 16, 8, 1 << 20)
+        hub.sessions[s.sid] = s
+        fwd.opened(hub, s, False)  # type: ignore[arg-type]
+        sessions.append(s)
+    for k in (1, 2):
+        for s in sessions:
+            assert fwd.submit(hub, s, f"{s.sid}/m{k}", k, "x")  # type: ignore[arg-type]
+    assert link.inflight == 100
+    sent = LengthPrefixedDecoder(MAX_LINK_FRAME).feed(bytes(core.out))
+    ns = {(f["sid"], f["id"]): f["n"] for f in sent if f["t"] == "msg"}
+    assert len(ns) == 100
+
+    acks: dict[str, list[int]] = {}
+    for (sid, _), n in ns.items():
+        acks.setdefault(sid, []).append(n)
+    acks["sid-0"].append(999)  # never sent: counted, ignored
+    acks["no-such-session"] = [1]  # counted, ignored
+    data = encode_acks(dict(list(acks.items())[:30])) + encode_acks(dict(list(acks.items())[30:]))
+    frames = LengthPrefixedDecoder(MAX_LINK_FRAME, check_from_downstream).feed(data)
+    fwd.link_frames(link, frames)
+
+    assert sorted(hub.acked) == sorted((s.sid, f"{s.sid}/m{k}") for s in sessions for k in (1, 2))
+    assert hub.stats["downstream_ack_unknown"] == 1
+    assert hub.stats["downstream_unknown_session"] == 1
+    assert link.inflight == 0 and fwd.clusters["general"].inflight == 0
+    assert hub.ready == 1  # visitors paused on the downstream may read again
+    # the same acks again (a downstream repeating itself): nothing acked twice
+    fwd.link_frames(link, LengthPrefixedDecoder(MAX_LINK_FRAME, check_from_downstream).feed(data))
+    assert len(hub.acked) == 100 and hub.stats["downstream_ack_unknown"] == 102
