@@ -9,7 +9,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import load_config
@@ -153,6 +153,65 @@ def test_breaker_rate_trip_matches_a_rolling_window_model(
         assert (b.state(now) == OPEN) == expect_trip, (len(seen), n, fails, slows)
         if expect_trip:
             break
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0, 1.5),
+            st.sampled_from(["ok", "fail", "allow"]),
+            st.integers(1, 12),
+            st.integers(0, 12),
+        ),
+        max_size=120,
+    )
+)
+# failures short of a streak, then a batch of successes that reaches
+# min_requests while the failure share still trips the breaker
+@example([(0.0, "fail", 1, 0), (0.0, "ok", 1, 0)] * 2 + [(0.0, "fail", 1, 0), (0.0, "ok", 3, 0)])
+def test_breaker_record_ok_equals_one_record_per_call(
+    ops: list[tuple[float, str, int, int]],
+) -> None:
+    """``record_ok(now, k, slow)`` (the forwarder's per-batch update)
+    leaves the breaker exactly as ``k`` calls of ``record`` would, the slow
+    ones first: closed, half-open and open, trips included."""
+    cfg = BreakerConfig(consecutive_failures=3, min_requests=6, failure_rate=0.5,
+                        window_s=2.0, slow_call_s=1.0, slow_call_rate=0.6,
+                        open_s=1.0, half_open_probes=2)  # fmt: skip
+    one, many = Breaker(cfg, 0.0), Breaker(cfg, 0.0)
+    now = 0.0
+    for dt, op, k, slow in ops:
+        now += dt
+        slow = min(slow, k)
+        if op == "ok":
+            for i in range(k):
+                one.record(now, True, 2.0 if i < slow else 0.0)
+            many.record_ok(now, k, slow)
+        elif op == "fail":
+            one.record(now, False, 0.0)
+            many.record(now, False, 0.0)
+        else:
+            assert one.allow(now) == many.allow(now)
+        assert one.state(now) == many.state(now)
+        assert one.trips == many.trips
+        for attr in ("_consecutive", "_probes_out", "_probes_ok", "_open_for", "_win"):
+            assert getattr(one, attr) == getattr(many, attr), attr
+        assert [b[:4] for b in one._buckets] == [b[:4] for b in many._buckets]
+
+
+def test_balancer_finish_ok_counts_outstanding_and_moves_the_ewma_once() -> None:
+    e = Endpoint("a", Breaker(BreakerConfig(), 0.0))
+    b = Balancer([e], random.Random(1))
+    for _ in range(5):
+        b.start(e)
+    b.finish_ok(e, 1.0, 3, 0.004, 0)
+    assert e.outstanding == 2 and e.ewma_s == 0.004  # first sample sets it
+    b.finish_ok(e, 11.0, 2, 0.014, 0)
+    assert e.outstanding == 0
+    assert 0.004 < e.ewma_s < 0.014  # weighted by the 10 s between them
+    b.finish_ok(e, 12.0, 4, 0.1, 0)
+    assert e.outstanding == 0  # never below zero
 
 
 def test_breaker_config_rejects_bad_values() -> None:

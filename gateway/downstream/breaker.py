@@ -162,9 +162,61 @@ class Breaker:
             self._probes_out -= 1
 
     def record(self, now: float, ok: bool, latency_s: float) -> None:
+        self._record(now, ok, latency_s > self.cfg.slow_call_s)
+
+    def record_ok(self, now: float, calls: int, slow: int) -> None:
+        """``calls`` successes at ``now``, ``slow`` of them slower than
+        ``slow_call_s``: exactly what that many :meth:`record` calls would
+        do (the slow ones first). While closed, with no slow call and no
+        trip possible along the way (the failure and slow shares only fall
+        as successes are added, so checking the first call that reaches
+        ``min_requests`` is enough), in one update."""
+        if calls <= 0:
+            return
+        if slow == 0 and self.state(now) == CLOSED:
+            idx = int(now / self._bucket_s)
+            b = self._buckets[idx % BUCKETS]
+            if b[0] != idx:
+                b[0], b[1], b[2], b[3] = idx, 0, 0, 0
+            if self._win_idx != idx:
+                self._resum(idx)
+            win = self._win
+            cfg = self.cfg
+            n = max(cfg.min_requests, win[0] + 1)  # calls when the first check can trip
+            if n > win[0] + calls or not (
+                win[1] >= cfg.failure_rate * n or win[2] >= cfg.slow_call_rate * n
+            ):
+                self._consecutive = 0
+                b[1] += calls
+                win[0] += calls
+                return
+        for i in range(calls):
+            self._record(now, True, i < slow)
+
+    def _resum(self, idx: int) -> None:
+        """The window's sums as of bucket ``idx``, from the buckets."""
+        calls = fails = slows = 0
+        lo = idx - BUCKETS + 1
+        for bb in self._buckets:
+            if bb[0] >= lo:
+                calls += bb[1]
+                fails += bb[2]
+                slows += bb[3]
+        win = self._win
+        win[0], win[1], win[2] = calls, fails, slows
+        self._win_idx = idx
+
+    def _check(self, now: float) -> None:
+        cfg = self.cfg
+        calls, fails, slows = self._win
+        if calls >= cfg.min_requests and (
+            fails >= cfg.failure_rate * calls or slows >= cfg.slow_call_rate * calls
+        ):
+            self._trip(now)
+
+    def _record(self, now: float, ok: bool, slow: bool) -> None:
         cfg = self.cfg
         st = self.state(now)
-        slow = latency_s > cfg.slow_call_s
         if st == HALF_OPEN:
             if self._probes_out > 0:
                 self._probes_out -= 1
@@ -202,20 +254,8 @@ class Breaker:
             if slow:
                 win[2] += 1
         else:
-            calls = fails = slows = 0
-            lo = idx - BUCKETS + 1
-            for bb in self._buckets:
-                if bb[0] >= lo:
-                    calls += bb[1]
-                    fails += bb[2]
-                    slows += bb[3]
-            win[0], win[1], win[2] = calls, fails, slows
-            self._win_idx = idx
-        calls, fails, slows = win
-        if calls >= cfg.min_requests and (
-            fails >= cfg.failure_rate * calls or slows >= cfg.slow_call_rate * calls
-        ):
-            self._trip(now)
+            self._resum(idx)
+        self._check(now)
 
 
 @dataclass(frozen=True)

@@ -139,6 +139,19 @@ class _Cluster:
         )
 
 
+class _Oks:
+    """Successes for one endpoint not recorded yet (:meth:`Forwarder._acked`)."""
+
+    __slots__ = ("calls", "ep", "latency", "slow", "slow_s")
+
+    def __init__(self) -> None:
+        self.ep: _Ep | None = None
+        self.calls = 0
+        self.latency = 0.0  # their sum
+        self.slow = 0
+        self.slow_s = 0.0  # the endpoint's slow-call threshold
+
+
 class Forwarder:
     """Implements :class:`gateway.session.hub.Downstream` over HTTP/2 links."""
 
@@ -199,6 +212,7 @@ class Forwarder:
         self._deadlines: deque[tuple[float, Session, int]] = deque()
         self._now = 0.0
         self._m_ack = metrics.MESSAGE_ACK.labels()
+        self._oks = _Oks()  # acks gathered for one endpoint (see _acked)
 
     # -- helpers --------------------------------------------------------------
     def _time(self) -> float:
@@ -430,15 +444,19 @@ class Forwarder:
             route = fl.head_route = fl.route
             fl.head = msg_head(sid, self._target_group(route), str(route.stage))
         head = fl.head
-        endpoint, bal = ep.endpoint, c.balancer
+        endpoint = ep.endpoint
         deadlines = self._deadlines
         waiting, sent = fl.waiting, fl.sent
+        # bytes the link may still queue (Link.full), and the frames for it,
+        # handed over in one Link.send
+        room = link.room
+        frames: list[bytes] = []
         while (
             waiting
             and len(sent) < max_sess
             and link.inflight < max_link
             and c.inflight < max_pending
-            and not link.full
+            and room > 0
         ):
             out = waiting.popleft()
             c.waiting -= 1
@@ -451,9 +469,13 @@ class Forwarder:
             sent[n] = out
             link.inflight += 1
             c.inflight += 1
-            bal.start(endpoint)
+            endpoint.outstanding += 1  # Balancer.start
             deadlines.append((deadline, s, n))
-            link.send(encode_msg(head, n, out.msg_id, out.body))
+            frame = encode_msg(head, n, out.msg_id, out.body)
+            room -= len(frame)
+            frames.append(frame)
+        if frames:
+            link.send(frames[0] if len(frames) == 1 else b"".join(frames))
         if waiting:
             self._backlog[sid] = s
         else:
@@ -473,6 +495,8 @@ class Forwarder:
         ep, link = out.ep, out.link
         if ep is None or link is None:
             return
+        if self._oks.ep is not None:
+            self._flush_oks()
         link.inflight -= 1
         c = ep.cluster
         c.inflight -= 1
@@ -610,12 +634,16 @@ class Forwarder:
                 fl.link = None
                 hub.stats["handovers"] += 1
                 self._open(s, fl, self._now)
+        self._flush_oks()
         if freed:
             hub.downstream_ready()
 
     def _acked(self, hub: Any, s: Session, ns: Iterable[int]) -> bool:
         """The downstream accepted messages ``ns`` of ``s``: each gets its
-        visitor ack. False when none of them was in flight."""
+        visitor ack. False when none of them was in flight. The endpoint's
+        bookkeeping (balancer, breaker, outlier detector) is gathered in
+        ``self._oks`` and done once per endpoint and batch
+        (:meth:`_flush_oks`)."""
         fl: Flow | None = s.ds
         if fl is None:
             hub.stats["downstream_ack_unknown"] += 1
@@ -623,13 +651,30 @@ class Forwarder:
         sent = fl.sent
         now = self._now
         ack_seconds = self._m_ack
+        oks = self._oks
         any_ok = False
         for n in ns:
             out = sent.pop(n, None)
             if out is None:
                 hub.stats["downstream_ack_unknown"] += 1
                 continue
-            self._finish(out, ok=True)
+            ep, link = out.ep, out.link
+            if ep is not None and link is not None:
+                link.inflight -= 1
+                c = ep.cluster
+                c.inflight -= 1
+                latency = now - out.t0
+                c.m_latency.observe(latency)
+                if ep is not oks.ep:
+                    self._flush_oks()
+                    oks.ep = ep
+                    oks.slow_s = ep.endpoint.breaker.cfg.slow_call_s
+                oks.calls += 1
+                oks.latency += latency
+                if latency > oks.slow_s:
+                    oks.slow += 1
+                out.ep = None
+                out.link = None
             # from the visitor's message to its ack: queueing while no
             # endpoint could take it and redeliveries included
             ack_seconds.observe(now - out.received)
@@ -638,6 +683,23 @@ class Forwarder:
         if any_ok and fl.waiting:
             self._pump(s, fl, now)
         return any_ok
+
+    def _flush_oks(self) -> None:
+        """Records the successes gathered by :meth:`_acked` (before any
+        failure is recorded, so the breaker sees them in order)."""
+        oks = self._oks
+        ep = oks.ep
+        if ep is None:
+            return
+        if oks.calls:
+            c = ep.cluster
+            c.balancer.finish_ok(
+                ep.endpoint, self._now, oks.calls, oks.latency / oks.calls, oks.slow
+            )
+            c.m_ok.inc(oks.calls)
+        oks.ep = None
+        oks.calls = oks.slow = 0
+        oks.latency = 0.0
 
     # -- time ---------------------------------------------------------------------------
     def tick(self, now: float) -> None:

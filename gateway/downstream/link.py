@@ -297,6 +297,12 @@ class Link:
         c = self.core
         return c is None or c.backlog >= self.high_water
 
+    @property
+    def room(self) -> int:
+        """Bytes that may still be queued before the link is :attr:`full`."""
+        c = self.core
+        return 0 if c is None else self.high_water - len(c.out)
+
     def send(self, data: bytes) -> None:
         """Queues encoded frames (only while up)."""
         c = self.core
