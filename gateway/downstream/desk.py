@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from gateway.recent import RecentMap
+
 __all__ = ["HANDOVER_WORDS", "Desk", "DeskConfig"]
 
 #: Words in a visitor message that make the bot hand the session over.
@@ -65,7 +67,7 @@ class _Session:
         self.group: str = f["group"]
         self.stage: str = f["stage"]
         self.agent: str | None = None
-        self.seen: dict[int, None] = {}
+        self.seen: RecentMap[None] = RecentMap(DEDUP_PER_SESSION)
 
 
 class Desk:
@@ -169,9 +171,7 @@ class Desk:
             self.stats["nacks"] += 1
             return [(ack_delay, sid, {"t": "nack", "sid": sid, "n": n, "code": 503})]
         self.stats["msgs"] += 1
-        s.seen[n] = None
-        if len(s.seen) > DEDUP_PER_SESSION:
-            del s.seen[next(iter(s.seen))]
+        s.seen.put(n, None)
         if self.record is not None:
             self.record({"sid": sid, "n": n, "id": f.get("id"), "body": f.get("body")})
         self.stats["acks"] += 1
