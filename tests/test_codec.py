@@ -324,3 +324,24 @@ def test_decoder_bad_payload_is_bad_frame(payload: bytes) -> None:
 def test_decoder_requires_positive_limit() -> None:
     with pytest.raises(ValueError):
         LengthPrefixedDecoder(0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=80), st.integers(-(2**63), 2**64 - 1), st.none(), st.binary(max_size=20)
+    ),
+    st.integers(0, 2**64 - 1),
+    st.one_of(st.booleans(), st.integers(0, 1)),
+    st.permutations(["t", "id", "n", "dup"]),
+)
+def test_ack_frames_encode_to_the_same_bytes_as_the_generic_packer(
+    msg_id: Any, n: int, dup: Any, order: list[str]
+) -> None:
+    """The ack fast path (every visitor message) gives exactly what packing
+    the map gives, whatever the key order and value types."""
+    values = {"t": "ack", "id": msg_id, "n": n, "dup": dup}
+    frame = {k: values[k] for k in order}
+    got = encode_frame(frame, Encoding.MSGPACK)
+    assert got == msgpack.packb(frame, use_bin_type=True)
+    assert msgpack.unpackb(got, raw=False) == frame
