@@ -328,6 +328,59 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def e2e_ratio(args: argparse.Namespace) -> dict[str, Any]:
+    """The end-to-end maximum against the websockets echo, measured in
+    alternation (echo, gateway + desk-sim, echo, ...; ``--repeat`` pairs,
+    all three servers up throughout), so that each ratio compares two runs
+    a few seconds apart on the same noisy machine; reports every pair and
+    the median ratio."""
+    conns = args.connections
+    w = args.workers[-1]
+    plan = dict(connections=conns, active=conns, duration=args.seconds, size=230, max_runtime=300,
+                engine=args.engine, window=args.window)  # fmt: skip
+    toks = tokens(conns)
+    what = "desk-sim" if args.desk_reply else "desk-sim, acks only"
+    pairs: list[dict[str, Any]] = []
+    peer = start_peer()
+    desk = start_desk(processes=1, reply=args.desk_reply)
+    gw = start_gateway(w, downstream=[f"general=127.0.0.1:{desk.port}"], conns=conns)
+    try:
+        time.sleep(1.0)  # links up
+        for _ in range(args.repeat):
+            echo = measured(
+                peer, Plan(host="127.0.0.1", port=peer.port, mode="echo", **plan), args.clients
+            )
+            fwd = measured(
+                gw,
+                Plan(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks, **plan),  # type: ignore[arg-type]
+                args.clients,
+                desk,
+            )
+            for r in (echo, fwd):
+                r.pop("hist", None)
+            pairs.append({"echo": echo, "gateway": fwd})
+    finally:
+        gw.stop()
+        desk.stop()
+        peer.stop()
+    print(f"{conns} connections x {args.window} in flight, {w} gateway workers, {what}")
+    print("| pair | websockets echo msg/s | gateway + desk-sim msg/s | ratio | "
+          "gateway CPU µs/msg | desk-sim CPU µs/msg |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    ratios = []
+    for i, p in enumerate(pairs, 1):
+        e, g = p["echo"], p["gateway"]
+        ratio = g["msgs_per_s"] / max(1.0, e["msgs_per_s"])
+        ratios.append(ratio)
+        acked = max(1, g["counts"].get("acked", 0))
+        gw_us, desk_us = g["server_cpu_s"] / acked * 1e6, g["desk_cpu_s"] / acked * 1e6
+        print(f"| {i} | {e['msgs_per_s']:,.0f} | {g['msgs_per_s']:,.0f} | {ratio:.2f}x | "
+              f"{gw_us:.1f} | {desk_us:.1f} |")  # fmt: skip
+    median = sorted(ratios)[len(ratios) // 2]
+    print(f"median ratio: {median:.2f}x (min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
+    return {"e2e-ratio": {"pairs": pairs, "median_ratio": median}}
+
+
 def forwarding(args: argparse.Namespace) -> dict[str, Any]:
     """What the downstream hop adds to the round trip: two gateways side by
     side, one forwarding to desk-sim over HTTP/2, one answering with its
@@ -535,7 +588,9 @@ def tune_loopback() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["throughput", "idle", "e2e", "forwarding", "unloaded"])
+    ap.add_argument(
+        "mode", choices=["throughput", "idle", "e2e", "e2e-ratio", "forwarding", "unloaded"]
+    )
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2])
     ap.add_argument(
@@ -545,7 +600,9 @@ def main() -> None:
     ap.add_argument("--ramp", type=float, default=0.0)
     ap.add_argument("--peer", action="store_true")
     ap.add_argument("--rate", type=float, default=10000.0, help="offered msg/s (forwarding)")
-    ap.add_argument("--repeat", type=int, default=5, help="alternating pairs (forwarding)")
+    ap.add_argument(
+        "--repeat", type=int, default=5, help="alternating pairs (forwarding, e2e-ratio)"
+    )
     ap.add_argument("--messages", type=int, default=400, help="per gateway (unloaded)")
     ap.add_argument(
         "--engine", choices=["native", "python"], default="native",
@@ -570,6 +627,7 @@ def main() -> None:
         "throughput": throughput,
         "idle": idle,
         "e2e": e2e,
+        "e2e-ratio": e2e_ratio,
         "forwarding": forwarding,
         "unloaded": unloaded,
     }
