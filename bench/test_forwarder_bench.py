@@ -9,8 +9,11 @@ a regression benchmark for the forwarding hot path (docs/benchmarks.md,
         --benchmark-columns=min,median,ops -q
 
 Each round is 500 messages (one for each of 500 sessions): divide the
-times by 500 for the cost per message. The downstream's side (decoding the
-``msg`` frames, encoding the acks) runs in the untimed setup.
+times by 500 for the cost per message. The acks come as one ``ack`` frame
+per message (``[ack]``), or as ``acks`` frames of 100 sessions each
+(``[acks]``).
+The downstream's side (decoding the ``msg`` frames, encoding the acks)
+runs in the untimed setup.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from __future__ import annotations
 import collections
 from typing import Any
 
+import pytest
 import trio
 
 from gateway.downstream.forwarder import Forwarder
 from gateway.downstream.link import UP, LinkCore
-from gateway.downstream.proto import MAX_LINK_FRAME, check_from_downstream, encode
+from gateway.downstream.proto import MAX_LINK_FRAME, check_from_downstream, encode, encode_acks
 from gateway.downstream.settings import merge_cli_specs, parse_settings
 from gateway.protocol.codec import LengthPrefixedDecoder
 from gateway.session.state import Session
@@ -91,6 +95,20 @@ class _Rig:
         frames = LengthPrefixedDecoder(MAX_LINK_FRAME).feed(out)
         return b"".join(encode({"t": "ack", "sid": f["sid"], "n": f["n"]}) for f in frames)
 
+    def answer_batched(self) -> bytes:
+        """The same acks as ``acks`` frames of 100 sessions each (as
+        desk-sim packs them)."""
+        out = bytes(self.core.out)
+        self.core.out.clear()
+        frames = LengthPrefixedDecoder(MAX_LINK_FRAME).feed(out)
+        chunks: list[bytes] = []
+        for i in range(0, len(frames), 100):
+            acks: dict[str, list[int]] = {}
+            for f in frames[i : i + 100]:
+                acks.setdefault(f["sid"], []).append(f["n"])
+            chunks.append(encode_acks(acks))
+        return b"".join(chunks)
+
     def take_acks(self, acks: bytes) -> None:
         frames = LengthPrefixedDecoder(MAX_LINK_FRAME, check_from_downstream).feed(acks)
         self.fwd.link_frames(self.link, frames)
@@ -112,13 +130,15 @@ def test_submit_500_messages(benchmark: Any) -> None:
     assert rig.hub.acked == (rig.k - 1) * SESSIONS
 
 
-def test_ack_500_messages(benchmark: Any) -> None:
-    """The link decoder and Forwarder.link_frames for 500 acks."""
+@pytest.mark.parametrize("acks", ["ack", "acks"])
+def test_ack_500_messages(benchmark: Any, acks: str) -> None:
+    """The link decoder and Forwarder.link_frames for 500 acks: one ``ack``
+    frame per message, or ``acks`` frames of 100 sessions each."""
     rig = _Rig()
 
     def setup() -> tuple[tuple[bytes], dict[str, Any]]:
         rig.submit_all()
-        return (rig.answer(),), {}
+        return (rig.answer() if acks == "ack" else rig.answer_batched(),), {}
 
     async def main() -> None:
         benchmark.pedantic(rig.take_acks, setup=setup, rounds=300, iterations=1)

@@ -9,13 +9,15 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.config import DEMO_TENANT, load_config
 from gateway.protocol.codes import Code, ProtocolError
 from gateway.protocol.tokens import mint
 from gateway.session.hub import Hub
 from gateway.session.migrate import Tombstones, export_state, import_state
-from gateway.session.state import Session, SessionTable, new_sid, sid_owner
+from gateway.session.state import FRAME_OVERHEAD, Session, SessionTable, new_sid, sid_owner
 from gateway.session.visitor import VisitorProtocol
 
 
@@ -520,3 +522,40 @@ def test_desk_queues_sessions_for_busy_agents_first_come_first_served() -> None:
     (nxt,) = closed("s3")
     assert nxt["sid"] == "s4"
     assert closed("s4") == [] and not desk.waiting["g"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("push"), st.integers(0, 300)),
+            st.tuples(st.just("ack"), st.integers(-2, 6)),
+        ),
+        max_size=200,
+    )
+)
+def test_replay_buffer_matches_a_pop_one_at_a_time_model(ops: list[tuple[str, int]]) -> None:
+    """push() trimming and client_acked() drop the oldest frames in one
+    deletion: the same frames, bytes and ``first`` as dropping them one by
+    one, within 6 frames and 1,000 bytes."""
+    s = Session("sid-r", "t", "v", {}, "web", 4, 6, 1000)
+    model: list[tuple[int, int]] = []  # (seq, bytes)
+    first = 1
+    seq = 0
+    for op, v in ops:
+        if op == "push":
+            seq += 1
+            s.push({"t": "deliver", "body": "x" * v, "from": {"kind": "bot", "name": "b"}})
+            model.append((seq, v + FRAME_OVERHEAD))
+            while model and (len(model) > 6 or sum(b for _, b in model) > 1000):
+                first = model.pop(0)[0] + 1
+        else:
+            upto = seq - v  # ack a little behind (or ahead of) the newest
+            s.client_acked(upto)
+            while model and model[0][0] <= upto:
+                first = model.pop(0)[0] + 1
+            if upto >= seq and not model:
+                first = seq + 1
+        assert [f["seq"] for f in s.replay] == [q for q, _ in model]
+        assert s.replay_bytes == sum(b for _, b in model)
+        assert s.first == first

@@ -182,12 +182,18 @@ class Session:
         frame["seq"] = self.seq
         self.replay.append(frame)
         self.replay_bytes += body_size(frame.get("body")) + FRAME_OVERHEAD
-        while self.replay and (
-            len(self.replay) > self.replay_max_frames or self.replay_bytes > self.replay_max_bytes
-        ):
-            old = self.replay.pop(0)
-            self.replay_bytes -= body_size(old.get("body")) + FRAME_OVERHEAD
-            self.first = old["seq"] + 1
+        r = self.replay
+        if len(r) > self.replay_max_frames or self.replay_bytes > self.replay_max_bytes:
+            # the oldest frames go, in one deletion (not a pop(0) each)
+            k = 0
+            left = len(r)
+            while k < left and (
+                left - k > self.replay_max_frames or self.replay_bytes > self.replay_max_bytes
+            ):
+                self.replay_bytes -= body_size(r[k].get("body")) + FRAME_OVERHEAD
+                k += 1
+            self.first = r[k - 1]["seq"] + 1
+            del r[:k]
         if self.conn is not None:
             self.conn.session_frame(frame)
         return frame
@@ -195,10 +201,14 @@ class Session:
     def client_acked(self, seq: int) -> None:
         """Cumulative ack from the visitor: frames up to ``seq`` can go."""
         r = self.replay
-        while r and r[0]["seq"] <= seq:
-            old = r.pop(0)
-            self.replay_bytes -= body_size(old.get("body")) + FRAME_OVERHEAD
-            self.first = old["seq"] + 1
+        k = 0
+        left = len(r)
+        while k < left and r[k]["seq"] <= seq:
+            self.replay_bytes -= body_size(r[k].get("body")) + FRAME_OVERHEAD
+            k += 1
+        if k:
+            self.first = r[k - 1]["seq"] + 1
+            del r[:k]  # in one deletion, not a pop(0) each
         if seq >= self.seq and not r:
             self.first = self.seq + 1
 
