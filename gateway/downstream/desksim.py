@@ -79,9 +79,11 @@ class _Conn:
         )
         self.links: dict[int, tuple[int, LengthPrefixedDecoder]] = {}  # stream -> link
         self.out: dict[int, bytearray] = {}  # stream -> bytes waiting for window
-        # stream -> sid -> n: acks not packed yet (one ``acks`` frame per
-        # stream when the read's answers are written, or before any other
-        # frame for that stream, so frames keep their order)
+        # stream -> the acks not packed yet, and the other answers made
+        # after the first of them: written as one ``acks`` frame, then those
+        # answers in their order, when the read's answers are written (an
+        # ack moves ahead of replies, never behind: a reply never overtakes
+        # the ack of the message it answers)
         self.acks: dict[int, _AckBatch] = {}
         self.wake = trio.Event()
         self.busy = False  # the writer task is in a send
@@ -90,9 +92,10 @@ class _Conn:
 
 
 class _AckBatch:
-    """Acks waiting to go out as one ``acks`` frame."""
+    """Acks waiting to go out as one ``acks`` frame, and the other frames
+    queued after the first of them (they follow it)."""
 
-    __slots__ = ("acks", "entries")
+    __slots__ = ("acks", "entries", "later", "later_bytes")
 
     #: Map entries plus list items at which a batch is packed: the
     #: gateway's link decoder takes maps and lists of at most MAX_ENTRIES
@@ -104,6 +107,13 @@ class _AckBatch:
     def __init__(self) -> None:
         self.acks: dict[str, list[int]] = {}
         self.entries = 0
+        self.later: list[bytes] = []
+        self.later_bytes = 0
+
+    def hold(self, frame: bytes) -> None:
+        """A frame to send after the acks."""
+        self.later.append(frame)
+        self.later_bytes += len(frame)
 
     def add(self, sid: str, n: int) -> bool:
         """Adds one ack; True when the batch should be packed now."""
@@ -117,9 +127,12 @@ class _AckBatch:
         return self.entries >= self.LIMIT
 
     def take(self) -> bytes:
-        """The ``acks`` frame (length-prefixed); empties the batch."""
+        """The ``acks`` frame (length-prefixed), then the frames held;
+        empties the batch."""
         acks, self.acks, self.entries = self.acks, {}, 0
-        return encode_acks(acks) if acks else b""
+        later, self.later, self.later_bytes = self.later, [], 0
+        head = encode_acks(acks) if acks else b""
+        return head + b"".join(later) if later else head
 
 
 class DeskServer:
@@ -266,18 +279,17 @@ class DeskServer:
         buf = c.out.get(stream)
         if buf is None:
             return
+        batch = c.acks.get(stream)
         if self.cfg.batch_acks and frame["t"] == "ack" and not frame.get("dup"):
-            batch = c.acks.get(stream)
             if batch is None:
                 batch = c.acks[stream] = _AckBatch()
             if batch.add(sid, frame["n"]):
                 buf += batch.take()  # full (see _AckBatch.LIMIT)
+        elif batch is not None:
+            batch.hold(encode(frame))
         else:
-            batch = c.acks.pop(stream, None)
-            if batch is not None:
-                buf += batch.take()
             buf += encode(frame)
-        if len(buf) > MAX_OUT_BYTES:
+        if len(buf) + (batch.later_bytes if batch is not None else 0) > MAX_OUT_BYTES:
             print("desk-sim: gateway not reading, dropping its connection", file=sys.stderr)
             c.sock.socket.close()
             return
