@@ -216,11 +216,15 @@ class Forwarder:
 
     # -- helpers --------------------------------------------------------------
     def _time(self) -> float:
-        # (not contextlib.suppress: this runs for every message)
-        try:
-            now = trio.current_time()
-        except RuntimeError:  # outside trio: tests set _now
-            return self._now
+        r = self.reactor
+        if r is not None and r.in_batch:
+            now: float = r.now  # the batch's clock, read once per batch
+        else:
+            # (not contextlib.suppress: this runs for every message)
+            try:
+                now = trio.current_time()
+            except RuntimeError:  # outside trio: tests set _now
+                return self._now
         self._now = now
         return now
 

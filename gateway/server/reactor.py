@@ -54,7 +54,7 @@ class Deferred(Protocol):
 
 
 class Reactor:
-    __slots__ = ("after_batch", "deferred", "ep", "handlers", "in_batch")
+    __slots__ = ("after_batch", "deferred", "ep", "handlers", "in_batch", "now")
 
     def __init__(self) -> None:
         self.ep = select.epoll()
@@ -63,6 +63,9 @@ class Reactor:
         # link's frames) can wait for the end of the batch and go out in one
         # write, from here, with no task hand-off (``after_batch``)
         self.in_batch = False
+        # trio.current_time() when the current batch began: the clock of
+        # everything the batch does (read once per batch, not per message)
+        self.now = 0.0
         self.after_batch: list[Callable[[], None]] = []
         # connections whose writes wait for the end of the batch: one send
         # for all a batch produced for each (see :meth:`defer`)
@@ -98,6 +101,7 @@ class Reactor:
         try:
             while True:
                 await trio.lowlevel.wait_readable(ep.fileno())
+                self.now = trio.current_time()
                 self.in_batch = True
                 for fd, _ in ep.poll(0, BATCH):
                     h = handlers.get(fd)

@@ -68,7 +68,7 @@ class ConnShell:
         data = self.pipe.recv_ready()  # type: ignore[union-attr]
         if data:
             self.w.hub.stats[self.BYTES_IN] += len(data)
-            self.last_rx = trio.current_time()
+            self.last_rx = self.reactor.now  # type: ignore[union-attr]
             self._got(data)
 
     def _finish(self) -> None:
