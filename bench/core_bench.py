@@ -386,7 +386,8 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
     side, one forwarding to desk-sim over HTTP/2, one answering with its
     in-process bot, loaded in alternation (A B A B ...) at the same rate,
     so both see the same machine noise; reports each pair's p50/p99 and the
-    median of the differences."""
+    median of the differences. ``--rate 0``: half the forwarding gateway's
+    closed-loop maximum, measured first in the same invocation."""
     conns = args.connections
     toks = tokens(conns)
     w = args.workers[-1]
@@ -398,6 +399,12 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
     bot = start_gateway(w, conns=conns)
     try:
         time.sleep(1.0)  # links up
+        if not args.rate:
+            top = run(Plan(host="127.0.0.1", port=fwd.port, mode="gateway", tokens=toks,
+                           **{**plan, "rate": 0.0}), args.clients)  # type: ignore[arg-type]  # fmt: skip
+            plan["rate"] = args.rate = round(top["msgs_per_s"] * 0.5)
+            res["max_msgs_per_s"] = top["msgs_per_s"]
+            print(f"maximum (desk-sim, closed loop): {top['msgs_per_s']:,.0f} msg/s")
         for _ in range(args.repeat):
             pair = {}
             for name, gw in (("desk-sim", fwd), ("bot", bot)):
@@ -599,7 +606,12 @@ def main() -> None:
     ap.add_argument("--hold", type=float, default=10.0)
     ap.add_argument("--ramp", type=float, default=0.0)
     ap.add_argument("--peer", action="store_true")
-    ap.add_argument("--rate", type=float, default=10000.0, help="offered msg/s (forwarding)")
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=10000.0,
+        help="offered msg/s (forwarding; 0: half the measured maximum)",
+    )
     ap.add_argument(
         "--repeat", type=int, default=5, help="alternating pairs (forwarding, e2e-ratio)"
     )
