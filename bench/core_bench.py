@@ -7,8 +7,10 @@ same run, from the same raw-socket client (gateway.loadtest).
     python bench/core_bench.py idle --connections 250000 --workers 14 --hold 60
     python bench/core_bench.py e2e --workers 2 --connections 200 [--window 1]
         [--engine native|python]
+    python bench/core_bench.py e2e-ratio --workers 2 --connections 200 [--window 8]
+        [--no-desk-reply] [--repeat 5]
     python bench/core_bench.py forwarding --workers 2 --connections 200 --rate 10000 --repeat 5
-        [--engine native|python]
+        [--engine native|python]   (--rate 0: half the maximum measured first)
     python bench/core_bench.py unloaded --workers 2 [--messages 400]
 
 "idle" also reports new connections per second while the clients ramp up as
@@ -128,15 +130,13 @@ def start_peer() -> Server:
     return Server([PY, str(ROOT / "bench/peers/websockets_echo.py"), "127.0.0.1", str(port)], port)
 
 
-def start_desk(
-    processes: int = 1, think_ms: int = 0, reply: bool = True, extra: tuple[str, ...] = ()
-) -> Server:
+def start_desk(processes: int = 1, think_ms: int = 0, reply: bool = True) -> Server:
     port = free_port()
     argv = [PY, "-m", "gateway", "desk-sim", "--listen", f"127.0.0.1:{port}",
             "--think-ms", str(think_ms), "--processes", str(processes)]  # fmt: skip
     if not reply:
         argv.append("--no-reply")
-    return Server([*argv, *extra], port)
+    return Server(argv, port)
 
 
 def start_gateway(
@@ -221,6 +221,12 @@ def measured(srv: Server, plan: Plan, clients: int, desk: Server | None = None) 
     r["server_cpu_s"] = used
     r["msgs_per_cpu_s"] = r["counts"].get("acked", 0) / used if used > 0 else 0.0
     return r
+
+
+def cpu_us(r: dict[str, Any], key: str = "server_cpu_s") -> float:
+    """CPU µs per acknowledged message of a :func:`measured` run
+    (``desk_cpu_s``: the downstream's)."""
+    return float(r[key]) / max(1, r["counts"].get("acked", 0)) * 1e6
 
 
 def throughput(args: argparse.Namespace) -> dict[str, Any]:
@@ -322,9 +328,8 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
     print("|---|---|---|")
     for k, r in res.items():
         if "server_cpu_s" in r:
-            acked = max(1, r["counts"].get("acked", 0))
-            desk_us = f"{r['desk_cpu_s'] / acked * 1e6:.1f}" if "desk_cpu_s" in r else "-"
-            print(f"| {k} | {r['server_cpu_s'] / acked * 1e6:.1f} | {desk_us} |")
+            desk_us = f"{cpu_us(r, 'desk_cpu_s'):.1f}" if "desk_cpu_s" in r else "-"
+            print(f"| {k} | {cpu_us(r):.1f} | {desk_us} |")
     return res
 
 
@@ -372,10 +377,8 @@ def e2e_ratio(args: argparse.Namespace) -> dict[str, Any]:
         e, g = p["echo"], p["gateway"]
         ratio = g["msgs_per_s"] / max(1.0, e["msgs_per_s"])
         ratios.append(ratio)
-        acked = max(1, g["counts"].get("acked", 0))
-        gw_us, desk_us = g["server_cpu_s"] / acked * 1e6, g["desk_cpu_s"] / acked * 1e6
         print(f"| {i} | {e['msgs_per_s']:,.0f} | {g['msgs_per_s']:,.0f} | {ratio:.2f}x | "
-              f"{gw_us:.1f} | {desk_us:.1f} |")  # fmt: skip
+              f"{cpu_us(g):.1f} | {cpu_us(g, 'desk_cpu_s'):.1f} |")  # fmt: skip
     median = sorted(ratios)[len(ratios) // 2]
     print(f"median ratio: {median:.2f}x (min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
     return {"e2e-ratio": {"pairs": pairs, "median_ratio": median}}
@@ -410,10 +413,9 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
             for name, gw in (("desk-sim", fwd), ("bot", bot)):
                 r = measured(gw, Plan(host="127.0.0.1", port=gw.port, mode="gateway",
                                       tokens=toks, **plan), args.clients, desk)  # type: ignore[arg-type]  # fmt: skip
-                acked = max(1, r["counts"].get("acked", 0))
                 pair[name] = {"msgs_per_s": r["msgs_per_s"], **r["rtt"],
-                              "gateway_cpu_us": r["server_cpu_s"] / acked * 1e6,
-                              "desk_cpu_us": r["desk_cpu_s"] / acked * 1e6}  # fmt: skip
+                              "gateway_cpu_us": cpu_us(r),
+                              "desk_cpu_us": cpu_us(r, "desk_cpu_s")}  # fmt: skip
             res["pairs"].append(pair)
     finally:
         fwd.stop()
@@ -618,14 +620,18 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=400, help="per gateway (unloaded)")
     ap.add_argument(
         "--engine", choices=["native", "python"], default="native",
-        help="load client (throughput, e2e, forwarding): gw-loadgen or the Python engine",
+        help="load client (throughput, e2e, e2e-ratio, forwarding): gw-loadgen or Python",
     )  # fmt: skip
     ap.add_argument(
-        "--window", type=int, default=1, help="messages in flight per connection (throughput, e2e)"
+        "--window",
+        type=int,
+        default=1,
+        help="messages in flight per connection (throughput, e2e, e2e-ratio)",
     )
     ap.add_argument(
         "--desk-reply", action=argparse.BooleanOptionalAction, default=True,
-        help="e2e: desk-sim answers every message with a reply (default) or only acks it",
+        help="e2e, e2e-ratio: desk-sim answers every message with a reply (default) or only "
+             "acks it",
     )  # fmt: skip
     ap.add_argument(
         "--clients", type=int, default=1, help="load-client processes (throughput, e2e)"

@@ -140,7 +140,7 @@ class _Cluster:
 
 
 class _Oks:
-    """Successes for one endpoint not recorded yet (:meth:`Forwarder._acked`)."""
+    """Successes for one endpoint not recorded yet (:meth:`Forwarder._finish`)."""
 
     __slots__ = ("calls", "ep", "latency", "slow", "slow_s")
 
@@ -212,7 +212,7 @@ class Forwarder:
         self._deadlines: deque[tuple[float, Session, int]] = deque()
         self._now = 0.0
         self._m_ack = metrics.MESSAGE_ACK.labels()
-        self._oks = _Oks()  # acks gathered for one endpoint (see _acked)
+        self._oks = _Oks()  # acks gathered for one endpoint (see _finish)
 
     # -- helpers --------------------------------------------------------------
     def _time(self) -> float:
@@ -448,7 +448,7 @@ class Forwarder:
             route = fl.head_route = fl.route
             fl.head = msg_head(sid, self._target_group(route), str(route.stage))
         head = fl.head
-        endpoint = ep.endpoint
+        endpoint, bal = ep.endpoint, c.balancer
         deadlines = self._deadlines
         waiting, sent = fl.waiting, fl.sent
         # bytes the link may still queue (Link.full), and the frames for it,
@@ -473,7 +473,7 @@ class Forwarder:
             sent[n] = out
             link.inflight += 1
             c.inflight += 1
-            endpoint.outstanding += 1  # Balancer.start
+            bal.start(endpoint)
             deadlines.append((deadline, s, n))
             frame = encode_msg(head, n, out.msg_id, out.body)
             room -= len(frame)
@@ -496,22 +496,39 @@ class Forwarder:
         return bool(e.up and e.healthy and e.breaker.state(now) == 0)
 
     def _finish(self, out: _Out, ok: bool, count: bool = True) -> None:
+        """``out`` is answered (or given up on): its link and cluster slots
+        are free, and its endpoint learns how it went. Counted successes
+        (acks) are gathered in ``self._oks`` and recorded once per
+        endpoint and link read (:meth:`_flush_oks`); anything else first
+        records what was gathered, so the breaker sees results in order."""
         ep, link = out.ep, out.link
         if ep is None or link is None:
             return
-        if self._oks.ep is not None:
-            self._flush_oks()
         link.inflight -= 1
         c = ep.cluster
         c.inflight -= 1
         now = self._now
         latency = now - out.t0
+        out.ep = None
+        out.link = None
+        if ok and count:
+            c.m_latency.observe(latency)
+            oks = self._oks
+            if ep is not oks.ep:
+                self._flush_oks()
+                oks.ep = ep
+                oks.slow_s = ep.endpoint.breaker.cfg.slow_call_s
+            oks.calls += 1
+            oks.latency += latency
+            if latency > oks.slow_s:
+                oks.slow += 1
+            return
+        if self._oks.ep is not None:
+            self._flush_oks()
         c.balancer.finish(ep.endpoint, now, latency, ok)
         if count:
             c.m_latency.observe(latency)
-            (c.m_ok if ok else c.m_error).inc()
-        out.ep = None
-        out.link = None
+            c.m_error.inc()
 
     def _refuse(self, s: Session, out: _Out, why: str) -> None:
         hub = self.hub
@@ -644,10 +661,7 @@ class Forwarder:
 
     def _acked(self, hub: Any, s: Session, ns: Iterable[int]) -> bool:
         """The downstream accepted messages ``ns`` of ``s``: each gets its
-        visitor ack. False when none of them was in flight. The endpoint's
-        bookkeeping (balancer, breaker, outlier detector) is gathered in
-        ``self._oks`` and done once per endpoint and batch
-        (:meth:`_flush_oks`)."""
+        visitor ack. False when none of them was in flight."""
         fl: Flow | None = s.ds
         if fl is None:
             hub.stats["downstream_ack_unknown"] += 1
@@ -655,30 +669,13 @@ class Forwarder:
         sent = fl.sent
         now = self._now
         ack_seconds = self._m_ack
-        oks = self._oks
         any_ok = False
         for n in ns:
             out = sent.pop(n, None)
             if out is None:
                 hub.stats["downstream_ack_unknown"] += 1
                 continue
-            ep, link = out.ep, out.link
-            if ep is not None and link is not None:
-                link.inflight -= 1
-                c = ep.cluster
-                c.inflight -= 1
-                latency = now - out.t0
-                c.m_latency.observe(latency)
-                if ep is not oks.ep:
-                    self._flush_oks()
-                    oks.ep = ep
-                    oks.slow_s = ep.endpoint.breaker.cfg.slow_call_s
-                oks.calls += 1
-                oks.latency += latency
-                if latency > oks.slow_s:
-                    oks.slow += 1
-                out.ep = None
-                out.link = None
+            self._finish(out, ok=True)
             # from the visitor's message to its ack: queueing while no
             # endpoint could take it and redeliveries included
             ack_seconds.observe(now - out.received)
@@ -689,8 +686,8 @@ class Forwarder:
         return any_ok
 
     def _flush_oks(self) -> None:
-        """Records the successes gathered by :meth:`_acked` (before any
-        failure is recorded, so the breaker sees them in order)."""
+        """Records the successes gathered by :meth:`_finish` (at the end of
+        a link read, and before any other result)."""
         oks = self._oks
         ep = oks.ep
         if ep is None:

@@ -293,15 +293,14 @@ class Link:
         return self.state == UP
 
     @property
-    def full(self) -> bool:
-        c = self.core
-        return c is None or c.backlog >= self.high_water
-
-    @property
     def room(self) -> int:
         """Bytes that may still be queued before the link is :attr:`full`."""
         c = self.core
-        return 0 if c is None else self.high_water - len(c.out)
+        return 0 if c is None else self.high_water - c.backlog
+
+    @property
+    def full(self) -> bool:
+        return self.room <= 0
 
     def send(self, data: bytes) -> None:
         """Queues encoded frames (only while up)."""

@@ -26,7 +26,7 @@ from typing import Any, Final
 
 import msgpack
 
-from gateway.session.state import FRAME_OVERHEAD, Session, body_size
+from gateway.session.state import Session, body_size, replay_cost
 
 __all__ = ["MAX_HOPS", "Tombstones", "export_state", "import_state"]
 
@@ -123,7 +123,7 @@ def import_state(d: Any, dedup_max: int, replay_max_frames: int, replay_max_byte
     s.reissue = reissue or None
     for f in replay:
         s.replay.append(f)
-        s.replay_bytes += body_size(f.get("body")) + FRAME_OVERHEAD
+        s.replay_bytes += replay_cost(f)
     return s
 
 

@@ -67,6 +67,11 @@ def body_size(body: Any) -> int:
         return 16
 
 
+def replay_cost(frame: dict[str, Any]) -> int:
+    """What a frame in the replay buffer counts against ``replay_bytes``."""
+    return body_size(frame.get("body")) + FRAME_OVERHEAD
+
+
 class Session:
     __slots__ = (
         "accepted",
@@ -180,20 +185,17 @@ class Session:
         and sends it when attached."""
         self.seq += 1
         frame["seq"] = self.seq
-        self.replay.append(frame)
-        self.replay_bytes += body_size(frame.get("body")) + FRAME_OVERHEAD
         r = self.replay
+        r.append(frame)
+        self.replay_bytes += replay_cost(frame)
         if len(r) > self.replay_max_frames or self.replay_bytes > self.replay_max_bytes:
-            # the oldest frames go, in one deletion (not a pop(0) each)
             k = 0
             left = len(r)
-            while k < left and (
-                left - k > self.replay_max_frames or self.replay_bytes > self.replay_max_bytes
-            ):
-                self.replay_bytes -= body_size(r[k].get("body")) + FRAME_OVERHEAD
+            size = self.replay_bytes
+            while k < left and (left - k > self.replay_max_frames or size > self.replay_max_bytes):
+                size -= replay_cost(r[k])
                 k += 1
-            self.first = r[k - 1]["seq"] + 1
-            del r[:k]
+            self._drop_replayed(k, size)
         if self.conn is not None:
             self.conn.session_frame(frame)
         return frame
@@ -203,14 +205,22 @@ class Session:
         r = self.replay
         k = 0
         left = len(r)
+        size = self.replay_bytes
         while k < left and r[k]["seq"] <= seq:
-            self.replay_bytes -= body_size(r[k].get("body")) + FRAME_OVERHEAD
+            size -= replay_cost(r[k])
             k += 1
         if k:
-            self.first = r[k - 1]["seq"] + 1
-            del r[:k]  # in one deletion, not a pop(0) each
+            self._drop_replayed(k, size)
         if seq >= self.seq and not r:
             self.first = self.seq + 1
+
+    def _drop_replayed(self, k: int, size: int) -> None:
+        """Forgets the ``k`` (>= 1) oldest replay frames in one deletion
+        (not a pop(0) each); ``size`` is what the others count."""
+        r = self.replay
+        self.first = r[k - 1]["seq"] + 1
+        del r[:k]
+        self.replay_bytes = size
 
     def missed(self, last: int) -> tuple[list[dict[str, Any]], bool]:
         """The buffered frames with ``seq > last`` in order, and whether some
