@@ -56,6 +56,7 @@ run: setup
 lint: setup
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --release -q -- -D warnings
+	cargo clippy -p gateway-native --features cpython-fastpath --lib --release -q -- -D warnings
 	$(BIN)/ruff format --check gateway tests bench
 	$(BIN)/ruff check gateway tests bench
 	$(BIN)/mypy

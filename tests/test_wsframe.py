@@ -1,8 +1,12 @@
 """The server-side RFC 6455 frame codec (sans-IO), checked against wsproto's
-client side as an independent implementation."""
+client side as an independent implementation. Every test runs with the
+native scan (native/src/pyws.rs) and with the Python parser alone;
+tests/test_wsframe_native.py compares the two."""
 
 from __future__ import annotations
 
+import itertools
+import operator
 import os
 import random
 import struct
@@ -29,8 +33,15 @@ def client_frame(
         head = struct.pack("!BBH", b0, 0x80 | 126, n)
     else:
         head = struct.pack("!BBQ", b0, 0x80 | 127, n)
-    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    masked = bytes(map(operator.xor, payload, itertools.cycle(key)))
     return head + key + masked
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def reader_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Readers built without ``native=`` use the native scan or not."""
+    monkeypatch.setattr(wsframe, "FASTPATH", request.param == "native")
+    return str(request.param)
 
 
 def drain(r: FrameReader) -> list[tuple[int, bytes | str]]:

@@ -8,6 +8,13 @@ XOR and returns ``(opcode, payload)`` tuples. The opening handshake is
 :mod:`gateway.server.http1`'s; no extension is negotiated, so every RSV bit
 must be zero.
 
+On CPython the common frames (whole text or binary messages, control
+frames) are parsed and unmasked by the native core, many per call
+(``native/src/pyws.rs``); the Python parser below handles everything else
+(fragments, continuations, violations) and is the whole reader elsewhere or
+with ``GATEWAY_WS_FASTPATH=0``. Both give the same messages and the same
+violations; tests run every case through both.
+
 Violations raise :class:`WsViolation` with the close code to send: 1002
 (protocol error: unmasked client frame, RSV bits, unknown opcode, bad
 control frame, bad continuation, bad close payload), 1007 (text or close
@@ -17,8 +24,12 @@ refused from the frame header, before its payload is buffered).
 
 from __future__ import annotations
 
+import os
 import struct
-from typing import Final
+import sys
+from typing import Any, Final
+
+from gateway._native import lib as _lib
 
 __all__ = [
     "OP_BINARY",
@@ -47,6 +58,20 @@ _CONTROL_OPS: Final = frozenset((OP_CLOSE, OP_PING, OP_PONG))
 _SENDABLE_CLOSE: Final = frozenset(
     (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014)
 )
+
+#: Whether readers use the native scan by default: CPython, a native
+#: library that has it, and GATEWAY_WS_FASTPATH not "0".
+FASTPATH: Final = (
+    sys.implementation.name == "cpython"
+    and os.environ.get("GATEWAY_WS_FASTPATH", "1") != "0"
+    and hasattr(_lib, "gw_ws_scan")
+)
+#: Frames one native scan turns into objects at most (bounds the list it
+#: builds, whatever a read holds; the rest waits for the next scan).
+SCAN_LIMIT: Final = 64
+# where a scan stopped (native/src/pyws.rs)
+_SCAN_MORE: Final = 0
+_SCAN_NO_MEMORY: Final = -22
 
 _H2: Final = struct.Struct("!H")
 _H8: Final = struct.Struct("!Q")
@@ -81,18 +106,27 @@ class FrameReader:
     (validated UTF-8), binary ones as ``bytes``; fragments are joined (their
     total bounded by ``max_message``) and control frames interleaved with
     them come out on their own. After a violation the reader stays failed.
+
+    ``native``: whether to use the native scan (default :data:`FASTPATH`).
     """
 
-    __slots__ = ("buf", "failed", "frag_len", "frag_op", "frags", "max_message", "pos")
+    __slots__ = (
+        "buf", "failed", "frag_len", "frag_op", "frags", "max_message", "pos", "ready", "scan",
+    )  # fmt: skip
 
-    def __init__(self, max_message: int) -> None:
+    def __init__(self, max_message: int, native: bool | None = None) -> None:
         self.max_message = max_message
         self.buf = b""
-        self.pos = 0  # bytes of buf already parsed (no copy per frame)
+        self.pos = 0  # bytes of buf already returned as frames (no copy per frame)
         self.frag_op = 0  # opcode of the fragmented message in progress, 0: none
         self.frags: list[bytes] | None = None
         self.frag_len = 0
         self.failed = False
+        # frames the native scan parsed and next() has not returned yet, last
+        # first: (opcode, payload, offset in buf just past the frame)
+        self.ready: list[tuple[int, Any, int]] = []
+        use = FASTPATH if native is None else native
+        self.scan: Any = _lib.gw_ws_scan if use else None
 
     @property
     def buffered(self) -> int:
@@ -103,10 +137,40 @@ class FrameReader:
         if data and not self.failed:
             pos = self.pos
             buf = self.buf
+            if self.ready:  # their offsets must stay valid
+                self.buf = buf + data
+                return
             self.buf = data if pos >= len(buf) else buf[pos:] + data
             self.pos = 0
 
     def next(self) -> tuple[int, bytes | str] | None:
+        ready = self.ready
+        if not ready and self.scan is not None and not self.frag_op and not self.failed:
+            buf = self.buf
+            if self.pos >= len(buf):
+                return None
+            rc = self.scan(id(buf), self.pos, self.max_message, SCAN_LIMIT, id(ready))
+            if rc < 0:
+                ready.clear()
+                if rc == _SCAN_NO_MEMORY:
+                    raise MemoryError("native WebSocket scan")
+                raise RuntimeError(f"native WebSocket scan failed: {rc}")
+            if not ready and rc == _SCAN_MORE:
+                return None
+            ready.reverse()
+        if ready:
+            op, payload, end = ready.pop()
+            if end == len(self.buf):
+                self.buf = b""
+                self.pos = 0
+            else:
+                self.pos = end
+            return op, payload
+        return self._next_slow()
+
+    def _next_slow(self) -> tuple[int, bytes | str] | None:
+        """The Python parser: fragments, continuations, violations (and
+        every frame without the native scan)."""
         while True:
             got = self._frame()
             if got is None:
@@ -145,6 +209,7 @@ class FrameReader:
         self.failed = True
         self.buf = b""
         self.pos = 0
+        self.ready = []
         self.frags = None
         self.frag_len = 0
         return WsViolation(code, reason)

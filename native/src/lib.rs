@@ -1,5 +1,6 @@
-//! Native crypto core of the chat gateway: batched AES-GCM and SM4-GCM with
-//! keys kept expanded behind handles, exposed through a C ABI for cffi.
+//! Native core of the chat gateway: batched AES-GCM and SM4-GCM with keys
+//! kept expanded behind handles, and the fast path of the WebSocket reader,
+//! exposed through a C ABI for cffi.
 //!
 //! Module map:
 //! - `cpu`: runtime feature detection and the env overrides of code paths.
@@ -10,11 +11,17 @@
 //! - `keyring`: handles, nonce construction, invocation limits.
 //! - `batch`: validation and the batch seal/open loops.
 //! - `ffi`: the C ABI.
+//! - `wsframe`: WebSocket client-frame parsing and unmasking, the fast path
+//!   of the gateway's WebSocket reader.
+//! - `cpython`, `pyfast`, `pyws` (feature `cpython-fastpath`): the CPython
+//!   C API glue, the crypto list fast path and the WebSocket reader's.
 
 pub mod aead;
 pub mod aes;
 pub mod batch;
 pub mod cpu;
+#[cfg(feature = "cpython-fastpath")]
+pub mod cpython;
 pub mod error;
 pub mod ffi;
 pub mod fuzzing;
@@ -22,7 +29,10 @@ pub mod ghash;
 pub mod keyring;
 #[cfg(feature = "cpython-fastpath")]
 pub mod pyfast;
+#[cfg(feature = "cpython-fastpath")]
+pub mod pyws;
 pub mod sm4;
+pub mod wsframe;
 
 pub use aead::{BlockAead, Suite, NONCE_LEN, OVERHEAD, TAG_LEN};
 pub use cpu::{AesPath, Sm4Path};

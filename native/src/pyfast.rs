@@ -12,7 +12,7 @@
 //! any extension module. Python falls back to its own marshalling on other
 //! interpreters or when `GATEWAY_CRYPTO_FASTPATH=0`.
 
-use std::ffi::{c_char, c_int, c_ulong, c_void};
+use std::ffi::c_ulong;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::aead::OVERHEAD;
@@ -20,53 +20,17 @@ use crate::batch::{open_slices, opened_len, seal_slices, STATUS_OK};
 use crate::error::Error;
 use crate::ffi::{GwKeyring, GW_ERR_INTERNAL};
 
-type PyObject = c_void;
-type PySsize = isize;
-
-extern "C" {
-    fn PyGILState_Ensure() -> c_int;
-    fn PyGILState_Release(state: c_int);
-    fn PyList_Size(list: *mut PyObject) -> PySsize;
-    fn PyList_GetItem(list: *mut PyObject, i: PySsize) -> *mut PyObject;
-    fn PyList_SetItem(list: *mut PyObject, i: PySsize, item: *mut PyObject) -> c_int;
-    fn PyTuple_Size(t: *mut PyObject) -> PySsize;
-    fn PyTuple_GetItem(t: *mut PyObject, i: PySsize) -> *mut PyObject;
-    fn PyLong_AsUnsignedLong(o: *mut PyObject) -> c_ulong;
-    fn PyBytes_AsStringAndSize(o: *mut PyObject, buf: *mut *mut c_char, len: *mut PySsize)
-        -> c_int;
-    fn PyBytes_FromStringAndSize(v: *const c_char, len: PySsize) -> *mut PyObject;
-    fn PyBytes_AsString(o: *mut PyObject) -> *mut c_char;
-    fn Py_IncRef(o: *mut PyObject);
-    fn Py_DecRef(o: *mut PyObject);
-    fn PyErr_Occurred() -> *mut PyObject;
-    fn PyErr_Clear();
-}
+pub use crate::cpython::GW_ERR_NO_MEMORY;
+use crate::cpython::{
+    bytes_of, Gil, PyBytes_AsString, PyBytes_FromStringAndSize, PyErr_Clear, PyErr_Occurred,
+    PyList_GetItem, PyList_SetItem, PyList_Size, PyLong_AsUnsignedLong, PyObject, PySsize,
+    PyTuple_GetItem, PyTuple_Size, Py_DecRef, Py_IncRef,
+};
 
 /// An item that is not a `(int, bytes, bytes)` tuple.
 pub const GW_ERR_BAD_ITEM: i32 = -20;
 /// The result list is not a list of the right size.
 pub const GW_ERR_BAD_RESULT: i32 = -21;
-/// CPython could not allocate a result object.
-pub const GW_ERR_NO_MEMORY: i32 = -22;
-
-/// Holds the GIL for its lifetime.
-struct Gil(c_int);
-
-impl Gil {
-    fn take() -> Gil {
-        // SAFETY: called on a thread that has a Python thread state (cffi
-        // released the GIL around this call, keeping the state), which is
-        // the documented use of PyGILState_Ensure.
-        Gil(unsafe { PyGILState_Ensure() })
-    }
-}
-
-impl Drop for Gil {
-    fn drop(&mut self) {
-        // SAFETY: pairs with the Ensure in `take` on the same thread.
-        unsafe { PyGILState_Release(self.0) }
-    }
-}
 
 /// Borrowed views of the items of a Python list, kept alive by a reference
 /// on each item tuple (tuples are immutable, so their bytes stay put), so no
@@ -89,25 +53,6 @@ impl Views {
             unsafe { Py_DecRef(t) };
         }
     }
-}
-
-/// Reads `bytes` out of a borrowed object. GIL must be held.
-///
-/// # Safety
-/// `o` is a live object and the GIL is held; the returned slice is valid
-/// while `o` is alive.
-unsafe fn bytes_of(o: *mut PyObject) -> Option<&'static [u8]> {
-    let mut p: *mut c_char = std::ptr::null_mut();
-    let mut n: PySsize = 0;
-    // SAFETY: `o` is live (caller); out-pointers are valid locals.
-    if unsafe { PyBytes_AsStringAndSize(o, &mut p, &mut n) } != 0 {
-        // SAFETY: GIL held; clears the TypeError just raised.
-        unsafe { PyErr_Clear() };
-        return None;
-    }
-    // SAFETY: CPython guarantees `p` points to `n` bytes owned by `o`,
-    // immutable and valid while `o` lives (the caller holds a reference).
-    Some(unsafe { std::slice::from_raw_parts(p as *const u8, n as usize) })
 }
 
 /// # Safety
