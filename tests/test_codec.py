@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.protocol import codec
 from gateway.protocol.codec import (
     MAX_DEPTH,
     MAX_ENTRIES,
@@ -20,6 +21,15 @@ from gateway.protocol.codec import (
     length_prefix,
 )
 from gateway.protocol.codes import Code, ProtocolError
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def decoder_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Length-prefixed decoders built without ``native=`` decode their
+    msgpack natively or not (tests/test_codec_native.py compares them)."""
+    monkeypatch.setattr(codec, "FASTPATH", request.param == "native")
+    return str(request.param)
+
 
 MAX = 65536
 

@@ -23,6 +23,12 @@ Per-type field checks (``msg.id``, ``hello.v`` ...) belong to the session.
 Encoding bytes values as JSON (the visitor speaks JSON but a body arrived as
 msgpack ``bin``): valid UTF-8 is sent as a JSON string, anything else as the
 one-key object ``{"$b64": "<RFC 4648 base64 with padding>"}``.
+
+:class:`LengthPrefixedDecoder` decodes its frames' msgpack in the native
+core on CPython (``native/src/pylink.rs``, many frames per call), building
+the same objects ``msgpack.unpackb`` would; any frame it does not take
+(every error among them) is decoded here instead, so errors are raised as
+before. ``GATEWAY_MSGPACK_FASTPATH=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -30,13 +36,16 @@ from __future__ import annotations
 import base64
 import enum
 import json
+import os
 import re
 import struct
+import sys
 from collections.abc import Callable
 from typing import Any, Final
 
 import msgpack
 
+from gateway._native import lib as _lib
 from gateway.protocol.codes import Code, ProtocolError
 
 __all__ = [
@@ -62,6 +71,16 @@ LENGTH_PREFIX: Final = 4
 _MAX_PREFIXED: Final = 0xFFFFFFFF
 
 _U32: Final = struct.Struct(">I")
+
+#: Whether length-prefixed decoders use the native scan by default:
+#: CPython, a native library that has it, GATEWAY_MSGPACK_FASTPATH not "0".
+FASTPATH: Final = (
+    sys.implementation.name == "cpython"
+    and os.environ.get("GATEWAY_MSGPACK_FASTPATH", "1") != "0"
+    and hasattr(_lib, "gw_lp_scan")
+)
+#: Frames one native scan decodes at most.
+SCAN_LIMIT: Final = 1024
 
 
 class Encoding(enum.Enum):
@@ -267,12 +286,18 @@ class LengthPrefixedDecoder:
     module. A protocol that validates every field it reads itself (the
     downstream link, :mod:`gateway.downstream.proto`) passes its own check
     instead, so a frame is not walked twice.
+
+    ``native``: whether to decode with the native scan (default
+    :data:`FASTPATH`).
     """
 
-    __slots__ = ("_buf", "_check", "_error", "_max")
+    __slots__ = ("_buf", "_check", "_error", "_max", "_scan")
 
     def __init__(
-        self, max_frame: int, check: Callable[[Any], dict[str, Any]] = _check_frame
+        self,
+        max_frame: int,
+        check: Callable[[Any], dict[str, Any]] = _check_frame,
+        native: bool | None = None,
     ) -> None:
         if max_frame < 1:
             raise ValueError("max_frame must be positive")
@@ -280,6 +305,8 @@ class LengthPrefixedDecoder:
         self._check = check
         self._buf = bytearray()
         self._error: ProtocolError | None = None
+        use = FASTPATH if native is None else native
+        self._scan: Any = _lib.gw_lp_scan if use else None
 
     def buffered(self) -> int:
         """Bytes held for an incomplete frame (header included)."""
@@ -306,7 +333,21 @@ class LengthPrefixedDecoder:
         pos = 0
         mx = self._max
         check = self._check
+        scan = self._scan
         while end - pos >= LENGTH_PREFIX:
+            if scan is not None:
+                # the native core decodes what it can; the frame it stopped
+                # at (incomplete, too big, or one it leaves to msgpack) is
+                # the next one below
+                objs: list[Any] = []
+                at = scan(id(src), pos, mx, MAX_ENTRIES, SCAN_LIMIT, id(objs))
+                if at < 0:
+                    raise RuntimeError(f"native frame scan failed: {at}")
+                for obj in objs:
+                    frames.append(check(obj))
+                pos = at
+                if end - pos < LENGTH_PREFIX:
+                    break
             (n,) = _U32.unpack_from(src, pos)
             if n > mx:
                 raise ProtocolError(Code.TOO_BIG, f"frame of {n} bytes over max_frame")

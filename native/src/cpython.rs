@@ -38,10 +38,22 @@ extern "C" {
         len: PySsize,
         errors: *const c_char,
     ) -> *mut PyObject;
+    pub fn PyList_New(n: PySsize) -> *mut PyObject;
+    pub fn PyDict_New() -> *mut PyObject;
+    pub fn PyDict_SetItem(d: *mut PyObject, k: *mut PyObject, v: *mut PyObject) -> c_int;
+    pub fn PyLong_FromLongLong(v: i64) -> *mut PyObject;
+    pub fn PyLong_FromUnsignedLongLong(v: u64) -> *mut PyObject;
+    pub fn PyFloat_FromDouble(v: f64) -> *mut PyObject;
+    pub fn PyUnicode_InternInPlace(s: *mut *mut PyObject);
+    pub fn PyByteArray_Size(o: *mut PyObject) -> PySsize;
+    pub fn PyByteArray_AsString(o: *mut PyObject) -> *mut c_char;
     pub fn Py_IncRef(o: *mut PyObject);
     pub fn Py_DecRef(o: *mut PyObject);
     pub fn PyErr_Occurred() -> *mut PyObject;
     pub fn PyErr_Clear();
+    pub static mut _Py_NoneStruct: PyObject;
+    pub static mut _Py_TrueStruct: PyObject;
+    pub static mut _Py_FalseStruct: PyObject;
 }
 
 /// Holds the GIL for its lifetime.
@@ -81,4 +93,52 @@ pub unsafe fn bytes_of(o: *mut PyObject) -> Option<&'static [u8]> {
     // SAFETY: CPython guarantees `p` points to `n` bytes owned by `o`,
     // immutable and valid while `o` lives (the caller holds a reference).
     Some(unsafe { std::slice::from_raw_parts(p as *const u8, n as usize) })
+}
+
+/// Reads the contents of a borrowed `bytes` or `bytearray`; None (error
+/// cleared) for anything else.
+///
+/// # Safety
+/// As for [`bytes_of`]; and nothing may resize a `bytearray` while the
+/// slice is in use, which holding the GIL throughout guarantees.
+pub unsafe fn buffer_of(o: *mut PyObject) -> Option<&'static [u8]> {
+    // SAFETY: forwarded contract.
+    if let Some(b) = unsafe { bytes_of(o) } {
+        return Some(b);
+    }
+    // SAFETY: `o` is live and the GIL held; a non-bytearray gives -1 and
+    // a TypeError, cleared here.
+    let n = unsafe { PyByteArray_Size(o) };
+    if n < 0 {
+        // SAFETY: GIL held.
+        unsafe { PyErr_Clear() };
+        return None;
+    }
+    // SAFETY: `o` is a bytearray of `n` bytes; its buffer stays put while
+    // the GIL is held and nobody resizes it (caller).
+    let p = unsafe { PyByteArray_AsString(o) };
+    if n == 0 {
+        return Some(&[]);
+    }
+    // SAFETY: as above; `p` is non-NULL for a non-empty bytearray.
+    Some(unsafe { std::slice::from_raw_parts(p as *const u8, n as usize) })
+}
+
+/// A new reference to `None`, `True` or `False`.
+///
+/// # Safety
+/// GIL held.
+pub unsafe fn constant(which: Option<bool>) -> *mut PyObject {
+    // SAFETY: the three singletons are static objects of the running
+    // interpreter; taking their address reads nothing, and Py_IncRef on
+    // them is what Py_RETURN_NONE / Py_RETURN_TRUE do.
+    unsafe {
+        let o = match which {
+            None => std::ptr::addr_of_mut!(_Py_NoneStruct),
+            Some(true) => std::ptr::addr_of_mut!(_Py_TrueStruct),
+            Some(false) => std::ptr::addr_of_mut!(_Py_FalseStruct),
+        };
+        Py_IncRef(o);
+        o
+    }
 }

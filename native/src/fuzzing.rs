@@ -1,4 +1,4 @@
-//! The body of the batch-parsing fuzz target, shared by `native/fuzz`
+//! The bodies of the fuzz targets (batch parsing; the frame parsers), shared by `native/fuzz`
 //! (cargo fuzz, libFuzzer) and a deterministic smoke run in `cargo test`.
 //!
 //! The input bytes are read as: a batch size, then per item a handle choice,
@@ -91,5 +91,35 @@ pub fn fuzz_batch(data: &[u8]) {
     let mut status = vec![9u8; n];
     if open_batch(&kr, &hs, items, None, &mut plain, &mut status).is_ok() {
         assert!(status.iter().all(|s| *s != 0));
+    }
+}
+
+/// The frame parsers' fuzz case: the WebSocket frame scanner and the
+/// msgpack head reader over arbitrary bytes, at every offset. They must
+/// never panic, a frame or head must lie within the input, and unmasking
+/// twice must give the input back.
+pub fn fuzz_frames(data: &[u8]) {
+    use crate::msgpack::head;
+    use crate::wsframe::{next_frame, unmask_into, Step};
+
+    let max_message = u64::from(data.first().copied().unwrap_or(0)) * 97;
+    for at in 0..data.len() {
+        let rest = &data[at..];
+        if let Step::Frame {
+            start, len, mask, ..
+        } = next_frame(rest, max_message)
+        {
+            assert!(start + len <= rest.len(), "frame past the input");
+            assert!(len as u64 <= max_message.max(125), "frame over the limit");
+            let src = &rest[start..start + len];
+            let mut once = vec![0u8; len];
+            let mut twice = vec![0u8; len];
+            unmask_into(src, mask, &mut once);
+            unmask_into(&once, mask, &mut twice);
+            assert_eq!(twice, src, "unmask is not an involution");
+        }
+        if let Some((_, taken)) = head(rest) {
+            assert!(taken >= 1 && taken <= rest.len(), "head past the input");
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! Native core of the chat gateway: batched AES-GCM and SM4-GCM with keys
-//! kept expanded behind handles, and the fast path of the WebSocket reader,
-//! exposed through a C ABI for cffi.
+//! kept expanded behind handles, and the fast paths of the WebSocket reader
+//! and the msgpack frame decoder, exposed through a C ABI for cffi.
 //!
 //! Module map:
 //! - `cpu`: runtime feature detection and the env overrides of code paths.
@@ -13,8 +13,10 @@
 //! - `ffi`: the C ABI.
 //! - `wsframe`: WebSocket client-frame parsing and unmasking, the fast path
 //!   of the gateway's WebSocket reader.
-//! - `cpython`, `pyfast`, `pyws` (feature `cpython-fastpath`): the CPython
-//!   C API glue, the crypto list fast path and the WebSocket reader's.
+//! - `msgpack`: MessagePack value heads, for the link-frame decoder.
+//! - `cpython`, `pyfast`, `pyws`, `pylink` (feature `cpython-fastpath`): the
+//!   CPython C API glue, and the fast paths of the crypto lists, the
+//!   WebSocket reader and the length-prefixed msgpack frame decoder.
 
 pub mod aead;
 pub mod aes;
@@ -27,8 +29,11 @@ pub mod ffi;
 pub mod fuzzing;
 pub mod ghash;
 pub mod keyring;
+pub mod msgpack;
 #[cfg(feature = "cpython-fastpath")]
 pub mod pyfast;
+#[cfg(feature = "cpython-fastpath")]
+pub mod pylink;
 #[cfg(feature = "cpython-fastpath")]
 pub mod pyws;
 pub mod sm4;

@@ -1,0 +1,325 @@
+//! CPython fast path of the length-prefixed MessagePack frame decoder
+//! (`LengthPrefixedDecoder` in `gateway/protocol/codec.py`; feature
+//! `cpython-fastpath`): the downstream link both ways (gateway and
+//! desk-sim) and visitors' HTTP/2 streams.
+//!
+//! [`gw_lp_scan`] walks `u32 BE length + msgpack value` frames and builds
+//! each value as Python objects directly, as `msgpack.unpackb(raw=False,
+//! strict_map_key=True, max_array_len=N, max_map_len=N, max_ext_len=0)`
+//! would: maps to `dict` (string keys interned, later duplicates winning),
+//! arrays to `list`, strings to `str` (strict UTF-8), binaries to `bytes`.
+//! The Python check of each frame then runs on the result as before.
+//!
+//! It stops, without consuming it, at the first frame it does not take: a
+//! length over the limit, an incomplete frame, or a value it cannot build
+//! exactly as msgpack would (invalid UTF-8, an extension, a map key that is
+//! not a string or binary, more than `max_len` entries, nesting deeper than
+//! [`MAX_DEPTH`], trailing bytes, truncation). The Python decoder handles
+//! that frame, so every error keeps its one source there.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::c_char;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use crate::cpython::{
+    buffer_of, constant, Gil, PyBytes_FromStringAndSize, PyDict_New, PyDict_SetItem, PyErr_Clear,
+    PyFloat_FromDouble, PyList_Append, PyList_New, PyList_SetItem, PyLong_FromLongLong,
+    PyLong_FromUnsignedLongLong, PyObject, PySsize, PyUnicode_DecodeUTF8, PyUnicode_InternInPlace,
+    Py_DecRef, Py_IncRef,
+};
+use crate::error::Error;
+use crate::ffi::GW_ERR_INTERNAL;
+use crate::msgpack::{head, Head};
+use crate::pyfast::GW_ERR_BAD_RESULT;
+
+/// Containers nested deeper than this go to the Python decoder (msgpack
+/// allows more; the frame checks refuse anything past 8 anyway).
+pub const MAX_DEPTH: usize = 32;
+
+/// Decodes the frames of the `bytes` or `bytearray` at address `buf` from
+/// offset `pos`, appending each frame's value to the list at address `out`
+/// (at most `limit` frames). Frames over `max_frame` bytes, and containers
+/// of more than `max_len` entries, are left to the Python decoder. Returns
+/// the offset just past the last frame decoded (`pos` if none), or a
+/// negative error code (the values appended are then to be discarded). A
+/// `buf` of another type decodes nothing.
+///
+/// # Safety
+/// Call only from CPython through cffi (GIL released by the call), with the
+/// addresses of a live object and a live list that the caller keeps alive
+/// during the call.
+#[no_mangle]
+pub unsafe extern "C" fn gw_lp_scan(
+    buf: usize,
+    pos: usize,
+    max_frame: u64,
+    max_len: usize,
+    limit: usize,
+    out: usize,
+) -> i64 {
+    if buf == 0 || out == 0 {
+        return Error::NullPointer.code().into();
+    }
+    catch_unwind(AssertUnwindSafe(|| {
+        let _gil = Gil::take();
+        // SAFETY: the Python wrapper passes id() of objects it holds; the
+        // GIL is held for the whole scan, so the buffer cannot change.
+        unsafe {
+            let Some(data) = buffer_of(buf as *mut PyObject) else {
+                return pos as i64;
+            };
+            scan(data, pos, max_frame, max_len, limit, out as *mut PyObject)
+        }
+    }))
+    .unwrap_or(GW_ERR_INTERNAL.into())
+}
+
+/// # Safety
+/// GIL held; `out` a live object.
+unsafe fn scan(
+    data: &[u8],
+    pos: usize,
+    max_frame: u64,
+    max_len: usize,
+    limit: usize,
+    out: *mut PyObject,
+) -> i64 {
+    let mut at = pos;
+    for _ in 0..limit {
+        let Some(prefix) = data.get(at..at + 4) else {
+            break;
+        };
+        let n = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+        if u64::from(n) > max_frame {
+            break;
+        }
+        let start = at + 4;
+        let Some(frame) = start
+            .checked_add(n as usize)
+            .and_then(|stop| data.get(start..stop))
+        else {
+            break;
+        };
+        let mut d = Decoder {
+            buf: frame,
+            at: 0,
+            max_len,
+        };
+        // SAFETY: GIL held (caller).
+        let Some(obj) = (unsafe { d.value(0) }) else {
+            break;
+        };
+        // SAFETY: GIL held; `obj` is our new reference; `out` is live.
+        unsafe {
+            if d.at != frame.len() {
+                Py_DecRef(obj); // trailing bytes: msgpack's ExtraData
+                break;
+            }
+            let rc = PyList_Append(out, obj);
+            Py_DecRef(obj);
+            if rc != 0 {
+                PyErr_Clear();
+                return GW_ERR_BAD_RESULT.into();
+            }
+        }
+        at = start + frame.len();
+    }
+    at as i64
+}
+
+struct Decoder<'a> {
+    buf: &'a [u8],
+    at: usize,
+    max_len: usize,
+}
+
+/// A new reference, or None after clearing the Python error that made it
+/// NULL.
+///
+/// # Safety
+/// GIL held.
+unsafe fn made(o: *mut PyObject) -> Option<*mut PyObject> {
+    if o.is_null() {
+        // SAFETY: GIL held.
+        unsafe { PyErr_Clear() };
+        return None;
+    }
+    Some(o)
+}
+
+/// Map keys seen so far, decoded and interned, by their UTF-8 bytes: a
+/// protocol's few field names, so a frame's keys cost a hash lookup each
+/// instead of a decode and an intern. Bounded: keys longer than
+/// [`KEY_CACHE_LEN`] bytes, or past [`KEY_CACHE_SIZE`] distinct ones, are
+/// decoded every time. Only touched with the GIL held.
+const KEY_CACHE_SIZE: usize = 512;
+/// Longest key kept in the cache, in bytes.
+const KEY_CACHE_LEN: usize = 24;
+
+thread_local! {
+    static KEYS: RefCell<HashMap<Box<[u8]>, usize>> = RefCell::new(HashMap::new());
+}
+
+impl Decoder<'_> {
+    /// A string map key as a new reference to its interned `str`.
+    ///
+    /// # Safety
+    /// GIL held.
+    unsafe fn key(&mut self) -> Option<*mut PyObject> {
+        let (h, taken) = head(&self.buf[self.at..])?;
+        let Head::Str(n) = h else { return None };
+        let raw = self.buf.get(self.at + taken..self.at + taken + n)?;
+        if n > KEY_CACHE_LEN {
+            // SAFETY: GIL held (caller).
+            return unsafe { self.string_key() };
+        }
+        let hit = KEYS.with(|k| k.borrow().get(raw).copied());
+        if let Some(o) = hit {
+            self.at += taken + n;
+            let o = o as *mut PyObject;
+            // SAFETY: GIL held; the cache holds a reference on `o`.
+            unsafe { Py_IncRef(o) };
+            return Some(o);
+        }
+        // SAFETY: GIL held (caller).
+        let o = unsafe { self.string_key() }?;
+        KEYS.with(|k| {
+            let mut k = k.borrow_mut();
+            if k.len() < KEY_CACHE_SIZE {
+                // SAFETY: GIL held; the cache's own reference, kept for
+                // the life of the process.
+                unsafe { Py_IncRef(o) };
+                k.insert(raw.into(), o as usize);
+            }
+        });
+        Some(o)
+    }
+
+    /// A string map key, decoded and interned as msgpack does.
+    ///
+    /// # Safety
+    /// GIL held.
+    unsafe fn string_key(&mut self) -> Option<*mut PyObject> {
+        // SAFETY: GIL held (caller).
+        let mut k = unsafe { self.value(0) }?;
+        // SAFETY: GIL held; `k` is our new reference to a str.
+        unsafe { PyUnicode_InternInPlace(&mut k) };
+        Some(k)
+    }
+
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        let s = self.buf.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(s)
+    }
+
+    /// The next value as a new reference; None for anything the Python
+    /// decoder must handle.
+    ///
+    /// # Safety
+    /// GIL held.
+    unsafe fn value(&mut self, depth: usize) -> Option<*mut PyObject> {
+        let (h, taken) = head(&self.buf[self.at..])?;
+        self.at += taken;
+        // SAFETY: GIL held throughout (caller); every object made here is
+        // either returned or released on the way out.
+        unsafe {
+            match h {
+                Head::Nil => Some(constant(None)),
+                Head::Bool(b) => Some(constant(Some(b))),
+                Head::Int(i) => made(PyLong_FromLongLong(i)),
+                Head::Uint(u) => made(PyLong_FromUnsignedLongLong(u)),
+                Head::F32(f) => made(PyFloat_FromDouble(f64::from(f))),
+                Head::F64(f) => made(PyFloat_FromDouble(f)),
+                Head::Str(n) => {
+                    let s = self.take(n)?;
+                    made(PyUnicode_DecodeUTF8(
+                        s.as_ptr() as *const c_char,
+                        s.len() as PySsize,
+                        c"strict".as_ptr(),
+                    ))
+                }
+                Head::Bin(n) => {
+                    let s = self.take(n)?;
+                    made(PyBytes_FromStringAndSize(
+                        s.as_ptr() as *const c_char,
+                        s.len() as PySsize,
+                    ))
+                }
+                Head::Array(n) => self.array(n, depth),
+                Head::Map(n) => self.map(n, depth),
+            }
+        }
+    }
+
+    /// # Safety
+    /// GIL held.
+    unsafe fn array(&mut self, n: usize, depth: usize) -> Option<*mut PyObject> {
+        if n > self.max_len || depth >= MAX_DEPTH {
+            return None;
+        }
+        // SAFETY: GIL held; the list owns each item set (SetItem takes the
+        // reference) and its unset slots are NULL, which its deallocation
+        // skips, so dropping it on failure releases exactly what was made.
+        unsafe {
+            let list = made(PyList_New(n as PySsize))?;
+            for i in 0..n {
+                let Some(v) = self.value(depth + 1) else {
+                    Py_DecRef(list);
+                    return None;
+                };
+                PyList_SetItem(list, i as PySsize, v);
+            }
+            Some(list)
+        }
+    }
+
+    /// # Safety
+    /// GIL held.
+    unsafe fn map(&mut self, n: usize, depth: usize) -> Option<*mut PyObject> {
+        if n > self.max_len || depth >= MAX_DEPTH {
+            return None;
+        }
+        // SAFETY: GIL held; PyDict_SetItem takes its own references, so
+        // ours on each key and value are dropped after it, and the dict on
+        // failure.
+        unsafe {
+            let dict = made(PyDict_New())?;
+            for _ in 0..n {
+                // strict_map_key: a key is a string or a binary
+                let is_str = match self.buf.get(self.at..).and_then(head) {
+                    Some((Head::Str(_), _)) => true,
+                    Some((Head::Bin(_), _)) => false,
+                    _ => {
+                        Py_DecRef(dict);
+                        return None;
+                    }
+                };
+                let key = if is_str {
+                    self.key()
+                } else {
+                    self.value(depth + 1)
+                };
+                let Some(k) = key else {
+                    Py_DecRef(dict);
+                    return None;
+                };
+                let Some(v) = self.value(depth + 1) else {
+                    Py_DecRef(k);
+                    Py_DecRef(dict);
+                    return None;
+                };
+                let rc = PyDict_SetItem(dict, k, v);
+                Py_DecRef(k);
+                Py_DecRef(v);
+                if rc != 0 {
+                    PyErr_Clear();
+                    Py_DecRef(dict);
+                    return None;
+                }
+            }
+            Some(dict)
+        }
+    }
+}
