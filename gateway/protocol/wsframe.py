@@ -30,10 +30,12 @@ import sys
 from typing import Any, Final
 
 from gateway._native import lib as _lib
+from gateway.protocol.codec import MAX_DEPTH, MAX_ENTRIES
 
 __all__ = [
     "OP_BINARY",
     "OP_CLOSE",
+    "OP_FRAME",
     "OP_PING",
     "OP_PONG",
     "OP_TEXT",
@@ -50,6 +52,9 @@ OP_BINARY: Final = 0x2
 OP_CLOSE: Final = 0x8
 OP_PING: Final = 0x9
 OP_PONG: Final = 0xA
+#: Not a WebSocket opcode: a binary message the native scan decoded as a
+#: msgpack frame that passed the codec's shape checks (``frame_max``).
+OP_FRAME: Final = 0x12
 
 _DATA_OPS: Final = frozenset((OP_TEXT, OP_BINARY))
 _CONTROL_OPS: Final = frozenset((OP_CLOSE, OP_PING, OP_PONG))
@@ -108,14 +113,21 @@ class FrameReader:
     them come out on their own. After a violation the reader stays failed.
 
     ``native``: whether to use the native scan (default :data:`FASTPATH`).
+    ``frame_max`` > 0: binary messages are the visitor protocol's msgpack
+    frames; the native scan returns those of at most ``frame_max`` bytes
+    that decode to a frame passing :func:`gateway.protocol.codec.decode_frame`'s
+    checks as ``(OP_FRAME, dict)``, already decoded (any other stays bytes,
+    for the codec to decode or refuse as usual).
     """
 
     __slots__ = (
-        "buf", "failed", "frag_len", "frag_op", "frags", "max_message", "pos", "ready", "scan",
+        "buf", "failed", "frag_len", "frag_op", "frags", "frame_max", "max_message", "pos",
+        "ready", "scan",
     )  # fmt: skip
 
-    def __init__(self, max_message: int, native: bool | None = None) -> None:
+    def __init__(self, max_message: int, native: bool | None = None, frame_max: int = 0) -> None:
         self.max_message = max_message
+        self.frame_max = frame_max
         self.buf = b""
         self.pos = 0  # bytes of buf already returned as frames (no copy per frame)
         self.frag_op = 0  # opcode of the fragmented message in progress, 0: none
@@ -143,13 +155,18 @@ class FrameReader:
             self.buf = data if pos >= len(buf) else buf[pos:] + data
             self.pos = 0
 
-    def next(self) -> tuple[int, bytes | str] | None:
+    def next(self) -> tuple[int, Any] | None:
+        """The next ``(opcode, payload)``: ``str`` for text, ``bytes`` for
+        binary and control frames, a ``dict`` for ``OP_FRAME``."""
         ready = self.ready
         if not ready and self.scan is not None and not self.frag_op and not self.failed:
             buf = self.buf
             if self.pos >= len(buf):
                 return None
-            rc = self.scan(id(buf), self.pos, self.max_message, SCAN_LIMIT, id(ready))
+            rc = self.scan(
+                id(buf), self.pos, self.max_message, SCAN_LIMIT, id(ready),
+                self.frame_max, MAX_ENTRIES, MAX_DEPTH,
+            )  # fmt: skip
             if rc < 0:
                 ready.clear()
                 if rc == _SCAN_NO_MEMORY:

@@ -64,7 +64,7 @@ class WsConn(ConnShell):
 
     def __init__(self, w: Worker, pipe: RawPipe | TlsPipe, origin: str | None) -> None:
         super().__init__(w, pipe)
-        self.reader = wsframe.FrameReader(w.cfg.max_frame)
+        self.reader = wsframe.FrameReader(w.cfg.max_frame, frame_max=w.cfg.max_frame)
         self.proto = VisitorProtocol(w.hub, self, origin, pipe.ip)
         self.enc = Encoding.MSGPACK
         self.closing = False
@@ -234,24 +234,27 @@ class WsConn(ConnShell):
                     self.pipe.close()
                     return
                 continue
-            if op <= wsframe.OP_BINARY:
-                if op == wsframe.OP_TEXT and proto.state == proto.HELLO:
-                    self.enc = Encoding.JSON
-                try:
-                    frame = decode_frame(payload, self.w.cfg.max_frame)
-                except ProtocolError as e:
-                    self.w.count_error(e.code)
-                    proto.fail(e)
-                    return
+            if op <= wsframe.OP_BINARY or op == wsframe.OP_FRAME:
+                if op == wsframe.OP_FRAME:
+                    frame = payload  # decoded and checked by the native scan
+                else:
+                    if op == wsframe.OP_TEXT and proto.state == proto.HELLO:
+                        self.enc = Encoding.JSON
+                    try:
+                        frame = decode_frame(payload, self.w.cfg.max_frame)
+                    except ProtocolError as e:
+                        self.w.count_error(e.code)
+                        proto.fail(e)
+                        return
                 if not self._frame(frame) or self.handoff_to is not None:
                     return
                 if self.paused:
                     return  # the rest stays in the reader
             elif op == wsframe.OP_PING:
-                self._write(wsframe.frame(wsframe.OP_PONG, payload))  # type: ignore[arg-type]
+                self._write(wsframe.frame(wsframe.OP_PONG, payload))
             elif op == wsframe.OP_CLOSE:
                 try:
-                    wsframe.parse_close(payload)  # type: ignore[arg-type]
+                    wsframe.parse_close(payload)
                 except wsframe.WsViolation as e:
                     self._violation(e)
                     return

@@ -101,21 +101,21 @@ unsafe fn scan(
         else {
             break;
         };
-        let mut d = Decoder {
-            buf: frame,
-            at: 0,
-            max_len,
-        };
+        let mut d = Decoder::new(
+            frame,
+            Rules {
+                max_len,
+                max_depth: MAX_DEPTH,
+                str_keys_only: false,
+                budget: usize::MAX,
+            },
+        );
         // SAFETY: GIL held (caller).
-        let Some(obj) = (unsafe { d.value(0) }) else {
-            break;
+        let Some(obj) = (unsafe { d.whole() }) else {
+            break; // trailing bytes (msgpack's ExtraData) among the rest
         };
         // SAFETY: GIL held; `obj` is our new reference; `out` is live.
         unsafe {
-            if d.at != frame.len() {
-                Py_DecRef(obj); // trailing bytes: msgpack's ExtraData
-                break;
-            }
             let rc = PyList_Append(out, obj);
             Py_DecRef(obj);
             if rc != 0 {
@@ -128,10 +128,28 @@ unsafe fn scan(
     at as i64
 }
 
-struct Decoder<'a> {
+/// What a decoded value may hold; anything else is left to Python.
+#[derive(Clone, Copy)]
+pub(crate) struct Rules {
+    /// Most entries in one map or array (msgpack's `max_map_len` and
+    /// `max_array_len`).
+    pub max_len: usize,
+    /// Containers at this depth or deeper (the top value is at depth 0)
+    /// are refused.
+    pub max_depth: usize,
+    /// Map keys must be strings (otherwise strings or binaries).
+    pub str_keys_only: bool,
+    /// Most map entries plus array items in the whole value.
+    pub budget: usize,
+}
+
+pub(crate) struct Decoder<'a> {
     buf: &'a [u8],
     at: usize,
-    max_len: usize,
+    rules: Rules,
+    budget: usize,
+    /// The top-level map's last `t` entry was a string.
+    t_is_str: bool,
 }
 
 /// A new reference, or None after clearing the Python error that made it
@@ -161,7 +179,60 @@ thread_local! {
     static KEYS: RefCell<HashMap<Box<[u8]>, usize>> = RefCell::new(HashMap::new());
 }
 
-impl Decoder<'_> {
+impl<'a> Decoder<'a> {
+    pub(crate) fn new(buf: &'a [u8], rules: Rules) -> Decoder<'a> {
+        Decoder {
+            buf,
+            at: 0,
+            rules,
+            budget: rules.budget,
+            t_is_str: false,
+        }
+    }
+
+    /// The whole buffer as one value with nothing after it; None for
+    /// anything the Python decoder must handle.
+    ///
+    /// # Safety
+    /// GIL held.
+    pub(crate) unsafe fn whole(&mut self) -> Option<*mut PyObject> {
+        // SAFETY: GIL held (caller).
+        let obj = unsafe { self.value(0) }?;
+        if self.at != self.buf.len() {
+            // SAFETY: GIL held; our reference.
+            unsafe { Py_DecRef(obj) };
+            return None;
+        }
+        Some(obj)
+    }
+
+    /// A frame for the visitor protocol: a map whose `t` is a string.
+    ///
+    /// # Safety
+    /// GIL held.
+    pub(crate) unsafe fn frame(&mut self) -> Option<*mut PyObject> {
+        if !matches!(head(self.buf), Some((Head::Map(_), _))) {
+            return None;
+        }
+        // SAFETY: GIL held (caller).
+        let obj = unsafe { self.whole() }?;
+        if !self.t_is_str {
+            // SAFETY: GIL held; our reference.
+            unsafe { Py_DecRef(obj) };
+            return None;
+        }
+        Some(obj)
+    }
+
+    /// Takes `n` entries of a container at `depth` out of the budget.
+    fn admit(&mut self, n: usize, depth: usize) -> Option<()> {
+        if n > self.rules.max_len || depth >= self.rules.max_depth || n > self.budget {
+            return None;
+        }
+        self.budget -= n;
+        Some(())
+    }
+
     /// A string map key as a new reference to its interned `str`.
     ///
     /// # Safety
@@ -256,9 +327,7 @@ impl Decoder<'_> {
     /// # Safety
     /// GIL held.
     unsafe fn array(&mut self, n: usize, depth: usize) -> Option<*mut PyObject> {
-        if n > self.max_len || depth >= MAX_DEPTH {
-            return None;
-        }
+        self.admit(n, depth)?;
         // SAFETY: GIL held; the list owns each item set (SetItem takes the
         // reference) and its unset slots are NULL, which its deallocation
         // skips, so dropping it on failure releases exactly what was made.
@@ -278,9 +347,7 @@ impl Decoder<'_> {
     /// # Safety
     /// GIL held.
     unsafe fn map(&mut self, n: usize, depth: usize) -> Option<*mut PyObject> {
-        if n > self.max_len || depth >= MAX_DEPTH {
-            return None;
-        }
+        self.admit(n, depth)?;
         // SAFETY: GIL held; PyDict_SetItem takes its own references, so
         // ours on each key and value are dropped after it, and the dict on
         // failure.
@@ -288,9 +355,12 @@ impl Decoder<'_> {
             let dict = made(PyDict_New())?;
             for _ in 0..n {
                 // strict_map_key: a key is a string or a binary
-                let is_str = match self.buf.get(self.at..).and_then(head) {
-                    Some((Head::Str(_), _)) => true,
-                    Some((Head::Bin(_), _)) => false,
+                let (is_str, is_t) = match self.buf.get(self.at..).and_then(head) {
+                    Some((Head::Str(n), taken)) => {
+                        let at = self.at + taken;
+                        (true, n == 1 && self.buf.get(at) == Some(&b't'))
+                    }
+                    Some((Head::Bin(_), _)) if !self.rules.str_keys_only => (false, false),
                     _ => {
                         Py_DecRef(dict);
                         return None;
@@ -305,6 +375,13 @@ impl Decoder<'_> {
                     Py_DecRef(dict);
                     return None;
                 };
+                if depth == 0 && is_t {
+                    // the last `t` wins, as in the dict
+                    self.t_is_str = matches!(
+                        self.buf.get(self.at..).and_then(head),
+                        Some((Head::Str(_), _))
+                    );
+                }
                 let Some(v) = self.value(depth + 1) else {
                     Py_DecRef(k);
                     Py_DecRef(dict);

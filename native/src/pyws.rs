@@ -10,6 +10,14 @@
 //! reader must handle itself (a fragment, a continuation, invalid UTF-8 in
 //! text, any violation): see [`crate::wsframe`]. Python falls back to its
 //! own parser on other interpreters or when `GATEWAY_WS_FASTPATH=0`.
+//!
+//! A reader whose binary messages are the visitor protocol's msgpack frames
+//! may ask for them decoded in the same pass: with `frame_max` > 0, a binary
+//! message of at most that many bytes that decodes to a frame passing the
+//! codec's shape checks (a map with a string `t`, string keys at every
+//! level, at most `max_depth` levels and `max_entries` entries in all)
+//! comes back as `(OP_FRAME, dict, end)`; any other stays `bytes`, for the
+//! Python codec to decode or refuse with its own error.
 
 use std::ffi::c_char;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -22,7 +30,20 @@ use crate::cpython::{
 use crate::error::Error;
 use crate::ffi::GW_ERR_INTERNAL;
 use crate::pyfast::GW_ERR_BAD_RESULT;
-use crate::wsframe::{next_frame, unmask_into, Step, OP_TEXT};
+use crate::pylink::{Decoder, Rules};
+use crate::wsframe::{next_frame, unmask_into, Step, OP_BINARY, OP_TEXT};
+
+/// The pseudo-opcode of a binary message returned decoded as a frame (no
+/// WebSocket opcode is over 15).
+pub const OP_FRAME: u8 = 0x12;
+
+/// What a binary message must be to come back decoded (see the module
+/// documentation).
+#[derive(Clone, Copy)]
+struct FrameRules {
+    frame_max: u64,
+    rules: Rules,
+}
 
 /// The scan stopped at an incomplete frame or the end of the buffer.
 pub const GW_WS_MORE: i32 = 0;
@@ -37,7 +58,8 @@ pub const GW_WS_LIMIT: i32 = 2;
 /// past the frame. Returns `GW_WS_MORE`, `GW_WS_SLOW` or `GW_WS_LIMIT` for
 /// where it stopped, or a negative error code (the tuples appended so far
 /// are then to be discarded). A `buf` that is not `bytes`, or `pos` past its
-/// end, gives `GW_WS_SLOW`.
+/// end, gives `GW_WS_SLOW`. With `frame_max` > 0, binary messages are
+/// decoded as frames where they can be (module documentation).
 ///
 /// # Safety
 /// Call only from CPython through cffi (GIL released by the call), with the
@@ -50,10 +72,22 @@ pub unsafe extern "C" fn gw_ws_scan(
     max_message: u64,
     limit: usize,
     out: usize,
+    frame_max: u64,
+    max_entries: usize,
+    max_depth: usize,
 ) -> i32 {
     if buf == 0 || out == 0 {
         return Error::NullPointer.code();
     }
+    let frames = (frame_max > 0).then_some(FrameRules {
+        frame_max,
+        rules: Rules {
+            max_len: max_entries,
+            max_depth,
+            str_keys_only: true,
+            budget: max_entries,
+        },
+    });
     catch_unwind(AssertUnwindSafe(|| {
         let _gil = Gil::take();
         // SAFETY: the Python wrapper passes id() of objects it holds, and
@@ -65,6 +99,7 @@ pub unsafe extern "C" fn gw_ws_scan(
                 max_message,
                 limit,
                 out as *mut PyObject,
+                frames,
             )
         }
     }))
@@ -79,6 +114,7 @@ unsafe fn scan(
     max_message: u64,
     limit: usize,
     out: *mut PyObject,
+    frames: Option<FrameRules>,
 ) -> i32 {
     // SAFETY: `buf` is live and the GIL held (caller); the slice stays
     // valid while `buf` lives, which outlasts this call.
@@ -109,10 +145,18 @@ unsafe fn scan(
                 binary(src, mask)
             }
         };
-        let payload = match payload {
+        let mut payload = match payload {
             Ok(p) => p,
             Err(code) => return code,
         };
+        let mut op = op;
+        if let Some(f) = frames.filter(|f| op == OP_BINARY && len as u64 <= f.frame_max) {
+            // SAFETY: GIL held; `payload` is the bytes object just made.
+            if let Some(frame) = unsafe { decode(payload, len, f.rules) } {
+                payload = frame;
+                op = OP_FRAME;
+            }
+        }
         at = start + len;
         // SAFETY: GIL held; `payload` is a new reference, which `append`
         // takes over; `out` is live.
@@ -142,6 +186,23 @@ unsafe fn binary(src: &[u8], mask: [u8; 4]) -> Result<*mut PyObject, i32> {
     let dst = unsafe { std::slice::from_raw_parts_mut(PyBytes_AsString(o) as *mut u8, src.len()) };
     unmask_into(src, mask, dst);
     Ok(o)
+}
+
+/// The frame the `bytes` object `payload` (of `len` bytes) decodes to,
+/// taking over the reference to `payload`; None, leaving it alone, when it
+/// does not decode to one within `rules`.
+///
+/// # Safety
+/// GIL held; `payload` a bytes object we own.
+unsafe fn decode(payload: *mut PyObject, len: usize, rules: Rules) -> Option<*mut PyObject> {
+    // SAFETY: `payload` is a live bytes object of `len` bytes (caller) that
+    // outlives the decoder, and the GIL is held.
+    unsafe {
+        let data = std::slice::from_raw_parts(PyBytes_AsString(payload) as *const u8, len);
+        let frame = Decoder::new(data, rules).frame()?;
+        Py_DecRef(payload);
+        Some(frame)
+    }
 }
 
 /// The unmasked payload decoded as strict UTF-8 into a new `str`; text
