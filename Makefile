@@ -11,7 +11,7 @@ RUST_SRC := $(shell find native/src -name '*.rs') native/Cargo.toml Cargo.toml
 LOADGEN := target/release/gw-loadgen
 LOADGEN_SRC := $(shell find native/loadgen/src -name '*.rs') native/loadgen/Cargo.toml Cargo.toml
 
-.PHONY: all setup native loadgen run test test-rust test-py lint fmt bench bench-crypto bench-forwarder sysdeps clean
+.PHONY: all setup native loadgen run test test-rust test-py lint fmt bench bench-crypto bench-forwarder bench-wire sysdeps clean
 
 all: setup
 
@@ -74,13 +74,16 @@ fmt: setup
 	$(BIN)/ruff format gateway tests bench
 	$(BIN)/ruff check --fix gateway tests bench
 
-bench: bench-crypto bench-forwarder
+bench: bench-crypto bench-forwarder bench-wire
 
 bench-crypto: setup
 	$(BIN)/pytest bench/test_crypto_bench.py --benchmark-only --benchmark-columns=min,median,ops -q $(ARGS)
 
 bench-forwarder: setup
 	$(BIN)/pytest bench/test_forwarder_bench.py --benchmark-only --benchmark-columns=min,median,ops -q $(ARGS)
+
+bench-wire: setup
+	$(BIN)/pytest bench/test_wire_bench.py --benchmark-only --benchmark-columns=min,median,ops -q $(ARGS)
 
 clean:
 	rm -rf $(VENV) target gateway/_native .pytest_cache .mypy_cache .ruff_cache
