@@ -17,6 +17,7 @@ from gateway.protocol.codec import (
     Encoding,
     LengthPrefixedDecoder,
     decode_frame,
+    encode_ack,
     encode_frame,
     length_prefix,
 )
@@ -355,3 +356,5 @@ def test_ack_frames_encode_to_the_same_bytes_as_the_generic_packer(
     got = encode_frame(frame, Encoding.MSGPACK)
     assert got == msgpack.packb(frame, use_bin_type=True)
     assert msgpack.unpackb(got, raw=False) == frame
+    if type(dup) is bool:  # what the sinks' send_ack sends
+        assert encode_ack(msg_id, n, dup) == msgpack.packb(values, use_bin_type=True)

@@ -31,6 +31,9 @@ class FakeSink:
     def send(self, frame: dict[str, Any]) -> None:
         self.sent.append(dict(frame))
 
+    def send_ack(self, msg_id: Any, n: int, dup: bool) -> None:
+        self.send({"t": "ack", "id": msg_id, "n": n, "dup": dup})
+
     def close(self, code: int, reason: str) -> None:
         self.closed = (code, reason)
 

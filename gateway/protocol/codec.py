@@ -56,6 +56,7 @@ __all__ = [
     "Encoding",
     "LengthPrefixedDecoder",
     "decode_frame",
+    "encode_ack",
     "encode_frame",
     "length_prefix",
 ]
@@ -242,6 +243,15 @@ _ACK_NEW: Final = b"\xa3dup\xc2"
 _ACK_DUP: Final = b"\xa3dup\xc3"
 
 
+def encode_ack(msg_id: Any, n: int, dup: bool) -> bytes:
+    """The msgpack bytes of the server frame ``{"t": "ack", "id": msg_id,
+    "n": n, "dup": dup}`` (one for every visitor message), put together
+    from its unchanging parts: the same bytes as packing the map, ~3x
+    faster."""
+    pack = _packer.pack
+    return b"".join((_ACK_HEAD, pack(msg_id), b"\xa1n", pack(n), _ACK_DUP if dup else _ACK_NEW))
+
+
 def encode_frame(frame: dict[str, Any], enc: Encoding) -> bytes | str:
     """Encodes a frame: msgpack -> ``bytes``, JSON -> compact ``str``.
 
@@ -249,15 +259,9 @@ def encode_frame(frame: dict[str, Any], enc: Encoding) -> bytes | str:
     cannot be encoded (a gateway bug, not peer input)."""
     if enc is Encoding.MSGPACK:
         if frame.get("t") == "ack" and len(frame) == 4 and tuple(frame) == _ACK_KEYS:
-            # one for every visitor message: its bytes put together from
-            # the unchanging parts (the same bytes, ~3x faster)
             dup = frame["dup"]
             if dup is True or dup is False:
-                pack = _packer.pack
-                return b"".join(
-                    (_ACK_HEAD, pack(frame["id"]), b"\xa1n", pack(frame["n"]),
-                     _ACK_DUP if dup else _ACK_NEW)
-                )  # fmt: skip
+                return encode_ack(frame["id"], frame["n"], dup)
         out: bytes = _packer.pack(frame)
         return out
     return _json_encoder.encode(frame)

@@ -101,6 +101,9 @@ class H2Stream:
         self.pending_bytes += len(data)
         self.conn.flush_stream(self)
 
+    def send_ack(self, msg_id: Any, n: int, dup: bool) -> None:
+        self.send({"t": "ack", "id": msg_id, "n": n, "dup": dup})
+
     def close(self, code: int, reason: str) -> None:
         if self.ended:
             return

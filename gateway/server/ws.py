@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from gateway.protocol import wsframe
-from gateway.protocol.codec import Encoding, decode_frame, encode_frame
+from gateway.protocol.codec import Encoding, decode_frame, encode_ack, encode_frame
 from gateway.protocol.codes import Code, ProtocolError
 from gateway.server.pipe import RawPipe
 from gateway.server.shell import ConnShell
@@ -330,6 +330,12 @@ class WsConn(ConnShell):
         if frame["t"] == "deliver":
             self.w.hub.stats["messages_out_ws"] += 1
         self._write(out)
+
+    def send_ack(self, msg_id: Any, n: int, dup: bool) -> None:
+        if self.enc is not Encoding.MSGPACK:
+            self.send({"t": "ack", "id": msg_id, "n": n, "dup": dup})
+        elif not self.closing:
+            self._write(wsframe.frame(wsframe.OP_BINARY, encode_ack(msg_id, n, dup)))
 
     def _write(self, data: bytes) -> None:
         cork = self.cork

@@ -31,6 +31,12 @@ class Sink(Protocol):
 
     def send(self, frame: dict[str, Any]) -> None: ...
 
+    def send_ack(self, msg_id: Any, n: int, dup: bool) -> None:
+        """Sends ``{"t": "ack", "id": msg_id, "n": n, "dup": dup}`` (the
+        frame of every visitor message, which a transport may encode
+        without building the map)."""
+        ...
+
     def close(self, code: int, reason: str) -> None: ...
 
     def pause(self) -> None: ...
@@ -265,7 +271,7 @@ class VisitorProtocol:
         if known is not None:
             hub.stats["duplicates_dropped"] += 1
             if known > 0:
-                self.sink.send({"t": "ack", "id": msg_id, "n": known, "dup": True})
+                self.sink.send_ack(msg_id, known, True)
             return
         wait, scope = hub.limits.message(s.tenant, s.visitor, self.ip, hub.mono())
         if wait > 0:
@@ -315,7 +321,7 @@ class VisitorProtocol:
         self.sink.send(frame)
 
     def session_ack(self, msg_id: Any, n: int, dup: bool) -> None:
-        self.sink.send({"t": "ack", "id": msg_id, "n": n, "dup": dup})
+        self.sink.send_ack(msg_id, n, dup)
         self._maybe_resume()
 
     def session_refused(self, msg_id: Any, code: int, reason: str, retry_after_ms: int) -> None:
