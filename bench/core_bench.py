@@ -12,6 +12,8 @@ same run, from the same raw-socket client (gateway.loadtest).
     python bench/core_bench.py forwarding --workers 2 --connections 200 --rate 10000 --repeat 5
         [--engine native|python]   (--rate 0: half the maximum measured first)
     python bench/core_bench.py unloaded --workers 2 [--messages 400]
+    python bench/core_bench.py fastpaths --workers 2 --connections 200 --rate 12000 --repeat 3
+        [--window 1] [--no-desk-reply]
 
 "idle" also reports new connections per second while the clients ramp up as
 fast as they can (a reconnect storm from every client process at once).
@@ -445,6 +447,54 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
     return {"forwarding": res}
 
 
+_FASTPATH_VARS = ("GATEWAY_WS_FASTPATH", "GATEWAY_MSGPACK_FASTPATH")
+
+
+def fastpaths(args: argparse.Namespace) -> dict[str, Any]:
+    """The native fast paths off and on (docs/operations.md), in
+    alternation: desk-sim and a gateway started with the switches in their
+    environment, loaded at ``--rate`` (0: closed loop); p50/p99 and both
+    servers' CPU per message."""
+    conns = args.connections
+    toks = tokens(conns)
+    w = args.workers[-1]
+    plan = dict(connections=conns, active=conns, duration=args.seconds, size=230, max_runtime=300,
+                rate=args.rate, engine=args.engine, window=args.window)  # fmt: skip
+    runs: list[dict[str, Any]] = []
+    saved = {k: os.environ.get(k) for k in _FASTPATH_VARS}
+    try:
+        for _ in range(args.repeat):
+            for on in ("0", "1"):
+                os.environ.update({k: on for k in _FASTPATH_VARS})
+                desk = start_desk(processes=1, reply=args.desk_reply)
+                gw = start_gateway(w, downstream=[f"general=127.0.0.1:{desk.port}"], conns=conns)
+                try:
+                    time.sleep(1.0)  # links up
+                    r = measured(gw, Plan(host="127.0.0.1", port=gw.port, mode="gateway",
+                                          tokens=toks, **plan), args.clients, desk)  # type: ignore[arg-type]  # fmt: skip
+                finally:
+                    gw.stop()
+                    desk.stop()
+                runs.append({"fast_paths": on == "1", "msgs_per_s": r["msgs_per_s"],
+                             **r["rtt"], "gateway_cpu_us": cpu_us(r),
+                             "desk_cpu_us": cpu_us(r, "desk_cpu_s")})  # fmt: skip
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    print(f"{conns} connections x {args.window} in flight, {args.rate:,.0f} msg/s offered, "
+          f"{w} workers, replies {'on' if args.desk_reply else 'off'}")  # fmt: skip
+    print("| fast paths | msg/s | p50 ms | p99 ms | gateway CPU µs/msg | desk-sim CPU µs/msg |")
+    print("|---|---|---|---|---|---|")
+    for r in runs:
+        print(f"| {'on' if r['fast_paths'] else 'off'} | {r['msgs_per_s']:,.0f} | "
+              f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['gateway_cpu_us']:.1f} | "
+              f"{r['desk_cpu_us']:.1f} |")  # fmt: skip
+    return {"fastpaths": {"runs": runs}}
+
+
 def unloaded(args: argparse.Namespace) -> dict[str, Any]:
     """What the downstream hop adds with no load to speak of: one SDK client
     (`gateway.client`) sends one 200-byte message at a time, 5 ms apart, to a
@@ -598,7 +648,8 @@ def tune_loopback() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument(
-        "mode", choices=["throughput", "idle", "e2e", "e2e-ratio", "forwarding", "unloaded"]
+        "mode",
+        choices=["throughput", "idle", "e2e", "e2e-ratio", "forwarding", "fastpaths", "unloaded"],
     )
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2])
@@ -612,10 +663,14 @@ def main() -> None:
         "--rate",
         type=float,
         default=10000.0,
-        help="offered msg/s (forwarding; 0: half the measured maximum)",
+        help="offered msg/s (forwarding: 0 is half the measured maximum; fastpaths: 0 is "
+        "closed loop)",
     )
     ap.add_argument(
-        "--repeat", type=int, default=5, help="alternating pairs (forwarding, e2e-ratio)"
+        "--repeat",
+        type=int,
+        default=5,
+        help="alternating pairs (forwarding, e2e-ratio, fastpaths)",
     )
     ap.add_argument("--messages", type=int, default=400, help="per gateway (unloaded)")
     ap.add_argument(
@@ -626,12 +681,12 @@ def main() -> None:
         "--window",
         type=int,
         default=1,
-        help="messages in flight per connection (throughput, e2e, e2e-ratio)",
+        help="messages in flight per connection (throughput, e2e, e2e-ratio, fastpaths)",
     )
     ap.add_argument(
         "--desk-reply", action=argparse.BooleanOptionalAction, default=True,
-        help="e2e, e2e-ratio: desk-sim answers every message with a reply (default) or only "
-             "acks it",
+        help="e2e, e2e-ratio, fastpaths: desk-sim answers every message with a reply "
+             "(default) or only acks it",
     )  # fmt: skip
     ap.add_argument(
         "--clients", type=int, default=1, help="load-client processes (throughput, e2e)"
@@ -647,6 +702,7 @@ def main() -> None:
         "e2e": e2e,
         "e2e-ratio": e2e_ratio,
         "forwarding": forwarding,
+        "fastpaths": fastpaths,
         "unloaded": unloaded,
     }
     res = modes[args.mode](args)
