@@ -45,8 +45,8 @@ extern "C" {
     pub fn PyLong_FromUnsignedLongLong(v: u64) -> *mut PyObject;
     pub fn PyFloat_FromDouble(v: f64) -> *mut PyObject;
     pub fn PyUnicode_InternInPlace(s: *mut *mut PyObject);
-    pub fn PyByteArray_Size(o: *mut PyObject) -> PySsize;
-    pub fn PyByteArray_AsString(o: *mut PyObject) -> *mut c_char;
+    pub fn PyObject_GetBuffer(o: *mut PyObject, view: *mut PyBuffer, flags: c_int) -> c_int;
+    pub fn PyBuffer_Release(view: *mut PyBuffer);
     pub fn Py_IncRef(o: *mut PyObject);
     pub fn Py_DecRef(o: *mut PyObject);
     pub fn PyErr_Occurred() -> *mut PyObject;
@@ -95,33 +95,66 @@ pub unsafe fn bytes_of(o: *mut PyObject) -> Option<&'static [u8]> {
     Some(unsafe { std::slice::from_raw_parts(p as *const u8, n as usize) })
 }
 
-/// Reads the contents of a borrowed `bytes` or `bytearray`; None (error
-/// cleared) for anything else.
-///
-/// # Safety
-/// As for [`bytes_of`]; and nothing may resize a `bytearray` while the
-/// slice is in use, which holding the GIL throughout guarantees.
-pub unsafe fn buffer_of(o: *mut PyObject) -> Option<&'static [u8]> {
-    // SAFETY: forwarded contract.
-    if let Some(b) = unsafe { bytes_of(o) } {
-        return Some(b);
+/// CPython's `Py_buffer` (the buffer protocol's view; part of the stable
+/// ABI, laid out the same in every CPython 3).
+#[repr(C)]
+pub struct PyBuffer {
+    buf: *mut c_void,
+    obj: *mut PyObject,
+    len: PySsize,
+    itemsize: PySsize,
+    readonly: c_int,
+    ndim: c_int,
+    format: *mut c_char,
+    shape: *mut PySsize,
+    strides: *mut PySsize,
+    suboffsets: *mut PySsize,
+    internal: *mut c_void,
+}
+
+/// A contiguous buffer export of an object (`bytes`, `bytearray`,
+/// `memoryview` ...), released on drop. While it lives the exporter keeps
+/// the memory in place: a `bytearray` refuses to resize (BufferError), even
+/// from Python code that runs meanwhile (a finalizer during a garbage
+/// collection set off by one of our allocations).
+pub struct Exported(PyBuffer);
+
+impl Exported {
+    /// Exports `o`'s buffer; None (error cleared) when it has none.
+    ///
+    /// # Safety
+    /// `o` is a live object and the GIL is held, at the export and at the
+    /// drop.
+    pub unsafe fn of(o: *mut PyObject) -> Option<Exported> {
+        // SAFETY: an all-zero Py_buffer is a valid "empty" value to fill.
+        let mut view: PyBuffer = unsafe { std::mem::zeroed() };
+        // SAFETY: `o` is live, the GIL held, `view` writable; PyBUF_SIMPLE
+        // (0) asks for a contiguous byte buffer.
+        if unsafe { PyObject_GetBuffer(o, &mut view, 0) } != 0 {
+            // SAFETY: GIL held; clears the TypeError just raised.
+            unsafe { PyErr_Clear() };
+            return None;
+        }
+        Some(Exported(view))
     }
-    // SAFETY: `o` is live and the GIL held; a non-bytearray gives -1 and
-    // a TypeError, cleared here.
-    let n = unsafe { PyByteArray_Size(o) };
-    if n < 0 {
-        // SAFETY: GIL held.
-        unsafe { PyErr_Clear() };
-        return None;
+
+    /// The exported bytes.
+    pub fn bytes(&self) -> &[u8] {
+        if self.0.len <= 0 || self.0.buf.is_null() {
+            return &[];
+        }
+        // SAFETY: a successful PyBUF_SIMPLE export is `len` contiguous
+        // bytes at `buf`, in place until PyBuffer_Release (our drop).
+        unsafe { std::slice::from_raw_parts(self.0.buf as *const u8, self.0.len as usize) }
     }
-    // SAFETY: `o` is a bytearray of `n` bytes; its buffer stays put while
-    // the GIL is held and nobody resizes it (caller).
-    let p = unsafe { PyByteArray_AsString(o) };
-    if n == 0 {
-        return Some(&[]);
+}
+
+impl Drop for Exported {
+    fn drop(&mut self) {
+        // SAFETY: releases the export made in `of`, with the GIL held (the
+        // caller's contract).
+        unsafe { PyBuffer_Release(&mut self.0) }
     }
-    // SAFETY: as above; `p` is non-NULL for a non-empty bytearray.
-    Some(unsafe { std::slice::from_raw_parts(p as *const u8, n as usize) })
 }
 
 /// A new reference to `None`, `True` or `False`.

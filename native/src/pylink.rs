@@ -23,7 +23,7 @@ use std::ffi::c_char;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::cpython::{
-    buffer_of, constant, Gil, PyBytes_FromStringAndSize, PyDict_New, PyDict_SetItem, PyErr_Clear,
+    constant, Exported, Gil, PyBytes_FromStringAndSize, PyDict_New, PyDict_SetItem, PyErr_Clear,
     PyFloat_FromDouble, PyList_Append, PyList_New, PyList_SetItem, PyLong_FromLongLong,
     PyLong_FromUnsignedLongLong, PyObject, PySsize, PyUnicode_DecodeUTF8, PyUnicode_InternInPlace,
     Py_DecRef, Py_IncRef,
@@ -37,13 +37,14 @@ use crate::pyfast::GW_ERR_BAD_RESULT;
 /// allows more; the frame checks refuse anything past 8 anyway).
 pub const MAX_DEPTH: usize = 32;
 
-/// Decodes the frames of the `bytes` or `bytearray` at address `buf` from
+/// Decodes the frames of the `bytes` or `bytearray` (any object with a
+/// contiguous buffer) at address `buf` from
 /// offset `pos`, appending each frame's value to the list at address `out`
 /// (at most `limit` frames). Frames over `max_frame` bytes, and containers
 /// of more than `max_len` entries, are left to the Python decoder. Returns
 /// the offset just past the last frame decoded (`pos` if none), or a
 /// negative error code (the values appended are then to be discarded). A
-/// `buf` of another type decodes nothing.
+/// `buf` without a buffer decodes nothing.
 ///
 /// # Safety
 /// Call only from CPython through cffi (GIL released by the call), with the
@@ -64,12 +65,20 @@ pub unsafe extern "C" fn gw_lp_scan(
     catch_unwind(AssertUnwindSafe(|| {
         let _gil = Gil::take();
         // SAFETY: the Python wrapper passes id() of objects it holds; the
-        // GIL is held for the whole scan, so the buffer cannot change.
+        // GIL is held for the whole scan, and the export keeps the buffer
+        // in place until it is dropped, before the GIL is.
         unsafe {
-            let Some(data) = buffer_of(buf as *mut PyObject) else {
+            let Some(view) = Exported::of(buf as *mut PyObject) else {
                 return pos as i64;
             };
-            scan(data, pos, max_frame, max_len, limit, out as *mut PyObject)
+            scan(
+                view.bytes(),
+                pos,
+                max_frame,
+                max_len,
+                limit,
+                out as *mut PyObject,
+            )
         }
     }))
     .unwrap_or(GW_ERR_INTERNAL.into())
