@@ -249,7 +249,7 @@ impl<'a> Decoder<'a> {
     unsafe fn key(&mut self) -> Option<*mut PyObject> {
         let (h, taken) = head(&self.buf[self.at..])?;
         let Head::Str(n) = h else { return None };
-        let raw = self.buf.get(self.at + taken..self.at + taken + n)?;
+        let raw = self.buf.get(self.at + taken..)?.get(..n)?;
         if n > KEY_CACHE_LEN {
             // SAFETY: GIL held (caller).
             return unsafe { self.string_key() };
