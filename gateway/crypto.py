@@ -18,7 +18,6 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-import sys
 import threading
 import time
 from array import array
@@ -27,6 +26,7 @@ from itertools import accumulate, chain
 from pathlib import Path
 from typing import Any, Final
 
+from gateway import fastpath
 from gateway._native import ffi, lib
 from gateway.ops.names import CRYPTO_BATCH_ITEMS, CRYPTO_BATCH_SECONDS
 
@@ -82,11 +82,7 @@ MALLOC_TUNED: Final = _tune_malloc()
 #: Whether seal_many/open_many read the item list and build results in the
 #: native core through the CPython C API (see native/src/pyfast.rs). Off on
 #: other interpreters and with GATEWAY_CRYPTO_FASTPATH=0.
-FASTPATH: bool = (
-    sys.implementation.name == "cpython"
-    and os.environ.get("GATEWAY_CRYPTO_FASTPATH", "1") != "0"
-    and hasattr(lib, "gw_seal_list")
-)
+FASTPATH: bool = fastpath.enabled("GATEWAY_CRYPTO_FASTPATH", "gw_seal_list")
 _ERR_BAD_ITEM: Final = -20
 _ERR_NO_MEMORY: Final = -22
 

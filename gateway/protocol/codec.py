@@ -36,15 +36,14 @@ from __future__ import annotations
 import base64
 import enum
 import json
-import os
 import re
 import struct
-import sys
 from collections.abc import Callable
 from typing import Any, Final
 
 import msgpack
 
+from gateway import fastpath
 from gateway._native import lib as _lib
 from gateway.protocol.codes import Code, ProtocolError
 
@@ -55,6 +54,7 @@ __all__ = [
     "MAX_ENTRIES",
     "Encoding",
     "LengthPrefixedDecoder",
+    "ack_frame",
     "decode_frame",
     "encode_ack",
     "encode_frame",
@@ -75,11 +75,7 @@ _U32: Final = struct.Struct(">I")
 
 #: Whether length-prefixed decoders use the native scan by default:
 #: CPython, a native library that has it, GATEWAY_MSGPACK_FASTPATH not "0".
-FASTPATH: Final = (
-    sys.implementation.name == "cpython"
-    and os.environ.get("GATEWAY_MSGPACK_FASTPATH", "1") != "0"
-    and hasattr(_lib, "gw_lp_scan")
-)
+FASTPATH: Final = fastpath.enabled("GATEWAY_MSGPACK_FASTPATH", "gw_lp_scan")
 #: Frames one native scan decodes at most.
 SCAN_LIMIT: Final = 1024
 
@@ -241,6 +237,12 @@ _ACK_KEYS: Final = ("t", "id", "n", "dup")
 _ACK_HEAD: Final = b"\x84\xa1t\xa3ack\xa2id"
 _ACK_NEW: Final = b"\xa3dup\xc2"
 _ACK_DUP: Final = b"\xa3dup\xc3"
+
+
+def ack_frame(msg_id: Any, n: int, dup: bool) -> dict[str, Any]:
+    """The server ``ack`` frame as a map (for the transports that encode
+    maps; :func:`encode_ack` gives its msgpack bytes directly)."""
+    return {"t": "ack", "id": msg_id, "n": n, "dup": dup}
 
 
 def encode_ack(msg_id: Any, n: int, dup: bool) -> bytes:

@@ -24,11 +24,10 @@ refused from the frame header, before its payload is buffered).
 
 from __future__ import annotations
 
-import os
 import struct
-import sys
 from typing import Any, Final
 
+from gateway import fastpath
 from gateway._native import lib as _lib
 from gateway.protocol.codec import MAX_DEPTH, MAX_ENTRIES
 
@@ -66,11 +65,7 @@ _SENDABLE_CLOSE: Final = frozenset(
 
 #: Whether readers use the native scan by default: CPython, a native
 #: library that has it, and GATEWAY_WS_FASTPATH not "0".
-FASTPATH: Final = (
-    sys.implementation.name == "cpython"
-    and os.environ.get("GATEWAY_WS_FASTPATH", "1") != "0"
-    and hasattr(_lib, "gw_ws_scan")
-)
+FASTPATH: Final = fastpath.enabled("GATEWAY_WS_FASTPATH", "gw_ws_scan")
 #: Frames one native scan turns into objects at most (bounds the list it
 #: builds, whatever a read holds; the rest waits for the next scan).
 SCAN_LIMIT: Final = 64

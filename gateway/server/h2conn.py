@@ -25,7 +25,13 @@ import h2.settings
 import trio
 
 from gateway import h2repr
-from gateway.protocol.codec import Encoding, LengthPrefixedDecoder, encode_frame, length_prefix
+from gateway.protocol.codec import (
+    Encoding,
+    LengthPrefixedDecoder,
+    ack_frame,
+    encode_frame,
+    length_prefix,
+)
 from gateway.protocol.codes import Code, ProtocolError
 from gateway.server.h2compact import SmallDeque, compact
 from gateway.server.pipe import RawPipe
@@ -102,7 +108,7 @@ class H2Stream:
         self.conn.flush_stream(self)
 
     def send_ack(self, msg_id: Any, n: int, dup: bool) -> None:
-        self.send({"t": "ack", "id": msg_id, "n": n, "dup": dup})
+        self.send(ack_frame(msg_id, n, dup))
 
     def close(self, code: int, reason: str) -> None:
         if self.ended:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from gateway.protocol import wsframe
-from gateway.protocol.codec import Encoding, decode_frame, encode_ack, encode_frame
+from gateway.protocol.codec import Encoding, ack_frame, decode_frame, encode_ack, encode_frame
 from gateway.protocol.codes import Code, ProtocolError
 from gateway.server.pipe import RawPipe
 from gateway.server.shell import ConnShell
@@ -333,7 +333,7 @@ class WsConn(ConnShell):
 
     def send_ack(self, msg_id: Any, n: int, dup: bool) -> None:
         if self.enc is not Encoding.MSGPACK:
-            self.send({"t": "ack", "id": msg_id, "n": n, "dup": dup})
+            self.send(ack_frame(msg_id, n, dup))
         elif not self.closing:
             self._write(wsframe.frame(wsframe.OP_BINARY, encode_ack(msg_id, n, dup)))
 

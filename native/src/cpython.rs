@@ -1,6 +1,6 @@
 //! The CPython C API the fast paths use (feature `cpython-fastpath`): the
 //! declarations, resolved against the running interpreter when the library
-//! is loaded into it, and the two helpers every fast path needs.
+//! is loaded into it, and the helpers the fast paths share.
 //!
 //! cffi calls our functions with the GIL released; a fast path that touches
 //! Python objects takes it back with [`Gil::take`] for as long as it does.
@@ -93,6 +93,50 @@ pub unsafe fn bytes_of(o: *mut PyObject) -> Option<&'static [u8]> {
     // SAFETY: CPython guarantees `p` points to `n` bytes owned by `o`,
     // immutable and valid while `o` lives (the caller holds a reference).
     Some(unsafe { std::slice::from_raw_parts(p as *const u8, n as usize) })
+}
+
+/// A new, uninitialised `bytes` object of `size` bytes and a writable view
+/// of its buffer, to be filled before the object is shared; None (error
+/// cleared) when CPython cannot allocate it.
+///
+/// # Safety
+/// GIL held; the view is valid while the object lives.
+pub unsafe fn new_bytes(size: usize) -> Option<(*mut PyObject, &'static mut [u8])> {
+    // SAFETY: GIL held; a NULL source means "uninitialised, to be filled
+    // before the object is shared", as the C API documents.
+    let o = unsafe { PyBytes_FromStringAndSize(std::ptr::null(), size as PySsize) };
+    if o.is_null() {
+        // SAFETY: GIL held.
+        unsafe { PyErr_Clear() };
+        return None;
+    }
+    // SAFETY: `o` is a fresh bytes object of `size` bytes that nobody else
+    // references until the caller publishes it; its buffer does not move.
+    let buf = unsafe { std::slice::from_raw_parts_mut(PyBytes_AsString(o) as *mut u8, size) };
+    Some((o, buf))
+}
+
+/// A new `str` decoded from `s` as strict UTF-8 (what Python's
+/// `bytes.decode("utf-8")` and msgpack accept); None (error cleared) for
+/// invalid UTF-8 or when CPython cannot allocate it.
+///
+/// # Safety
+/// GIL held.
+pub unsafe fn str_from_utf8(s: &[u8]) -> Option<*mut PyObject> {
+    // SAFETY: GIL held; `s` outlives the call, which copies it.
+    let o = unsafe {
+        PyUnicode_DecodeUTF8(
+            s.as_ptr() as *const c_char,
+            s.len() as PySsize,
+            c"strict".as_ptr(),
+        )
+    };
+    if o.is_null() {
+        // SAFETY: GIL held.
+        unsafe { PyErr_Clear() };
+        return None;
+    }
+    Some(o)
 }
 
 /// CPython's `Py_buffer` (the buffer protocol's view; part of the stable

@@ -22,9 +22,9 @@ use crate::ffi::{GwKeyring, GW_ERR_INTERNAL};
 
 pub use crate::cpython::GW_ERR_NO_MEMORY;
 use crate::cpython::{
-    bytes_of, Gil, PyBytes_AsString, PyBytes_FromStringAndSize, PyErr_Clear, PyErr_Occurred,
-    PyList_GetItem, PyList_SetItem, PyList_Size, PyLong_AsUnsignedLong, PyObject, PySsize,
-    PyTuple_GetItem, PyTuple_Size, Py_DecRef, Py_IncRef,
+    bytes_of, new_bytes, Gil, PyErr_Clear, PyErr_Occurred, PyList_GetItem, PyList_SetItem,
+    PyList_Size, PyLong_AsUnsignedLong, PyObject, PySsize, PyTuple_GetItem, PyTuple_Size,
+    Py_DecRef, Py_IncRef,
 };
 
 /// An item that is not a `(int, bytes, bytes)` tuple.
@@ -110,22 +110,16 @@ unsafe fn new_outputs(
     let mut objs = Vec::new();
     let mut bufs = Vec::new();
     for size in sizes {
-        // SAFETY: GIL held; NULL source means "uninitialised, to be filled
-        // before the object is shared", as the C API documents.
-        let o = unsafe { PyBytes_FromStringAndSize(std::ptr::null(), size as PySsize) };
-        if o.is_null() {
+        // SAFETY: GIL held (caller).
+        let Some((o, buf)) = (unsafe { new_bytes(size) }) else {
             // SAFETY: GIL held; drop what was made so far.
             unsafe {
-                PyErr_Clear();
                 for o in objs {
                     Py_DecRef(o);
                 }
             }
             return Err(GW_ERR_NO_MEMORY);
-        }
-        // SAFETY: `o` is a fresh bytes object of `size` bytes that nobody
-        // else references until we publish it; its buffer does not move.
-        let buf = unsafe { std::slice::from_raw_parts_mut(PyBytes_AsString(o) as *mut u8, size) };
+        };
         objs.push(o);
         bufs.push(buf);
     }

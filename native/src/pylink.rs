@@ -23,9 +23,9 @@ use std::ffi::c_char;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::cpython::{
-    constant, Exported, Gil, PyBytes_FromStringAndSize, PyDict_New, PyDict_SetItem, PyErr_Clear,
-    PyFloat_FromDouble, PyList_Append, PyList_New, PyList_SetItem, PyLong_FromLongLong,
-    PyLong_FromUnsignedLongLong, PyObject, PySsize, PyUnicode_DecodeUTF8, PyUnicode_InternInPlace,
+    constant, str_from_utf8, Exported, Gil, PyBytes_FromStringAndSize, PyDict_New, PyDict_SetItem,
+    PyErr_Clear, PyFloat_FromDouble, PyList_Append, PyList_New, PyList_SetItem,
+    PyLong_FromLongLong, PyLong_FromUnsignedLongLong, PyObject, PySsize, PyUnicode_InternInPlace,
     Py_DecRef, Py_IncRef,
 };
 use crate::error::Error;
@@ -94,6 +94,12 @@ unsafe fn scan(
     limit: usize,
     out: *mut PyObject,
 ) -> i64 {
+    let rules = Rules {
+        max_len,
+        max_depth: MAX_DEPTH,
+        str_keys_only: false,
+        budget: usize::MAX,
+    };
     let mut at = pos;
     for _ in 0..limit {
         let Some(prefix) = data.get(at..at + 4) else {
@@ -110,15 +116,7 @@ unsafe fn scan(
         else {
             break;
         };
-        let mut d = Decoder::new(
-            frame,
-            Rules {
-                max_len,
-                max_depth: MAX_DEPTH,
-                str_keys_only: false,
-                budget: usize::MAX,
-            },
-        );
+        let mut d = Decoder::new(frame, rules);
         // SAFETY: GIL held (caller).
         let Some(obj) = (unsafe { d.whole() }) else {
             break; // trailing bytes (msgpack's ExtraData) among the rest
@@ -242,50 +240,50 @@ impl<'a> Decoder<'a> {
         Some(())
     }
 
-    /// A string map key as a new reference to its interned `str`.
+    /// The string map key of `n` bytes whose head (`taken` bytes) is at
+    /// the front, as a new reference to its interned `str`.
     ///
     /// # Safety
     /// GIL held.
-    unsafe fn key(&mut self) -> Option<*mut PyObject> {
-        let (h, taken) = head(&self.buf[self.at..])?;
-        let Head::Str(n) = h else { return None };
+    unsafe fn key(&mut self, n: usize, taken: usize) -> Option<*mut PyObject> {
         let raw = self.buf.get(self.at + taken..)?.get(..n)?;
-        if n > KEY_CACHE_LEN {
-            // SAFETY: GIL held (caller).
-            return unsafe { self.string_key() };
-        }
-        let hit = KEYS.with(|k| k.borrow().get(raw).copied());
-        if let Some(o) = hit {
-            self.at += taken + n;
-            let o = o as *mut PyObject;
-            // SAFETY: GIL held; the cache holds a reference on `o`.
-            unsafe { Py_IncRef(o) };
-            return Some(o);
-        }
-        // SAFETY: GIL held (caller).
-        let o = unsafe { self.string_key() }?;
-        KEYS.with(|k| {
-            let mut k = k.borrow_mut();
-            if k.len() < KEY_CACHE_SIZE {
-                // SAFETY: GIL held; the cache's own reference, kept for
-                // the life of the process.
+        let cached = n <= KEY_CACHE_LEN;
+        let hit = if cached {
+            KEYS.with(|k| k.borrow().get(raw).copied())
+        } else {
+            None
+        };
+        let o = match hit {
+            Some(o) => {
+                let o = o as *mut PyObject;
+                // SAFETY: GIL held; the cache holds a reference on `o`.
                 unsafe { Py_IncRef(o) };
-                k.insert(raw.into(), o as usize);
+                o
             }
-        });
+            None => {
+                // SAFETY: GIL held (caller); `k` is our new reference to a
+                // str, interned as msgpack does.
+                let o = unsafe {
+                    let mut k = str_from_utf8(raw)?;
+                    PyUnicode_InternInPlace(&mut k);
+                    k
+                };
+                if cached {
+                    KEYS.with(|k| {
+                        let mut k = k.borrow_mut();
+                        if k.len() < KEY_CACHE_SIZE {
+                            // SAFETY: GIL held; the cache's own reference,
+                            // kept for the life of the process.
+                            unsafe { Py_IncRef(o) };
+                            k.insert(raw.into(), o as usize);
+                        }
+                    });
+                }
+                o
+            }
+        };
+        self.at += taken + n;
         Some(o)
-    }
-
-    /// A string map key, decoded and interned as msgpack does.
-    ///
-    /// # Safety
-    /// GIL held.
-    unsafe fn string_key(&mut self) -> Option<*mut PyObject> {
-        // SAFETY: GIL held (caller).
-        let mut k = unsafe { self.value(0) }?;
-        // SAFETY: GIL held; `k` is our new reference to a str.
-        unsafe { PyUnicode_InternInPlace(&mut k) };
-        Some(k)
     }
 
     fn take(&mut self, n: usize) -> Option<&[u8]> {
@@ -312,14 +310,7 @@ impl<'a> Decoder<'a> {
                 Head::Uint(u) => made(PyLong_FromUnsignedLongLong(u)),
                 Head::F32(f) => made(PyFloat_FromDouble(f64::from(f))),
                 Head::F64(f) => made(PyFloat_FromDouble(f)),
-                Head::Str(n) => {
-                    let s = self.take(n)?;
-                    made(PyUnicode_DecodeUTF8(
-                        s.as_ptr() as *const c_char,
-                        s.len() as PySsize,
-                        c"strict".as_ptr(),
-                    ))
-                }
+                Head::Str(n) => str_from_utf8(self.take(n)?),
                 Head::Bin(n) => {
                     let s = self.take(n)?;
                     made(PyBytes_FromStringAndSize(
@@ -364,21 +355,15 @@ impl<'a> Decoder<'a> {
             let dict = made(PyDict_New())?;
             for _ in 0..n {
                 // strict_map_key: a key is a string or a binary
-                let (is_str, is_t) = match self.buf.get(self.at..).and_then(head) {
+                let (key, is_t) = match self.buf.get(self.at..).and_then(head) {
                     Some((Head::Str(n), taken)) => {
-                        let at = self.at + taken;
-                        (true, n == 1 && self.buf.get(at) == Some(&b't'))
+                        let is_t = n == 1 && self.buf.get(self.at + taken) == Some(&b't');
+                        (self.key(n, taken), is_t)
                     }
-                    Some((Head::Bin(_), _)) if !self.rules.str_keys_only => (false, false),
-                    _ => {
-                        Py_DecRef(dict);
-                        return None;
+                    Some((Head::Bin(_), _)) if !self.rules.str_keys_only => {
+                        (self.value(depth + 1), false)
                     }
-                };
-                let key = if is_str {
-                    self.key()
-                } else {
-                    self.value(depth + 1)
+                    _ => (None, false),
                 };
                 let Some(k) = key else {
                     Py_DecRef(dict);

@@ -19,13 +19,12 @@
 //! comes back as `(OP_FRAME, dict, end)`; any other stays `bytes`, for the
 //! Python codec to decode or refuse with its own error.
 
-use std::ffi::c_char;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::cpython::{
-    bytes_of, Gil, PyBytes_AsString, PyBytes_FromStringAndSize, PyErr_Clear, PyList_Append,
-    PyLong_FromSsize_t, PyObject, PySsize, PyTuple_New, PyTuple_SetItem, PyUnicode_DecodeUTF8,
-    Py_DecRef, GW_ERR_NO_MEMORY,
+    bytes_of, new_bytes, str_from_utf8, Gil, PyBytes_AsString, PyErr_Clear, PyList_Append,
+    PyLong_FromSsize_t, PyObject, PySsize, PyTuple_New, PyTuple_SetItem, Py_DecRef,
+    GW_ERR_NO_MEMORY,
 };
 use crate::error::Error;
 use crate::ffi::GW_ERR_INTERNAL;
@@ -173,17 +172,8 @@ unsafe fn scan(
 /// # Safety
 /// GIL held.
 unsafe fn binary(src: &[u8], mask: [u8; 4]) -> Result<*mut PyObject, i32> {
-    // SAFETY: GIL held; a NULL source means "uninitialised, to be filled
-    // before the object is shared", as the C API documents.
-    let o = unsafe { PyBytes_FromStringAndSize(std::ptr::null(), src.len() as PySsize) };
-    if o.is_null() {
-        // SAFETY: GIL held.
-        unsafe { PyErr_Clear() };
-        return Err(GW_ERR_NO_MEMORY);
-    }
-    // SAFETY: `o` is a fresh bytes object of `src.len()` bytes that nobody
-    // else references yet; its buffer does not move.
-    let dst = unsafe { std::slice::from_raw_parts_mut(PyBytes_AsString(o) as *mut u8, src.len()) };
+    // SAFETY: GIL held (caller).
+    let (o, dst) = unsafe { new_bytes(src.len()) }.ok_or(GW_ERR_NO_MEMORY)?;
     unmask_into(src, mask, dst);
     Ok(o)
 }
@@ -214,21 +204,9 @@ unsafe fn decode(payload: *mut PyObject, len: usize, rules: Rules) -> Option<*mu
 unsafe fn text(src: &[u8], mask: [u8; 4]) -> Result<*mut PyObject, i32> {
     let mut plain = vec![0u8; src.len()];
     unmask_into(src, mask, &mut plain);
-    // SAFETY: GIL held; `plain` outlives the call, which copies it.
-    let o = unsafe {
-        PyUnicode_DecodeUTF8(
-            plain.as_ptr() as *const c_char,
-            plain.len() as PySsize,
-            c"strict".as_ptr(),
-        )
-    };
-    if o.is_null() {
-        // SAFETY: GIL held; the UnicodeDecodeError (or MemoryError) is
-        // raised again by the Python reader's own decode.
-        unsafe { PyErr_Clear() };
-        return Err(GW_WS_SLOW);
-    }
-    Ok(o)
+    // SAFETY: GIL held (caller). On failure the UnicodeDecodeError (or
+    // MemoryError) is raised again by the Python reader's own decode.
+    unsafe { str_from_utf8(&plain) }.ok_or(GW_WS_SLOW)
 }
 
 /// Appends `(op, payload, end)` to `out`, taking over `payload`.
