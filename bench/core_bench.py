@@ -210,13 +210,25 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def machine_ticks() -> tuple[int, int]:
+    """Busy and total clock ticks of all CPUs since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v) - v[3] - v[4], sum(v)  # idle and iowait are not busy
+
+
 def measured(srv: Server, plan: Plan, clients: int, desk: Server | None = None) -> dict[str, Any]:
     """``run`` plus the server's CPU time over the run: ``msgs_per_cpu_s`` is
     the server's work per message, whoever else shares the cores; with
-    ``desk``, that downstream's CPU time too (``desk_cpu_s``)."""
+    ``desk``, that downstream's CPU time too (``desk_cpu_s``).
+    ``machine_busy``: how many of the machine's CPUs were busy on average,
+    whoever used them (the clients' own share is ``client_cpu_s``)."""
     c0 = cpu_seconds(srv.proc.pid)
     d0 = cpu_seconds(desk.proc.pid) if desk is not None else 0.0
+    b0, t0 = machine_ticks()
     r = run(plan, clients)
+    b1, t1 = machine_ticks()
+    r["machine_busy"] = (os.cpu_count() or 1) * (b1 - b0) / max(1, t1 - t0)
     used = cpu_seconds(srv.proc.pid) - c0
     if desk is not None:
         r["desk_cpu_s"] = cpu_seconds(desk.proc.pid) - d0
@@ -417,7 +429,9 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
                                       tokens=toks, **plan), args.clients, desk)  # type: ignore[arg-type]  # fmt: skip
                 pair[name] = {"msgs_per_s": r["msgs_per_s"], **r["rtt"],
                               "gateway_cpu_us": cpu_us(r),
-                              "desk_cpu_us": cpu_us(r, "desk_cpu_s")}  # fmt: skip
+                              "desk_cpu_us": cpu_us(r, "desk_cpu_s"),
+                              "client_cpu_us": cpu_us(r, "client_cpu_s"),
+                              "machine_busy": r["machine_busy"]}  # fmt: skip
             res["pairs"].append(pair)
     finally:
         fwd.stop()
@@ -438,12 +452,15 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
     print(f"median added: p50 {res['median_added_p50_ms']:+.2f} ms, "
           f"p99 {res['median_added_p99_ms']:+.2f} ms")  # fmt: skip
     print()
-    print("| pair | gateway CPU µs/msg, desk-sim | gateway CPU µs/msg, bot | desk-sim CPU µs/msg |")
-    print("|---|---|---|---|")
+    print("| pair | gateway CPU µs/msg, desk-sim / bot | desk-sim CPU µs/msg | "
+          "load client CPU µs/msg, desk-sim / bot | CPUs busy, desk-sim / bot |")  # fmt: skip
+    print("|---|---|---|---|---|")
     for i, p in enumerate(res["pairs"], 1):
         a, b = p["desk-sim"], p["bot"]
-        print(f"| {i} | {a['gateway_cpu_us']:.1f} | {b['gateway_cpu_us']:.1f} | "
-              f"{a['desk_cpu_us']:.1f} |")  # fmt: skip
+        print(f"| {i} | {a['gateway_cpu_us']:.1f} / {b['gateway_cpu_us']:.1f} | "
+              f"{a['desk_cpu_us']:.1f} | {a['client_cpu_us']:.1f} / {b['client_cpu_us']:.1f} | "
+              f"{a['machine_busy']:.2f} / {b['machine_busy']:.2f} of {os.cpu_count()} |"
+              )  # fmt: skip
     return {"forwarding": res}
 
 

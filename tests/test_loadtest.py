@@ -20,11 +20,11 @@ import pytest
 import trio
 
 from gateway import cli
-from gateway.loadtest import native
-from gateway.loadtest.cli import Progress, parse_size_mix, parse_url
+from gateway.loadtest import native, runner
+from gateway.loadtest.cli import Progress, parse_size_mix, parse_url, summary
 from gateway.loadtest.engine import Engine, Plan, body_sequence
 from gateway.loadtest.h2client import H2Error, H2Stream
-from gateway.loadtest.report import html_report, nice_ticks
+from gateway.loadtest.report import CLIENT_BUSY_ADVICE, html_report, nice_ticks
 from tests.gwserver import running
 
 
@@ -141,6 +141,30 @@ def test_progress_line_and_report() -> None:
     assert page.count("<svg") == 4 and page.count("<polyline") == 5
     assert "code:4029" in page and "message round trip" in page
     assert "<script" not in page and "http://" not in page.replace("http://www.w3", "")
+    assert CLIENT_BUSY_ADVICE not in page and not any("client CPU" in x for x in summary(r))
+    # the client processes' CPU time, and a warning when one was saturated
+    r.update(client_cpu_s=0.25, client_busy_max=0.5)
+    lines = summary(r)
+    assert "client CPU 0.25 s, 25,000.0 µs per acked message; busiest client process 50%" in (
+        "\n".join(lines)
+    )
+    assert not any(x.startswith("warning") for x in lines)
+    assert CLIENT_BUSY_ADVICE not in html_report(r)
+    r["client_busy_max"] = 0.93
+    assert f"warning: {CLIENT_BUSY_ADVICE}" in summary(r)
+    assert CLIENT_BUSY_ADVICE in html_report(r) and "93% of a core" in html_report(r)
+
+
+def test_client_cpu_counts_the_native_engines_process() -> None:
+    """The CPU time a client process reports includes the child it waited
+    for (``gw-loadgen``, for the native engine)."""
+    import subprocess
+    import sys
+
+    before = runner.cpu_seconds()
+    subprocess.run([sys.executable, "-c", "import time\nt=time.process_time()\n"
+                    "while time.process_time() - t < 0.3: pass"], check=True)  # fmt: skip
+    assert runner.cpu_seconds() - before >= 0.25
 
 
 async def _cli(argv: list[str]) -> tuple[int, str]:
@@ -183,6 +207,7 @@ async def test_cli_websocket_run_with_reports(tmp_path: Path) -> None:
         assert r["latency_timeline"] and r["rtt_percentiles"][-1][0] == 100
         assert re.search(r"\[#*-*\] +\d", out), out  # the progress line
         assert f"messages acked {c['acked']:,}" in out
+        assert r["client_cpu_s"] > 0 and 0 < r["client_busy_max"] <= 1.1
         html = page.read_text()
         assert html.count("<svg") == 4 and "60 / 60" in html
 
@@ -397,6 +422,9 @@ async def test_native_engine_against_the_gateway(tmp_path: Path) -> None:
         assert c["delivered"] >= c["acked"]
         assert r["connect"]["count"] == 20 and r["latency_timeline"]
         assert f"messages acked {c['acked']:,}" in out
+        # the client's own CPU time: gw-loadgen's, at most one core's worth
+        assert r["client_cpu_s"] > 0 and 0 < r["client_busy_max"] <= 1.1
+        assert "client CPU" in out
 
 
 async def test_native_engine_counts_refusals_like_the_python_engine(tmp_path: Path) -> None:

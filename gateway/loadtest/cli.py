@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from gateway.cli import _float_at_least, _int_at_least
+from gateway.loadtest.report import CLIENT_BUSY_ADVICE, client_cpu
 
 __all__ = ["parse_size_mix", "parse_url", "run", "setup"]
 
@@ -214,6 +215,11 @@ def summary(r: dict[str, Any]) -> list[str]:
             f"sealed {c.get('sealed', 0):,}, opened {c.get('opened', 0):,},"
             f" failed to open {c.get('open_failed', 0):,}"
         )
+    cpu, saturated = client_cpu(r)
+    if cpu != "-":
+        lines.append(f"client CPU {cpu}")
+    if saturated:
+        lines.append(f"warning: {CLIENT_BUSY_ADVICE}")
     errs = {**r.get("errors", {}), **{f"close:{k}": v for k, v in r.get("closes", {}).items()}}
     lines.append("errors: " + (", ".join(f"{k} {v:,}" for k, v in sorted(errs.items())) or "none"))
     lines += [f"client process failed: {f}" for f in r.get("fatal", [])]

@@ -129,6 +129,32 @@ def chart(
     return "\n".join(out)
 
 
+#: A client process busier than this (share of one core over its run) may
+#: have limited the rate it measured: the reports say so.
+CLIENT_BUSY_WARN: Final = 0.9
+
+
+def client_cpu(r: dict[str, Any]) -> tuple[str, bool]:
+    """The client processes' CPU time as text ("-" when not measured), and
+    whether one of them was busy enough to have been the limit."""
+    cpu = r.get("client_cpu_s", 0.0)
+    if not cpu:
+        return "-", False
+    acked = r["counts"].get("acked", 0)
+    per = f", {cpu / acked * 1e6:,.1f} µs per acked message" if acked else ""
+    busy = r.get("client_busy_max", 0.0)
+    return f"{cpu:,.2f} s{per}; busiest client process {busy:.0%} of a core", (
+        busy >= CLIENT_BUSY_WARN
+    )
+
+
+#: What the reports add when :func:`client_cpu` says a client was the limit.
+CLIENT_BUSY_ADVICE: Final = (
+    "a client process was nearly saturated, so the client may have limited the"
+    " measured rate: add --processes, use --engine native, or run clients on another machine"
+)
+
+
 def _table(rows: list[tuple[str, Any]]) -> str:
     body = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
@@ -206,6 +232,7 @@ def html_report(r: dict[str, Any], title: str = "gateway load test") -> str:
         ),
         ("messages acked", f"{r['counts'].get('acked', 0):,} ({r.get('msgs_per_s', 0):,.0f}/s)"),
         ("deliveries received", f"{r['counts'].get('delivered', 0):,}"),
+        ("client CPU", client_cpu(r)[0]),
         ("encryption", plan.get("encrypt") or "none"),
         ("wall time", f"{r.get('wall_seconds', 0):.1f} s"),
     ]
@@ -216,6 +243,8 @@ def html_report(r: dict[str, Any], title: str = "gateway load test") -> str:
     fatal = "".join(
         f"<p class=bad>client process failed: {html.escape(f)}</p>" for f in r.get("fatal", [])
     )
+    if client_cpu(r)[1]:
+        fatal += f"<p class=bad>{html.escape(CLIENT_BUSY_ADVICE)}</p>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>

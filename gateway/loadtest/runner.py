@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -26,18 +27,32 @@ PER_PROCESS = 18_000
 CONNS_PER_SRC_IP = 4_000
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its children that
+    were waited for (the native engine's ``gw-loadgen``)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _child(plan_d: dict[str, Any], q: Any, index: int = 0) -> None:
     def progress(row: dict[str, Any]) -> None:
         q.put({"progress": index, **row})
 
     try:
         plan = Plan(**plan_d)
+        cpu0, t0 = cpu_seconds(), time.monotonic()
         if plan.engine == "native":
             from gateway.loadtest import native
 
-            q.put(native.run(plan))
+            result = native.run(plan)
         else:
-            q.put(Engine(plan).run(progress))
+            result = Engine(plan).run(progress)
+        # the process's own cost: on a machine shared with the server, the
+        # share of the cores the measurement took from what it measured
+        result["cpu_seconds"] = cpu = cpu_seconds() - cpu0
+        result["busy"] = cpu / max(1e-9, time.monotonic() - t0)
+        q.put(result)
     except BaseException as e:  # report, never hang the parent
         q.put({"fatal": repr(e)})
 
@@ -189,6 +204,8 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
         "ramp_seconds": max(ramp) if ramp else None,
         "send_seconds": send_s,
         "msgs_per_s": counts.get("acked", 0) / send_s if send_s else 0.0,
+        "client_cpu_s": sum(r.get("cpu_seconds", 0.0) for r in ok),
+        "client_busy_max": max((r.get("busy", 0.0) for r in ok), default=0.0),
         "connects_per_s": (counts.get("connected", 0) / max(ramp)) if ramp and max(ramp) else 0.0,
         "connect": _pct(hists["connect_us"]),
         "rtt": _pct(hists["rtt_us"]),
