@@ -11,6 +11,7 @@ same run, from the same raw-socket client (gateway.loadtest).
         [--no-desk-reply] [--repeat 5]
     python bench/core_bench.py forwarding --workers 2 --connections 200 --rate 10000 --repeat 5
         [--engine native|python]   (--rate 0: half the maximum measured first)
+        [--isolate]   (the gateways on the first CPU, desk-sim and load clients on the others)
     python bench/core_bench.py unloaded --workers 2 [--messages 400]
     python bench/core_bench.py fastpaths --workers 2 --connections 200 --rate 12000 --repeat 3
         [--window 1] [--no-desk-reply]
@@ -195,6 +196,15 @@ def row(name: str, r: dict[str, Any], extra: str = "") -> str:
         f"| {name} | {r['msgs_per_s']:,.0f} | {rtt.get('p50_ms', 0):.2f} | "
         f"{rtt.get('p99_ms', 0):.2f} | {sum(r['errors'].values())} | {extra} |"
     )
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Restricts every thread of ``pid`` and of its live descendants to ``cpus``."""
+    for p in tree_pids(pid):
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(tid), cpus)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -411,10 +421,24 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
     plan = dict(connections=conns, active=conns, duration=args.seconds, size=230,
                 max_runtime=300, rate=args.rate, engine=args.engine)  # fmt: skip
     res: dict[str, Any] = {"pairs": []}
+    mine = os.sched_getaffinity(0)
     desk = start_desk(processes=1)
     fwd = start_gateway(w, downstream=[f"general=127.0.0.1:{desk.port}"], conns=conns)
     bot = start_gateway(w, conns=conns)
     try:
+        if args.isolate:
+            # as in production, where visitors and desks are other machines:
+            # the gateway gets a CPU to itself, everything else shares the rest
+            cpus = sorted(mine)
+            if len(cpus) < 2:
+                raise SystemExit("--isolate needs at least 2 CPUs")
+            gw_cpus, rest = set(cpus[:1]), set(cpus[1:])
+            for srv in (fwd, bot):
+                pin(srv.proc.pid, gw_cpus)
+            pin(desk.proc.pid, rest)
+            os.sched_setaffinity(0, rest)  # the load clients this process starts
+            res["isolate"] = {"gateway_cpus": sorted(gw_cpus), "other_cpus": sorted(rest)}
+            print(f"gateways on CPU {sorted(gw_cpus)}, desk-sim and load clients on {sorted(rest)}")
         time.sleep(1.0)  # links up
         if not args.rate:
             top = run(Plan(host="127.0.0.1", port=fwd.port, mode="gateway", tokens=toks,
@@ -434,6 +458,7 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
                               "machine_busy": r["machine_busy"]}  # fmt: skip
             res["pairs"].append(pair)
     finally:
+        os.sched_setaffinity(0, mine)
         fwd.stop()
         bot.stop()
         desk.stop()
@@ -708,6 +733,11 @@ def main() -> None:
     ap.add_argument(
         "--clients", type=int, default=1, help="load-client processes (throughput, e2e)"
     )
+    ap.add_argument(
+        "--isolate", action="store_true",
+        help="forwarding: the gateways pinned to the first CPU, desk-sim and the load "
+             "clients to the others (a gateway with a core to itself)",
+    )  # fmt: skip
     args = ap.parse_args()
     if not args.connections:
         args.connections = 15000 if args.mode == "idle" else 200
