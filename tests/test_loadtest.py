@@ -5,10 +5,12 @@ HTTP/2, with end-to-end sealing and a reconnect storm."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +155,35 @@ def test_progress_line_and_report() -> None:
     r["client_busy_max"] = 0.93
     assert f"warning: {CLIENT_BUSY_ADVICE}" in summary(r)
     assert CLIENT_BUSY_ADVICE in html_report(r) and "93% of a core" in html_report(r)
+
+
+def test_client_busy_is_taken_over_the_sending_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client process's busy share is its CPU while sending over the
+    sending time, not diluted by a long ramp; without a sending window it
+    falls back to the whole run."""
+    got: list[dict[str, Any]] = []
+
+    class Q:
+        def put(self, m: dict[str, Any]) -> None:
+            got.append(m)
+
+    plan = Plan(host="127.0.0.1", port=1, tokens=["t"], connections=1)
+    for send_s, send_cpu in ((2.0, 1.9), (0.0, 0.0)):
+
+        class Fake:
+            def __init__(self, p: Plan) -> None:
+                pass
+
+            def run(
+                self, progress: Any = None, s: float = send_s, c: float = send_cpu
+            ) -> dict[str, Any]:
+                time.sleep(0.2)  # a run that waits, using no CPU
+                return {"send_seconds": s, "send_cpu_seconds": c}
+
+        monkeypatch.setattr(runner, "Engine", Fake)
+        runner._child(dataclasses.asdict(plan), Q())
+    assert got[0]["busy"] == pytest.approx(0.95) and "fatal" not in got[0]
+    assert 0 <= got[1]["busy"] < 0.5  # the fake slept: the whole-run share
 
 
 def test_client_cpu_counts_the_native_engines_process() -> None:

@@ -672,8 +672,13 @@ class Engine:
         rr = 0
         last_tick = start
         end_at = float("inf")
+        # CPU time of the sending window only (not the ramp or the hold)
+        cpu_open = 0.0
+        send_cpu: float | None = None
         while True:
             now = time.monotonic()
+            if send_cpu is None and opened_all_at is not None and now >= self.send_until:
+                send_cpu = time.process_time() - cpu_open
             if now >= hard_stop or now >= end_at:
                 break
             # Open new connections within the ramp rate and pending bound.
@@ -684,6 +689,7 @@ class Engine:
                     next_idx += 1
             elif opened_all_at is None and self.pending == 0:
                 opened_all_at = now
+                cpu_open = time.process_time()
                 self.send_until = now + p.duration
                 end_at = self.send_until + p.hold_after
                 if p.ready_file:
@@ -777,6 +783,11 @@ class Engine:
             "open_at_end": self.open_now,
             "ramp_seconds": (opened_all_at - start) if opened_all_at else None,
             "send_seconds": elapsed_send,
+            "send_cpu_seconds": (
+                send_cpu
+                if send_cpu is not None
+                else (time.process_time() - cpu_open if opened_all_at else 0.0)
+            ),
             "timeline": self.timeline,
             "hist": {
                 "connect_us": self.connect_h.encode().decode(),

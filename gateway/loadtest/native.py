@@ -142,6 +142,7 @@ def run(plan: Plan) -> dict[str, Any]:
         "open_at_end": r["open_at_end"],
         "ramp_seconds": r["ramp_seconds"],
         "send_seconds": r["send_seconds"],
+        "send_cpu_seconds": r["send_cpu_seconds"],
         "timeline": r["timeline"],
         "hist": {
             "connect_us": _encoded(pairs["connect_us"]),

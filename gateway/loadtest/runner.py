@@ -49,9 +49,15 @@ def _child(plan_d: dict[str, Any], q: Any, index: int = 0) -> None:
         else:
             result = Engine(plan).run(progress)
         # the process's own cost: on a machine shared with the server, the
-        # share of the cores the measurement took from what it measured
+        # share of the cores the measurement took from what it measured;
+        # how busy it was while sending (else over the whole run)
         result["cpu_seconds"] = cpu = cpu_seconds() - cpu0
-        result["busy"] = cpu / max(1e-9, time.monotonic() - t0)
+        send_s = result.get("send_seconds") or 0.0
+        result["busy"] = (
+            result.get("send_cpu_seconds", 0.0) / send_s
+            if send_s > 0.05
+            else cpu / max(1e-9, time.monotonic() - t0)
+        )
         q.put(result)
     except BaseException as e:  # report, never hang the parent
         q.put({"fatal": repr(e)})

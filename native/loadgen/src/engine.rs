@@ -121,6 +121,8 @@ struct Engine<'a> {
     pending: usize,
     open_now: usize,
     sending: bool,
+    /// CPU seconds used while sending (from all connections open to the end).
+    send_cpu: f64,
     retry: BinaryHeap<Reverse<(Instant, usize)>>,
     scratch: Vec<u8>,
     recv_buf: Vec<u8>,
@@ -197,6 +199,7 @@ impl<'a> Engine<'a> {
             pending: 0,
             open_now: 0,
             sending: false,
+            send_cpu: 0.0,
             retry: BinaryHeap::new(),
             scratch: Vec::with_capacity(512),
             recv_buf: vec![0; RECV_SIZE],
@@ -600,6 +603,7 @@ impl<'a> Engine<'a> {
         let hard_stop = start + Duration::from_secs_f64(p.max_runtime);
         let mut next = 0;
         let mut all_open: Option<Instant> = None;
+        let mut cpu_at_open: Option<f64> = None;
         let mut send_until = hard_stop;
         let mut last_sample = start;
         let mut last_tick = start;
@@ -619,6 +623,7 @@ impl<'a> Engine<'a> {
             }
             if all_open.is_none() && next == p.connections && self.pending == 0 {
                 all_open = Some(now);
+                cpu_at_open = Some(sys::cpu_seconds());
                 send_until = now + Duration::from_secs_f64(p.duration);
                 self.sending = true;
                 last_tick = now;
@@ -699,6 +704,9 @@ impl<'a> Engine<'a> {
             }
         }
         let end = Instant::now();
+        // the CPU of the sending window only (not the ramp): what the
+        // report's "busiest client process" compares with the send time
+        self.send_cpu = cpu_at_open.map_or(0.0, |c| sys::cpu_seconds() - c);
         let t = end.duration_since(start).as_secs_f64();
         self.sample(t, t as u64);
         let ramp = all_open.map(|a| a.duration_since(start).as_secs_f64());
@@ -734,10 +742,12 @@ impl<'a> Engine<'a> {
         let _ = write!(
             s,
             ",\"open_at_end\":{},\"ramp_seconds\":{},\"send_seconds\":{send:.6},\
+             \"send_cpu_seconds\":{:.6},\
              \"timeline\":[{}],\"hist_pairs\":{{\"connect_us\":{},\"rtt_us\":{}}},\
              \"sec_pairs\":[{}]}}",
             self.open_now,
             ramp.map_or("null".to_string(), |r| format!("{r:.6}")),
+            self.send_cpu,
             self.timeline.join(","),
             self.connect_h.json(),
             self.rtt_h.json(),
