@@ -13,6 +13,7 @@ same run, from the same raw-socket client (gateway.loadtest).
         [--engine native|python]   (--rate 0: half the maximum measured first)
         [--isolate]   (the gateways on the first CPU, desk-sim and load clients on the others)
     python bench/core_bench.py unloaded --workers 2 [--messages 400]
+    python bench/core_bench.py clients --workers 2 --connections 1000 [--window 1]
     python bench/core_bench.py fastpaths --workers 2 --connections 200 --rate 12000 --repeat 3
         [--window 1] [--no-desk-reply]
 
@@ -537,6 +538,33 @@ def fastpaths(args: argparse.Namespace) -> dict[str, Any]:
     return {"fastpaths": {"runs": runs}}
 
 
+def clients(args: argparse.Namespace) -> dict[str, Any]:
+    """What the load client itself costs: both engines, closed loop, against
+    a gateway answering with its in-process bot (``--window``: messages in
+    flight per connection); the clients' CPU per acked message and the
+    busiest client process's share of a core while sending."""
+    conns = args.connections
+    gw = start_gateway(args.workers[-1], conns=conns)
+    res: dict[str, Any] = {}
+    try:
+        for engine in ("native", "python"):
+            r = run(Plan(host="127.0.0.1", port=gw.port, mode="gateway", tokens=tokens(conns),
+                         connections=conns, active=conns, duration=args.seconds, size=230,
+                         window=args.window, max_runtime=300, engine=engine), 1)  # fmt: skip
+            res[engine] = {"msgs_per_s": r["msgs_per_s"],
+                           "client_cpu_us": cpu_us(r, "client_cpu_s"),
+                           "client_busy": r["client_busy_max"]}  # fmt: skip
+    finally:
+        gw.stop()
+    print(f"{conns} connections x {args.window} in flight, {args.workers[-1]} gateway workers, bot")
+    print("| engine | msg/s | client CPU µs/msg | busiest client process, share of a core |")
+    print("|---|---|---|---|")
+    for engine, r in res.items():
+        print(f"| {engine} | {r['msgs_per_s']:,.0f} | {r['client_cpu_us']:.1f} | "
+              f"{r['client_busy']:.2f} |")  # fmt: skip
+    return {"clients": res}
+
+
 def unloaded(args: argparse.Namespace) -> dict[str, Any]:
     """What the downstream hop adds with no load to speak of: one SDK client
     (`gateway.client`) sends one 200-byte message at a time, 5 ms apart, to a
@@ -691,7 +719,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument(
         "mode",
-        choices=["throughput", "idle", "e2e", "e2e-ratio", "forwarding", "fastpaths", "unloaded"],
+        choices=[
+            "throughput",
+            "idle",
+            "e2e",
+            "e2e-ratio",
+            "forwarding",
+            "fastpaths",
+            "unloaded",
+            "clients",
+        ],
     )
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2])
@@ -751,6 +788,7 @@ def main() -> None:
         "forwarding": forwarding,
         "fastpaths": fastpaths,
         "unloaded": unloaded,
+        "clients": clients,
     }
     res = modes[args.mode](args)
     for r in res.values():

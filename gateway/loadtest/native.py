@@ -5,7 +5,7 @@ process's share of a plan run by ``gw-loadgen`` (the Rust crate in
 It covers plain WebSocket (``ws://``), in the gateway's protocol or against
 any echo server, closed loop (``--window``) or open loop (``--rate`` over
 ``--active`` connections): what throughput and latency measurements need,
-at a few microseconds of client CPU per message instead of ~20
+at 1.5-9 µs of client CPU per message closed loop instead of 15-21
 (docs/loadtest.md). Everything else (HTTP/2, TLS, storms, sealing, size
 mixes, ``--hold``) stays with the Python engine.
 """
