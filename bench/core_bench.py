@@ -717,19 +717,17 @@ def tune_loopback() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument(
-        "mode",
-        choices=[
-            "throughput",
-            "idle",
-            "e2e",
-            "e2e-ratio",
-            "forwarding",
-            "fastpaths",
-            "unloaded",
-            "clients",
-        ],
-    )
+    modes = {
+        "throughput": throughput,
+        "idle": idle,
+        "e2e": e2e,
+        "e2e-ratio": e2e_ratio,
+        "forwarding": forwarding,
+        "fastpaths": fastpaths,
+        "unloaded": unloaded,
+        "clients": clients,
+    }
+    ap.add_argument("mode", choices=list(modes))
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2])
     ap.add_argument(
@@ -780,16 +778,6 @@ def main() -> None:
         args.connections = 15000 if args.mode == "idle" else 200
     OUT.mkdir(exist_ok=True)
     tune_loopback()
-    modes = {
-        "throughput": throughput,
-        "idle": idle,
-        "e2e": e2e,
-        "e2e-ratio": e2e_ratio,
-        "forwarding": forwarding,
-        "fastpaths": fastpaths,
-        "unloaded": unloaded,
-        "clients": clients,
-    }
     res = modes[args.mode](args)
     for r in res.values():
         r.pop("hist", None)

@@ -349,8 +349,9 @@ def test_decoder_requires_positive_limit() -> None:
 def test_ack_frames_encode_to_the_same_bytes_as_the_generic_packer(
     msg_id: Any, n: int, dup: Any, order: list[str]
 ) -> None:
-    """The ack fast path (every visitor message) gives exactly what packing
-    the map gives, whatever the key order and value types."""
+    """An ack frame encodes to what packing the map gives, whatever the key
+    order and value types; ``encode_ack`` (the sinks' ``send_ack``, one per
+    visitor message) gives the same bytes for its values."""
     values = {"t": "ack", "id": msg_id, "n": n, "dup": dup}
     frame = {k: values[k] for k in order}
     got = encode_frame(frame, Encoding.MSGPACK)

@@ -772,6 +772,8 @@ class Engine:
                     self._on_readable(c, time.monotonic())
             if self.keyring is not None:
                 self._flush_crypto()
+        if send_cpu is None and opened_all_at is not None:  # stopped while sending
+            send_cpu = time.process_time() - cpu_open
         self._close_second(int(time.monotonic() - start))
         elapsed_send = (
             (min(time.monotonic(), self.send_until) - opened_all_at) if opened_all_at else 0
@@ -783,11 +785,7 @@ class Engine:
             "open_at_end": self.open_now,
             "ramp_seconds": (opened_all_at - start) if opened_all_at else None,
             "send_seconds": elapsed_send,
-            "send_cpu_seconds": (
-                send_cpu
-                if send_cpu is not None
-                else (time.process_time() - cpu_open if opened_all_at else 0.0)
-            ),
+            "send_cpu_seconds": send_cpu or 0.0,
             "timeline": self.timeline,
             "hist": {
                 "connect_us": self.connect_h.encode().decode(),

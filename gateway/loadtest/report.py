@@ -129,8 +129,9 @@ def chart(
     return "\n".join(out)
 
 
-#: A client process busier than this (share of one core over its run) may
-#: have limited the rate it measured: the reports say so.
+#: A client process busier than this (its CPU while sending over the
+#: sending time, 1.0 = one core) may have limited the rate it measured:
+#: the reports say so.
 CLIENT_BUSY_WARN: Final = 0.9
 
 
@@ -185,6 +186,7 @@ def _lat_rows(r: dict[str, Any]) -> str:
 
 def html_report(r: dict[str, Any], title: str = "gateway load test") -> str:
     plan = r.get("plan", {})
+    cpu_text, saturated = client_cpu(r)
     tl = r.get("timeline", [])
     conns = [(row[0], row[1]) for row in tl]
     rates = [
@@ -232,7 +234,7 @@ def html_report(r: dict[str, Any], title: str = "gateway load test") -> str:
         ),
         ("messages acked", f"{r['counts'].get('acked', 0):,} ({r.get('msgs_per_s', 0):,.0f}/s)"),
         ("deliveries received", f"{r['counts'].get('delivered', 0):,}"),
-        ("client CPU", client_cpu(r)[0]),
+        ("client CPU", cpu_text),
         ("encryption", plan.get("encrypt") or "none"),
         ("wall time", f"{r.get('wall_seconds', 0):.1f} s"),
     ]
@@ -243,7 +245,7 @@ def html_report(r: dict[str, Any], title: str = "gateway load test") -> str:
     fatal = "".join(
         f"<p class=bad>client process failed: {html.escape(f)}</p>" for f in r.get("fatal", [])
     )
-    if client_cpu(r)[1]:
+    if saturated:
         fatal += f"<p class=bad>{html.escape(CLIENT_BUSY_ADVICE)}</p>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>

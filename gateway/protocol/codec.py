@@ -233,7 +233,6 @@ _json_encoder: Final = json.JSONEncoder(
 _packer: Final = msgpack.Packer(use_bin_type=True, autoreset=True)
 # a server ``ack`` frame, {"t": "ack", "id": ..., "n": ..., "dup": ...}, in
 # msgpack: fixmap of 4, "t" -> "ack", then "id" (its value follows)
-_ACK_KEYS: Final = ("t", "id", "n", "dup")
 _ACK_HEAD: Final = b"\x84\xa1t\xa3ack\xa2id"
 _ACK_NEW: Final = b"\xa3dup\xc2"
 _ACK_DUP: Final = b"\xa3dup\xc3"
@@ -260,10 +259,6 @@ def encode_frame(frame: dict[str, Any], enc: Encoding) -> bytes | str:
     Raises ``TypeError``/``ValueError``/``OverflowError`` for values that
     cannot be encoded (a gateway bug, not peer input)."""
     if enc is Encoding.MSGPACK:
-        if frame.get("t") == "ack" and len(frame) == 4 and tuple(frame) == _ACK_KEYS:
-            dup = frame["dup"]
-            if dup is True or dup is False:
-                return encode_ack(frame["id"], frame["n"], dup)
         out: bytes = _packer.pack(frame)
         return out
     return _json_encoder.encode(frame)

@@ -28,7 +28,7 @@ from gateway import h2repr
 from gateway.protocol.codec import (
     Encoding,
     LengthPrefixedDecoder,
-    ack_frame,
+    encode_ack,
     encode_frame,
     length_prefix,
 )
@@ -95,9 +95,18 @@ class H2Stream:
             return
         payload = encode_frame(frame, Encoding.MSGPACK)
         assert isinstance(payload, bytes)
-        data = length_prefix(payload)
         if frame["t"] == "deliver":
             self.conn.w.hub.stats["messages_out_h2"] += 1
+        self._queue(payload)
+
+    def send_ack(self, msg_id: Any, n: int, dup: bool) -> None:
+        if not self.ended:
+            self._queue(encode_ack(msg_id, n, dup))
+
+    def _queue(self, payload: bytes) -> None:
+        """Queues one encoded frame for the stream (or resets a stream whose
+        peer does not read)."""
+        data = length_prefix(payload)
         if self.pending_bytes + len(data) > self.conn.w.cfg.outbound_max_bytes:
             self.conn.w.hub.stats["slow_consumer_disconnects"] += 1
             self.proto.state = self.proto.CLOSED
@@ -106,9 +115,6 @@ class H2Stream:
         self.pending.append(data)
         self.pending_bytes += len(data)
         self.conn.flush_stream(self)
-
-    def send_ack(self, msg_id: Any, n: int, dup: bool) -> None:
-        self.send(ack_frame(msg_id, n, dup))
 
     def close(self, code: int, reason: str) -> None:
         if self.ended:
