@@ -37,6 +37,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,7 @@ def tcp_mem_pages() -> int:
 class Server:
     def __init__(self, argv: list[str], port: int, env: dict[str, str] | None = None) -> None:
         self.port = port
+        self.ops_port: int | None = None  # a gateway's operator endpoint
         OUT.mkdir(exist_ok=True)
         self.log = open(OUT / f"server-{port}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -149,7 +151,7 @@ def start_gateway(
     conns: int = 10000,
     downstream: list[str] | None = None,
 ) -> Server:
-    port = free_port()
+    port, ops = free_port(), free_port()
     state = OUT / "bench-state"
     state.mkdir(parents=True, exist_ok=True)
     env = {
@@ -172,11 +174,13 @@ def start_gateway(
         "--max-connections",
         str(conns),
         "--ops-listen",
-        f"127.0.0.1:{free_port()}",
+        f"127.0.0.1:{ops}",
     ]
     for spec in downstream or []:
         argv += ["--downstream", spec]
-    return Server(argv, port, env)
+    srv = Server(argv, port, env)
+    srv.ops_port = ops
+    return srv
 
 
 def tokens(n: int) -> list[str]:
@@ -246,6 +250,39 @@ def measured(srv: Server, plan: Plan, clients: int, desk: Server | None = None) 
     r["server_cpu_s"] = used
     r["msgs_per_cpu_s"] = r["counts"].get("acked", 0) / used if used > 0 else 0.0
     return r
+
+
+_LOOP = (
+    "gateway_loop_busy_seconds_total",
+    "gateway_loop_events_total",
+    "gateway_loop_batches_total",
+)
+
+
+def loop_counters(srv: Server) -> dict[str, float]:
+    """The gateway's event-loop counters (docs/operations.md), read from its
+    /metrics once the workers' next report is in (they push every second)."""
+    time.sleep(1.5)
+    url = f"http://127.0.0.1:{srv.ops_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    out = dict.fromkeys(_LOOP, 0.0)
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in out:
+            out[name] = float(value)
+    return out
+
+
+def loop_work(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Event-loop time per ready connection (µs) and ready connections per
+    wakeup between two :func:`loop_counters` readings."""
+    busy, events, batches = (after[k] - before[k] for k in _LOOP)
+    return {
+        "loop_busy_s": busy,
+        "loop_us_per_event": busy / events * 1e6 if events > 0 else 0.0,
+        "events_per_batch": events / batches if batches > 0 else 0.0,
+    }
 
 
 def cpu_us(r: dict[str, Any], key: str = "server_cpu_s") -> float:
@@ -442,17 +479,28 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
             print(f"gateways on CPU {sorted(gw_cpus)}, desk-sim and load clients on {sorted(rest)}")
         time.sleep(1.0)  # links up
         if not args.rate:
+            before = loop_counters(fwd)
             top = run(Plan(host="127.0.0.1", port=fwd.port, mode="gateway", tokens=toks,
                            **{**plan, "rate": 0.0}), args.clients)  # type: ignore[arg-type]  # fmt: skip
             plan["rate"] = args.rate = round(top["msgs_per_s"] * 0.5)
             res["max_msgs_per_s"] = top["msgs_per_s"]
-            print(f"maximum (desk-sim, closed loop): {top['msgs_per_s']:,.0f} msg/s")
+            res["max_loop"] = lw = loop_work(before, loop_counters(fwd))
+            lw["loop_us_per_msg"] = lw["loop_busy_s"] / max(1, top["counts"].get("acked", 0)) * 1e6
+            print(f"maximum (desk-sim, closed loop): {top['msgs_per_s']:,.0f} msg/s; gateway "
+                  f"event loop {lw['loop_us_per_msg']:.1f} µs per message, "
+                  f"{lw['loop_us_per_event']:.1f} per ready connection, "
+                  f"{lw['events_per_batch']:.2f} ready connections per wakeup")  # fmt: skip
         for _ in range(args.repeat):
             pair = {}
             for name, gw in (("desk-sim", fwd), ("bot", bot)):
+                before = loop_counters(gw)
                 r = measured(gw, Plan(host="127.0.0.1", port=gw.port, mode="gateway",
                                       tokens=toks, **plan), args.clients, desk)  # type: ignore[arg-type]  # fmt: skip
-                pair[name] = {"msgs_per_s": r["msgs_per_s"], **r["rtt"],
+                lw = loop_work(before, loop_counters(gw))
+                lw["loop_us_per_msg"] = (
+                    lw["loop_busy_s"] / max(1, r["counts"].get("acked", 0)) * 1e6
+                )
+                pair[name] = {"msgs_per_s": r["msgs_per_s"], **r["rtt"], **lw,
                               "gateway_cpu_us": cpu_us(r),
                               "desk_cpu_us": cpu_us(r, "desk_cpu_s"),
                               "client_cpu_us": cpu_us(r, "client_cpu_s"),
@@ -487,6 +535,16 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
               f"{a['desk_cpu_us']:.1f} | {a['client_cpu_us']:.1f} / {b['client_cpu_us']:.1f} | "
               f"{a['machine_busy']:.2f} / {b['machine_busy']:.2f} of {os.cpu_count()} |"
               )  # fmt: skip
+    print()
+    print("| pair | gateway event loop µs per message, desk-sim / bot | µs per ready "
+          "connection, desk-sim / bot | ready connections per wakeup, desk-sim / bot |"
+          )  # fmt: skip
+    print("|---|---|---|---|")
+    for i, p in enumerate(res["pairs"], 1):
+        a, b = p["desk-sim"], p["bot"]
+        print(f"| {i} | {a['loop_us_per_msg']:.1f} / {b['loop_us_per_msg']:.1f} | "
+              f"{a['loop_us_per_event']:.1f} / {b['loop_us_per_event']:.1f} | "
+              f"{a['events_per_batch']:.2f} / {b['events_per_batch']:.2f} |")  # fmt: skip
     return {"forwarding": res}
 
 

@@ -156,6 +156,39 @@ def test_rates_and_latency_for_the_dashboard() -> None:
     json.dumps(api)  # plain data
 
 
+def test_event_loop_and_cpu_shares_per_worker_and_in_total() -> None:
+    agg = Aggregator(workers=2)
+    for t in range(8):
+        # worker 0: loop busy a quarter of each second, half a core of CPU,
+        # 1,000 ready connections a second; worker 1 idle
+        busy = {"loop_busy_s": 0.25 * t, "cpu_s": 0.5 * t, "loop_events": 1000 * t,
+                "loop_batches": 400 * t}  # fmt: skip
+        idle = {"loop_busy_s": 0.0, "cpu_s": 0.01, "loop_events": 0, "loop_batches": 0}
+        agg.update(0, snap(1, busy), float(t))
+        agg.update(1, snap(2, idle), float(t))
+        agg.tick(float(t))
+    api = agg.api(7.0)
+    w0, w1 = api["workers"]
+    assert w0["loop_busy_pct"] == pytest.approx(25.0)
+    assert w0["cpu_pct"] == pytest.approx(50.0)
+    assert w0["loop_us_per_event"] == pytest.approx(250.0)
+    assert (w1["loop_busy_pct"], w1["cpu_pct"], w1["loop_us_per_event"]) == (0.0, 0.0, None)
+    assert api["totals"]["cpu_pct"] == pytest.approx(50.0)
+    m = parsed(render(agg.merged(7.0)))
+    assert m["gateway_loop_busy_seconds"]["samples"][
+        ("gateway_loop_busy_seconds_total", ())
+    ] == pytest.approx(1.75)
+    assert m["gateway_loop_events"]["samples"][("gateway_loop_events_total", ())] == 7000
+    assert m["gateway_loop_batches"]["samples"][("gateway_loop_batches_total", ())] == 2800
+    per = m["gateway_worker_cpu_seconds"]["samples"]
+    assert per[("gateway_worker_cpu_seconds_total", (("worker", "0"),))] == pytest.approx(3.5)
+    assert per[("gateway_worker_cpu_seconds_total", (("worker", "1"),))] == pytest.approx(0.01)
+    busy_per = m["gateway_worker_loop_busy_seconds"]["samples"]
+    assert busy_per[
+        ("gateway_worker_loop_busy_seconds_total", (("worker", "0"),))
+    ] == pytest.approx(1.75)
+
+
 def test_exposition_escapes_and_parses() -> None:
     r = Registry()
     c = r.counter("gateway_x_total", "help with \\ and\nnewline", ("name",))

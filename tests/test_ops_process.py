@@ -137,6 +137,17 @@ async def check_metrics_and_restart(gw: Gw, sent: list[int]) -> None:
     assert m[("gateway_messages_out_total", (("transport", "ws"),))] >= 8 * 6  # greeting+5
     assert m[("gateway_workers_up", ())] == 2
     assert m[("gateway_worker_restarts_total", ())] == 0
+    # the event loops counted their work: every connection was ready at
+    # least once, and each batch handled one or more of them
+    events = m[("gateway_loop_events_total", ())]
+    batches = m[("gateway_loop_batches_total", ())]
+    assert events >= 9 and 1 <= batches <= events
+    assert 0 < m[("gateway_loop_busy_seconds_total", ())] < m[("gateway_cpu_seconds_total", ())]
+    per_worker = [m[("gateway_worker_cpu_seconds_total", (("worker", i),))] for i in "01"]
+    assert all(c > 0 for c in per_worker)
+    assert sum(per_worker) == pytest.approx(m[("gateway_cpu_seconds_total", ())], rel=0.05)
+    for w in gw.api()["workers"]:
+        assert 0 <= w["loop_busy_pct"] <= 100 and 0 <= w["cpu_pct"] <= 200
 
     promtool = shutil.which("promtool")
     if promtool is not None:

@@ -4,6 +4,7 @@ batch ends, links first, one send per connection."""
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import msgpack
@@ -62,6 +63,56 @@ async def test_deferred_writes_run_once_the_batch_is_over_after_the_links() -> N
     # a failing write does not keep the others from going out
     assert log == ["read x", "read x", "links", "write (fails)", "write"]
     assert not r.in_batch and r.deferred == []
+    for a, b in pairs:
+        a.close()
+        b.close()
+
+
+class _SlowReader:
+    """Takes ``cost`` seconds of wall time per readiness (as handling a
+    message would), so the reactor's busy time has a known floor."""
+
+    def __init__(self, sock: socket.socket, cost: float, seen: list[int]) -> None:
+        self.sock = sock
+        self.cost = cost
+        self.seen = seen
+
+    def on_readable(self) -> None:
+        self.seen.append(len(self.sock.recv(100)))
+        t = time.perf_counter() + self.cost
+        while time.perf_counter() < t:
+            pass
+
+    def on_failure(self) -> None:
+        pass
+
+
+async def test_the_reactor_counts_its_batches_ready_connections_and_busy_time() -> None:
+    r = Reactor()
+    pairs = [socket.socketpair() for _ in range(3)]
+    seen: list[int] = []
+    for a, _ in pairs:
+        a.setblocking(False)
+        r.add(a.fileno(), _SlowReader(a, 0.002, seen))
+    assert (r.batches, r.events, r.busy_s) == (0, 0, 0.0)
+    async with trio.open_nursery() as n:
+        n.start_soon(r.run)
+        # three connections ready at once: one batch of three
+        for _, b in pairs:
+            b.send(b"x")
+        with trio.fail_after(5):
+            while len(seen) < 3:
+                await trio.sleep(0.01)
+        assert (r.batches, r.events) == (1, 3)
+        # then one alone: a second batch of one
+        pairs[0][1].send(b"y")
+        with trio.fail_after(5):
+            while len(seen) < 4:
+                await trio.sleep(0.01)
+        n.cancel_scope.cancel()
+    assert (r.batches, r.events) == (2, 4)
+    # each readiness spun 2 ms; the sleeps between batches are not counted
+    assert 0.008 <= r.busy_s < 0.5
     for a, b in pairs:
         a.close()
         b.close()

@@ -127,6 +127,21 @@ def quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float | 
     return bounds[-1]
 
 
+#: per-worker counters exported with a ``worker`` label: (name, source counter, help)
+_PER_WORKER: Final = (
+    (
+        "gateway_worker_cpu_seconds_total",
+        "gateway_cpu_seconds_total",
+        "CPU time of each live worker process",
+    ),
+    (
+        "gateway_worker_loop_busy_seconds_total",
+        "gateway_loop_busy_seconds_total",
+        "Seconds each live worker's event loop spent handling ready connections",
+    ),
+)
+
+
 def _sum(fams: dict[str, Family], name: str) -> float:
     f = fams.get(name)
     return sum(f.samples.values()) if f is not None and f.kind != "histogram" else 0.0
@@ -152,6 +167,9 @@ def point_of(fams: dict[str, Family], t: float) -> dict[str, Any]:
         "delivered": _sum(fams, "gateway_messages_delivered_total"),
         "errors": _sum(fams, "gateway_errors_sent_total"),
         "accepted": _sum(fams, "gateway_connections_accepted_total"),
+        "loop_busy": _sum(fams, "gateway_loop_busy_seconds_total"),
+        "loop_events": _sum(fams, "gateway_loop_events_total"),
+        "cpu": _sum(fams, "gateway_cpu_seconds_total"),
         "bounds": bounds,
         "ack_counts": counts,
     }
@@ -182,6 +200,14 @@ def summarize(points: deque[dict[str, Any]]) -> dict[str, Any]:
     }
     for k in ("msgs_in", "acked", "delivered", "errors", "accepted"):
         out[f"{k}_per_s"] = round(max(0.0, last[k] - first[k]) / dt, 1) if dt > 0 else 0.0
+    # shares of one core over the window: the event loops' handling of ready
+    # connections, and the workers' CPU time (100 = one core busy)
+    for k, key in (("loop_busy", "loop_busy_pct"), ("cpu", "cpu_pct")):
+        d = last.get(k, 0.0) - first.get(k, 0.0)
+        out[key] = round(max(0.0, d) / dt * 100, 1) if dt > 0 else 0.0
+    events = last.get("loop_events", 0.0) - first.get("loop_events", 0.0)
+    busy = last.get("loop_busy", 0.0) - first.get("loop_busy", 0.0)
+    out["loop_us_per_event"] = round(busy / events * 1e6, 1) if events > 0 else None
     lf, ll = _window(points, LATENCY_WINDOW_S)
     delta = ll["ack_counts"]
     if len(lf["ack_counts"]) == len(delta):
@@ -269,6 +295,12 @@ class Aggregator:
         per = _family(out, "gateway_worker_connections", "gauge", "Open connections per worker")
         for v in up:
             per.add((("worker", str(v.index)),), _sum(v.fams, "gateway_connections_open"))
+        # per live worker, so a hot one stands out (they restart from zero
+        # with the worker, as a process's counters do)
+        for name, src, text in _PER_WORKER:
+            per = _family(out, name, "counter", text)
+            for v in up:
+                per.add((("worker", str(v.index)),), _sum(v.fams, src))
         return out
 
     def tick(self, now: float) -> None:

@@ -25,13 +25,20 @@ PUSH_TIMEOUT_S: Final = 5.0
 def worker_snapshot(w: Any) -> dict[str, Any]:
     """``w`` is a :class:`gateway.server.worker.Worker`."""
     hub = w.hub
+    stats = dict(hub.stats)
+    r = w.reactor
+    # the event loop's own accounting and the process's CPU time (counters)
+    stats["loop_busy_s"] = r.busy_s
+    stats["loop_batches"] = r.batches
+    stats["loop_events"] = r.events
+    stats["cpu_s"] = time.process_time()
     return {
         "pid": os.getpid(),
         "index": w.index,
         "t": time.time(),
         "ready": w.listener is not None and not w.draining,
         "draining": w.draining,
-        "stats": dict(hub.stats),
+        "stats": stats,
         "gauges": {
             "gateway_connections_open": w.open_sockets,
             "gateway_sessions": len(hub.sessions),

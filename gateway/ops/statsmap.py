@@ -37,6 +37,10 @@ _EXACT: Final[dict[str, tuple[str, tuple[tuple[str, str], ...]]]] = {
     "heartbeats_sent": ("gateway_heartbeats_sent_total", ()),
     "reads_paused": ("gateway_reads_paused_total", ()),
     "internal_errors": ("gateway_internal_errors_total", ()),
+    "loop_busy_s": ("gateway_loop_busy_seconds_total", ()),
+    "loop_batches": ("gateway_loop_batches_total", ()),
+    "loop_events": ("gateway_loop_events_total", ()),
+    "cpu_s": ("gateway_cpu_seconds_total", ()),
 }
 
 #: key prefix -> (metric, label name, fixed labels); the rest of the key is the label value
@@ -82,6 +86,10 @@ COUNTER_HELP: Final = {
     "gateway_closes_total": "Connections closed with a code, by code",
     "gateway_http_errors_total": "Plain HTTP error responses, by status",
     "gateway_events_total": "Other worker events, by name",
+    "gateway_loop_busy_seconds_total": "Seconds the event loops spent handling ready connections",
+    "gateway_loop_batches_total": "Event loop wakeups that handled ready connections",
+    "gateway_loop_events_total": "Ready connections handled by the event loops",
+    "gateway_cpu_seconds_total": "CPU time (user + system) of the worker processes",
 }
 
 

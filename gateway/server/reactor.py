@@ -20,6 +20,10 @@ batch write is gathered and sent when the batch ends (:meth:`Reactor.defer`,
 ``after_batch``): frames for a downstream link first, then one ``send`` per
 connection for everything the batch produced for it (a visitor's ack and
 the replies that came over a link in the same batch).
+
+The reactor counts its own work (:attr:`Reactor.busy_s`, ``batches``,
+``events``): the operator endpoint turns them into the event loop's busy
+share and the time one ready connection costs (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import select
+import time
 from collections.abc import Callable
 from typing import Final, Protocol
 
@@ -54,7 +59,17 @@ class Deferred(Protocol):
 
 
 class Reactor:
-    __slots__ = ("after_batch", "deferred", "ep", "handlers", "in_batch", "now")
+    __slots__ = (
+        "after_batch",
+        "batches",
+        "busy_s",
+        "deferred",
+        "ep",
+        "events",
+        "handlers",
+        "in_batch",
+        "now",
+    )
 
     def __init__(self) -> None:
         self.ep = select.epoll()
@@ -70,6 +85,11 @@ class Reactor:
         # connections whose writes wait for the end of the batch: one send
         # for all a batch produced for each (see :meth:`defer`)
         self.deferred: list[Deferred] = []
+        # the loop's own accounting: seconds spent handling batches (their
+        # end-of-batch writes included), batches run, ready connections handled
+        self.busy_s = 0.0
+        self.batches = 0
+        self.events = 0
 
     def __len__(self) -> int:
         return len(self.handlers)
@@ -101,9 +121,11 @@ class Reactor:
         try:
             while True:
                 await trio.lowlevel.wait_readable(ep.fileno())
+                t0 = time.perf_counter()
                 self.now = trio.current_time()
                 self.in_batch = True
-                for fd, _ in ep.poll(0, BATCH):
+                ready = ep.poll(0, BATCH)
+                for fd, _ in ready:
                     h = handlers.get(fd)
                     if h is None:
                         continue
@@ -117,6 +139,9 @@ class Reactor:
                         except Exception:
                             _log.exception("connection cleanup failed")
                 self.end_batch()
+                self.busy_s += time.perf_counter() - t0
+                self.batches += 1
+                self.events += len(ready)
         finally:
             ep.close()
 
