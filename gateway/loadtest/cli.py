@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from gateway.cli import _float_at_least, _int_at_least
+from gateway.loadtest import gwmetrics
 from gateway.loadtest.report import CLIENT_BUSY_ADVICE, client_cpu
 
 __all__ = ["parse_size_mix", "parse_url", "run", "setup"]
@@ -123,6 +124,12 @@ def setup(p: argparse.ArgumentParser) -> None:
       help="client processes (default: one per 18,000 connections)")  # fmt: skip
     a("--max-runtime", metavar="S", type=_float_at_least(1.0), default=None,
       help="hard stop (default: ramp + duration + hold + 120 s)")  # fmt: skip
+    a("--metrics", metavar="URL",
+      help="the gateway's operator /metrics (e.g. http://127.0.0.1:9090/metrics): read "
+           "before and after the run to report the gateway's CPU per message, event-loop "
+           "load and its own ack latency")  # fmt: skip
+    a("--ops-token", metavar="TOKEN", default=os.environ.get("GATEWAY_OPS_TOKEN") or None,
+      help="bearer token for --metrics (default: $GATEWAY_OPS_TOKEN)")  # fmt: skip
     a("--json", metavar="FILE", help="write the full result as JSON")
     a("--html", metavar="FILE", help="write an HTML report with plots")
     a("--no-progress", action="store_true", help="no progress line on stderr")
@@ -220,6 +227,8 @@ def summary(r: dict[str, Any]) -> list[str]:
         lines.append(f"client CPU {cpu}")
     if saturated:
         lines.append(f"warning: {CLIENT_BUSY_ADVICE}")
+    if r.get("gateway"):
+        lines += gwmetrics.summary_lines(r["gateway"])
     errs = {**r.get("errors", {}), **{f"close:{k}": v for k, v in r.get("closes", {}).items()}}
     lines.append("errors: " + (", ".join(f"{k} {v:,}" for k, v in sorted(errs.items())) or "none"))
     lines += [f"client process failed: {f}" for f in r.get("fatal", [])]
@@ -297,6 +306,13 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, FileNotFoundError) as e:
             err.write(f"gateway loadtest: {e}\n")
             return 2
+    gw_before = None
+    if args.metrics:
+        try:
+            gw_before = gwmetrics.fetch(args.metrics, args.ops_token)
+        except gwmetrics.MetricsError as e:
+            err.write(f"gateway loadtest: --metrics: {e}; running without the gateway's side\n")
+    m0 = time.monotonic()
     progress = None if args.no_progress else Progress(ramp_s + args.duration, args.connections, err)
     t0 = time.time()
     result = run_plan(plan, args.processes, progress=progress)
@@ -304,6 +320,13 @@ def run(args: argparse.Namespace) -> int:
         progress.done()
     result["plan"]["url"] = args.url
     result["started_at"] = t0
+    if gw_before is not None:
+        time.sleep(gwmetrics.SETTLE_S)  # the workers' last counts reach /metrics
+        try:
+            after = gwmetrics.fetch(args.metrics, args.ops_token)
+            result["gateway"] = gwmetrics.gateway_side(gw_before, after, time.monotonic() - m0)
+        except gwmetrics.MetricsError as e:
+            err.write(f"gateway loadtest: --metrics: {e}\n")
     for line in summary(result):
         print(line)
     if args.json:

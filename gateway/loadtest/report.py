@@ -184,6 +184,44 @@ def _lat_rows(r: dict[str, Any]) -> str:
     return f"<table>{head}{''.join(body)}</table>"
 
 
+def _gateway_rows(g: dict[str, Any]) -> str:
+    """The gateway's side (``gateway loadtest --metrics``), or nothing."""
+    if not g:
+        return ""
+
+    def ms(p: dict[str, Any] | None) -> str:
+        if not p:
+            return "-"
+        return f"p50 {p['p50_ms']:.2f} ms, p99 {p['p99_ms']:.2f} ms (n={int(p['count']):,})"
+
+    per_msg = g.get("cpu_us_per_msg")
+    per_event = g.get("loop_us_per_event")
+    rows = [
+        ("window", f"{g['seconds']:.1f} s"),
+        ("messages acked by the gateway", f"{g['acked']:,}"),
+        (
+            "worker CPU",
+            f"{g['cpu_s']:.2f} s, {g['cpu_cores']:.2f} cores"
+            + (f", {per_msg:.1f} µs per acked message" if per_msg is not None else ""),
+        ),
+        (
+            "event loops busy",
+            f"{g['loop_busy_cores']:.2f} cores; busiest worker "
+            f"{g['loop_busiest_worker'] * 100:.0f}% of a core",
+        ),
+        (
+            "event loop per ready connection",
+            f"{per_event:.1f} µs, {g['events_per_wakeup']:.2f} per wakeup"
+            if per_event is not None
+            else "-",
+        ),
+        ("gateway ack latency (received to acked)", ms(g.get("ack"))),
+        ("downstream's share (sent to its ack)", ms(g.get("downstream"))),
+        ("error frames sent / worker restarts", f"{g['errors_sent']:,} / {g['worker_restarts']}"),
+    ]
+    return "<h2>Gateway side (its /metrics)</h2>" + _table(rows)
+
+
 def html_report(r: dict[str, Any], title: str = "gateway load test") -> str:
     plan = r.get("plan", {})
     cpu_text, saturated = client_cpu(r)
@@ -265,6 +303,7 @@ pre {{ background: #f6f6f6; padding: 8px; overflow-x: auto; }}
 {_table(summary)}
 <h2>Latency</h2>
 {_lat_rows(r)}
+{_gateway_rows(r.get("gateway") or {})}
 <h2>Plots</h2>
 {"".join(charts)}
 <h2>Errors and closes</h2>
