@@ -209,6 +209,11 @@ async def test_metrics_across_workers_restart_and_drain(tmp_path: Path) -> None:
         assert code == 0
 
 
+def col(name: str, v: dict[str, Any]) -> int:
+    """Index of the dashboard workers table's column ``name``."""
+    return list(v["head"]).index(name)
+
+
 def rate(text: str) -> float:
     try:
         return float(text.replace(",", ""))
@@ -225,7 +230,10 @@ async def test_dashboard_in_chromium_shows_live_numbers(tmp_path: Path) -> None:
         " connections: document.getElementById('connections').textContent,"
         " msgs: document.getElementById('msgs').textContent,"
         " p99: document.getElementById('p99').textContent,"
-        " workers: [...document.querySelectorAll('#workers tbody tr')].map(r => r.textContent)})"
+        " workers: [...document.querySelectorAll('#workers tbody tr')].map(r => r.textContent),"
+        " cells: [...document.querySelectorAll('#workers tbody tr')]"
+        ".map(r => [...r.cells].map(c => c.textContent)),"
+        " head: [...document.querySelectorAll('#workers thead th')].map(c => c.textContent)})"
     )
     async with serving(tmp_path, workers=2) as gw:
         url = f"http://127.0.0.1:{gw.ops}/?token={OPS_TOKEN}"
@@ -258,7 +266,11 @@ async def test_dashboard_in_chromium_shows_live_numbers(tmp_path: Path) -> None:
                 trio.from_thread.run(opened.wait)
                 busy = cdp.poll(
                     numbers,
-                    lambda v: v["connections"] == "12" and rate(v["msgs"]) > 50,
+                    lambda v: (
+                        v["connections"] == "12"
+                        and rate(v["msgs"]) > 50
+                        and any(rate(c[col("loop busy %", v)]) > 0 for c in v["cells"])
+                    ),
                     timeout=20,
                 )
                 cdp.screenshot(shot)
@@ -274,4 +286,10 @@ async def test_dashboard_in_chromium_shows_live_numbers(tmp_path: Path) -> None:
         assert rate(busy["msgs"]) > 50
         assert busy["p99"] != "-"
         assert busy["updates"] > idle["updates"]
+        # each worker's event-loop and CPU shares: numbers, and a worker
+        # that handled the visitors shows both above zero
+        loop, cpu = col("loop busy %", busy), col("CPU %", busy)
+        assert all(rate(c[cpu]) >= rate(c[loop]) - 5 for c in busy["cells"])
+        assert any(rate(c[loop]) > 0 and rate(c[cpu]) > 0 for c in busy["cells"])
+        assert all(c[col("µs/event", busy)] != "" for c in busy["cells"])
         assert shot.stat().st_size > 5000 and shot.read_bytes()[:4] == b"\x89PNG"
