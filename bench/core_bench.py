@@ -37,13 +37,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gateway.loadtest import gwmetrics  # noqa: E402
 from gateway.loadtest.engine import Plan  # noqa: E402
 from gateway.loadtest.runner import run  # noqa: E402
 
@@ -262,16 +262,9 @@ _LOOP = (
 def loop_counters(srv: Server) -> dict[str, float]:
     """The gateway's event-loop counters (docs/operations.md), read from its
     /metrics once the workers' next report is in (they push every second)."""
-    time.sleep(1.5)
-    url = f"http://127.0.0.1:{srv.ops_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        text = resp.read().decode()
-    out = dict.fromkeys(_LOOP, 0.0)
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in out:
-            out[name] = float(value)
-    return out
+    time.sleep(gwmetrics.SETTLE_S)
+    got = gwmetrics.fetch(f"http://127.0.0.1:{srv.ops_port}/metrics")
+    return {k: got.get((k, ()), 0.0) for k in _LOOP}
 
 
 def loop_work(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
