@@ -16,6 +16,8 @@ the 20,000 open-file limit per process), runs `gateway loadtest` with the
 given flags (writing JSON and HTML into --out), samples every 5 s the
 gateway's total RSS (supervisor + workers) and `gateway_connections_open`
 from the operator endpoint, then drains the gateway and prints a summary.
+The load test reads the same endpoint before and after its run (`--metrics`),
+so its summary and reports include the gateway's side (docs/loadtest.md).
 Bounded: the load test stops itself (--max-runtime) and the gateway is killed
 if it outlives its drain.
 """
@@ -30,22 +32,20 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.core_bench import free_port, rss_bytes, tune_loopback
+from gateway.loadtest import gwmetrics
 
 
 def metric(ops: int, name: str) -> float | None:
+    """One unlabelled sample of the gateway's /metrics; None while it is
+    not up or has no such sample."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{ops}/metrics", timeout=5) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
-    except OSError:
+        return gwmetrics.fetch(f"http://127.0.0.1:{ops}/metrics", timeout=5).get((name, ()))
+    except gwmetrics.MetricsError:
         return None
-    return None
 
 
 def main() -> None:
@@ -127,6 +127,7 @@ def main() -> None:
         "--active", str(args.active), "--max-runtime", "1500",
         "--engine", args.engine, "--window", str(args.window),
         "--json", str(args.out / "result.json"), "--html", str(args.out / "report.html"),
+        "--metrics", f"http://127.0.0.1:{ops}/metrics",
     ]  # fmt: skip
     t_start = time.monotonic()
     code = subprocess.call(lt, env=env)
