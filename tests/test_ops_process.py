@@ -233,7 +233,8 @@ async def test_dashboard_in_chromium_shows_live_numbers(tmp_path: Path) -> None:
         " workers: [...document.querySelectorAll('#workers tbody tr')].map(r => r.textContent),"
         " cells: [...document.querySelectorAll('#workers tbody tr')]"
         ".map(r => [...r.cells].map(c => c.textContent)),"
-        " head: [...document.querySelectorAll('#workers thead th')].map(c => c.textContent)})"
+        " head: [...document.querySelectorAll('#workers thead th')].map(c => c.textContent),"
+        " shades: [95, 90, 89, 67, 66, 10].map(loopClass)})"
     )
     async with serving(tmp_path, workers=2) as gw:
         url = f"http://127.0.0.1:{gw.ops}/?token={OPS_TOKEN}"
@@ -282,6 +283,8 @@ async def test_dashboard_in_chromium_shows_live_numbers(tmp_path: Path) -> None:
             stop.set()
         assert idle["ready"] == "ready" and idle["connections"] == "0"
         assert len(idle["workers"]) == 2 and all("up" in w for w in idle["workers"])
+        # a worker's loop busy share is shaded from two thirds, red from 90%
+        assert idle["shades"] == ["bad", "bad", "warn", "warn", "", ""]
         assert busy["connections"] == "12"
         assert rate(busy["msgs"]) > 50
         assert busy["p99"] != "-"
