@@ -202,11 +202,9 @@ def summarize(points: deque[dict[str, Any]]) -> dict[str, Any]:
         out[f"{k}_per_s"] = round(max(0.0, last[k] - first[k]) / dt, 1) if dt > 0 else 0.0
     # shares of one core over the window: the event loops' handling of ready
     # connections, and the workers' CPU time (100 = one core busy)
-    for k, key in (("loop_busy", "loop_busy_pct"), ("cpu", "cpu_pct")):
-        d = last.get(k, 0.0) - first.get(k, 0.0)
-        out[key] = round(max(0.0, d) / dt * 100, 1) if dt > 0 else 0.0
-    events = last.get("loop_events", 0.0) - first.get("loop_events", 0.0)
-    busy = last.get("loop_busy", 0.0) - first.get("loop_busy", 0.0)
+    busy, cpu, events = (max(0.0, last[k] - first[k]) for k in ("loop_busy", "cpu", "loop_events"))
+    out["loop_busy_pct"] = round(busy / dt * 100, 1) if dt > 0 else 0.0
+    out["cpu_pct"] = round(cpu / dt * 100, 1) if dt > 0 else 0.0
     out["loop_us_per_event"] = round(busy / events * 1e6, 1) if events > 0 else None
     lf, ll = _window(points, LATENCY_WINDOW_S)
     delta = ll["ack_counts"]
