@@ -18,7 +18,17 @@ from typing import Any, Final
 
 from gateway.ops.aggregate import quantile
 
-__all__ = ["MetricsError", "Samples", "fetch", "gateway_side", "parse", "summary_lines"]
+__all__ = [
+    "MetricsError",
+    "Samples",
+    "cpu_text",
+    "fetch",
+    "gateway_side",
+    "latency_text",
+    "loop_text",
+    "parse",
+    "summary_lines",
+]
 
 Labels = tuple[tuple[str, str], ...]
 Samples = dict[tuple[str, Labels], float]
@@ -207,29 +217,48 @@ def gateway_side(before: Samples, after: Samples, seconds: float) -> dict[str, A
     }
 
 
-def summary_lines(g: dict[str, Any]) -> list[str]:
-    """The gateway's side for the load test's text summary."""
+def cpu_text(g: dict[str, Any]) -> str:
+    """The workers' CPU of :func:`gateway_side` in words (summary and HTML)."""
     per_msg = g["cpu_us_per_msg"]
-    lines = [
-        f"gateway (its /metrics over {g['seconds']:.1f} s): acked {g['acked']:,},"
-        f" CPU {g['cpu_s']:.2f} s ({g['cpu_cores']:.2f} cores"
-        + (f", {per_msg:.1f} µs per acked message)" if per_msg is not None else ")"),
-        f"   event loops: {g['loop_busy_cores']:.2f} cores busy, busiest worker"
+    return f"{g['cpu_s']:.2f} s, {g['cpu_cores']:.2f} cores" + (
+        f", {per_msg:.1f} µs per acked message" if per_msg is not None else ""
+    )
+
+
+def loop_text(g: dict[str, Any]) -> str:
+    """The event loops' load of :func:`gateway_side` in words."""
+    text = (
+        f"{g['loop_busy_cores']:.2f} cores busy, busiest worker"
         f" {g['loop_busiest_worker'] * 100:.0f}% of a core"
-        + (
+    )
+    if g["loop_us_per_event"] is not None:
+        text += (
             f", {g['loop_us_per_event']:.1f} µs per ready connection,"
             f" {g['events_per_wakeup']:.2f} per wakeup"
-            if g["loop_us_per_event"] is not None
-            else ""
-        ),
+        )
+    return text
+
+
+def latency_text(p: dict[str, float] | None) -> str:
+    """A latency of :func:`gateway_side` (``ack``, ``downstream``) in words."""
+    if not p:
+        return "-"
+    return (
+        f"p50 {p['p50_ms']:.2f} ms, p99 {p['p99_ms']:.2f} ms"
+        f" (n={int(p['count']):,}, to a histogram bucket)"
+    )
+
+
+def summary_lines(g: dict[str, Any]) -> list[str]:
+    """The gateway's side for the load test's text summary."""
+    lines = [
+        f"gateway (its /metrics over {g['seconds']:.1f} s): acked {g['acked']:,},"
+        f" CPU {cpu_text(g)}",
+        f"   event loops: {loop_text(g)}",
     ]
     for key, label in (("ack", "gateway ack"), ("downstream", "downstream")):
-        p = g.get(key)
-        if p:
-            lines.append(
-                f"{label:>13}: p50 {p['p50_ms']:.2f} ms  p99 {p['p99_ms']:.2f} ms"
-                f"  (n={int(p['count']):,}, to a histogram bucket)"
-            )
+        if g.get(key):
+            lines.append(f"{label:>13}: {latency_text(g[key])}")
     if g["errors_sent"] or g["worker_restarts"]:
         lines.append(
             f"   gateway sent {g['errors_sent']:,} error frames;"

@@ -10,6 +10,8 @@ import json
 import math
 from typing import Any, Final
 
+from gateway.loadtest import gwmetrics
+
 __all__ = ["html_report", "nice_ticks"]
 
 W: Final = 720
@@ -188,35 +190,13 @@ def _gateway_rows(g: dict[str, Any]) -> str:
     """The gateway's side (``gateway loadtest --metrics``), or nothing."""
     if not g:
         return ""
-
-    def ms(p: dict[str, Any] | None) -> str:
-        if not p:
-            return "-"
-        return f"p50 {p['p50_ms']:.2f} ms, p99 {p['p99_ms']:.2f} ms (n={int(p['count']):,})"
-
-    per_msg = g.get("cpu_us_per_msg")
-    per_event = g.get("loop_us_per_event")
     rows = [
         ("window", f"{g['seconds']:.1f} s"),
         ("messages acked by the gateway", f"{g['acked']:,}"),
-        (
-            "worker CPU",
-            f"{g['cpu_s']:.2f} s, {g['cpu_cores']:.2f} cores"
-            + (f", {per_msg:.1f} µs per acked message" if per_msg is not None else ""),
-        ),
-        (
-            "event loops busy",
-            f"{g['loop_busy_cores']:.2f} cores; busiest worker "
-            f"{g['loop_busiest_worker'] * 100:.0f}% of a core",
-        ),
-        (
-            "event loop per ready connection",
-            f"{per_event:.1f} µs, {g['events_per_wakeup']:.2f} per wakeup"
-            if per_event is not None
-            else "-",
-        ),
-        ("gateway ack latency (received to acked)", ms(g.get("ack"))),
-        ("downstream's share (sent to its ack)", ms(g.get("downstream"))),
+        ("worker CPU", gwmetrics.cpu_text(g)),
+        ("event loops", gwmetrics.loop_text(g)),
+        ("gateway ack latency (received to acked)", gwmetrics.latency_text(g.get("ack"))),
+        ("downstream's share (sent to its ack)", gwmetrics.latency_text(g.get("downstream"))),
         ("error frames sent / worker restarts", f"{g['errors_sent']:,} / {g['worker_restarts']}"),
     ]
     return "<h2>Gateway side (its /metrics)</h2>" + _table(rows)
