@@ -267,12 +267,14 @@ def loop_counters(srv: Server) -> dict[str, float]:
     return {k: got.get((k, ()), 0.0) for k in _LOOP}
 
 
-def loop_work(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Event-loop time per ready connection (µs) and ready connections per
-    wakeup between two :func:`loop_counters` readings."""
+def loop_work(before: dict[str, float], after: dict[str, float], acked: int) -> dict[str, float]:
+    """Event-loop time per acknowledged message and per ready connection
+    (µs), and ready connections per wakeup, between two
+    :func:`loop_counters` readings around a run that acked ``acked``."""
     busy, events, batches = (after[k] - before[k] for k in _LOOP)
     return {
         "loop_busy_s": busy,
+        "loop_us_per_msg": busy / max(1, acked) * 1e6,
         "loop_us_per_event": busy / events * 1e6 if events > 0 else 0.0,
         "events_per_batch": events / batches if batches > 0 else 0.0,
     }
@@ -477,8 +479,9 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
                            **{**plan, "rate": 0.0}), args.clients)  # type: ignore[arg-type]  # fmt: skip
             plan["rate"] = args.rate = round(top["msgs_per_s"] * 0.5)
             res["max_msgs_per_s"] = top["msgs_per_s"]
-            res["max_loop"] = lw = loop_work(before, loop_counters(fwd))
-            lw["loop_us_per_msg"] = lw["loop_busy_s"] / max(1, top["counts"].get("acked", 0)) * 1e6
+            res["max_loop"] = lw = loop_work(
+                before, loop_counters(fwd), top["counts"].get("acked", 0)
+            )
             print(f"maximum (desk-sim, closed loop): {top['msgs_per_s']:,.0f} msg/s; gateway "
                   f"event loop {lw['loop_us_per_msg']:.1f} µs per message, "
                   f"{lw['loop_us_per_event']:.1f} per ready connection, "
@@ -489,10 +492,7 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
                 before = loop_counters(gw)
                 r = measured(gw, Plan(host="127.0.0.1", port=gw.port, mode="gateway",
                                       tokens=toks, **plan), args.clients, desk)  # type: ignore[arg-type]  # fmt: skip
-                lw = loop_work(before, loop_counters(gw))
-                lw["loop_us_per_msg"] = (
-                    lw["loop_busy_s"] / max(1, r["counts"].get("acked", 0)) * 1e6
-                )
+                lw = loop_work(before, loop_counters(gw), r["counts"].get("acked", 0))
                 pair[name] = {"msgs_per_s": r["msgs_per_s"], **r["rtt"], **lw,
                               "gateway_cpu_us": cpu_us(r),
                               "desk_cpu_us": cpu_us(r, "desk_cpu_s"),
