@@ -252,31 +252,26 @@ def measured(srv: Server, plan: Plan, clients: int, desk: Server | None = None) 
     return r
 
 
-_LOOP = (
-    "gateway_loop_busy_seconds_total",
-    "gateway_loop_events_total",
-    "gateway_loop_batches_total",
-)
-
-
-def loop_counters(srv: Server) -> dict[str, float]:
-    """The gateway's event-loop counters (docs/operations.md), read from its
-    /metrics once the workers' next report is in (they push every second)."""
+def loop_counters(srv: Server) -> gwmetrics.Samples:
+    """The gateway's /metrics (its event-loop counters, docs/operations.md),
+    read once the workers' next report is in (they push every second)."""
     time.sleep(gwmetrics.SETTLE_S)
-    got = gwmetrics.fetch(f"http://127.0.0.1:{srv.ops_port}/metrics")
-    return {k: got.get((k, ()), 0.0) for k in _LOOP}
+    return gwmetrics.fetch(f"http://127.0.0.1:{srv.ops_port}/metrics")
 
 
-def loop_work(before: dict[str, float], after: dict[str, float], acked: int) -> dict[str, float]:
+def loop_work(before: gwmetrics.Samples, after: gwmetrics.Samples, acked: int) -> dict[str, Any]:
     """Event-loop time per acknowledged message and per ready connection
-    (µs), and ready connections per wakeup, between two
-    :func:`loop_counters` readings around a run that acked ``acked``."""
-    busy, events, batches = (after[k] - before[k] for k in _LOOP)
+    (µs), ready connections per wakeup, and the garbage collector's pauses,
+    between two :func:`loop_counters` readings around a run that acked
+    ``acked``."""
+    g = gwmetrics.gateway_side(before, after, 1.0)  # loop_busy_cores: seconds
+    busy = g["loop_busy_cores"]
     return {
         "loop_busy_s": busy,
         "loop_us_per_msg": busy / max(1, acked) * 1e6,
-        "loop_us_per_event": busy / events * 1e6 if events > 0 else 0.0,
-        "events_per_batch": events / batches if batches > 0 else 0.0,
+        "loop_us_per_event": g["loop_us_per_event"] or 0.0,
+        "events_per_batch": g["events_per_wakeup"] or 0.0,
+        "gc": g["gc"],
     }
 
 
@@ -538,6 +533,12 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
         print(f"| {i} | {a['loop_us_per_msg']:.1f} / {b['loop_us_per_msg']:.1f} | "
               f"{a['loop_us_per_event']:.1f} / {b['loop_us_per_event']:.1f} | "
               f"{a['events_per_batch']:.2f} / {b['events_per_batch']:.2f} |")  # fmt: skip
+    print()
+    print("| pair | gateway GC pauses, desk-sim | gateway GC pauses, bot |")
+    print("|---|---|---|")
+    for i, p in enumerate(res["pairs"], 1):
+        a, b = p["desk-sim"], p["bot"]
+        print(f"| {i} | {gwmetrics.gc_text(a)} | {gwmetrics.gc_text(b)} |")
     return {"forwarding": res}
 
 

@@ -6,6 +6,13 @@ import subprocess
 import sys
 
 
+def _run(code: str) -> None:
+    """Runs ``code`` in a fresh interpreter (the collector's state is
+    process-wide); it prints ``ok`` when its assertions held."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 def test_tune_gc_freezes_startup_objects_and_raises_thresholds() -> None:
     code = (
         "import gc\n"
@@ -18,5 +25,39 @@ def test_tune_gc_freezes_startup_objects_and_raises_thresholds() -> None:
         "assert gc.collect() >= 1\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    _run(code)
+
+
+def test_watch_pauses_times_every_collection_by_generation() -> None:
+    code = (
+        "import gc, time\n"
+        "from gateway.gctune import tune_gc, watch_pauses\n"
+        "tune_gc()\n"
+        "seen = []\n"
+        "cb = watch_pauses(lambda g, s: seen.append((g, s)))\n"
+        "gc.disable()\n"  # only the collections asked for below
+        "junk = [[] for _ in range(200_000)]\n"  # a young generation to scan
+        "t = time.perf_counter(); gc.collect(0); took = time.perf_counter() - t\n"
+        "gc.collect(1); gc.collect(2)\n"
+        "gc.callbacks.remove(cb)\n"
+        "gc.collect(2)\n"  # not watched any more
+        "assert [g for g, _ in seen] == [0, 1, 2], seen\n"
+        "assert 0 < seen[0][1] <= took, (seen, took)\n"
+        "assert all(s >= 0 for _, s in seen)\n"
+        "print('ok')\n"
+    )
+    _run(code)
+
+
+def test_worker_exports_its_collections_as_a_histogram() -> None:
+    code = (
+        "import gc\n"
+        "from gateway.ops.names import GC_PAUSE\n"
+        "from gateway.server.worker import _export_gc_pauses\n"
+        "_export_gc_pauses()\n"
+        "gc.collect(1); gc.collect(2); gc.collect(2)\n"
+        "counts = {k[0]: v.count for k, v in GC_PAUSE._children.items()}\n"
+        "assert counts == {'0': 0, '1': 1, '2': 2}, counts\n"
+        "print('ok')\n"
+    )
+    _run(code)

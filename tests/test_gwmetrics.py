@@ -15,6 +15,7 @@ from gateway.loadtest import gwmetrics
 from gateway.loadtest.report import html_report
 from gateway.ops.aggregate import Aggregator, families_of
 from gateway.ops.exposition import render
+from gateway.ops.names import GC_PAUSE
 from gateway.ops.registry import Registry
 from tests.test_loadtest import _cli
 from tests.test_ops_process import OPS_TOKEN, serving
@@ -60,14 +61,18 @@ def test_the_gateway_side_between_two_reads() -> None:
     agg = Aggregator(workers=1)
     reg = Registry()
     ack = reg.histogram("gateway_message_ack_seconds", "ack")
+    gc_pause = reg.histogram("gateway_gc_pause_seconds", "gc", GC_PAUSE.buckets, ("generation",))
     for _ in range(50):
         ack.observe(0.0004)  # before the run: not in the window
+    gc_pause.labels("1").observe(0.2)  # before the run too
     before = _read(agg, 0.0, {"messages_acked": 100, "cpu_s": 1.0, "loop_busy_s": 0.2,
                               "loop_events": 1000, "loop_batches": 100}, reg)  # fmt: skip
     for _ in range(990):
         ack.observe(0.002)
     for _ in range(10):
         ack.observe(0.04)
+    for gen, secs in (("0", 0.0003), ("0", 0.004), ("1", 0.007)):
+        gc_pause.labels(gen).observe(secs)
     after = _read(agg, 2.0, {"messages_acked": 1100, "cpu_s": 1.5, "loop_busy_s": 0.7,
                              "loop_events": 5000, "loop_batches": 2100,
                              "errors_4029": 7}, reg)  # fmt: skip
@@ -84,8 +89,11 @@ def test_the_gateway_side_between_two_reads() -> None:
     assert 1.0 < g["ack"]["p50_ms"] <= 2.5 and 2.0 < g["ack"]["p99_ms"] <= 50
     assert g["downstream"] is None  # nothing was forwarded
     assert (g["errors_sent"], g["worker_restarts"]) == (7, 0)
+    # three collections in the window, the longest in the (5 ms, 10 ms] bucket
+    assert g["gc"] == {"count": 3, "total_ms": pytest.approx(11.3), "longest_ms": 10.0}
     text = "\n".join(gwmetrics.summary_lines(g))
     assert "500.0 µs per acked message" in text and "gateway ack" in text
+    assert "GC pauses: 3, 11.3 ms in all, the longest <= 10 ms" in text
     assert "7 error frames" in text
     page = html_report({"counts": {}, "plan": {}, "gateway": g})
     assert "Gateway side" in page and "500.0 µs per acked message" in page
@@ -105,6 +113,8 @@ def test_a_restarted_worker_gets_no_share_and_no_traffic_no_ratios() -> None:
     assert g["acked"] == 0 and g["cpu_us_per_msg"] is None
     assert g["loop_us_per_event"] is None and g["events_per_wakeup"] is None
     assert g["ack"] is None
+    assert g["gc"] == {"count": 0, "total_ms": 0.0, "longest_ms": None}
+    assert "GC pauses: none" in "\n".join(gwmetrics.summary_lines(g))
 
 
 async def test_loadtest_reports_the_gateways_side(tmp_path: Path) -> None:

@@ -148,6 +148,10 @@ async def check_metrics_and_restart(gw: Gw, sent: list[int]) -> None:
     assert sum(per_worker) == pytest.approx(m[("gateway_cpu_seconds_total", ())], rel=0.05)
     for w in gw.api()["workers"]:
         assert 0 <= w["loop_busy_pct"] <= 100 and 0 <= w["cpu_pct"] <= 200
+    # garbage-collector pauses: a series per generation from the start
+    for g in "012":
+        n = m[("gateway_gc_pause_seconds_count", (("generation", g),))]
+        assert n == m[("gateway_gc_pause_seconds_bucket", (("generation", g), ("le", "+Inf")))]
 
     promtool = shutil.which("promtool")
     if promtool is not None:

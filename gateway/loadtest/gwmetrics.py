@@ -42,6 +42,7 @@ SETTLE_S: Final = 1.5
 
 _ACK: Final = "gateway_message_ack_seconds"
 _DOWN: Final = "gateway_downstream_latency_seconds"
+_GC: Final = "gateway_gc_pause_seconds"
 
 
 class MetricsError(ValueError):
@@ -181,13 +182,32 @@ def _percentiles(before: Samples, after: Samples, name: str) -> dict[str, float]
     return out
 
 
+def _pauses(before: Samples, after: Samples) -> dict[str, Any]:
+    """The garbage collector's pauses between the two reads: how many, their
+    total (ms) and the bucket bound the longest fits in (ms; None when it
+    exceeded every bound, or there were none)."""
+    n = _delta(before, after, _GC + "_count")
+    a, b = _buckets(after, _GC), _buckets(before, _GC)
+    longest = None
+    for bound in sorted(x for x in a if math.isfinite(x)):
+        if n > 0 and a[bound] - b.get(bound, 0.0) >= n:
+            longest = round(bound * 1000, 3)
+            break
+    return {
+        "count": int(n),
+        "total_ms": round(_delta(before, after, _GC + "_sum") * 1000, 3),
+        "longest_ms": longest,
+    }
+
+
 def gateway_side(before: Samples, after: Samples, seconds: float) -> dict[str, Any]:
     """What the gateway did between two reads ``seconds`` apart: messages it
     acked, its workers' CPU (seconds, cores, µs per acked message), its event
     loops' busy time (cores, the busiest worker's share of a core, µs per
     ready connection, ready connections per wakeup), its ack latency and
-    the downstream's share of it (p50/p99 ms, None without traffic), the
-    error frames it sent and worker restarts."""
+    the downstream's share of it (p50/p99 ms, None without traffic), its
+    garbage collector's pauses, the error frames it sent and worker
+    restarts."""
     dt = max(seconds, 1e-9)
     acked = _delta(before, after, "gateway_messages_acked_total")
     cpu = _delta(before, after, "gateway_cpu_seconds_total")
@@ -212,6 +232,7 @@ def gateway_side(before: Samples, after: Samples, seconds: float) -> dict[str, A
         "events_per_wakeup": round(events / batches, 2) if batches > 0 else None,
         "ack": _percentiles(before, after, _ACK),
         "downstream": _percentiles(before, after, _DOWN),
+        "gc": _pauses(before, after),
         "errors_sent": int(_delta(before, after, "gateway_errors_sent_total")),
         "worker_restarts": int(_delta(before, after, "gateway_worker_restarts_total")),
     }
@@ -249,6 +270,17 @@ def latency_text(p: dict[str, float] | None) -> str:
     )
 
 
+def gc_text(g: dict[str, Any]) -> str:
+    """The garbage collector's pauses of :func:`gateway_side` in words."""
+    p = g.get("gc") or {}
+    if not p.get("count"):
+        return "none"
+    longest = p["longest_ms"]
+    return f"{p['count']:,}, {p['total_ms']:.1f} ms in all, the longest " + (
+        f"<= {longest:g} ms" if longest is not None else "over every bucket"
+    )
+
+
 def summary_lines(g: dict[str, Any]) -> list[str]:
     """The gateway's side for the load test's text summary."""
     lines = [
@@ -259,6 +291,7 @@ def summary_lines(g: dict[str, Any]) -> list[str]:
     for key, label in (("ack", "gateway ack"), ("downstream", "downstream")):
         if g.get(key):
             lines.append(f"{label:>13}: {latency_text(g[key])}")
+    lines.append(f"    GC pauses: {gc_text(g)}")
     if g["errors_sent"] or g["worker_restarts"]:
         lines.append(
             f"   gateway sent {g['errors_sent']:,} error frames;"

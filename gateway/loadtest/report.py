@@ -197,6 +197,7 @@ def _gateway_rows(g: dict[str, Any]) -> str:
         ("event loops", gwmetrics.loop_text(g)),
         ("gateway ack latency (received to acked)", gwmetrics.latency_text(g.get("ack"))),
         ("downstream's share (sent to its ack)", gwmetrics.latency_text(g.get("downstream"))),
+        ("garbage-collector pauses", gwmetrics.gc_text(g)),
         ("error frames sent / worker restarts", f"{g['errors_sent']:,} / {g['worker_restarts']}"),
     ]
     return "<h2>Gateway side (its /metrics)</h2>" + _table(rows)

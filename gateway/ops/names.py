@@ -43,6 +43,15 @@ BREAKER_TRANSITIONS: Final = R.counter(
     ("cluster", "endpoint", "to"),
 )
 
+GC_PAUSE: Final = R.histogram(
+    "gateway_gc_pause_seconds",
+    "Collections of Python's cyclic garbage collector (the worker stands still), by generation",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+    labels=("generation",),
+)
+for _gen in ("0", "1", "2"):
+    GC_PAUSE.labels(_gen)
+
 CRYPTO_BATCH_ITEMS: Final = R.histogram(
     "gateway_crypto_batch_items",
     "Items per seal/open batch (suite of the batch's first item)",

@@ -40,7 +40,7 @@ import msgpack
 import trio
 
 from gateway.config import Config, config_from_env, effective_workers
-from gateway.gctune import tune_gc
+from gateway.gctune import tune_gc, watch_pauses
 from gateway.protocol.codec import Encoding
 from gateway.ratelimit import TokenBucket
 from gateway.server.bot import DemoBot
@@ -743,6 +743,18 @@ async def _amain(cfg: Config, index: int) -> None:
     await w.run()
 
 
+def _export_gc_pauses() -> None:
+    """Garbage-collector pauses go to ``gateway_gc_pause_seconds``."""
+    from gateway.ops.names import GC_PAUSE
+
+    children = [GC_PAUSE.labels(str(g)) for g in range(3)]
+
+    def observe(generation: int, seconds: float) -> None:
+        children[min(generation, 2)].observe(seconds)
+
+    watch_pauses(observe)
+
+
 def main(argv: list[str] | None = None) -> None:
     # Stop signals outside trio's receiver: see gateway.server.stopsig.
     signal.signal(signal.SIGTERM, outside_trio)
@@ -755,6 +767,7 @@ def main(argv: list[str] | None = None) -> None:
     watch_parent()
     random.seed(time.time_ns() ^ args.index)
     tune_gc()
+    _export_gc_pauses()
     trio.run(_amain, cfg, args.index)
     ignore_from_now()  # drained: nothing left for a late stop signal to do
     sys.exit(0)
