@@ -49,6 +49,10 @@ sysdeps:
 	  echo "installing promtool (Debian package prometheus) for the metrics tests"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; }
+	@command -v tcpdump >/dev/null 2>&1 || { \
+	  echo "installing tcpdump (Debian package) for bench/hops.py"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tcpdump >/dev/null \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tcpdump >/dev/null; }; }
 
 run: setup
 	$(BIN)/gateway serve $(ARGS)
