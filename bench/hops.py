@@ -14,11 +14,12 @@ gateway's outbound time, and ``t4 - t1`` the round trip without the load
 client's own scheduling. With the in-process bot there is no t2/t3 and the
 gateway's time is ``t4 - t1``.
 
-    python bench/hops.py [--rate 13800] [--seconds 8] [--capture-s 4] [--connections 200]
+    python bench/hops.py [--rate 0] [--seconds 8] [--capture-s 4] [--connections 200] [--repeat 1]
 
 starts desk-sim and two gateways (one forwarding, one with its bot; on
 the first CPU, the rest on the others, as ``core_bench.py forwarding
---isolate``), loads each in turn at the rate, captures ``--capture-s``
+--isolate``), measures the forwarding one's closed-loop maximum (unless
+``--rate`` is given), loads each in turn at half of it (or ``--rate``), captures ``--capture-s``
 seconds from the middle of each run on ``lo`` (``tcpdump``, from the
 Debian package of that name), and prints p50/p99/p99.9 of every hop.
 
@@ -342,7 +343,9 @@ def main() -> None:
     from gateway.loadtest.runner import run
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rate", type=float, default=13800)
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="messages/s (default 0: half the forwarding gateway's closed-loop "
+                         "maximum, measured first)")  # fmt: skip
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--capture-s", type=float, default=4.0)
     ap.add_argument("--connections", type=int, default=200)
@@ -369,6 +372,14 @@ def main() -> None:
         cb.pin(desk.proc.pid, rest)
         os.sched_setaffinity(0, rest)  # the load clients and tcpdump
         time.sleep(1.0)
+        if not args.rate:
+            top = run(Plan(host="127.0.0.1", port=fwd.port, mode="gateway", tokens=toks,
+                           connections=conns, active=conns, duration=args.seconds, size=230,
+                           max_runtime=300, rate=0.0, engine="native"), 1)  # fmt: skip
+            args.rate = out["rate"] = round(top["msgs_per_s"] * 0.5)
+            out["max_msgs_per_s"] = top["msgs_per_s"]
+            print(f"maximum (desk-sim, closed loop): {top['msgs_per_s']:,.0f} msg/s; "
+                  f"offered: {args.rate:,} msg/s")  # fmt: skip
         for _ in range(args.repeat):
             for name, gw, dport in (("desk-sim", fwd, desk.port), ("bot", bot, None)):
                 cap = _capture(pcap, [gw.port] + ([dport] if dport else []))
