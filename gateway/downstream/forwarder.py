@@ -52,8 +52,8 @@ class _Deadlines:
     message's number at the same index of three deques. Not one deque of
     tuples: a tuple per message lived until its deadline, so every
     young-generation collection of the garbage collector during a rise in
-    load scanned the last ~20,000 of them (pauses of 2-8 ms, the tail of
-    the forwarding latency). Floats and ints are not tracked by the
+    load scanned the last ~20,000 of them (pauses of several ms, in the
+    tail of the forwarding latency). Floats and ints are not tracked by the
     collector and appending to a deque allocates nothing it tracks."""
 
     __slots__ = ("at", "n", "s")
