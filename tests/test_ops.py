@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.ops.aggregate import Aggregator, families_of, quantile
 from gateway.ops.app import OpsApp
 from gateway.ops.exposition import render
+from gateway.ops.names import GC_PAUSE
 from gateway.ops.registry import Registry
 from gateway.ops.statsmap import map_key
 from gateway.ops.wire import MAX_SNAPSHOT_BYTES, SnapshotDecoder, WireError, encode_snapshot
@@ -154,6 +155,28 @@ def test_rates_and_latency_for_the_dashboard() -> None:
     assert api["workers"][0]["msgs_in_per_s"] == pytest.approx(100.0)
     assert len(api["series"]) == 12
     json.dumps(api)  # plain data
+
+
+def test_garbage_collector_pauses_per_worker_over_the_window() -> None:
+    agg = Aggregator(workers=2)
+    regs = [Registry(), Registry()]
+    pauses = [
+        r.histogram("gateway_gc_pause_seconds", "gc", GC_PAUSE.buckets, ("generation",))
+        for r in regs
+    ]
+    pauses[0].labels("2").observe(0.5)  # long before the window
+    for t in range(12):
+        if t >= 2:
+            pauses[0].labels("0").observe(0.003)  # one 3 ms pause a second
+        agg.update(0, snap(1, {}, 0, regs[0]), float(t))
+        agg.update(1, snap(2, {}, 0, regs[1]), float(t))
+        agg.tick(float(t))
+    api = agg.api(11.0)
+    w0, w1 = api["workers"]
+    # the last 5 s: five pauses of 3 ms; worker 1 had none
+    assert (w0["gc_pauses"], w0["gc_ms"]) == (5, pytest.approx(15.0))
+    assert (w1["gc_pauses"], w1["gc_ms"]) == (0, 0.0)
+    assert (api["totals"]["gc_pauses"], api["totals"]["gc_ms"]) == (5, pytest.approx(15.0))
 
 
 def test_event_loop_and_cpu_shares_per_worker_and_in_total() -> None:

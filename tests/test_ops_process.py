@@ -299,4 +299,7 @@ async def test_dashboard_in_chromium_shows_live_numbers(tmp_path: Path) -> None:
         assert all(rate(c[cpu]) >= rate(c[loop]) - 5 for c in busy["cells"])
         assert any(rate(c[loop]) > 0 and rate(c[cpu]) > 0 for c in busy["cells"])
         assert all(c[col("µs/event", busy)] != "" for c in busy["cells"])
+        # pauses of each worker's garbage collector over the last 5 s
+        gc_col = col("GC pauses", busy)
+        assert all(c[gc_col].split(" ")[0].isdigit() for c in busy["cells"]), busy["cells"]
         assert shot.stat().st_size > 5000 and shot.read_bytes()[:4] == b"\x89PNG"

@@ -34,6 +34,7 @@ RATE_WINDOW_S: Final = 5.0
 LATENCY_WINDOW_S: Final = 10.0
 HISTORY_POINTS: Final = 600
 ACK_HIST: Final = "gateway_message_ack_seconds"
+GC_HIST: Final = "gateway_gc_pause_seconds"
 MAX_GAUGES: Final = frozenset({"gateway_breaker_state"})
 GAUGE_HELP: Final = {
     "gateway_connections_open": "Open visitor connections (TCP, after accept)",
@@ -147,6 +148,14 @@ def _sum(fams: dict[str, Family], name: str) -> float:
     return sum(f.samples.values()) if f is not None and f.kind != "histogram" else 0.0
 
 
+def _hist_totals(fams: dict[str, Family], name: str) -> tuple[float, float]:
+    """A histogram's sum and count over all its label sets."""
+    f = fams.get(name)
+    if f is None or f.kind != "histogram":
+        return 0.0, 0.0
+    return sum(v[1] for v in f.samples.values()), sum(v[2] for v in f.samples.values())
+
+
 def point_of(fams: dict[str, Family], t: float) -> dict[str, Any]:
     """The dashboard's numbers at one instant."""
     ack = fams.get(ACK_HIST)
@@ -158,6 +167,7 @@ def point_of(fams: dict[str, Family], t: float) -> dict[str, Any]:
         for v in ack.samples.values():
             if len(v[0]) == len(counts):
                 counts = [a + b for a, b in zip(counts, v[0], strict=True)]
+    gc_s, gc_n = _hist_totals(fams, GC_HIST)
     return {
         "t": t,
         "connections": _sum(fams, "gateway_connections_open"),
@@ -170,6 +180,8 @@ def point_of(fams: dict[str, Family], t: float) -> dict[str, Any]:
         "loop_busy": _sum(fams, "gateway_loop_busy_seconds_total"),
         "loop_events": _sum(fams, "gateway_loop_events_total"),
         "cpu": _sum(fams, "gateway_cpu_seconds_total"),
+        "gc_s": gc_s,
+        "gc_n": gc_n,
         "bounds": bounds,
         "ack_counts": counts,
     }
@@ -206,6 +218,9 @@ def summarize(points: deque[dict[str, Any]]) -> dict[str, Any]:
     out["loop_busy_pct"] = round(busy / dt * 100, 1) if dt > 0 else 0.0
     out["cpu_pct"] = round(cpu / dt * 100, 1) if dt > 0 else 0.0
     out["loop_us_per_event"] = round(busy / events * 1e6, 1) if events > 0 else None
+    # the garbage collector's pauses over the window: how many, total ms
+    out["gc_pauses"] = int(max(0.0, last["gc_n"] - first["gc_n"]))
+    out["gc_ms"] = round(max(0.0, last["gc_s"] - first["gc_s"]) * 1000, 1)
     lf, ll = _window(points, LATENCY_WINDOW_S)
     delta = ll["ack_counts"]
     if len(lf["ack_counts"]) == len(delta):
