@@ -302,4 +302,6 @@ async def test_dashboard_in_chromium_shows_live_numbers(tmp_path: Path) -> None:
         # pauses of each worker's garbage collector over the last 5 s
         gc_col = col("GC pauses", busy)
         assert all(c[gc_col].split(" ")[0].isdigit() for c in busy["cells"]), busy["cells"]
+        assert all(c[col("last report", busy)].endswith(" s ago") for c in busy["cells"])
+        assert all(len(c) == len(busy["head"]) for c in busy["cells"])
         assert shot.stat().st_size > 5000 and shot.read_bytes()[:4] == b"\x89PNG"
