@@ -34,6 +34,7 @@ import trio
 
 from gateway import h2repr
 from gateway.downstream.desk import Desk, DeskConfig
+from gateway.downstream.h2data import DataSplitter, FlowError
 from gateway.downstream.proto import (
     LINK_PATH,
     MAX_LINK_FRAME,
@@ -61,7 +62,10 @@ SAFE_FRAME: Final = 16384
 
 
 class _Conn:
-    __slots__ = ("acks", "busy", "carry", "h2", "links", "out", "reading", "sock", "srv", "wake")
+    __slots__ = (
+        "acks", "busy", "carry", "extra", "h2", "links", "out", "reading", "sock", "split", "srv",
+        "wake",
+    )  # fmt: skip
 
     def __init__(self, srv: DeskServer, sock: trio.SocketStream) -> None:
         self.srv = srv
@@ -89,6 +93,10 @@ class _Conn:
         self.busy = False  # the writer task is in a send
         self.carry = b""  # packed by the reader, not taken by the socket yet
         self.reading = False  # the reader writes the answers itself when done
+        # the first link stream's DATA frames, read without h2
+        # (gateway.downstream.h2data), and the WINDOW_UPDATEs giving them back
+        self.split = DataSplitter(0, WINDOW, server=True)
+        self.extra = b""
 
 
 class _AckBatch:
@@ -190,15 +198,21 @@ class DeskServer:
             data = await c.sock.receive_some(READ_SIZE)
             if not data:
                 return
-            try:
-                events = c.h2.receive_data(data)
-            except h2.exceptions.ProtocolError as e:
-                print(f"desk-sim: HTTP/2 error from a gateway: {e}", file=sys.stderr)
-                return
+            sp = c.split
+            sp.feed(data)
             c.reading = True
             try:
-                for ev in events:
-                    self._event(c, ev)
+                while (item := sp.next(sp.stream in c.links)) is not None:
+                    fast, chunk = item
+                    if fast:
+                        self._data(c, sp.stream, chunk)
+                        continue
+                    for ev in c.h2.receive_data(chunk):
+                        self._event(c, ev)
+                c.extra += sp.window_updates()
+            except (h2.exceptions.ProtocolError, FlowError) as e:
+                print(f"desk-sim: HTTP/2 error from a gateway: {e}", file=sys.stderr)
+                return
             finally:
                 c.reading = False
             if self.desk.crashed:
@@ -228,28 +242,34 @@ class DeskServer:
                 c.h2.send_headers(sid, [(":status", "404")], end_stream=True)
                 return
             link = next(self._ids)
+            if not c.split.stream:
+                c.split.stream = sid  # its DATA frames are read without h2
             c.links[sid] = (link, LengthPrefixedDecoder(MAX_LINK_FRAME, check_from_gateway))
             self.links[link] = (c, sid)
             c.out[sid] = bytearray()
             c.h2.send_headers(sid, [(":status", "200"), ("content-type", "application/msgpack")])
         elif isinstance(ev, h2.events.DataReceived):
-            entry = c.links.get(ev.stream_id)
             if ev.flow_controlled_length:
                 c.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-            if entry is None:
-                return
-            link, dec = entry
-            try:
-                for f in dec.feed(ev.data):
-                    self._actions(self.desk.on_frame(link, f))
-            except ProtocolError as e:
-                print(f"desk-sim: bad frame on link {link}: {e}", file=sys.stderr)
-                c.h2.reset_stream(ev.stream_id)
-                self._drop_stream(c, ev.stream_id)
+            self._data(c, ev.stream_id, ev.data)
         elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
             self._drop_stream(c, ev.stream_id)
         elif isinstance(ev, h2.events.ConnectionTerminated):
             raise trio.BrokenResourceError("peer sent GOAWAY")
+
+    def _data(self, c: _Conn, stream: int, data: bytes) -> None:
+        """A link stream's bytes: its frames to the desk."""
+        entry = c.links.get(stream)
+        if entry is None:
+            return
+        link, dec = entry
+        try:
+            for f in dec.feed(data):
+                self._actions(self.desk.on_frame(link, f))
+        except ProtocolError as e:
+            print(f"desk-sim: bad frame on link {link}: {e}", file=sys.stderr)
+            c.h2.reset_stream(stream)
+            self._drop_stream(c, stream)
 
     def _drop_stream(self, c: _Conn, stream: int) -> None:
         entry = c.links.pop(stream, None)
@@ -332,7 +352,10 @@ class DeskServer:
                 del buf[:pos]
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 self._drop_stream(c, stream)
-        return c.h2.data_to_send()
+        data = c.h2.data_to_send()
+        if c.extra:
+            data, c.extra = data + c.extra, b""
+        return data
 
     async def timers(self) -> None:
         heap = self._heap

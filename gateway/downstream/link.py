@@ -26,6 +26,7 @@ import h2.settings
 import trio
 
 from gateway import h2repr
+from gateway.downstream.h2data import DataSplitter, FlowError
 from gateway.downstream.proto import LINK_PATH, MAX_LINK_FRAME, check_from_downstream
 from gateway.netio import write_some
 from gateway.protocol.codec import LengthPrefixedDecoder
@@ -56,11 +57,13 @@ class LinkCore:
 
     __slots__ = (
         "decoder",
+        "extra",
         "h2",
         "out",
         "ping_received",
         "ping_sent",
         "received",
+        "split",
         "status",
         "stream",
     )
@@ -84,12 +87,16 @@ class LinkCore:
         self.ping_sent = 0.0  # time of the unanswered PING, 0 when none
         self.received = 0  # reads handed to receive(): any of them shows the peer alive
         self.ping_received = 0  # ``received`` when the unanswered PING went out
+        # the link stream's DATA frames, read without h2 (gateway.downstream.h2data),
+        # and the WINDOW_UPDATE frames that give their window back
+        self.split = DataSplitter(0, RECV_WINDOW)
+        self.extra = b""
 
     def start(self, authority: str, headers: list[tuple[str, str]]) -> None:
         h = self.h2
         h.initiate_connection()
         h.increment_flow_control_window(RECV_WINDOW - 65535)
-        self.stream = h.get_next_available_stream_id()
+        self.stream = self.split.stream = h.get_next_available_stream_id()
         h.send_headers(
             self.stream,
             [
@@ -129,7 +136,10 @@ class LinkCore:
                     pos += k
                 view.release()
                 del out[:pos]
-        return self.h2.data_to_send()
+        data = self.h2.data_to_send()
+        if self.extra:
+            data, self.extra = data + self.extra, b""
+        return data
 
     def ping(self, now: float) -> None:
         self.ping_sent = now
@@ -156,8 +166,30 @@ class LinkCore:
 
     def receive(self, data: bytes | bytearray) -> list[dict[str, Any]]:
         self.received += 1
+        sp = self.split
+        sp.feed(bytes(data))
+        frames: list[dict[str, Any]] = []
         try:
-            events = self.h2.receive_data(bytes(data))
+            # the link stream's DATA frames once its response is in, the
+            # rest through h2, in the order they came
+            while (item := sp.next(self.status == 200)) is not None:
+                fast, chunk = item
+                if fast:
+                    frames += self.decoder.feed(chunk)
+                else:
+                    frames += self._receive_h2(chunk)
+            self.extra += sp.window_updates()
+        except ProtocolError as e:
+            raise LinkError(f"bad frame from downstream: {e}") from None
+        except FlowError as e:
+            raise LinkError(f"HTTP/2 flow control: {e}") from None
+        return frames
+
+    def _receive_h2(self, data: bytes) -> list[dict[str, Any]]:
+        """Frames for h2: its events, and the link stream's frames in the
+        DATA it passed on."""
+        try:
+            events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as e:
             raise LinkError(f"HTTP/2 protocol error: {e}") from None
         frames: list[dict[str, Any]] = []
@@ -167,10 +199,7 @@ class LinkCore:
                     self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
                 if ev.stream_id != self.stream:
                     continue
-                try:
-                    frames += self.decoder.feed(ev.data)
-                except ProtocolError as e:
-                    raise LinkError(f"bad frame from downstream: {e}") from None
+                frames += self.decoder.feed(ev.data)
             elif isinstance(ev, h2.events.ResponseReceived):
                 hdrs: dict[Any, Any] = dict(ev.headers)
                 status = str(hdrs.get(":status", ""))

@@ -1,0 +1,206 @@
+"""The link's DATA frames read without h2 (gateway.downstream.h2data): the
+link core against a real h2 server (no sockets) gets every frame, in
+order, from any split of the bytes; flow control keeps a long stream
+going; everything else still goes through h2."""
+
+from __future__ import annotations
+
+import random
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import pytest
+import trio
+
+from gateway.downstream.h2data import DataSplitter, window_update
+from gateway.downstream.link import RECV_WINDOW, LinkCore, LinkError
+from gateway.downstream.proto import encode
+from tests.test_downstream import _open, _raw_link, desk
+
+
+class _Server:
+    """The downstream's h2 side of one link, answered 200."""
+
+    def __init__(self, core: LinkCore, status: int = 200) -> None:
+        cfg = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        self.h2 = h2.connection.H2Connection(cfg)
+        self.h2.initiate_connection()
+        self.stream = 0
+        self.take(core)
+        self.h2.send_headers(self.stream, [(":status", str(status))])
+
+    def take(self, core: LinkCore) -> None:
+        """Reads what the link wrote (its WINDOW_UPDATEs among it)."""
+        for ev in self.h2.receive_data(core.flush()):
+            if isinstance(ev, h2.events.RequestReceived):
+                self.stream = ev.stream_id
+
+
+def _core() -> LinkCore:
+    core = LinkCore()
+    core.start("desk:1", [])
+    return core
+
+
+def _feed(core: LinkCore, data: bytes, rng: random.Random) -> list[dict[str, object]]:
+    """Hands ``data`` to the core in random pieces, as reads would."""
+    got: list[dict[str, object]] = []
+    pos = 0
+    while pos < len(data):
+        k = rng.randint(1, 700)
+        got += core.receive(data[pos : pos + k])
+        pos += k
+    return got
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_frame_arrives_in_order_from_any_split_of_the_bytes(seed: int) -> None:
+    rng = random.Random(seed)
+    core = _core()
+    srv = _Server(core)
+    sent: list[dict[str, object]] = []
+    out = bytearray(srv.h2.data_to_send())  # SETTINGS, response headers
+    for i in range(400):
+        kind = rng.random()
+        if kind < 0.05:
+            srv.h2.ping(b"12345678")
+        elif kind < 0.08:
+            srv.h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 10 + i})
+        frame = {"t": "ack", "sid": f"s{i}", "n": i, "pad": "x" * rng.randint(0, 3000)}
+        data = encode(frame)
+        # padded DATA frames are h2's to read: some of them
+        srv.h2.send_data(srv.stream, data, pad_length=rng.choice([None, None, None, 7]))
+        sent.append({k: v for k, v in frame.items() if k != "pad"})
+        out += srv.h2.data_to_send()
+    to_h2 = [0]
+    h2_receive = core.h2.receive_data
+
+    def counted(data: bytes) -> list[h2.events.Event]:
+        to_h2[0] += len(data)
+        return h2_receive(data)
+
+    core.h2.receive_data = counted  # type: ignore[method-assign]
+    got = _feed(core, bytes(out), rng)
+    assert [(f["sid"], f["n"]) for f in got] == [(f["sid"], f["n"]) for f in sent]
+    # the plain DATA frames (~3/4 of the bytes) never went through h2
+    assert 0 < to_h2[0] < len(out) / 2, (to_h2[0], len(out))
+    srv.take(core)  # the PING ACKs and SETTINGS ACKs went out through h2
+
+
+def test_flow_control_gives_the_window_back_so_a_long_stream_never_stalls() -> None:
+    core = _core()
+    srv = _Server(core)
+    core.receive(srv.h2.data_to_send())
+    srv.take(core)
+    payload = encode({"t": "ack", "sid": "s", "n": 1, "pad": "y" * 60_000})
+    total = 0
+    while total < 3 * RECV_WINDOW:  # three windows' worth
+        room = srv.h2.local_flow_control_window(srv.stream)
+        assert room >= len(payload), f"stalled after {total} bytes"
+        srv.h2.send_data(srv.stream, payload[:16384])
+        srv.h2.send_data(srv.stream, payload[16384:32768])
+        srv.h2.send_data(srv.stream, payload[32768:49152])
+        srv.h2.send_data(srv.stream, payload[49152:])
+        total += len(payload)
+        got = core.receive(srv.h2.data_to_send())
+        assert len(got) == 1
+        srv.take(core)  # WINDOW_UPDATEs, when due
+    # given back in half-window steps, as h2 would: the server's view of our
+    # window never fell below half of it
+    assert srv.h2.local_flow_control_window(srv.stream) >= RECV_WINDOW // 2 - len(payload)
+
+
+def test_a_downstream_overrunning_the_window_loses_its_link() -> None:
+    sp = DataSplitter(1, 100)
+    frame = (60).to_bytes(3, "big") + b"\x00\x00" + (1).to_bytes(4, "big") + b"z" * 60
+    sp.feed(frame + frame)
+    assert sp.next(True) == (True, b"z" * 60)
+    with pytest.raises(Exception, match="beyond a 100-byte window"):
+        sp.next(True)
+
+
+def test_window_updates_wait_for_half_the_window() -> None:
+    sp = DataSplitter(3, 100)
+    frame = (49).to_bytes(3, "big") + b"\x00\x00" + (3).to_bytes(4, "big") + b"z" * 49
+    sp.feed(frame + frame)
+    assert sp.next(True) == (True, b"z" * 49) and sp.window_updates() == b""
+    assert sp.next(True) == (True, b"z" * 49)
+    assert sp.window_updates() == window_update(0, 98) + window_update(3, 98)
+    assert sp.window_updates() == b""
+
+
+def test_data_before_the_response_or_inside_a_header_block_goes_to_h2() -> None:
+    data = (2).to_bytes(3, "big") + b"\x00\x00" + (1).to_bytes(4, "big") + b"ab"
+    headers = (1).to_bytes(3, "big") + b"\x01\x00" + (1).to_bytes(4, "big") + b"\x88"
+    cont = (1).to_bytes(3, "big") + b"\x09\x04" + (1).to_bytes(4, "big") + b"\x88"
+    sp = DataSplitter(1, 1 << 20)
+    sp.feed(data + headers + data + cont + data + data[:5])
+    # not established yet: all of it is a run for h2
+    assert sp.next(False) == (False, data + headers + data + cont + data)
+    assert sp.next(False) is None
+    sp.feed(data[5:])
+    assert sp.next(True) == (True, b"ab")  # the rest of the split frame
+    sp2 = DataSplitter(1, 1 << 20)
+    sp2.feed(headers + data + cont + data)
+    # a DATA frame between HEADERS and its CONTINUATION stays with h2
+    assert sp2.next(True) == (False, headers + data + cont)
+    assert sp2.next(True) == (True, b"ab")
+
+
+def test_the_link_still_refuses_what_h2_refuses() -> None:
+    core = _core()
+    srv = _Server(core, status=503)
+    with pytest.raises(LinkError, match="status 503"):
+        core.receive(srv.h2.data_to_send())
+    core = _core()
+    srv = _Server(core)
+    core.receive(srv.h2.data_to_send())
+    srv.h2.send_data(srv.stream, encode({"t": "ack", "sid": "s", "n": 1}), end_stream=True)
+    with pytest.raises(LinkError, match="ended the link stream"):
+        core.receive(srv.h2.data_to_send())
+    core = _core()
+    srv = _Server(core)
+    core.receive(srv.h2.data_to_send())
+    srv.h2.send_data(srv.stream, b"\x00\x00\x00\x02\xc1\xc1")  # msgpack 0xc1: never valid
+    with pytest.raises(LinkError, match="bad frame from downstream"):
+        core.receive(srv.h2.data_to_send())
+
+
+async def test_desk_sim_gives_the_window_back_past_its_first_16_mib() -> None:
+    """A link carrying more than desk-sim's receive window (16 MiB) goes on:
+    desk-sim reads the link's DATA frames without h2 and sends the
+    WINDOW_UPDATEs itself, or the gateway could send nothing more."""
+    body = "b" * 60_000
+    total = 300  # 300 x 60 KB: 18 MB
+    async with desk(think_ms=0, reply=False) as (port, _, _):
+        sock, core = await _raw_link(port)
+        core.queue(_open("s1"))
+        acked = 0
+        sent = 0
+        with trio.fail_after(30):
+            while acked < total:
+                while sent < total and core.backlog < 1 << 20:
+                    sent += 1
+                    core.queue(
+                        encode(
+                            {
+                                "t": "msg",
+                                "sid": "s1",
+                                "n": sent,
+                                "id": sent,
+                                "body": body,
+                                "group": "general",
+                                "stage": "human",
+                            }
+                        )
+                    )
+                await sock.send_all(core.flush())
+                for f in core.receive(await sock.receive_some(1 << 16)):
+                    if f["t"] == "acks":
+                        acked += sum(len(ns) for ns in f["sids"].values())
+                    elif f["t"] == "ack":
+                        acked += 1
+        await sock.aclose()
+    assert acked == total
