@@ -11,7 +11,7 @@ RUST_SRC := $(shell find native/src -name '*.rs') native/Cargo.toml Cargo.toml
 LOADGEN := target/release/gw-loadgen
 LOADGEN_SRC := $(shell find native/loadgen/src -name '*.rs') native/loadgen/Cargo.toml Cargo.toml
 
-.PHONY: all setup native loadgen run test test-rust test-py lint fmt bench bench-crypto bench-forwarder bench-wire sysdeps clean
+.PHONY: all setup native loadgen run test test-rust test-py lint fmt bench bench-crypto bench-forwarder bench-link bench-wire sysdeps clean
 
 all: setup
 
@@ -78,13 +78,16 @@ fmt: setup
 	$(BIN)/ruff format gateway tests bench
 	$(BIN)/ruff check --fix gateway tests bench
 
-bench: bench-crypto bench-forwarder bench-wire
+bench: bench-crypto bench-forwarder bench-link bench-wire
 
 bench-crypto: setup
 	$(BIN)/pytest bench/test_crypto_bench.py --benchmark-only --benchmark-columns=min,median,ops -q $(ARGS)
 
 bench-forwarder: setup
 	$(BIN)/pytest bench/test_forwarder_bench.py --benchmark-only --benchmark-columns=min,median,ops -q $(ARGS)
+
+bench-link: setup
+	$(BIN)/pytest bench/test_link_bench.py --benchmark-only --benchmark-columns=min,median,ops -q $(ARGS)
 
 bench-wire: setup
 	$(BIN)/pytest bench/test_wire_bench.py --benchmark-only --benchmark-columns=min,median,ops -q $(ARGS)
