@@ -3,10 +3,11 @@
 
 h2 handles a received DATA frame through its frame buffer, two state
 machines, two flow-control window managers and an event object, and the
-link then acknowledges the bytes through the window managers again: ~13 µs
-per frame warm on the project machine, paid on every read from a
-downstream, so at moderate rates (one read per few messages) a sizable
-share of a worker's time per forwarded message.
+link then acknowledges the bytes through the window managers again. That
+is paid on every read from a downstream, so at moderate rates (a read per
+few messages) it was a sizable share of a worker's time per forwarded
+message; a read through this module takes a third of the time
+(``bench/test_link_bench.py``, docs/benchmarks.md).
 
 :class:`DataSplitter` takes the bytes read from the link and hands back, in
 order, either the payload of a DATA frame on the link's stream (flags
