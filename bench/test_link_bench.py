@@ -1,14 +1,16 @@
-"""One read from a downstream, side by side: the link core's receive path
-(the link stream's DATA frames parsed without h2, gateway.downstream.h2data)
-against h2's own (``receive_data``, ``acknowledge_received_data`` and the
-same frame decoder), on the same bytes from a real h2 server.
+"""One read from a downstream and one write to it, side by side: the link
+core (the link stream's DATA frames parsed and built without h2,
+gateway.downstream.h2data) against h2's own paths (``receive_data``,
+``acknowledge_received_data`` and the same frame decoder; ``send_data``
+and ``data_to_send``), on the same bytes, with a real h2 server.
 
     .venv/bin/pytest bench/test_link_bench.py --benchmark-only \\
         --benchmark-columns=min,median,ops -q
 
 A read is one DATA frame carrying ``acks`` frames for ``N`` messages, as
 desk-sim answers a gateway's batch; ``[1]`` is the moderate-load case (a
-read per message or so), ``[16]`` a busier one.
+read per message or so), ``[16]`` a busier one. A write is the end of a
+reactor batch that queued ``N`` 300-byte ``msg`` frames.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import h2.connection
 import h2.events
 import pytest
 
+from gateway.downstream.h2data import window_update
 from gateway.downstream.link import LinkCore
 from gateway.downstream.proto import MAX_LINK_FRAME, check_from_downstream, encode_acks
 from gateway.protocol.codec import LengthPrefixedDecoder
@@ -73,3 +76,45 @@ def test_h2_receive_peer(benchmark: Any, acks: int) -> None:
             conn.data_to_send()
 
     benchmark.pedantic(run, setup=lambda: (_reads(acks), {}), rounds=50)
+
+
+def _room(core: LinkCore) -> bytes:
+    """WINDOW_UPDATEs from the server: room for every round's writes."""
+    return window_update(0, 1 << 30) + window_update(core.stream, 1 << 30)
+
+
+def _writes(msgs: int) -> list[bytes]:
+    return [b"m" * 300 * msgs for _ in range(READS)]
+
+
+@pytest.mark.parametrize("msgs", [1, 4])
+def test_link_core_flush(benchmark: Any, msgs: int) -> None:
+    def run(core: LinkCore, writes: list[bytes]) -> None:
+        for data in writes:
+            core.queue(data)
+            core.flush()
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        core, _ = _reads(1)
+        core.receive(_room(core))
+        return (core, _writes(msgs)), {}
+
+    benchmark.pedantic(run, setup=setup, rounds=50)
+
+
+@pytest.mark.parametrize("msgs", [1, 4])
+def test_h2_send_peer(benchmark: Any, msgs: int) -> None:
+    """What the link core did before: h2 builds the DATA frames."""
+
+    def run(core: LinkCore, writes: list[bytes]) -> None:
+        conn = core.h2
+        for data in writes:
+            conn.send_data(core.stream, data)
+            conn.data_to_send()
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        core, _ = _reads(1)
+        core.h2.receive_data(_room(core))  # h2 itself takes them here
+        return (core, _writes(msgs)), {}
+
+    benchmark.pedantic(run, setup=setup, rounds=50)

@@ -14,7 +14,7 @@ import h2.settings
 import pytest
 import trio
 
-from gateway.downstream.h2data import DataSplitter, window_update
+from gateway.downstream.h2data import DATA_FRAME, RUN, DataSplitter, SendWindow, window_update
 from gateway.downstream.link import RECV_WINDOW, LinkCore, LinkError
 from gateway.downstream.proto import encode
 from tests.test_downstream import _open, _raw_link, desk
@@ -116,7 +116,7 @@ def test_a_downstream_overrunning_the_window_loses_its_link() -> None:
     sp = DataSplitter(1, 100)
     frame = (60).to_bytes(3, "big") + b"\x00\x00" + (1).to_bytes(4, "big") + b"z" * 60
     sp.feed(frame + frame)
-    assert sp.next(True) == (True, b"z" * 60)
+    assert sp.next(True) == (DATA_FRAME, b"z" * 60)
     with pytest.raises(Exception, match="beyond a 100-byte window"):
         sp.next(True)
 
@@ -125,8 +125,8 @@ def test_window_updates_wait_for_half_the_window() -> None:
     sp = DataSplitter(3, 100)
     frame = (49).to_bytes(3, "big") + b"\x00\x00" + (3).to_bytes(4, "big") + b"z" * 49
     sp.feed(frame + frame)
-    assert sp.next(True) == (True, b"z" * 49) and sp.window_updates() == b""
-    assert sp.next(True) == (True, b"z" * 49)
+    assert sp.next(True) == (DATA_FRAME, b"z" * 49) and sp.window_updates() == b""
+    assert sp.next(True) == (DATA_FRAME, b"z" * 49)
     assert sp.window_updates() == window_update(0, 98) + window_update(3, 98)
     assert sp.window_updates() == b""
 
@@ -138,15 +138,15 @@ def test_data_before_the_response_or_inside_a_header_block_goes_to_h2() -> None:
     sp = DataSplitter(1, 1 << 20)
     sp.feed(data + headers + data + cont + data + data[:5])
     # not established yet: all of it is a run for h2
-    assert sp.next(False) == (False, data + headers + data + cont + data)
+    assert sp.next(False) == (RUN, data + headers + data + cont + data)
     assert sp.next(False) is None
     sp.feed(data[5:])
-    assert sp.next(True) == (True, b"ab")  # the rest of the split frame
+    assert sp.next(True) == (DATA_FRAME, b"ab")  # the rest of the split frame
     sp2 = DataSplitter(1, 1 << 20)
     sp2.feed(headers + data + cont + data)
     # a DATA frame between HEADERS and its CONTINUATION stays with h2
-    assert sp2.next(True) == (False, headers + data + cont)
-    assert sp2.next(True) == (True, b"ab")
+    assert sp2.next(True) == (RUN, headers + data + cont)
+    assert sp2.next(True) == (DATA_FRAME, b"ab")
 
 
 def test_the_link_still_refuses_what_h2_refuses() -> None:
@@ -204,3 +204,91 @@ async def test_desk_sim_gives_the_window_back_past_its_first_16_mib() -> None:
                         acked += 1
         await sock.aclose()
     assert acked == total
+
+
+def _linked() -> tuple[LinkCore, _Server]:
+    core = _core()
+    srv = _Server(core)
+    core.receive(srv.h2.data_to_send())
+    return core, srv
+
+
+def _pump(core: LinkCore, srv: _Server) -> bytes:
+    """One exchange: what the core writes to the server (which reads and
+    acknowledges the DATA), then what the server answers to the core.
+    Returns the link stream's bytes the server got."""
+    got = b""
+    for ev in srv.h2.receive_data(core.flush()):
+        if isinstance(ev, h2.events.DataReceived):
+            srv.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            got += ev.data
+    core.receive(srv.h2.data_to_send())
+    return got
+
+
+def test_sending_stays_within_the_peers_windows_and_goes_on_past_them() -> None:
+    """The link builds its DATA frames itself: the server's h2 (default
+    64 KiB windows) would refuse one byte too many; its WINDOW_UPDATEs,
+    taken out before h2, keep the link sending."""
+    core, srv = _linked()
+    sent = bytearray()
+    got = bytearray()
+    rng = random.Random(7)
+    for _ in range(300):
+        chunk = rng.randbytes(rng.randint(1, 20_000))
+        core.queue(chunk)
+        sent += chunk
+        got += _pump(core, srv)
+    for _ in range(50):
+        if len(got) == len(sent):
+            break
+        got += _pump(core, srv)
+    assert len(sent) > 2_000_000 and got == sent
+
+
+def test_the_peer_changing_its_initial_window_moves_the_stream_window() -> None:
+    core, srv = _linked()
+    core.queue(b"a" * 50_000)
+    got = _pump(core, srv)
+    assert len(got) == 50_000
+    # a smaller initial window: the stream may be over it for a while (RFC 9113,
+    # 6.9.2); h2 on the server refuses any DATA beyond it
+    srv.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1000})
+    core.receive(srv.h2.data_to_send())
+    core.queue(b"b" * 100_000)
+    got = _pump(core, srv)
+    assert core.send.stream <= 1000
+    srv.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+    core.receive(srv.h2.data_to_send())
+    for _ in range(20):
+        got += _pump(core, srv)
+    assert got == b"b" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("stream", "increment", "match"),
+    [(0, 0, "WINDOW_UPDATE of 0"), (1, 0, "WINDOW_UPDATE of 0"), (0, (1 << 31) - 1, "past 2")],
+)
+def test_bad_window_updates_end_the_link(stream: int, increment: int, match: str) -> None:
+    core, _ = _linked()
+    assert core.stream == 1
+    frame = b"\x00\x00\x04\x08\x00" + stream.to_bytes(4, "big") + increment.to_bytes(4, "big")
+    with pytest.raises(LinkError, match=match):
+        core.receive(frame)
+
+
+def test_send_window_frames_split_at_the_frame_size_and_spend_both_windows() -> None:
+    w = SendWindow(3)
+    w.update((0).to_bytes(4, "big") + (100).to_bytes(4, "big"))
+    assert (w.conn, w.stream) == (65635, 65535)
+    frames, k = w.frames(b"x" * 70_000, 16384)
+    assert k == 65535 and (w.conn, w.stream) == (100, 0)
+    heads = []
+    pos = 0
+    while pos < len(frames):
+        n = int.from_bytes(frames[pos : pos + 3], "big")
+        heads.append((n, frames[pos + 3], frames[pos + 4], frames[pos + 5 : pos + 9]))
+        pos += 9 + n
+    assert [h[0] for h in heads] == [16384, 16384, 16384, 16383]
+    assert all(h[1:] == (0, 0, b"\x00\x00\x00\x03") for h in heads)
+    assert w.frames(b"y", 16384) == (b"", 0)  # the stream's window is spent

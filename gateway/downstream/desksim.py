@@ -34,7 +34,7 @@ import trio
 
 from gateway import h2repr
 from gateway.downstream.desk import Desk, DeskConfig
-from gateway.downstream.h2data import DataSplitter, FlowError
+from gateway.downstream.h2data import DATA_FRAME, DataSplitter, FlowError
 from gateway.downstream.proto import (
     LINK_PATH,
     MAX_LINK_FRAME,
@@ -203,8 +203,8 @@ class DeskServer:
             c.reading = True
             try:
                 while (item := sp.next(sp.stream in c.links)) is not None:
-                    fast, chunk = item
-                    if fast:
+                    kind, chunk = item
+                    if kind == DATA_FRAME:
                         self._data(c, sp.stream, chunk)
                         continue
                     for ev in c.h2.receive_data(chunk):

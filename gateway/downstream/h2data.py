@@ -1,5 +1,6 @@
 """The downstream link's DATA frames without h2's per-frame machinery
-(sans-IO), on both ends: the gateway's link core and desk-sim.
+(sans-IO): read on both ends (the gateway's link core and desk-sim),
+built by the gateway's link core.
 
 h2 handles a received DATA frame through its frame buffer, two state
 machines, two flow-control window managers and an event object, and the
@@ -24,6 +25,15 @@ A frame is only taken out while no header block is open (HEADERS or
 PUSH_PROMISE without END_HEADERS, then CONTINUATION), so a DATA frame in
 the middle of one still reaches h2, which refuses it. Incomplete frames
 wait for the next read, so h2 is only ever given whole frames.
+
+The gateway's link also builds its outgoing DATA frames itself
+(:class:`SendWindow`; h2's ``send_data`` cost about as much per write). It
+then keeps the peer's windows: the splitter (``windows``) takes the
+connection's and the stream's WINDOW_UPDATE frames out from the first
+byte on (h2, never spending its own window, would otherwise let it grow
+past 2^31-1 and fail), and the link applies the peer's
+SETTINGS_INITIAL_WINDOW_SIZE changes that h2 reports. desk-sim still
+sends through h2.
 """
 
 from __future__ import annotations
@@ -31,10 +41,15 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-__all__ = ["PREFACE", "DataSplitter", "FlowError", "window_update"]
+__all__ = ["DATA_FRAME", "PREFACE", "RUN", "WINDOW", "DataSplitter", "FlowError", "SendWindow",
+           "window_update"]  # fmt: skip
 
 _HEAD: Final = struct.Struct(">I")
-DATA, HEADERS, PUSH_PROMISE, CONTINUATION = 0, 1, 5, 9
+DATA, HEADERS, PUSH_PROMISE, WINDOW_UPDATE, CONTINUATION = 0, 1, 5, 8, 9
+#: What :meth:`DataSplitter.next` hands back: frames for h2, a DATA
+#: frame's payload, a WINDOW_UPDATE's stream and increment (8 bytes).
+RUN, DATA_FRAME, WINDOW = 0, 1, 2
+MAX_WINDOW: Final = (1 << 31) - 1
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 END_HEADERS: Final = 0x4
 #: Frames longer than this go to h2 (which enforces our SETTINGS_MAX_FRAME_SIZE).
@@ -57,13 +72,20 @@ class DataSplitter:
     ``window`` is the receive window we advertised, for the connection and
     for the stream alike (the link and desk-sim set both). ``server``: the
     bytes start with the client's connection preface, which goes to h2
-    first."""
+    first. ``windows``: the WINDOW_UPDATE frames of the connection and the
+    stream are taken out too (from the start), for a sender that builds
+    its DATA frames itself (:class:`SendWindow`)."""
 
-    __slots__ = ("buf", "consumed", "open_block", "pos", "preface", "stream", "window")
+    __slots__ = (
+        "buf", "consumed", "open_block", "pos", "preface", "stream", "window", "windows",
+    )  # fmt: skip
 
-    def __init__(self, stream: int, window: int, server: bool = False) -> None:
+    def __init__(
+        self, stream: int, window: int, server: bool = False, windows: bool = False
+    ) -> None:
         self.stream = stream
         self.window = window
+        self.windows = windows
         self.preface = len(PREFACE) if server else 0
         self.buf = b""
         self.pos = 0
@@ -75,18 +97,19 @@ class DataSplitter:
         self.buf = rest + data if rest else data
         self.pos = 0
 
-    def next(self, fast: bool) -> tuple[bool, bytes] | None:
-        """``(True, payload)`` for a DATA frame of the stream taken out,
-        ``(False, frames)`` for a run of complete frames for h2 (up to the
-        next one that ``fast`` lets through), None when no complete frame
-        is left. ``fast``: the stream is established (its response headers
-        are in), so its DATA frames may be taken out."""
+    def next(self, fast: bool) -> tuple[int, bytes] | None:
+        """``(DATA_FRAME, payload)`` for a DATA frame of the stream taken
+        out, ``(WINDOW, stream and increment)`` for a WINDOW_UPDATE taken
+        out, ``(RUN, frames)`` for a run of complete frames for h2 (up to
+        the next one taken out), None when no complete frame is left.
+        ``fast``: the stream is established (its response headers are in),
+        so its DATA frames may be taken out."""
         buf, pos, n = self.buf, self.pos, len(self.buf)
         if self.preface:
             if n - pos < self.preface:
                 return None
             self.pos, self.preface = pos + self.preface, 0
-            return False, buf[pos : self.pos]
+            return RUN, buf[pos : self.pos]
         start = pos
         while pos + 9 <= n:
             length = int.from_bytes(buf[pos : pos + 3], "big")
@@ -94,29 +117,42 @@ class DataSplitter:
             if end > n:
                 break
             ftype, flags = buf[pos + 3], buf[pos + 4]
-            if (
-                fast
-                and ftype == DATA
-                and not flags
-                and not self.open_block
-                and length <= MAX_FAST_FRAME
-                and _HEAD.unpack_from(buf, pos + 5)[0] == self.stream
-            ):
-                if pos > start:  # the run before it goes to h2 first
-                    self.pos = pos
-                    return False, buf[start:pos]
-                self.pos = end
-                self.consumed += length
-                if self.consumed > self.window:
-                    raise FlowError(
-                        f"downstream sent {self.consumed} bytes beyond a {self.window}-byte window"
-                    )
-                return True, buf[pos + 9 : end]
+            if not self.open_block:
+                kind = -1
+                if ftype == DATA:
+                    if (
+                        fast
+                        and not flags
+                        and length <= MAX_FAST_FRAME
+                        and _HEAD.unpack_from(buf, pos + 5)[0] == self.stream
+                    ):
+                        kind = DATA_FRAME
+                elif (
+                    ftype == WINDOW_UPDATE
+                    and self.windows
+                    and length == 4
+                    and _HEAD.unpack_from(buf, pos + 5)[0] & MAX_WINDOW in (0, self.stream)
+                ):
+                    kind = WINDOW
+                if kind >= 0:
+                    if pos > start:  # the run before it goes to h2 first
+                        self.pos = pos
+                        return RUN, buf[start:pos]
+                    self.pos = end
+                    if kind == WINDOW:
+                        return WINDOW, buf[pos + 5 : end]
+                    self.consumed += length
+                    if self.consumed > self.window:
+                        raise FlowError(
+                            f"downstream sent {self.consumed} bytes beyond a {self.window}-byte"
+                            " window"
+                        )
+                    return DATA_FRAME, buf[pos + 9 : end]
             if ftype in (HEADERS, PUSH_PROMISE, CONTINUATION):
                 self.open_block = not flags & END_HEADERS
             pos = end
         self.pos = pos
-        return (False, buf[start:pos]) if pos > start else None
+        return (RUN, buf[start:pos]) if pos > start else None
 
     def window_updates(self) -> bytes:
         """WINDOW_UPDATE frames giving back what the DATA frames taken out
@@ -125,3 +161,56 @@ class DataSplitter:
             return b""
         k, self.consumed = self.consumed, 0
         return window_update(0, k) + window_update(self.stream, k)
+
+
+class SendWindow:
+    """The peer's receive windows for the connection and one stream, spent
+    on DATA frames built here instead of by h2 (RFC 9113, 6.9): the
+    peer's WINDOW_UPDATEs come from :class:`DataSplitter` (``windows``)
+    and its SETTINGS_INITIAL_WINDOW_SIZE changes from h2's events."""
+
+    __slots__ = ("conn", "stream", "stream_id")
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+        self.conn = 65535  # the connection's initial window, fixed by the RFC
+        self.stream = 65535  # until the peer's SETTINGS say otherwise
+
+    def update(self, frame: bytes) -> None:
+        """A WINDOW_UPDATE's 8 bytes (stream, increment) from the peer."""
+        stream, inc = struct.unpack(">II", frame)
+        stream &= MAX_WINDOW
+        inc &= MAX_WINDOW
+        if inc == 0:
+            raise FlowError(f"WINDOW_UPDATE of 0 on stream {stream}")
+        if stream == 0:
+            self.conn += inc
+        else:
+            self.stream += inc
+        if max(self.conn, self.stream) > MAX_WINDOW:
+            raise FlowError(f"WINDOW_UPDATE on stream {stream} past 2^31-1")
+
+    def initial_changed(self, old: int, new: int) -> None:
+        """The peer changed SETTINGS_INITIAL_WINDOW_SIZE from ``old`` to ``new``."""
+        self.stream += new - old
+        if self.stream > MAX_WINDOW:
+            raise FlowError("SETTINGS_INITIAL_WINDOW_SIZE takes the stream window past 2^31-1")
+
+    def frames(self, data: bytes | bytearray, max_frame: int) -> tuple[bytes, int]:
+        """DATA frames for as much of ``data`` as both windows allow, in
+        pieces of at most ``max_frame`` bytes, and how much of it they carry
+        (both windows spent)."""
+        room = min(self.conn, self.stream, len(data))
+        if room <= 0:
+            return b"", 0
+        head = _HEAD.pack(self.stream_id)
+        parts: list[bytes | bytearray] = []
+        pos = 0
+        while pos < room:
+            k = min(max_frame, room - pos)
+            parts.append(k.to_bytes(3, "big") + b"\x00\x00" + head)
+            parts.append(data[pos : pos + k])
+            pos += k
+        self.conn -= room
+        self.stream -= room
+        return b"".join(parts), room

@@ -26,7 +26,7 @@ import h2.settings
 import trio
 
 from gateway import h2repr
-from gateway.downstream.h2data import DataSplitter, FlowError
+from gateway.downstream.h2data import DATA_FRAME, WINDOW, DataSplitter, FlowError, SendWindow
 from gateway.downstream.proto import LINK_PATH, MAX_LINK_FRAME, check_from_downstream
 from gateway.netio import write_some
 from gateway.protocol.codec import LengthPrefixedDecoder
@@ -63,6 +63,7 @@ class LinkCore:
         "ping_received",
         "ping_sent",
         "received",
+        "send",
         "split",
         "status",
         "stream",
@@ -87,16 +88,18 @@ class LinkCore:
         self.ping_sent = 0.0  # time of the unanswered PING, 0 when none
         self.received = 0  # reads handed to receive(): any of them shows the peer alive
         self.ping_received = 0  # ``received`` when the unanswered PING went out
-        # the link stream's DATA frames, read without h2 (gateway.downstream.h2data),
-        # and the WINDOW_UPDATE frames that give their window back
-        self.split = DataSplitter(0, RECV_WINDOW)
+        # the link stream's DATA frames both ways without h2
+        # (gateway.downstream.h2data): the ones read, the WINDOW_UPDATEs
+        # that give their window back, and the peer's windows for ours
+        self.split = DataSplitter(0, RECV_WINDOW, windows=True)
         self.extra = b""
+        self.send = SendWindow(0)
 
     def start(self, authority: str, headers: list[tuple[str, str]]) -> None:
         h = self.h2
         h.initiate_connection()
         h.increment_flow_control_window(RECV_WINDOW - 65535)
-        self.stream = self.split.stream = h.get_next_available_stream_id()
+        self.stream = self.split.stream = self.send.stream_id = h.get_next_available_stream_id()
         h.send_headers(
             self.stream,
             [
@@ -118,25 +121,19 @@ class LinkCore:
         return len(self.out)
 
     def flush(self) -> bytes:
-        """Moves queued bytes into DATA frames as far as the window allows
-        and returns the bytes to write to the socket."""
-        out = self.out
-        if out:
-            h = self.h2
-            room = min(h.local_flow_control_window(self.stream), len(out))
-            if room > 0:
-                # the RFC 7540 default size: a peer enforces a larger
-                # SETTINGS_MAX_FRAME_SIZE only once it saw our ACK of it
-                mx = min(h.max_outbound_frame_size, 16384)
-                pos = 0
-                view = memoryview(out)
-                while pos < room:
-                    k = min(mx, room - pos)
-                    h.send_data(self.stream, view[pos : pos + k].tobytes())
-                    pos += k
-                view.release()
-                del out[:pos]
+        """Moves queued bytes into DATA frames as far as the peer's windows
+        allow and returns the bytes to write to the socket: h2's own frames
+        (the request headers first of all), then the DATA frames, then our
+        WINDOW_UPDATEs."""
         data = self.h2.data_to_send()
+        out = self.out
+        if out and self.stream:
+            # the RFC 9113 default size: a peer enforces a larger
+            # SETTINGS_MAX_FRAME_SIZE only once it saw our ACK of it
+            frames, k = self.send.frames(out, min(self.h2.max_outbound_frame_size, 16384))
+            if k:
+                data += frames
+                del out[:k]
         if self.extra:
             data, self.extra = data + self.extra, b""
         return data
@@ -173,9 +170,11 @@ class LinkCore:
             # the link stream's DATA frames once its response is in, the
             # rest through h2, in the order they came
             while (item := sp.next(self.status == 200)) is not None:
-                fast, chunk = item
-                if fast:
+                kind, chunk = item
+                if kind == DATA_FRAME:
                     frames += self.decoder.feed(chunk)
+                elif kind == WINDOW:
+                    self.send.update(chunk)
                 else:
                     frames += self._receive_h2(chunk)
             self.extra += sp.window_updates()
@@ -208,6 +207,11 @@ class LinkCore:
                     raise LinkError(f"link refused with HTTP status {status}")
             elif isinstance(ev, h2.events.PingAckReceived):
                 self.ping_sent = 0.0
+            elif isinstance(ev, h2.events.RemoteSettingsChanged):
+                ch = ev.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
+                if ch is not None:
+                    old = 65535 if ch.original_value is None else ch.original_value
+                    self.send.initial_changed(old, ch.new_value)
             elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
                 if ev.stream_id == self.stream:
                     raise LinkError("downstream ended the link stream")
