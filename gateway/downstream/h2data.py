@@ -57,7 +57,8 @@ MAX_FAST_FRAME: Final = 1 << 20
 
 
 class FlowError(Exception):
-    """The downstream sent more DATA than the window we advertised."""
+    """The peer broke HTTP/2 flow control: more DATA than the window we
+    advertised, or a WINDOW_UPDATE of zero or past 2^31-1."""
 
 
 def window_update(stream: int, increment: int) -> bytes:
