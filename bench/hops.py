@@ -49,10 +49,13 @@ import msgpack
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gateway.downstream.h2data import DATA, PREFACE  # noqa: E402
+from gateway.downstream.proto import MAX_LINK_FRAME  # noqa: E402
+from gateway.protocol.codec import LengthPrefixedDecoder  # noqa: E402
+
 _PCAP_NS = 0xA1B23C4D
 _PCAP_US = 0xA1B2C3D4
-_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_DATA, _PADDED = 0, 0x8
+_PADDED = 0x8
 
 
 def read_pcap(data: bytes) -> Iterator[tuple[float, bytes]]:
@@ -180,12 +183,17 @@ def ws_messages(buf: bytes | bytearray) -> Iterator[tuple[int, Any]]:
             yield pos, _decode(payload, opcode == 1)
 
 
+def _as_is(obj: Any) -> Any:
+    """The link frames as decoded (the capture is read, not judged)."""
+    return obj
+
+
 def link_messages(buf: bytes | bytearray) -> Iterator[tuple[int, Any]]:
     """(end offset, decoded frame) of each length-prefixed msgpack frame
     carried in the DATA frames of one direction of an HTTP/2 connection
     (the end offset is that of the DATA frame where the frame completed)."""
-    pos = len(_H2_PREFACE) if buf.startswith(_H2_PREFACE) else 0
-    data: dict[int, bytearray] = {}
+    pos = len(PREFACE) if buf.startswith(PREFACE) else 0
+    data: dict[int, LengthPrefixedDecoder] = {}  # per stream
     while pos + 9 <= len(buf):
         length = int.from_bytes(buf[pos : pos + 3], "big")
         ftype, flags = buf[pos + 3], buf[pos + 4]
@@ -194,18 +202,15 @@ def link_messages(buf: bytes | bytearray) -> Iterator[tuple[int, Any]]:
         if len(body) < length:
             return
         pos += 9 + length
-        if ftype != _DATA:
+        if ftype != DATA:
             continue
         if flags & _PADDED:
             body = body[1 : len(body) - body[0]]
-        acc = data.setdefault(stream, bytearray())
-        acc += body
-        while len(acc) >= 4:
-            n = struct.unpack_from(">I", acc, 0)[0]
-            if len(acc) < 4 + n:
-                break
-            yield pos, _decode(bytes(acc[4 : 4 + n]), False)
-            del acc[: 4 + n]
+        dec = data.get(stream)
+        if dec is None:
+            dec = data[stream] = LengthPrefixedDecoder(MAX_LINK_FRAME, _as_is)
+        for m in dec.feed(bytes(body)):
+            yield pos, m
 
 
 @dataclass

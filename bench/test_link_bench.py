@@ -30,8 +30,8 @@ from gateway.protocol.codec import LengthPrefixedDecoder
 READS = 200
 
 
-def _reads(acks_per_read: int) -> tuple[LinkCore, list[bytes]]:
-    """A linked core (response in) and ``READS`` reads from its server."""
+def _linked() -> tuple[LinkCore, h2.connection.H2Connection, int]:
+    """A link core whose server (returned, with the stream) answered 200."""
     core = LinkCore()
     core.start("desk:1", [])
     srv = h2.connection.H2Connection(
@@ -44,6 +44,12 @@ def _reads(acks_per_read: int) -> tuple[LinkCore, list[bytes]]:
             stream = ev.stream_id
     srv.send_headers(stream, [(":status", "200")])
     core.receive(srv.data_to_send())
+    return core, srv, stream
+
+
+def _reads(acks_per_read: int) -> tuple[LinkCore, list[bytes]]:
+    """A linked core and ``READS`` reads from its server."""
+    core, srv, stream = _linked()
     reads = []
     for r in range(READS):
         srv.send_data(stream, encode_acks({f"s{r}": list(range(1, acks_per_read + 1))}))
@@ -95,7 +101,7 @@ def test_link_core_flush(benchmark: Any, msgs: int) -> None:
             core.flush()
 
     def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
-        core, _ = _reads(1)
+        core, _, _ = _linked()
         core.receive(_room(core))
         return (core, _writes(msgs)), {}
 
@@ -113,7 +119,7 @@ def test_h2_send_peer(benchmark: Any, msgs: int) -> None:
             conn.data_to_send()
 
     def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
-        core, _ = _reads(1)
+        core, _, _ = _linked()
         core.h2.receive_data(_room(core))  # h2 itself takes them here
         return (core, _writes(msgs)), {}
 

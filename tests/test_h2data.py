@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import random
 
-import h2.config
-import h2.connection
 import h2.events
 import h2.settings
 import pytest
@@ -18,30 +16,7 @@ from gateway.downstream.h2data import DATA_FRAME, RUN, DataSplitter, SendWindow,
 from gateway.downstream.link import RECV_WINDOW, LinkCore, LinkError
 from gateway.downstream.proto import encode
 from tests.test_downstream import _open, _raw_link, desk
-
-
-class _Server:
-    """The downstream's h2 side of one link, answered 200."""
-
-    def __init__(self, core: LinkCore, status: int = 200) -> None:
-        cfg = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
-        self.h2 = h2.connection.H2Connection(cfg)
-        self.h2.initiate_connection()
-        self.stream = 0
-        self.take(core)
-        self.h2.send_headers(self.stream, [(":status", str(status))])
-
-    def take(self, core: LinkCore) -> None:
-        """Reads what the link wrote (its WINDOW_UPDATEs among it)."""
-        for ev in self.h2.receive_data(core.flush()):
-            if isinstance(ev, h2.events.RequestReceived):
-                self.stream = ev.stream_id
-
-
-def _core() -> LinkCore:
-    core = LinkCore()
-    core.start("desk:1", [])
-    return core
+from tests.test_link_core import _Desk, _linked
 
 
 def _feed(core: LinkCore, data: bytes, rng: random.Random) -> list[dict[str, object]]:
@@ -58,8 +33,9 @@ def _feed(core: LinkCore, data: bytes, rng: random.Random) -> list[dict[str, obj
 @pytest.mark.parametrize("seed", range(5))
 def test_every_frame_arrives_in_order_from_any_split_of_the_bytes(seed: int) -> None:
     rng = random.Random(seed)
-    core = _core()
-    srv = _Server(core)
+    core = LinkCore()
+    core.start("desk:1", [])
+    srv = _Desk(core, deliver=False)
     sent: list[dict[str, object]] = []
     out = bytearray(srv.h2.data_to_send())  # SETTINGS, response headers
     for i in range(400):
@@ -90,9 +66,7 @@ def test_every_frame_arrives_in_order_from_any_split_of_the_bytes(seed: int) -> 
 
 
 def test_flow_control_gives_the_window_back_so_a_long_stream_never_stalls() -> None:
-    core = _core()
-    srv = _Server(core)
-    core.receive(srv.h2.data_to_send())
+    core, srv = _linked()
     srv.take(core)
     payload = encode({"t": "ack", "sid": "s", "n": 1, "pad": "y" * 60_000})
     total = 0
@@ -150,19 +124,16 @@ def test_data_before_the_response_or_inside_a_header_block_goes_to_h2() -> None:
 
 
 def test_the_link_still_refuses_what_h2_refuses() -> None:
-    core = _core()
-    srv = _Server(core, status=503)
+    core = LinkCore()
+    core.start("desk:1", [])
+    srv = _Desk(core, status=503, deliver=False)
     with pytest.raises(LinkError, match="status 503"):
         core.receive(srv.h2.data_to_send())
-    core = _core()
-    srv = _Server(core)
-    core.receive(srv.h2.data_to_send())
+    core, srv = _linked()
     srv.h2.send_data(srv.stream, encode({"t": "ack", "sid": "s", "n": 1}), end_stream=True)
     with pytest.raises(LinkError, match="ended the link stream"):
         core.receive(srv.h2.data_to_send())
-    core = _core()
-    srv = _Server(core)
-    core.receive(srv.h2.data_to_send())
+    core, srv = _linked()
     srv.h2.send_data(srv.stream, b"\x00\x00\x00\x02\xc1\xc1")  # msgpack 0xc1: never valid
     with pytest.raises(LinkError, match="bad frame from downstream"):
         core.receive(srv.h2.data_to_send())
@@ -206,14 +177,7 @@ async def test_desk_sim_gives_the_window_back_past_its_first_16_mib() -> None:
     assert acked == total
 
 
-def _linked() -> tuple[LinkCore, _Server]:
-    core = _core()
-    srv = _Server(core)
-    core.receive(srv.h2.data_to_send())
-    return core, srv
-
-
-def _pump(core: LinkCore, srv: _Server) -> bytes:
+def _pump(core: LinkCore, srv: _Desk) -> bytes:
     """One exchange: what the core writes to the server (which reads and
     acknowledges the DATA), then what the server answers to the core.
     Returns the link stream's bytes the server got."""

@@ -15,18 +15,21 @@ TIMEOUT = 3.0
 
 class _Desk:
     """The downstream's side of one link: an h2 server that answered the
-    link request with 200."""
+    link request with ``status`` (200), the answer handed to the core unless
+    ``deliver`` is false (then it waits in the server's output, with its
+    SETTINGS)."""
 
-    def __init__(self, core: LinkCore) -> None:
+    def __init__(self, core: LinkCore, status: int = 200, deliver: bool = True) -> None:
         cfg = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
         self.h2 = h2.connection.H2Connection(cfg)
         self.h2.initiate_connection()
         self.stream = 0
         self.pings = 0
         self.take(core)
-        self.h2.send_headers(self.stream, [(":status", "200")])
-        core.receive(self.h2.data_to_send())
-        assert core.status == 200
+        self.h2.send_headers(self.stream, [(":status", str(status))])
+        if deliver:
+            core.receive(self.h2.data_to_send())
+            assert core.status == 200
 
     def take(self, core: LinkCore, answer_pings: bool = True) -> None:
         """Reads what the gateway wrote; h2 queues its PING ACKs, which

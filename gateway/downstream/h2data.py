@@ -145,7 +145,7 @@ class DataSplitter:
                     self.consumed += length
                     if self.consumed > self.window:
                         raise FlowError(
-                            f"downstream sent {self.consumed} bytes beyond a {self.window}-byte"
+                            f"the peer sent {self.consumed} bytes beyond a {self.window}-byte"
                             " window"
                         )
                     return DATA_FRAME, buf[pos + 9 : end]

@@ -24,6 +24,7 @@ __all__ = [
     "cpu_text",
     "fetch",
     "gateway_side",
+    "gc_text",
     "latency_text",
     "loop_text",
     "parse",
@@ -161,14 +162,23 @@ def _buckets(s: Samples, name: str) -> dict[float, float]:
     return out
 
 
+def _window(
+    before: Samples, after: Samples, name: str
+) -> tuple[list[float], list[float], dict[float, float], dict[float, float]]:
+    """A histogram's finite bucket bounds, in order, and what each
+    cumulative bucket gained between the two reads; then both reads'
+    buckets (the +Inf one included)."""
+    a, b = _buckets(after, name), _buckets(before, name)
+    bounds = sorted(x for x in a if math.isfinite(x))
+    return bounds, [max(0.0, a[x] - b.get(x, 0.0)) for x in bounds], a, b
+
+
 def _percentiles(before: Samples, after: Samples, name: str) -> dict[str, float] | None:
     """p50/p99 (ms) of what a histogram observed between the two reads;
     None when it observed nothing."""
-    a, b = _buckets(after, name), _buckets(before, name)
-    bounds = sorted(x for x in a if math.isfinite(x))
+    bounds, cum, a, b = _window(before, after, name)
     if not bounds:
         return None
-    cum = [max(0.0, a[x] - b.get(x, 0.0)) for x in bounds]
     inf = max(0.0, a.get(math.inf, cum[-1]) - b.get(math.inf, 0.0))
     counts = [round(c - p) for c, p in zip(cum, [0.0, *cum[:-1]], strict=True)]
     counts.append(round(max(0.0, inf - cum[-1])))
@@ -187,10 +197,10 @@ def _pauses(before: Samples, after: Samples) -> dict[str, Any]:
     total (ms) and the bucket bound the longest fits in (ms; None when it
     exceeded every bound, or there were none)."""
     n = _delta(before, after, _GC + "_count")
-    a, b = _buckets(after, _GC), _buckets(before, _GC)
+    bounds, cum, _, _ = _window(before, after, _GC)
     longest = None
-    for bound in sorted(x for x in a if math.isfinite(x)):
-        if n > 0 and a[bound] - b.get(bound, 0.0) >= n:
+    for bound, got in zip(bounds, cum, strict=True):
+        if n > 0 and got >= n:
             longest = round(bound * 1000, 3)
             break
     return {
