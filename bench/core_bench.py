@@ -271,6 +271,7 @@ def loop_work(before: gwmetrics.Samples, after: gwmetrics.Samples, acked: int) -
         "loop_us_per_msg": busy / max(1, acked) * 1e6,
         "loop_us_per_event": g["loop_us_per_event"] or 0.0,
         "events_per_batch": g["events_per_wakeup"] or 0.0,
+        "direct": g["direct_wakeups"] or 0.0,
         "gc": g["gc"],
     }
 
@@ -525,14 +526,15 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
               )  # fmt: skip
     print()
     print("| pair | gateway event loop µs per message, desk-sim / bot | µs per ready "
-          "connection, desk-sim / bot | ready connections per wakeup, desk-sim / bot |"
-          )  # fmt: skip
-    print("|---|---|---|---|")
+          "connection, desk-sim / bot | ready connections per wakeup, desk-sim / bot | "
+          "wakeups from the loop's own wait, desk-sim / bot |")  # fmt: skip
+    print("|---|---|---|---|---|")
     for i, p in enumerate(res["pairs"], 1):
         a, b = p["desk-sim"], p["bot"]
         print(f"| {i} | {a['loop_us_per_msg']:.1f} / {b['loop_us_per_msg']:.1f} | "
               f"{a['loop_us_per_event']:.1f} / {b['loop_us_per_event']:.1f} | "
-              f"{a['events_per_batch']:.2f} / {b['events_per_batch']:.2f} |")  # fmt: skip
+              f"{a['events_per_batch']:.2f} / {b['events_per_batch']:.2f} | "
+              f"{a['direct']:.0%} / {b['direct']:.0%} |")  # fmt: skip
     print()
     print("| pair | gateway GC pauses, desk-sim | gateway GC pauses, bot |")
     print("|---|---|---|")

@@ -66,7 +66,8 @@ def test_the_gateway_side_between_two_reads() -> None:
         ack.observe(0.0004)  # before the run: not in the window
     gc_pause.labels("1").observe(0.2)  # before the run too
     before = _read(agg, 0.0, {"messages_acked": 100, "cpu_s": 1.0, "loop_busy_s": 0.2,
-                              "loop_events": 1000, "loop_batches": 100}, reg)  # fmt: skip
+                              "loop_events": 1000, "loop_batches": 100, "loop_direct": 40},
+                   reg)  # fmt: skip
     for _ in range(990):
         ack.observe(0.002)
     for _ in range(10):
@@ -74,7 +75,7 @@ def test_the_gateway_side_between_two_reads() -> None:
     for gen, secs in (("0", 0.0003), ("0", 0.004), ("1", 0.007)):
         gc_pause.labels(gen).observe(secs)
     after = _read(agg, 2.0, {"messages_acked": 1100, "cpu_s": 1.5, "loop_busy_s": 0.7,
-                             "loop_events": 5000, "loop_batches": 2100,
+                             "loop_events": 5000, "loop_batches": 2100, "loop_direct": 1540,
                              "errors_4029": 7}, reg)  # fmt: skip
     g = gwmetrics.gateway_side(before, after, 2.0)
     assert g["acked"] == 1000
@@ -84,6 +85,7 @@ def test_the_gateway_side_between_two_reads() -> None:
     assert g["loop_busiest_worker"] == pytest.approx(0.25)
     assert g["loop_us_per_event"] == pytest.approx(125.0)
     assert g["events_per_wakeup"] == pytest.approx(2.0)
+    assert g["direct_wakeups"] == pytest.approx(0.75)  # 1,500 of the 2,000 wakeups
     # the 1,000 acks of the window: p50 in the 2 ms bucket, p99 below 40 ms
     assert g["ack"]["count"] == 1000
     assert 1.0 < g["ack"]["p50_ms"] <= 2.5 and 2.0 < g["ack"]["p99_ms"] <= 50
@@ -112,6 +114,7 @@ def test_a_restarted_worker_gets_no_share_and_no_traffic_no_ratios() -> None:
     assert g["loop_busiest_worker"] == 0.0  # worker 1's counter went down: not a share
     assert g["acked"] == 0 and g["cpu_us_per_msg"] is None
     assert g["loop_us_per_event"] is None and g["events_per_wakeup"] is None
+    assert g["direct_wakeups"] is None
     assert g["ack"] is None
     assert g["gc"] == {"count": 0, "total_ms": 0.0, "longest_ms": None}
     assert "GC pauses: none" in "\n".join(gwmetrics.summary_lines(g))

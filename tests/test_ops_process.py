@@ -142,6 +142,7 @@ async def check_metrics_and_restart(gw: Gw, sent: list[int]) -> None:
     events = m[("gateway_loop_events_total", ())]
     batches = m[("gateway_loop_batches_total", ())]
     assert events >= 9 and 1 <= batches <= events
+    assert 0 <= m[("gateway_loop_direct_wakeups_total", ())] < batches
     assert 0 < m[("gateway_loop_busy_seconds_total", ())] < m[("gateway_cpu_seconds_total", ())]
     per_worker = [m[("gateway_worker_cpu_seconds_total", (("worker", i),))] for i in "01"]
     assert all(c > 0 for c in per_worker)

@@ -214,7 +214,8 @@ def gateway_side(before: Samples, after: Samples, seconds: float) -> dict[str, A
     """What the gateway did between two reads ``seconds`` apart: messages it
     acked, its workers' CPU (seconds, cores, µs per acked message), its event
     loops' busy time (cores, the busiest worker's share of a core, µs per
-    ready connection, ready connections per wakeup), its ack latency and
+    ready connection, ready connections per wakeup, the share of wakeups
+    from the loops' own wait rather than trio's), its ack latency and
     the downstream's share of it (p50/p99 ms, None without traffic), its
     garbage collector's pauses, the error frames it sent and worker
     restarts."""
@@ -224,6 +225,7 @@ def gateway_side(before: Samples, after: Samples, seconds: float) -> dict[str, A
     busy = _delta(before, after, "gateway_loop_busy_seconds_total")
     events = _delta(before, after, "gateway_loop_events_total")
     batches = _delta(before, after, "gateway_loop_batches_total")
+    direct = _delta(before, after, "gateway_loop_direct_wakeups_total")
     busiest = 0.0
     for (n, labels), v in after.items():
         if n == "gateway_worker_loop_busy_seconds_total":
@@ -240,6 +242,7 @@ def gateway_side(before: Samples, after: Samples, seconds: float) -> dict[str, A
         "loop_busiest_worker": round(busiest, 3),
         "loop_us_per_event": round(busy / events * 1e6, 1) if events > 0 else None,
         "events_per_wakeup": round(events / batches, 2) if batches > 0 else None,
+        "direct_wakeups": round(direct / batches, 3) if batches > 0 else None,
         "ack": _percentiles(before, after, _ACK),
         "downstream": _percentiles(before, after, _DOWN),
         "gc": _pauses(before, after),

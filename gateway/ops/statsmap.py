@@ -40,6 +40,7 @@ _EXACT: Final[dict[str, tuple[str, tuple[tuple[str, str], ...]]]] = {
     "loop_busy_s": ("gateway_loop_busy_seconds_total", ()),
     "loop_batches": ("gateway_loop_batches_total", ()),
     "loop_events": ("gateway_loop_events_total", ()),
+    "loop_direct": ("gateway_loop_direct_wakeups_total", ()),
     "cpu_s": ("gateway_cpu_seconds_total", ()),
 }
 
@@ -89,6 +90,7 @@ COUNTER_HELP: Final = {
     "gateway_loop_busy_seconds_total": "Seconds the event loops spent handling ready connections",
     "gateway_loop_batches_total": "Event loop wakeups that handled ready connections",
     "gateway_loop_events_total": "Ready connections handled by the event loops",
+    "gateway_loop_direct_wakeups_total": "Event loop wakeups from the loop's own wait, not trio's",
     "gateway_cpu_seconds_total": "CPU time (user + system) of the worker processes",
 }
 
