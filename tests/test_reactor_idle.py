@@ -1,4 +1,4 @@
-"""The reactor's direct wait (gateway.server.trioidle): between batches, while
+"""The reactor's direct wait (gateway.trioidle): between batches, while
 no other trio task has anything to do, the reactor waits for its
 connections itself; every other task's timer, descriptor, thread callback
 and cancellation still gets through."""
@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import trio
 
-from gateway.server import trioidle
+from gateway import trioidle
 from gateway.server.reactor import Reactor
 
 

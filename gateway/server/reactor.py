@@ -37,7 +37,7 @@ from typing import Final, Protocol
 
 import trio
 
-from gateway.server import trioidle
+from gateway import trioidle
 
 __all__ = ["Deferred", "Reactor", "Readable"]
 
@@ -131,7 +131,7 @@ class Reactor:
                 self.batch()
                 # while no other trio task has anything to do, wait for the
                 # next ready connection here rather than through trio's
-                # scheduler (see gateway.server.trioidle)
+                # scheduler (see gateway.trioidle)
                 if idle is not None:
                     while idle.wait():
                         self.batch()

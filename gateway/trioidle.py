@@ -19,7 +19,7 @@ has something, a task is runnable, or the wait timed out.
 This reads trio's run loop's internals (its run queue, deadlines, clock and
 epoll object), which trio does not promise to keep. :func:`probe` returns
 None when they are not what this module knows (another trio version, a
-non-epoll backend, guest mode) or when ``GATEWAY_REACTOR_DIRECT=0``; the
+non-epoll backend, guest mode) or when ``GATEWAY_DIRECT_WAIT=0``; the
 reactor then goes back to trio after every batch, as before.
 """
 
@@ -36,7 +36,7 @@ __all__ = ["ENV", "IdleWait", "probe"]
 
 #: Set to ``0`` to turn the direct wait off (the reactor then always goes
 #: back to trio between batches).
-ENV: Final = "GATEWAY_REACTOR_DIRECT"
+ENV: Final = "GATEWAY_DIRECT_WAIT"
 
 #: With more trio tasks than this alive (a connection storm's handshakes,
 #: many blocked writers), looking for one that is scheduled costs more than
