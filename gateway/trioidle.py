@@ -1,5 +1,7 @@
-"""Lets the reactor wait for its connections itself while trio has nothing
-else to do, instead of going back to trio's scheduler after every batch.
+"""Lets a task that has just handled a read wait for the next one itself
+while trio has nothing else to do, instead of going back to trio's
+scheduler after every read: the worker's reactor between its batches, and
+desk-sim's link readers.
 
 A trio task that waits on a file descriptor pays a round of the scheduler
 on every wakeup: the descriptor re-armed in trio's epoll (``epoll_ctl``),
@@ -10,8 +12,8 @@ large part of a worker's CPU per message (docs/benchmarks.md).
 
 :class:`IdleWait` asks trio's run loop, after each batch, whether another
 task is runnable and when its next timer is due. If nothing is runnable, the
-reactor blocks in ``poll(2)`` on two descriptors: its own epoll set and
-trio's (so any descriptor another task waits on, a signal, or a
+caller blocks in ``poll(2)`` on two descriptors: its own (the reactor's
+epoll set, a link's socket) and trio's epoll (so any descriptor another task waits on, a signal, or a
 ``run_sync_soon`` from a thread still wakes the thread), no longer than
 until trio's next deadline. It goes back to trio as soon as trio's epoll
 has something, a task is runnable, or the wait timed out.
@@ -20,7 +22,7 @@ This reads trio's run loop's internals (its run queue, deadlines, clock and
 epoll object), which trio does not promise to keep. :func:`probe` returns
 None when they are not what this module knows (another trio version, a
 non-epoll backend, guest mode) or when ``GATEWAY_DIRECT_WAIT=0``; the
-reactor then goes back to trio after every batch, as before.
+callers then wait through trio every time, as before.
 """
 
 from __future__ import annotations
@@ -34,13 +36,13 @@ import trio
 
 __all__ = ["ENV", "IdleWait", "probe"]
 
-#: Set to ``0`` to turn the direct wait off (the reactor then always goes
-#: back to trio between batches).
+#: Set to ``0`` to turn the direct wait off (every wait then goes through
+#: trio, as before).
 ENV: Final = "GATEWAY_DIRECT_WAIT"
 
 #: With more trio tasks than this alive (a connection storm's handshakes,
 #: many blocked writers), looking for one that is scheduled costs more than
-#: the direct wait saves: the reactor goes back to trio.
+#: the direct wait saves: the caller goes back to trio.
 MAX_TASKS: Final = 64
 
 #: Longest direct wait, in ms, even with no trio timer due: trio's own
@@ -50,31 +52,32 @@ MAX_WAIT_MS: Final = 250
 
 
 class IdleWait:
-    """Waits on the reactor's epoll set while trio is idle (see the module
-    docstring). Made by :func:`probe` inside ``trio.run``."""
+    """Waits on one descriptor (the reactor's epoll set, a desk-sim link's
+    socket) while trio is idle (see the module docstring). Made by
+    :func:`probe` inside ``trio.run``."""
 
     __slots__ = ("_clock", "_deadlines", "_fd", "_poll", "_runq", "_tasks", "direct")
 
-    def __init__(self, runner: Any, reactor_fd: int, trio_fd: int) -> None:
+    def __init__(self, runner: Any, fd: int, trio_fd: int) -> None:
         self._runq = runner.runq
         self._tasks = runner.tasks
         self._deadlines = runner.deadlines
         self._clock = runner.clock
-        self._fd = reactor_fd
+        self._fd = fd
         self._poll = select.poll()
-        self._poll.register(reactor_fd, select.POLLIN)
+        self._poll.register(fd, select.POLLIN)
         self._poll.register(trio_fd, select.POLLIN)
-        #: batches that began from a direct wait rather than from trio
+        #: waits that ended with ``fd`` ready (reads that trio did not wake)
         self.direct = 0
 
     def wait(self) -> bool:
-        """Blocks until the reactor's set is readable (True) or trio has
+        """Blocks until ``fd`` is readable (True) or trio has
         something to do (False: go back to trio). Returns False at once if
         a trio task is runnable or a timer is due."""
         if self._runq:  # the cheap test first; the loop below covers it too
             return False
         # trio runs the tasks that were runnable when it last looked at its
-        # epoll as one batch, off its run queue: the ones of the reactor's
+        # epoll as one batch, off its run queue: the ones of the caller's
         # batch not run yet are only known by their pending resume (a
         # scheduled task has ``_next_send_fn`` set until it runs)
         tasks = self._tasks
@@ -94,7 +97,7 @@ class IdleWait:
         return False  # timed out (a timer is due), or trio's epoll has events
 
 
-def probe(reactor_fd: int) -> IdleWait | None:
+def probe(fd: int) -> IdleWait | None:
     """An :class:`IdleWait` for the running trio loop, or None when the
     direct wait is turned off or trio's internals are not as expected."""
     if os.environ.get(ENV, "1") == "0":
@@ -108,6 +111,6 @@ def probe(reactor_fd: int) -> IdleWait | None:
         if not hasattr(runner.runq, "__len__") or not callable(runner.deadlines.next_deadline):
             return None
         runner.clock.current_time()
-        return IdleWait(runner, reactor_fd, epoll.fileno())
+        return IdleWait(runner, fd, epoll.fileno())
     except (AttributeError, OSError, TypeError):
         return None

@@ -21,6 +21,10 @@ batch write is gathered and sent when the batch ends (:meth:`Reactor.defer`,
 connection for everything the batch produced for it (a visitor's ack and
 the replies that came over a link in the same batch).
 
+Between batches, while no other trio task has anything to do, the reactor
+waits for its set itself instead of through trio's scheduler
+(:mod:`gateway.trioidle`).
+
 The reactor counts its own work (:attr:`Reactor.busy_s`, ``batches``,
 ``events``): the operator endpoint turns them into the event loop's busy
 share and the time one ready connection costs (docs/operations.md).
