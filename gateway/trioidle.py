@@ -13,9 +13,9 @@ large part of a worker's CPU per message (docs/benchmarks.md).
 :class:`IdleWait` asks trio's run loop, after each batch, whether another
 task is runnable and when its next timer is due. If nothing is runnable, the
 caller blocks in ``poll(2)`` on two descriptors: its own (the reactor's
-epoll set, a link's socket) and trio's epoll (so any descriptor another task waits on, a signal, or a
-``run_sync_soon`` from a thread still wakes the thread), no longer than
-until trio's next deadline. It goes back to trio as soon as trio's epoll
+epoll set, a link's socket) and trio's epoll (so any descriptor another
+task waits on, a signal, or a ``run_sync_soon`` from a thread still wakes
+the thread), no longer than until trio's next deadline. It goes back to trio as soon as trio's epoll
 has something, a task is runnable, or the wait timed out.
 
 This reads trio's run loop's internals (its run queue, deadlines, clock and
