@@ -185,3 +185,23 @@ async def test_a_task_woken_with_the_reactor_is_not_held_up(
                     while c.reads < i + 1:
                         await trio.sleep(0.001)
     assert max(waits) < 0.2, waits  # not the reactor's 250 ms cap
+
+
+async def test_with_many_tasks_alive_every_wakeup_goes_through_trio(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Past MAX_TASKS live tasks (a worker with many TLS connections, each a
+    task) looking for a scheduled one would cost more than it saves."""
+    a, b = pair
+    async with trio.open_nursery() as crowd:
+        for _ in range(trioidle.MAX_TASKS):
+            crowd.start_soon(trio.sleep_forever)
+        async with _running(a) as (r, c):
+            t = _send_later(b, [0.02] * 5)
+            with trio.fail_after(10):
+                while c.reads < 5:
+                    await trio.sleep(0.3)
+            t.join()
+        crowd.cancel_scope.cancel()
+    assert c.reads == 5
+    assert r.idle is not None and r.idle.direct == 0
