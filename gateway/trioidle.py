@@ -56,7 +56,7 @@ class IdleWait:
     socket) while trio is idle (see the module docstring). Made by
     :func:`probe` inside ``trio.run``."""
 
-    __slots__ = ("_clock", "_deadlines", "_fd", "_poll", "_runq", "_tasks", "direct")
+    __slots__ = ("_clock", "_deadlines", "_fd", "_poll", "_runq", "_tasks")
 
     def __init__(self, runner: Any, fd: int, trio_fd: int) -> None:
         self._runq = runner.runq
@@ -67,8 +67,6 @@ class IdleWait:
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
         self._poll.register(trio_fd, select.POLLIN)
-        #: waits that ended with ``fd`` ready (reads that trio did not wake)
-        self.direct = 0
 
     def wait(self) -> bool:
         """Blocks until ``fd`` is readable (True) or trio has
@@ -91,10 +89,8 @@ class IdleWait:
             return False
         ms = MAX_WAIT_MS if left * 1000 >= MAX_WAIT_MS else math.ceil(left * 1000)
         ready = self._poll.poll(ms)
-        if len(ready) == 1 and ready[0][0] == self._fd:
-            self.direct += 1
-            return True
-        return False  # timed out (a timer is due), or trio's epoll has events
+        # False: timed out (a timer is due), or trio's epoll has events
+        return len(ready) == 1 and ready[0][0] == self._fd
 
 
 def probe(fd: int) -> IdleWait | None:

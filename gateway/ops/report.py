@@ -31,7 +31,7 @@ def worker_snapshot(w: Any) -> dict[str, Any]:
     stats["loop_busy_s"] = r.busy_s
     stats["loop_batches"] = r.batches
     stats["loop_events"] = r.events
-    stats["loop_direct"] = r.idle.direct if r.idle is not None else 0
+    stats["loop_direct"] = r.direct
     stats["cpu_s"] = time.process_time()
     return {
         "pid": os.getpid(),

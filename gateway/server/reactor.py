@@ -26,7 +26,7 @@ waits for its set itself instead of through trio's scheduler
 (:mod:`gateway.trioidle`).
 
 The reactor counts its own work (:attr:`Reactor.busy_s`, ``batches``,
-``events``): the operator endpoint turns them into the event loop's busy
+``events``, ``direct``): the operator endpoint turns them into the event loop's busy
 share and the time one ready connection costs (docs/operations.md).
 """
 
@@ -70,6 +70,7 @@ class Reactor:
         "batches",
         "busy_s",
         "deferred",
+        "direct",
         "ep",
         "events",
         "handlers",
@@ -93,10 +94,12 @@ class Reactor:
         # for all a batch produced for each (see :meth:`defer`)
         self.deferred: list[Deferred] = []
         # the loop's own accounting: seconds spent handling batches (their
-        # end-of-batch writes included), batches run, ready connections handled
+        # end-of-batch writes included), batches run, ready connections
+        # handled, and the batches that began from the direct wait
         self.busy_s = 0.0
         self.batches = 0
         self.events = 0
+        self.direct = 0
         # the direct wait between batches, once ``run`` has started (None:
         # every wakeup goes through trio)
         self.idle: trioidle.IdleWait | None = None
@@ -138,6 +141,7 @@ class Reactor:
                 # scheduler (see gateway.trioidle)
                 if idle is not None:
                     while idle.wait():
+                        self.direct += 1
                         self.batch()
         finally:
             ep.close()
