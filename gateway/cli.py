@@ -202,6 +202,11 @@ def _setup_desk_sim(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record", metavar="FILE",
                    help="append one JSON line per accepted visitor message")  # fmt: skip
     p.add_argument("--name", default="desk-sim", help="name used in replies")
+    p.add_argument("--tls-cert", metavar="FILE",
+                   help="serve TLS (ALPN h2) with this certificate chain (PEM)")  # fmt: skip
+    p.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    p.add_argument("--tls-client-ca", metavar="FILE",
+                   help="require client certificates signed by this CA (mutual TLS)")  # fmt: skip
 
 
 @command("desk-sim", "run the reference downstream (agent desks and a triage bot)", _setup_desk_sim)
@@ -222,7 +227,21 @@ def _desk_sim(args: argparse.Namespace) -> int:
         batch_acks=not args.single_acks,
     )
     host, port = args.listen
-    return run_desk_sim(cfg, host, port, args.record, args.processes)
+    ctx = None
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        import ssl
+
+        from gateway.downstream.tls import server_context
+
+        if not (args.tls_cert and args.tls_key):
+            print("desk-sim: --tls-cert and --tls-key go together", file=sys.stderr)
+            return 2
+        try:
+            ctx = server_context(args.tls_cert, args.tls_key, args.tls_client_ca)
+        except (OSError, ssl.SSLError) as e:
+            print(f"desk-sim: cannot set up TLS: {e}", file=sys.stderr)
+            return 2
+    return run_desk_sim(cfg, host, port, args.record, args.processes, ctx)
 
 
 # --- loadtest ----------------------------------------------------------------

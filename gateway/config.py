@@ -364,9 +364,12 @@ def _validate(cfg: Config) -> None:
         _validate_tenant(name, t)
     if cfg.downstream:
         from gateway.downstream.settings import parse_settings
+        from gateway.downstream.tls import check_cluster
 
         try:
-            parse_settings(cfg.downstream)
+            ds = parse_settings(cfg.downstream)
+            for spec in ds.clusters.values() if ds is not None else ():
+                check_cluster(spec)  # TLS files usable: an error now, not a dead link
         except ValueError as e:
             raise ConfigError(str(e)) from None
 

@@ -22,7 +22,7 @@ from tests.gwserver import running
 
 @asynccontextmanager
 async def desk(
-    port: int = 0, record: Path | None = None, **cfg: Any
+    port: int = 0, record: Path | None = None, ssl_context: Any = None, **cfg: Any
 ) -> AsyncIterator[tuple[int, DeskServer, trio.CancelScope]]:
     async with trio.open_nursery() as n:
         scope = trio.CancelScope()
@@ -35,6 +35,7 @@ async def desk(
                     port,
                     str(record) if record else None,
                     task_status=task_status,
+                    ssl_context=ssl_context,
                 )
 
         bound, srv = await n.start(run)
@@ -375,6 +376,9 @@ class _Owner:
         pass
 
     def link_down(self, link: Any, why: str) -> None:
+        pass
+
+    def link_connect_failed(self, link: Any, why: str) -> None:
         pass
 
     def link_frames(self, link: Any, frames: list[dict[str, Any]]) -> None:

@@ -1,5 +1,7 @@
-"""``gateway desk-sim``: the reference downstream, an HTTP/2 (h2c) server
-speaking the downstream link protocol around :class:`~gateway.downstream.desk.Desk`.
+"""``gateway desk-sim``: the reference downstream, an HTTP/2 server (h2c, or
+TLS with ALPN ``h2`` given a certificate, optionally requiring client
+certificates) speaking the downstream link protocol around
+:class:`~gateway.downstream.desk.Desk`.
 
 Every ``POST /v1/link`` stream is one link from a gateway worker. Frames
 are handled as they arrive; answers due now are written with the other
@@ -14,6 +16,7 @@ process is killed right after.
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import itertools
 import json
@@ -21,6 +24,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import sys
 import traceback
 from typing import Any, Final, TextIO
@@ -59,17 +63,23 @@ MAX_FRAME: Final = 1 << 20
 #: DATA frames we send are at most the RFC 7540 default size: a peer only
 #: enforces a larger SETTINGS_MAX_FRAME_SIZE once it saw our ACK of it.
 SAFE_FRAME: Final = 16384
+#: Seconds a connection has for its TLS handshake.
+HANDSHAKE_S: Final = 10.0
 
 
 class _Conn:
     __slots__ = (
-        "acks", "busy", "carry", "extra", "h2", "links", "out", "reading", "sock", "split", "srv",
-        "wake",
+        "acks", "busy", "carry", "extra", "fd", "h2", "links", "out", "reading", "sock", "split",
+        "srv", "stream", "wake",
     )  # fmt: skip
 
-    def __init__(self, srv: DeskServer, sock: trio.SocketStream) -> None:
+    def __init__(self, srv: DeskServer, sock: trio.SocketStream, stream: trio.abc.Stream) -> None:
         self.srv = srv
-        self.sock = sock
+        self.sock = sock  # the TCP connection
+        self.stream = stream  # what is read and written: ``sock``, or TLS over it
+        # plain TCP: the socket, read and written directly; over TLS, None
+        # (everything goes through ``stream``)
+        self.fd: int | None = sock.socket.fileno() if stream is sock else None
         cfg = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
         self.h2 = h2.connection.H2Connection(cfg)
         self.h2.local_settings = h2.settings.Settings(
@@ -144,8 +154,16 @@ class _AckBatch:
 
 
 class DeskServer:
-    def __init__(self, cfg: DeskConfig, record: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        cfg: DeskConfig,
+        record: TextIO | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.ssl_context = ssl_context
+        self.tls_failures = 0  # handshakes that failed or timed out
+        self._tls_last = ""
         self.record_file = record
         self.desk = Desk(cfg, random.Random(), self._record if record else None)
         self.links: dict[int, tuple[_Conn, int]] = {}  # link id -> (conn, stream)
@@ -170,8 +188,15 @@ class DeskServer:
             await sock.aclose()
             return
         self.conns += 1
-        c = _Conn(self, sock)
+        stream: trio.abc.Stream = sock
+        c: _Conn | None = None
         try:
+            if self.ssl_context is not None:
+                tls = await self._handshake(sock, self.ssl_context)
+                if tls is None:
+                    return
+                stream = tls
+            c = _Conn(self, sock, stream)
             with _nodelay(sock):
                 c.h2.initiate_connection()
                 c.h2.increment_flow_control_window(WINDOW - 65535)
@@ -187,22 +212,48 @@ class DeskServer:
             traceback.print_exception(eg, file=sys.stderr)
         finally:
             self.conns -= 1
-            for sid_stream in list(c.links):
-                link, _ = c.links.pop(sid_stream)
+            for link, _ in c.links.values() if c is not None else ():
                 self.links.pop(link, None)
                 self.desk.link_closed(link)
-            await sock.aclose()
+            await trio.aclose_forcefully(stream)
+
+    async def _handshake(
+        self, sock: trio.SocketStream, ctx: ssl.SSLContext
+    ) -> trio.SSLStream[trio.SocketStream] | None:
+        """The TLS handshake (ALPN ``h2`` required); None when it failed,
+        timed out or chose another protocol (counted, and said on stderr
+        when the reason differs from the last one)."""
+        tls = trio.SSLStream(sock, ctx, server_side=True)
+        why = ""
+        with trio.move_on_after(HANDSHAKE_S) as scope:
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as e:
+                why = str(e.__cause__ or e) or type(e).__name__
+        if scope.cancelled_caught:
+            why = f"no TLS handshake in {HANDSHAKE_S:g} s"
+        elif not why and tls.selected_alpn_protocol() != "h2":
+            why = "the client did not offer ALPN h2"
+        if not why:
+            return tls
+        self.tls_failures += 1
+        if why != self._tls_last:
+            self._tls_last = why
+            print(f"desk-sim: TLS handshake failed: {why}", file=sys.stderr)
+        await trio.aclose_forcefully(tls)
+        return None
 
     async def _reader(self, c: _Conn) -> None:
-        fd = c.sock.socket.fileno()
+        fd = c.fd
         # between reads, while no other task has anything to do, wait for
-        # the next one here rather than through trio's scheduler
-        idle = trioidle.probe(fd)
+        # the next one here rather than through trio's scheduler (plain TCP)
+        idle = trioidle.probe(fd) if fd is not None else None
         while True:
-            if idle is not None and idle.wait():
+            if idle is not None and fd is not None and idle.wait():
                 data = os.read(fd, READ_SIZE)
             else:
-                data = await c.sock.receive_some(READ_SIZE)
+                # (bytes() of bytes is the same object: no copy over TCP)
+                data = bytes(await c.stream.receive_some(READ_SIZE))
             if not data:
                 return
             sp = c.split
@@ -230,13 +281,13 @@ class DeskServer:
         """Writes the answers to a read with one non-blocking send from the
         reader (no hand-off to the writer task, which only gets what the
         socket did not take, or everything while it is sending itself)."""
-        if c.busy or c.carry:
-            c.wake.set()
+        if c.busy or c.carry or c.fd is None:
+            c.wake.set()  # (over TLS the writer task always sends)
             return
         data = self._pack(c)
         if not data:
             return
-        rest = write_some(c.sock.socket.fileno(), data)
+        rest = write_some(c.fd, data)
         if rest:
             c.carry = rest
             c.wake.set()
@@ -332,7 +383,7 @@ class DeskServer:
             if data:
                 c.busy = True
                 try:
-                    await c.sock.send_all(data)
+                    await c.stream.send_all(data)
                 finally:
                     c.busy = False
 
@@ -400,11 +451,13 @@ async def serve_desk(
     port: int,
     record: str | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
-    """Serves until cancelled; ``task_status.started((port, server))``."""
+    """Serves until cancelled (over TLS with ``ssl_context``);
+    ``task_status.started((port, server))``."""
     rec = open(record, "a", buffering=1 << 16, encoding="utf-8") if record else None  # noqa: SIM115
     try:
-        srv = DeskServer(cfg, rec)
+        srv = DeskServer(cfg, rec, ssl_context)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         raw = trio.socket.socket(family, socket.SOCK_STREAM)
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -421,10 +474,15 @@ async def serve_desk(
             rec.close()
 
 
-async def _main(cfg: DeskConfig, host: str, port: int, record: str | None) -> None:
+async def _main(
+    cfg: DeskConfig, host: str, port: int, record: str | None, ctx: ssl.SSLContext | None
+) -> None:
     async with trio.open_nursery() as n:
-        bound, _ = await n.start(serve_desk, cfg, host, port, record)
-        print(f"desk-sim: listening on {host}:{bound} (pid {os.getpid()})", flush=True)
+        bound, _ = await n.start(
+            functools.partial(serve_desk, cfg, host, port, record, ssl_context=ctx)
+        )
+        what = "TLS" if ctx is not None else "h2c"
+        print(f"desk-sim: listening on {host}:{bound} ({what}, pid {os.getpid()})", flush=True)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
             async for _ in sigs:
                 n.cancel_scope.cancel()
@@ -432,7 +490,12 @@ async def _main(cfg: DeskConfig, host: str, port: int, record: str | None) -> No
 
 
 def run_desk_sim(
-    cfg: DeskConfig, host: str, port: int, record: str | None = None, processes: int = 1
+    cfg: DeskConfig,
+    host: str,
+    port: int,
+    record: str | None = None,
+    processes: int = 1,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> int:
     """Serves until SIGTERM/SIGINT. With ``processes > 1`` that many
     processes share the port (SO_REUSEPORT; each has its own sessions and
@@ -446,12 +509,12 @@ def run_desk_sim(
         pid = os.fork()
         if pid == 0:
             try:
-                trio.run(_main, cfg, host, port, record)
+                trio.run(_main, cfg, host, port, record, ssl_context)
             finally:
                 os._exit(0)
         children.append(pid)
     try:
-        trio.run(_main, cfg, host, port, record)
+        trio.run(_main, cfg, host, port, record, ssl_context)
     finally:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import random
-import ssl
 from collections import deque
 from collections.abc import Iterable
 from typing import Any, Final
@@ -34,6 +33,7 @@ from gateway.downstream.link import Link
 from gateway.downstream.proto import encode, encode_msg, msg_head
 from gateway.downstream.routing import StickyTable
 from gateway.downstream.settings import ClusterSpec, DownstreamSettings
+from gateway.downstream.tls import client_context
 from gateway.ops import names as metrics
 from gateway.protocol.codes import Code
 from gateway.session.hub import Hub
@@ -202,7 +202,7 @@ class Forwarder:
         headers = [("x-gateway-node", str(node)), ("x-gateway-worker", str(worker))]
         for spec in settings.clusters.values():
             c = _Cluster(spec)
-            ctx = _client_ssl(spec) if spec.tls else None
+            ctx = client_context(spec) if spec.tls else None
             endpoints = []
             for host, port in spec.endpoints:
                 breaker = Breaker(settings.breaker, 0.0)
@@ -226,6 +226,7 @@ class Forwarder:
                         settings.link_high_water,
                         settings.health_interval_s,
                         settings.health_timeout_s,
+                        server_name=spec.server_name,
                     )
                     ep.links.append(ln)
                     self.links.append(ln)
@@ -590,9 +591,19 @@ class Forwarder:
         ep: _Ep = link.endpoint
         ep.endpoint.up = True
         ep.endpoint.healthy = True
+        link.last_failure = ""
         if self.hub is not None:
             self.hub.log("info", "downstream_link_up", endpoint=link.key)
             self.hub.downstream_ready()
+
+    def link_connect_failed(self, link: Link, why: str) -> None:
+        ep: _Ep = link.endpoint
+        metrics.DOWNSTREAM_CONNECT_FAILURES.labels(ep.cluster.name, link.key).inc()
+        # logged when the reason changes, not on every retry of a link
+        # that keeps failing the same way (a wrong CA, a desk that is down)
+        if self.hub is not None and link.last_failure != why:
+            self.hub.log("warning", "downstream_connect_failed", endpoint=link.key, why=why[:200])
+        link.last_failure = why
 
     def link_down(self, link: Link, why: str) -> None:
         now = self._time()
@@ -767,6 +778,9 @@ class Forwarder:
                 # half-open, so no breaker waits longer than a tick for that
                 st = ep.endpoint.breaker.state(now)
                 metrics.BREAKER_STATE.labels(c.name, ep.key).set(st)
+                metrics.DOWNSTREAM_LINKS_UP.labels(c.name, ep.key).set(
+                    sum(1 for ln in ep.links if ln.up)
+                )
 
     def _breaker_changed(self, cluster: str, key: str, old: int, st: int, now: float) -> None:
         """The breaker's ``on_change``: counts and logs the transition."""
@@ -785,9 +799,3 @@ class Forwarder:
             while True:
                 await trio.sleep(TICK_S)
                 self.tick(trio.current_time())
-
-
-def _client_ssl(spec: ClusterSpec) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=spec.ca_file)
-    ctx.set_alpn_protocols(["h2"])
-    return ctx

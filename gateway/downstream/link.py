@@ -242,6 +242,11 @@ class LinkOwner(Protocol):
 
     def link_down(self, link: Link, why: str) -> None: ...
 
+    def link_connect_failed(self, link: Link, why: str) -> None:
+        """A connection attempt failed (refused, timed out, TLS
+        handshake or certificate rejected); the link tries again after its
+        backoff."""
+
     def link_frames(self, link: Link, frames: list[dict[str, Any]]) -> None: ...
 
     def link_drained(self, link: Link) -> None:
@@ -273,9 +278,11 @@ class Link:
         "host",
         "index",
         "inflight",
+        "last_failure",
         "owner",
         "port",
         "rng",
+        "server_name",
         "sessions",
         "ssl_context",
         "state",
@@ -294,6 +301,7 @@ class Link:
         health_interval_s: float = 2.0,
         health_timeout_s: float = 3.0,
         connect_timeout_s: float = 2.0,
+        server_name: str | None = None,
     ) -> None:
         self.owner = owner
         self.endpoint = endpoint
@@ -302,6 +310,10 @@ class Link:
         self.index = index
         self.headers = headers
         self.ssl_context = ssl_context
+        # over TLS: the name the endpoint's certificate must carry (SNI too)
+        self.server_name = server_name or host
+        # the owner's note of the last connect failure ("" once up)
+        self.last_failure = ""
         self.high_water = high_water
         self.health_interval_s = health_interval_s
         self.health_timeout_s = health_timeout_s
@@ -375,22 +387,27 @@ class Link:
             try:
                 stream = await self._connect()
             except (OSError, trio.TooSlowError, ssl.SSLError, trio.BrokenResourceError) as e:
-                why = f"connect failed: {e}"
+                # trio's TLS stream raises BrokenResourceError from the
+                # ssl.SSLError that says what was wrong (a certificate...)
+                why = f"connect failed: {_reason(e)}"
                 stream = None
+                self.owner.link_connect_failed(self, why)
             if stream is not None:
+                ended = True  # False: cancelled (the worker is stopping)
                 try:
                     await self._serve(stream)
-                    backoff = BACKOFF_FIRST_S
                 except LinkError as e:
                     why = str(e)
                 except trio.TooSlowError:
                     why = f"no response headers in {self.connect_timeout_s} s"
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-                    why = f"connection lost: {e}"
-                    backoff = BACKOFF_FIRST_S
+                    why = f"connection lost: {_reason(e)}"
                 except Exception as e:  # a bug here must not take the worker down
                     _log.exception("downstream link failed")
                     why = f"internal error: {e!r}"
+                except BaseException:
+                    ended = False
+                    raise
                 finally:
                     was_up = self.state == UP
                     self.state = DOWN
@@ -400,6 +417,12 @@ class Link:
                         await trio.aclose_forcefully(stream)
                     if was_up:
                         self.owner.link_down(self, why)
+                        backoff = BACKOFF_FIRST_S  # it worked: come back quickly
+                    elif ended:
+                        # connected, but never up: a downstream that refuses
+                        # the link (a client certificate it does not accept,
+                        # a 404, no HTTP/2) is retried with growing backoff
+                        self.owner.link_connect_failed(self, why)
             self.state = DOWN
             await trio.sleep(backoff * (0.5 + self.rng.random()))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
@@ -410,7 +433,7 @@ class Link:
             tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.ssl_context is None:
                 return tcp
-            tls = trio.SSLStream(tcp, self.ssl_context, server_hostname=self.host)
+            tls = trio.SSLStream(tcp, self.ssl_context, server_hostname=self.server_name)
             await tls.do_handshake()
             if tls.selected_alpn_protocol() != "h2":
                 await trio.aclose_forcefully(tls)
@@ -515,6 +538,13 @@ class Link:
                 )
             if not pinged:
                 self._wake.set()  # the new PING goes out
+
+
+def _reason(e: BaseException) -> str:
+    """What went wrong, for a log line: the underlying error's text (the
+    ssl.SSLError under trio's BrokenResourceError), or its type's name."""
+    cause = e.__cause__ or e
+    return str(cause) or type(cause).__name__
 
 
 class _ReactorRead:

@@ -27,6 +27,12 @@ class ClusterSpec:
     tls: bool = False
     ca_file: str | None = None
     links_per_endpoint: int = 1
+    #: client certificate chain and its key (mutual TLS), both or neither
+    cert_file: str | None = None
+    key_file: str | None = None
+    #: the name the endpoints' certificates are verified against (and sent
+    #: as SNI); None: each endpoint's host
+    server_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,35 @@ def _sub(cls: Any, values: dict[str, Any], where: str) -> Any:
         raise ValueError(f"{where}: {e}") from None
 
 
+_TLS_FILES: Final = ("ca_file", "cert_file", "key_file")
+MAX_SERVER_NAME: Final = 253
+
+
+def _tls_keys(t: Mapping[str, Any], w: str) -> dict[str, Any]:
+    """A cluster's TLS keys, checked: ``tls`` a boolean; the files paths
+    (``cert_file`` and ``key_file`` together) and ``server_name`` a host
+    name, all only with ``tls = true``."""
+    tls = t.get("tls", False)
+    if type(tls) is not bool:
+        raise ValueError(f"{w}.tls must be true or false")
+    out: dict[str, Any] = {"tls": tls}
+    for key in (*_TLS_FILES, "server_name"):
+        v = t.get(key)
+        if v is None:
+            continue
+        if type(v) is not str or not v:
+            raise ValueError(f"{w}.{key} must be a non-empty string")
+        if not tls:
+            raise ValueError(f"{w}.{key} needs tls = true")
+        out[key] = v
+    if ("cert_file" in out) != ("key_file" in out):
+        raise ValueError(f"{w}: cert_file and key_file go together (mutual TLS)")
+    sn = out.get("server_name")
+    if sn is not None and (len(sn) > MAX_SERVER_NAME or any(c in sn for c in " /:")):
+        raise ValueError(f"{w}.server_name must be a host name (got {sn!r})")
+    return out
+
+
 def parse_settings(doc: Mapping[str, Any]) -> DownstreamSettings | None:
     """The settings of a ``[downstream]`` table; None when it defines no
     cluster (the embedded demo bot answers then). ValueError on mistakes."""
@@ -120,7 +155,7 @@ def parse_settings(doc: Mapping[str, Any]) -> DownstreamSettings | None:
         w = f"{where}.clusters.{name}"
         if not isinstance(t, dict):
             raise ValueError(f"{w} must be a table")
-        extra = set(t) - {"endpoints", "tls", "ca_file", "links_per_endpoint"}
+        extra = set(t) - {"endpoints", "links_per_endpoint", "tls", *_TLS_FILES, "server_name"}
         if extra:
             raise ValueError(f"{w}: unknown key(s) {', '.join(sorted(extra))}")
         eps = t.get("endpoints")
@@ -129,14 +164,11 @@ def parse_settings(doc: Mapping[str, Any]) -> DownstreamSettings | None:
         endpoints = tuple(_hostport(e, f"{w}.endpoints") for e in eps)
         if len(set(endpoints)) != len(endpoints):
             raise ValueError(f"{w}.endpoints has duplicates")
-        tls = t.get("tls", False)
-        ca = t.get("ca_file")
         links = t.get("links_per_endpoint", 1)
-        if type(tls) is not bool or (ca is not None and type(ca) is not str):
-            raise ValueError(f"{w}: tls must be a boolean and ca_file a path")
         if type(links) is not int or not 1 <= links <= MAX_LINKS_PER_ENDPOINT:
             raise ValueError(f"{w}.links_per_endpoint must be 1..{MAX_LINKS_PER_ENDPOINT}")
-        clusters[str(name)] = ClusterSpec(str(name), endpoints, tls, ca, links)
+        clusters[str(name)] = ClusterSpec(str(name), endpoints, links_per_endpoint=links,
+                                          **_tls_keys(t, w))  # fmt: skip
     if not clusters:
         raise ValueError(f"{where}: define at least one cluster ([downstream.clusters.NAME])")
     groups: dict[str, Group] = {}

@@ -32,6 +32,16 @@ DOWNSTREAM_REDELIVERED: Final = R.counter(
     "Messages queued again after a nack, timeout or lost link",
     ("cluster",),
 )
+DOWNSTREAM_LINKS_UP: Final = R.gauge(
+    "gateway_downstream_links_up",
+    "HTTP/2 links to the endpoint that are up (summed over workers)",
+    ("cluster", "endpoint"),
+)
+DOWNSTREAM_CONNECT_FAILURES: Final = R.counter(
+    "gateway_downstream_connect_failures_total",
+    "Failed link connection attempts (refused, timed out, TLS handshake or certificate)",
+    ("cluster", "endpoint"),
+)
 BREAKER_STATE: Final = R.gauge(
     "gateway_breaker_state",
     "Circuit breaker state per endpoint (0 closed, 1 half-open, 2 open)",

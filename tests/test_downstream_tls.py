@@ -1,0 +1,274 @@
+"""Downstream links over TLS on loopback: a gateway worker and desk-sim
+(in-process, real sockets, certificates from a throwaway CA), with the
+server's certificate verified, a name other than the endpoint's host
+(``server_name``), and client certificates (mutual TLS); what an operator
+sees when the TLS setup is wrong; the configuration checks."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trustme
+
+import gateway.client as gc
+from gateway.config import ConfigError, load_config
+from gateway.downstream.settings import parse_settings
+from gateway.downstream.tls import client_context, server_context
+from gateway.ops import names as metrics
+from tests.gwserver import RawWs, running
+from tests.test_downstream import desk, records, wait_links_up
+
+
+def _write(tmp: Path, name: str, blob: Any) -> str:
+    p = tmp / name
+    blob.write_to_path(str(p))
+    return str(p)
+
+
+class Pki:
+    """A CA, desk-sim's certificate (for ``names``), and files for both."""
+
+    def __init__(self, tmp: Path, *names: str) -> None:
+        self.ca = trustme.CA()
+        leaf = self.ca.issue_cert(*names)
+        self.ca_file = _write(tmp, f"ca-{id(self)}.pem", self.ca.cert_pem)
+        self.cert = _write(tmp, f"cert-{id(self)}.pem", leaf.private_key_and_cert_chain_pem)
+        self.key = _write(tmp, f"key-{id(self)}.pem", leaf.private_key_pem)
+
+    def client(self, tmp: Path, name: str = "gateway-1") -> tuple[str, str]:
+        """A client certificate signed by this CA: (chain file, key file)."""
+        leaf = self.ca.issue_cert(name)
+        return (
+            _write(tmp, f"client-{name}.pem", leaf.private_key_and_cert_chain_pem),
+            _write(tmp, f"client-{name}.key", leaf.private_key_pem),
+        )
+
+
+def tls_ds(port: int, **cluster: Any) -> dict[str, Any]:
+    return {
+        "clusters": {"general": {"endpoints": [f"127.0.0.1:{port}"], "tls": True, **cluster}},
+        "health_interval_s": 0.2,
+        "health_timeout_s": 0.5,
+    }
+
+
+def _failures(fw: Any) -> float:
+    key = fw.links[0].key
+    return float(metrics.DOWNSTREAM_CONNECT_FAILURES.labels("general", key).value())
+
+
+async def _refused_then_logged(gw: Any, caplog: pytest.LogCaptureFixture, text: str) -> None:
+    """No link comes up: a new visitor is told to retry later (4003), the
+    connect failures are counted, and one log line says why."""
+    fw = gw.w.forwarder
+    before = _failures(fw)
+    with trio.fail_after(10):
+        while _failures(fw) < before + 2:
+            await trio.sleep(0.05)
+    assert not any(ln.up for ln in fw.links)
+    ws = await RawWs.connect(gw.port)
+    err = await ws.hello(gw.token("v"))
+    assert err["t"] == "error" and err["code"] == 4003
+    lines = [
+        r.getMessage() for r in caplog.records if "downstream_connect_failed" in r.getMessage()
+    ]
+    assert any(text in line for line in lines), lines
+    # the same reason again is not logged again (one line per link, not per retry)
+    assert len(lines) == len(fw.links)
+
+
+async def test_tls_link_forwards_and_acks(tmp_path: Path) -> None:
+    pki = Pki(tmp_path, "127.0.0.1")
+    rec = tmp_path / "rec.jsonl"
+    ctx = server_context(pki.cert, pki.key)
+    async with desk(record=rec, think_ms=0, ssl_context=ctx) as (port, srv, _):  # noqa: SIM117
+        async with running(tmp_path, downstream=tls_ds(port, ca_file=pki.ca_file)) as gw:
+            await wait_links_up(gw.w.forwarder)
+            async with gc.connect(gw.url, token=gw.token("alice"), reconnect=False) as s:
+                n = await s.send("over TLS")
+                assigned = await s.receive()
+                reply = await s.receive()
+    assert n == 1
+    assert assigned.body == "general-agent-1 joined the conversation"
+    assert reply.body == "general-agent-1: noted 'over TLS'"
+    assert [r["body"] for r in records(rec)] == ["over TLS"]
+    assert srv.tls_failures == 0
+
+
+async def test_untrusted_desk_certificate_keeps_the_link_down(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    desk_pki, other = Pki(tmp_path, "127.0.0.1"), Pki(tmp_path, "127.0.0.1")
+    ctx = server_context(desk_pki.cert, desk_pki.key)
+    caplog.set_level(logging.WARNING)
+    async with desk(ssl_context=ctx) as (port, _, _):  # noqa: SIM117
+        async with running(tmp_path, downstream=tls_ds(port, ca_file=other.ca_file)) as gw:
+            await _refused_then_logged(gw, caplog, "certificate verify failed")
+
+
+async def test_server_name_verifies_a_certificate_for_another_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The endpoint is an IP address, the certificate names desk.internal:
+    refused unless ``server_name`` says which name to expect."""
+    pki = Pki(tmp_path, "desk.internal")
+    ctx = server_context(pki.cert, pki.key)
+    caplog.set_level(logging.WARNING)
+    async with desk(think_ms=0, ssl_context=ctx) as (port, _, _):
+        async with running(tmp_path, downstream=tls_ds(port, ca_file=pki.ca_file)) as gw:
+            await _refused_then_logged(gw, caplog, "match")
+        named = tls_ds(port, ca_file=pki.ca_file, server_name="desk.internal")
+        async with running(tmp_path, downstream=named) as gw:
+            await wait_links_up(gw.w.forwarder)
+            async with gc.connect(gw.url, token=gw.token("bob"), reconnect=False) as s:
+                assert await s.send("named") == 1
+
+
+async def test_mutual_tls_needs_a_client_certificate_from_the_desks_ca(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pki = Pki(tmp_path, "127.0.0.1")
+    clients = Pki(tmp_path, "unused")  # the CA desk-sim trusts for clients
+    stranger = Pki(tmp_path, "unused")
+    ctx = server_context(pki.cert, pki.key, client_ca=clients.ca_file)
+    rec = tmp_path / "rec.jsonl"
+    caplog.set_level(logging.WARNING)
+    async with desk(record=rec, think_ms=0, ssl_context=ctx) as (port, srv, _):
+        # no client certificate: the desk ends the handshake (TLS 1.3: the
+        # gateway learns it at its first read)
+        async with running(tmp_path, downstream=tls_ds(port, ca_file=pki.ca_file)) as gw:
+            await _refused_then_logged(gw, caplog, "connection lost")
+        assert srv.tls_failures >= 2
+        # a certificate from a CA the desk does not trust: refused too
+        cert, key = stranger.client(tmp_path, "intruder")
+        spec = tls_ds(port, ca_file=pki.ca_file, cert_file=cert, key_file=key)
+        caplog.clear()
+        async with running(tmp_path, downstream=spec) as gw:
+            await _refused_then_logged(gw, caplog, "connection lost")
+        # one from the desk's client CA: served
+        cert, key = clients.client(tmp_path)
+        spec = tls_ds(port, ca_file=pki.ca_file, cert_file=cert, key_file=key)
+        async with running(tmp_path, downstream=spec) as gw:
+            await wait_links_up(gw.w.forwarder)
+            async with gc.connect(gw.url, token=gw.token("carol"), reconnect=False) as s:
+                assert await s.send("mutual") == 1
+    assert [r["body"] for r in records(rec)] == ["mutual"]
+
+
+async def test_plain_gateway_against_a_tls_desk_and_the_reverse(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cluster without ``tls`` pointed at a TLS desk, and one with ``tls``
+    pointed at an h2c desk: no link, the reason logged, visitors asked to
+    retry later; nothing crashes on either side."""
+    pki = Pki(tmp_path, "127.0.0.1")
+    caplog.set_level(logging.WARNING)
+    ctx = server_context(pki.cert, pki.key)
+    async with desk(ssl_context=ctx) as (port, srv, _):
+        plain = {
+            "clusters": {"general": {"endpoints": [f"127.0.0.1:{port}"]}},
+            "health_interval_s": 0.2,
+        }
+        async with running(tmp_path, downstream=plain) as gw:
+            await _refused_then_logged(gw, caplog, "closed during link setup")
+        assert srv.tls_failures >= 1
+    caplog.clear()
+    async with desk() as (port, _, _):  # noqa: SIM117
+        async with running(tmp_path, downstream=tls_ds(port, ca_file=pki.ca_file)) as gw:
+            await _refused_then_logged(gw, caplog, "connect failed")
+
+
+async def test_link_that_never_comes_up_backs_off(tmp_path: Path) -> None:
+    """A desk that accepts the connection and then drops it before the link
+    is up (here: it wants a client certificate the gateway does not have,
+    which TLS 1.3 tells the client only at its first read) is retried with
+    growing backoff (up to 5 s), not every 50 ms: a handful of attempts in
+    2 s."""
+    pki, clients = Pki(tmp_path, "127.0.0.1"), Pki(tmp_path, "unused")
+    ctx = server_context(pki.cert, pki.key, client_ca=clients.ca_file)
+    async with desk(ssl_context=ctx) as (port, _, _):  # noqa: SIM117
+        async with running(tmp_path, downstream=tls_ds(port, ca_file=pki.ca_file)) as gw:
+            fw = gw.w.forwarder
+            with trio.fail_after(5):
+                while _failures(fw) < 1:
+                    await trio.sleep(0.01)
+            before = _failures(fw)
+            await trio.sleep(2.0)
+            tries = _failures(fw) - before
+    # 50 ms doubling, jittered by [0.5, 1.5): about 6 attempts in 2 s;
+    # without backoff it would be ~40
+    assert 2 <= tries <= 10
+
+
+# -- configuration ----------------------------------------------------------------
+
+
+def _cluster(**keys: Any) -> dict[str, Any]:
+    return {"clusters": {"c": {"endpoints": ["10.0.0.1:7001"], **keys}}}
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"tls": "yes"}, "tls must be true or false"),
+        ({"ca_file": "/x.pem"}, "ca_file needs tls = true"),
+        ({"server_name": "desk"}, "server_name needs tls = true"),
+        ({"tls": True, "cert_file": "/c.pem"}, "cert_file and key_file go together"),
+        ({"tls": True, "key_file": "/k.pem"}, "cert_file and key_file go together"),
+        ({"tls": True, "server_name": ""}, "server_name must be a non-empty string"),
+        ({"tls": True, "server_name": "a/b"}, "server_name must be a host name"),
+        ({"tls": True, "server_name": "x" * 254}, "server_name must be a host name"),
+        ({"tls": True, "ca_file": 3}, "ca_file must be a non-empty string"),
+        ({"tls": True, "client_cert": "/c.pem"}, "unknown key(s) client_cert"),
+    ],
+)
+def test_tls_keys_are_checked(keys: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=r"clusters\.c") as e:
+        parse_settings(_cluster(**keys))
+    assert message in str(e.value)
+
+
+def test_tls_keys_are_parsed() -> None:
+    keys = {"ca_file": "/ca.pem", "cert_file": "/c.pem", "key_file": "/k.pem"}
+    s = parse_settings(_cluster(tls=True, server_name="desk.internal", **keys))
+    assert s is not None
+    spec = s.clusters["c"]
+    assert spec.tls and spec.server_name == "desk.internal"
+    assert (spec.ca_file, spec.cert_file, spec.key_file) == tuple(keys.values())
+
+
+def test_unusable_tls_files_fail_at_load(tmp_path: Path) -> None:
+    """A missing CA file, a key that is not the certificate's, a CA file
+    without a certificate: the configuration is refused at startup, naming
+    the cluster, instead of links that never come up."""
+    pki, other = Pki(tmp_path, "127.0.0.1"), Pki(tmp_path, "127.0.0.1")
+    cert, _ = pki.client(tmp_path, "a")
+    _, wrong_key = other.client(tmp_path, "b")
+    empty = tmp_path / "empty.pem"
+    empty.write_text("no certificate here\n")
+    bad = [
+        {"ca_file": str(tmp_path / "missing.pem")},
+        {"ca_file": pki.ca_file, "cert_file": cert, "key_file": wrong_key},
+        {"ca_file": str(empty)},
+    ]
+    for keys in bad:
+        ds = _cluster(tls=True, **keys)
+        with pytest.raises(ConfigError, match=r"clusters\.c\]: cannot set up TLS"):
+            load_config(None, {"GATEWAY_STATE_DIR": str(tmp_path)}, {"downstream": ds})
+    good = _cluster(
+        tls=True, ca_file=pki.ca_file, cert_file=cert, key_file=pki.client(tmp_path, "a")[1]
+    )
+    load_config(None, {"GATEWAY_STATE_DIR": str(tmp_path)}, {"downstream": good})
+
+
+def test_client_context_offers_h2_and_verifies() -> None:
+    s = parse_settings(_cluster(tls=True))
+    assert s is not None
+    ctx = client_context(s.clusters["c"])
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
