@@ -521,3 +521,97 @@ async def test_desk_sim_outlives_a_gateway_connection_reset_while_it_writes() ->
                 got += core.receive(await sock.receive_some(1 << 16))
                 await sock.send_all(core.flush())
         await sock.aclose()
+
+
+async def _ack_of(ws: Any, msg_id: str, seen: list[str] | None = None) -> dict[str, Any]:
+    """The next ``ack``; the bodies of deliveries before it (an agent
+    joining) go to ``seen``."""
+    while True:
+        f = await ws.recv()
+        if f.get("t") != "deliver":
+            assert (f.get("t"), f.get("id")) == ("ack", msg_id), f
+            return f  # type: ignore[no-any-return]
+        if seen is not None:
+            seen.append(f["body"])
+
+
+def _overflow_table(pd: int, pb: int, **admission: Any) -> dict[str, Any]:
+    """general (cluster desks, on pd) overflows to triage (cluster bots, on pb)."""
+    return {
+        "clusters": {
+            "desks": {"endpoints": [f"127.0.0.1:{pd}"]},
+            "bots": {"endpoints": [f"127.0.0.1:{pb}"]},
+        },
+        "groups": {
+            "general": {"cluster": "desks", "fallback": "triage"},
+            "triage": {"cluster": "bots"},
+        },
+        "default_group": "general",
+        "admission": admission,
+        "health_interval_s": 0.2,
+        "health_timeout_s": 0.5,
+    }
+
+
+async def test_unavailable_group_overflows_new_sessions_to_its_fallback(tmp_path: Path) -> None:
+    """The desks' only endpoint is down: a new visitor is not told to retry
+    later but served by the fallback group's cluster."""
+    from tests.gwserver import RawWs
+
+    with trio.socket.socket() as probe:  # a port nothing listens on
+        await probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    rec = tmp_path / "bots.jsonl"
+    async with desk(record=rec, reply=False) as (pb, _, _):  # noqa: SIM117
+        async with running(tmp_path, downstream=_overflow_table(dead, pb)) as gw:
+            await wait_links_up(gw.w.forwarder, 1)
+            ws = await RawWs.connect(gw.port)
+            assert (await ws.hello(gw.token("u")))["t"] == "welcome"
+            await ws.send({"t": "msg", "id": "u1", "body": "desks are down"})
+            seen: list[str] = []
+            await _ack_of(ws, "u1", seen)
+            if not seen:
+                seen.append((await ws.recv())["body"])
+            # opened on the fallback's cluster as a session of the fallback group
+            assert seen == ["triage-agent-1 joined the conversation"]
+    assert [r["body"] for r in records(rec)] == ["desks are down"]
+
+
+async def test_saturated_group_overflows_new_sessions_to_its_fallback(tmp_path: Path) -> None:
+    """The desks' cluster is at max_pending_per_cluster (its desk stopped
+    answering with two messages in flight): a visitor arriving now is served
+    by the fallback group, while the sessions already on the desks stay
+    there (their messages wait for the desk)."""
+    from tests.gwserver import RawWs
+
+    rec_d, rec_b = tmp_path / "desks.jsonl", tmp_path / "bots.jsonl"
+    async with (
+        desk(record=rec_d, reply=False, stall_after=1) as (pd, _, _),
+        desk(record=rec_b, reply=False) as (pb, _, _),
+        running(tmp_path, downstream=_overflow_table(pd, pb, max_pending_per_cluster=2)) as gw,
+    ):
+        fw = gw.w.forwarder
+        await wait_links_up(fw, 2)
+        a, b = await RawWs.connect(gw.port), await RawWs.connect(gw.port)
+        assert (await a.hello(gw.token("a")))["t"] == "welcome"
+        assert (await b.hello(gw.token("b")))["t"] == "welcome"
+        await a.send({"t": "msg", "id": "a1", "body": "a1"})
+        await _ack_of(a, "a1")  # the desk's last answer
+        await a.send({"t": "msg", "id": "a2", "body": "a2"})
+        await b.send({"t": "msg", "id": "b1", "body": "b1"})
+        with trio.fail_after(5):
+            while fw.clusters["desks"].inflight < 2:
+                await trio.sleep(0.02)
+        with trio.fail_after(5):
+            async with gc.connect(gw.url, token=gw.token("c"), reconnect=False) as s:
+                assert await s.send("desks are full") == 1
+        await b.send({"t": "msg", "id": "b2", "body": "b2"})
+        await trio.sleep(0.2)
+        # a and b stay on the desks, their messages in flight or waiting there
+        flows = {s.visitor: s.ds for s in gw.w.hub.sessions}
+        for v, n in (("a", 1), ("b", 2)):
+            assert flows[v].cluster.name == "desks" and flows[v].group == "general"
+            assert len(flows[v].sent) + len(flows[v].waiting) == n
+        assert flows["c"].cluster.name == "bots" and flows["c"].group == "triage"
+    assert [r["body"] for r in records(rec_b)] == ["desks are full"]
+    assert [r["body"] for r in records(rec_d)] == ["a1"]  # then it stalled

@@ -96,12 +96,16 @@ class Flow:
     """Downstream state of one session."""
 
     __slots__ = (
-        "agent", "cluster", "ep", "head", "head_route", "link", "probe", "route", "sent", "waiting",
+        "agent", "cluster", "ep", "group", "head", "head_route", "link", "probe", "route", "sent",
+        "waiting",
     )  # fmt: skip
 
     def __init__(self, route: Any) -> None:
         self.route = route
         self.cluster: _Cluster | None = None
+        # the skill group serving the session: the route's, or the fallback
+        # group it overflowed to when the session was opened
+        self.group = ""
         self.ep: _Ep | None = None
         self.link: Link | None = None  # the link the session is open on
         self.sent: dict[int, _Out] = {}
@@ -385,23 +389,34 @@ class Forwarder:
         return not fl.waiting and (link is None or not link.full)
 
     # -- sending ----------------------------------------------------------------
-    def _pick(self, fl: Flow, now: float, exclude: list[str] | None) -> _Ep | None:
+    def _pick(self, fl: Flow, now: float, exclude: list[str] | None) -> tuple[_Ep, str] | None:
+        """An endpoint for the session and the group it serves: the route's
+        group; its fallback chain when that group has no available endpoint,
+        or when its cluster is saturated (``max_pending_per_cluster`` in
+        flight) and the session is not on it already (sessions it serves
+        keep it, their messages waiting); None if nothing is available."""
         group = self._target_group(fl.route)
         c = self._cluster_of(group)
         prefer = fl.ep.key if fl.ep is not None and fl.ep.cluster is c else None
-        ep = c.balancer.pick(now, exclude or (), prefer)
+        full = fl.cluster is not c and c.inflight >= self.s.admission.max_pending_per_cluster
+        ep = None if full else c.balancer.pick(now, exclude or (), prefer)
         if ep is None:
             fb = self.router.fallback(group, self._group_unavailable)
             if fb is not None and fb != group:
-                c = self._cluster_of(fb)
-                ep = c.balancer.pick(now, exclude or (), None)
+                fc = self._cluster_of(fb)
+                fep = fc.balancer.pick(now, exclude or (), None)
+                if fep is not None:
+                    return fc.eps[fep.key], fb
+            if full:  # nowhere to overflow to: wait on the saturated cluster
+                ep = c.balancer.pick(now, exclude or (), prefer)
         if ep is None:
             return None
-        return c.eps[ep.key]
+        return c.eps[ep.key], group
 
     def _open(self, s: Session, fl: Flow, now: float, exclude: list[str] | None = None) -> bool:
         """Opens the session on an available endpoint; False if none."""
-        ep = self._pick(fl, now, exclude)
+        picked = self._pick(fl, now, exclude)
+        ep, group = picked if picked is not None else (None, "")
         link = ep.link_for(s.sid) if ep is not None else None
         if ep is None or link is None:
             if ep is not None:
@@ -424,6 +439,9 @@ class Forwarder:
         fl.cluster = ep.cluster
         fl.ep = ep
         fl.link = link
+        if fl.group != group:
+            fl.group = group
+            fl.head_route = None  # the msg frames name the new group
         link.sessions.add(s)
         route = fl.route
         link.send(
@@ -434,7 +452,7 @@ class Forwarder:
                     "tenant": s.tenant,
                     "visitor": s.visitor,
                     "tags": s.tags,
-                    "group": self._target_group(route),
+                    "group": group,
                     "stage": str(route.stage),
                     "agent": fl.agent,
                 }
@@ -472,7 +490,7 @@ class Forwarder:
         sid = s.sid
         if fl.head_route is not fl.route:
             route = fl.head_route = fl.route
-            fl.head = msg_head(sid, self._target_group(route), str(route.stage))
+            fl.head = msg_head(sid, fl.group, str(route.stage))
         head = fl.head
         endpoint, bal = ep.endpoint, c.balancer
         dl = self._deadlines

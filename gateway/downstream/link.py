@@ -542,8 +542,11 @@ class Link:
 
 def _reason(e: BaseException) -> str:
     """What went wrong, for a log line: the underlying error's text (the
-    ssl.SSLError under trio's BrokenResourceError), or its type's name."""
+    ssl.SSLError under trio's BrokenResourceError, the first refusal under
+    trio's "all attempts to connect failed"), or its type's name."""
     cause = e.__cause__ or e
+    while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        cause = cause.exceptions[0]  # trio's "all attempts to connect failed"
     return str(cause) or type(cause).__name__
 
 
