@@ -1,12 +1,16 @@
-"""A downstream that breaks the link protocol or HTTP/2 (a scripted h2
-server on loopback): the link is dropped with a logged reason, the worker
-goes on, and the message it held is redelivered to a good endpoint and
-acknowledged once.
+"""Downstreams that misbehave, scripted with h2 on loopback.
 
-Each misbehaving server takes one connection, misbehaves when the first
-visitor message arrives (or at once), and stops listening; the good desk
-(desk-sim) starts on the cluster's second endpoint only after that, so the
-message is known to have gone to the bad one first."""
+A downstream that breaks the link protocol or HTTP/2: the link is dropped
+with a logged reason, the worker goes on, and the message it held is
+redelivered to a good endpoint and acknowledged once. Each such server takes
+one connection, misbehaves when the first visitor message arrives (or at
+once), and stops listening; the good desk (desk-sim) starts on the
+cluster's second endpoint only after that, so the message is known to have
+gone to the bad one first.
+
+A downstream that stops giving its flow-control window back: the gateway
+keeps within the window and its own queue bound, holds the visitors back,
+and loses nothing when the window opens again."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import msgpack
 import pytest
 import trio
@@ -188,3 +193,125 @@ async def test_downstream_refusing_the_link_is_never_used(
         r.getMessage() for r in caplog.records if "downstream_connect_failed" in r.getMessage()
     ]
     assert any(str(bad_port) in line and why in line for line in fails), fails
+
+
+class Holding:
+    """An h2 downstream with a 4 KiB stream window that takes messages
+    without giving the window back or acking them until ``release`` is
+    set; then it acks everything and keeps the window open. h2 raises
+    (failing the test) if the gateway sends beyond the window."""
+
+    def __init__(self) -> None:
+        self.release = trio.Event()
+        self.msgs: list[tuple[str, int, str]] = []
+        self.max_unacked_bytes = 0
+
+    async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        stream = await listeners[0].accept()
+        await listeners[0].aclose()
+        try:
+            await self._run(stream)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _run(self, stream: trio.SocketStream) -> None:
+        from gateway.downstream.proto import encode_acks
+        from gateway.protocol.codec import LengthPrefixedDecoder
+
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        )
+        conn.local_settings = h2.settings.Settings(
+            client=False, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 4096}
+        )
+        conn.initiate_connection()
+        await stream.send_all(conn.data_to_send())
+        dec = LengthPrefixedDecoder(MAX_LINK_FRAME, lambda f: f)
+        link = 0
+        unacked = 0  # flow-controlled bytes not given back
+        pending: dict[str, list[int]] = {}
+        while True:
+            data = b""
+            with trio.move_on_after(0.02):
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+            for ev in conn.receive_data(data) if data else ():
+                if isinstance(ev, h2.events.RequestReceived):
+                    link = ev.stream_id
+                    conn.send_headers(link, [(":status", "200")])
+                elif isinstance(ev, h2.events.DataReceived):
+                    unacked += ev.flow_controlled_length
+                    self.max_unacked_bytes = max(self.max_unacked_bytes, unacked)
+                    for f in dec.feed(ev.data):
+                        if f.get("t") == "msg":
+                            self.msgs.append((f["sid"], f["n"], f["body"]))
+                            pending.setdefault(f["sid"], []).append(f["n"])
+            if self.release.is_set() and link:
+                if unacked:
+                    conn.acknowledge_received_data(unacked, link)
+                    unacked = 0
+                if pending:
+                    conn.send_data(link, encode_acks(pending))
+                    pending = {}
+            await stream.send_all(conn.data_to_send())
+
+
+async def test_downstream_flow_control_holds_the_visitors_back_and_nothing_is_lost(
+    tmp_path: Path,
+) -> None:
+    """A downstream that stops giving its window back: the gateway sends no
+    more than the window allows, queues at most link_high_water beyond it,
+    then stops reading the visitors (their messages stay in their sockets,
+    unacknowledged). When the downstream opens up, every message arrives
+    once, in order per session, and every visitor gets every ack."""
+    from tests.gwserver import RawWs
+
+    srv = Holding()
+    sessions, per, size = 8, 12, 1000
+    async with trio.open_nursery() as n:
+        port = await n.start(srv.serve)
+        table = {
+            "clusters": {"general": {"endpoints": [f"127.0.0.1:{port}"]}},
+            "link_high_water": 8192,
+            "health_interval_s": 0.5,
+            "health_timeout_s": 5.0,
+        }
+        async with running(tmp_path, downstream=table) as gw:
+            fw = gw.w.forwarder
+            await wait_links_up(fw)
+            ws = [await RawWs.connect(gw.port) for _ in range(sessions)]
+            for i, w in enumerate(ws):
+                assert (await w.hello(gw.token(f"v{i}")))["t"] == "welcome"
+            for k in range(per):
+                for i, w in enumerate(ws):
+                    body = f"v{i}#{k:02d}".ljust(size, ".")
+                    await w.send({"t": "msg", "id": f"{i}-{k}", "body": body})
+            await trio.sleep(1.0)
+            held = len(srv.msgs)
+            link = fw.links[0]
+            assert link.core is not None
+            # the window and the link's queue are full; the rest waits
+            assert srv.max_unacked_bytes <= 4096
+            assert link.core.backlog <= 8192 + 2 * (size + 200)
+            assert held < sessions * per
+            assert gw.stats["reads_paused"] > 0
+            srv.release.set()
+            acks: dict[int, list[str]] = {i: [] for i in range(sessions)}
+            with trio.fail_after(20):
+                for i, w in enumerate(ws):
+                    while len(acks[i]) < per:
+                        f = await w.recv()
+                        if f["t"] == "ack":
+                            acks[i].append(f["id"])
+        n.cancel_scope.cancel()
+    for i in range(sessions):
+        assert acks[i] == [f"{i}-{k}" for k in range(per)]
+    got = [(sid, n, body[:6]) for sid, n, body in srv.msgs]
+    assert len(got) == len(set(got)) == sessions * per  # each once
+    by_sid: dict[str, list[int]] = {}
+    for sid, n, _ in got:
+        by_sid.setdefault(sid, []).append(n)
+    assert all(ns == list(range(1, per + 1)) for ns in by_sid.values())
