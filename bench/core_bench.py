@@ -16,6 +16,8 @@ same run, from the same raw-socket client (gateway.loadtest).
     python bench/core_bench.py clients --workers 2 --connections 1000 [--window 1]
     python bench/core_bench.py fastpaths --workers 2 --connections 200 --rate 12000 --repeat 3
         [--window 1] [--no-desk-reply]
+    python bench/core_bench.py links --workers 1 --connections 200 --rate 8000 --repeat 2
+        [--window 1] [--no-desk-reply]   (h2c and TLS downstream links; --rate 0: closed loop)
 
 "idle" also reports new connections per second while the clients ramp up as
 fast as they can (a reconnect storm from every client process at once).
@@ -136,12 +138,17 @@ def start_peer() -> Server:
     return Server([PY, str(ROOT / "bench/peers/websockets_echo.py"), "127.0.0.1", str(port)], port)
 
 
-def start_desk(processes: int = 1, think_ms: int = 0, reply: bool = True) -> Server:
+def start_desk(
+    processes: int = 1, think_ms: int = 0, reply: bool = True, tls: tuple[str, str] | None = None
+) -> Server:
+    """desk-sim; over TLS with ``tls`` = (certificate chain file, key file)."""
     port = free_port()
     argv = [PY, "-m", "gateway", "desk-sim", "--listen", f"127.0.0.1:{port}",
             "--think-ms", str(think_ms), "--processes", str(processes)]  # fmt: skip
     if not reply:
         argv.append("--no-reply")
+    if tls is not None:
+        argv += ["--tls-cert", tls[0], "--tls-key", tls[1]]
     return Server(argv, port)
 
 
@@ -150,6 +157,7 @@ def start_gateway(
     extra: dict[str, str] | None = None,
     conns: int = 10000,
     downstream: list[str] | None = None,
+    config: Path | None = None,
 ) -> Server:
     port, ops = free_port(), free_port()
     state = OUT / "bench-state"
@@ -178,6 +186,8 @@ def start_gateway(
     ]
     for spec in downstream or []:
         argv += ["--downstream", spec]
+    if config is not None:
+        argv += ["--config", str(config)]
     srv = Server(argv, port, env)
     srv.ops_port = ops
     return srv
@@ -592,6 +602,69 @@ def fastpaths(args: argparse.Namespace) -> dict[str, Any]:
     return {"fastpaths": {"runs": runs}}
 
 
+def _tls_files() -> tuple[str, str, str]:
+    """A throwaway CA and a certificate for 127.0.0.1 (trustme, a dev
+    dependency): (CA file, certificate chain file, key file)."""
+    import trustme
+
+    d = OUT / "bench-tls"
+    d.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(d / "desk.pem"))
+    leaf.private_key_pem.write_to_path(str(d / "desk.key"))
+    return str(d / "ca.pem"), str(d / "desk.pem"), str(d / "desk.key")
+
+
+def links(args: argparse.Namespace) -> dict[str, Any]:
+    """Downstream links over h2c and over TLS, in alternation (a fresh
+    desk-sim and gateway for each run), at ``--rate`` (0: closed loop):
+    msg/s, p50/p99, and the gateway's and desk-sim's CPU per message. Over
+    TLS both ends encrypt every link read and write, and the gateway's link
+    is read by a task of its own instead of the worker's event loop."""
+    conns = args.connections
+    toks = tokens(conns)
+    w = args.workers[-1]
+    ca, cert, key = _tls_files()
+    plan = dict(connections=conns, active=conns, duration=args.seconds, size=230, max_runtime=300,
+                rate=args.rate, engine=args.engine, window=args.window)  # fmt: skip
+    runs: list[dict[str, Any]] = []
+    for _ in range(args.repeat):
+        for tls in (False, True):
+            desk = start_desk(processes=1, reply=args.desk_reply, tls=(cert, key) if tls else None)
+            conf = None
+            if tls:
+                conf = OUT / "bench-tls" / "gateway.toml"
+                conf.write_text(
+                    "[downstream.clusters.general]\n"
+                    f'endpoints = ["127.0.0.1:{desk.port}"]\n'
+                    f'tls = true\nca_file = "{ca}"\n'
+                )
+            ds = None if tls else [f"general=127.0.0.1:{desk.port}"]
+            gw = start_gateway(w, downstream=ds, conns=conns, config=conf)
+            try:
+                time.sleep(1.0)  # links up
+                r = measured(gw, Plan(host="127.0.0.1", port=gw.port, mode="gateway",
+                                      tokens=toks, **plan), args.clients, desk)  # type: ignore[arg-type]  # fmt: skip
+            finally:
+                gw.stop()
+                desk.stop()
+            runs.append({"tls": tls, "msgs_per_s": r["msgs_per_s"], **r["rtt"],
+                         "gateway_cpu_us": cpu_us(r), "desk_cpu_us": cpu_us(r, "desk_cpu_s"),
+                         "errors": sum(r["errors"].values())})  # fmt: skip
+    replies = "on" if args.desk_reply else "off"
+    print(f"{conns} connections x {args.window} in flight, {args.rate:,.0f} msg/s offered "
+          f"(0: closed loop), {w} workers, replies {replies}")  # fmt: skip
+    print("| links | msg/s | p50 ms | p99 ms | gateway CPU µs/msg | desk-sim CPU µs/msg | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for r in runs:
+        print(f"| {'TLS' if r['tls'] else 'h2c'} | {r['msgs_per_s']:,.0f} | {r['p50_ms']:.2f} | "
+              f"{r['p99_ms']:.2f} | {r['gateway_cpu_us']:.1f} | {r['desk_cpu_us']:.1f} | "
+              f"{r['errors']} |")  # fmt: skip
+    return {"links": {"runs": runs}}
+
+
 def clients(args: argparse.Namespace) -> dict[str, Any]:
     """What the load client itself costs: both engines, closed loop, against
     a gateway answering with its in-process bot (``--window``: messages in
@@ -778,6 +851,7 @@ def main() -> None:
         "e2e-ratio": e2e_ratio,
         "forwarding": forwarding,
         "fastpaths": fastpaths,
+        "links": links,
         "unloaded": unloaded,
         "clients": clients,
     }
@@ -794,14 +868,14 @@ def main() -> None:
         "--rate",
         type=float,
         default=10000.0,
-        help="offered msg/s (forwarding: 0 is half the measured maximum; fastpaths: 0 is "
-        "closed loop)",
+        help="offered msg/s (forwarding: 0 is half the measured maximum; fastpaths, links: "
+        "0 is closed loop)",
     )
     ap.add_argument(
         "--repeat",
         type=int,
         default=5,
-        help="alternating pairs (forwarding, e2e-ratio, fastpaths)",
+        help="alternating pairs (forwarding, e2e-ratio, fastpaths, links)",
     )
     ap.add_argument("--messages", type=int, default=400, help="per gateway (unloaded)")
     ap.add_argument(
@@ -812,11 +886,11 @@ def main() -> None:
         "--window",
         type=int,
         default=1,
-        help="messages in flight per connection (throughput, e2e, e2e-ratio, fastpaths)",
+        help="messages in flight per connection (throughput, e2e, e2e-ratio, fastpaths, links)",
     )
     ap.add_argument(
         "--desk-reply", action=argparse.BooleanOptionalAction, default=True,
-        help="e2e, e2e-ratio, fastpaths: desk-sim answers every message with a reply "
+        help="e2e, e2e-ratio, fastpaths, links: desk-sim answers every message with a reply "
              "(default) or only acks it",
     )  # fmt: skip
     ap.add_argument(
