@@ -381,6 +381,9 @@ class _Owner:
     def link_connect_failed(self, link: Any, why: str) -> None:
         pass
 
+    def link_draining(self, link: Any) -> None:
+        pass
+
     def link_frames(self, link: Any, frames: list[dict[str, Any]]) -> None:
         pass
 
@@ -615,3 +618,53 @@ async def test_saturated_group_overflows_new_sessions_to_its_fallback(tmp_path: 
         assert flows["c"].cluster.name == "bots" and flows["c"].group == "triage"
     assert [r["body"] for r in records(rec_b)] == ["desks are full"]
     assert [r["body"] for r in records(rec_d)] == ["a1"]  # then it stalled
+
+
+async def test_desk_draining_with_goaway_loses_and_duplicates_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A desk shutting down gracefully (desk-sim's SIGTERM: a GOAWAY that
+    keeps the link stream) while visitors are sending: the gateway sends it
+    nothing new, waits for the answers to what it has in flight there (its
+    acks come 100 ms late), then closes the link. Every message is
+    acknowledged and processed by exactly one desk; nothing is redelivered."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    rec_a, rec_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    sent: list[str] = []
+    async with (
+        desk(record=rec_a, reply=False, latency_ms=100) as (pa, srv_a, _),
+        desk(record=rec_b, reply=False) as (pb, _, _),
+        running(tmp_path, downstream=ds(("general", [pa, pb]))) as gw,
+    ):
+        fw = gw.w.forwarder
+        await wait_links_up(fw, 2)
+        redelivered = metrics.DOWNSTREAM_REDELIVERED.labels("general").value()
+
+        async def visitor(i: int) -> None:
+            async with gc.connect(gw.url, token=gw.token(f"v{i}"), reconnect=False) as s:
+                for k in range(15):
+                    body = f"v{i}#{k}"
+                    with trio.fail_after(10):
+                        await s.send(body)
+                    sent.append(body)
+
+        async with trio.open_nursery() as n:
+            for i in range(12):
+                n.start_soon(visitor, i)
+            with trio.fail_after(10):
+                while fw.links[0].inflight < 3:  # A has messages in flight
+                    await trio.sleep(0.005)
+            srv_a.drain()
+            with trio.fail_after(10):
+                await srv_a.all_closed.wait()
+        assert metrics.DOWNSTREAM_REDELIVERED.labels("general").value() == redelivered
+    a = [r["body"] for r in records(rec_a)]
+    b = [r["body"] for r in records(rec_b)]
+    assert len(sent) == 12 * 15
+    assert sorted(a + b) == sorted(sent)  # each message at exactly one desk
+    assert a and b
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("downstream_link_draining" in m and str(pa) in m for m in lines)
+    assert any("downstream_link_down" in m and "drained after" in m for m in lines), lines

@@ -21,6 +21,7 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
 import msgpack
@@ -82,7 +83,7 @@ class Scripted:
                         self.got_message.set()
                         self._misbehave(conn, ev.stream_id)
             await stream.send_all(conn.data_to_send())
-            if self.mode in ("goaway", "garbage") and self.got_message.is_set():
+            if self.mode in ("goaway", "goaway_error", "garbage") and self.got_message.is_set():
                 if self.mode == "garbage":
                     # a SETTINGS frame whose length is not a multiple of 6
                     await stream.send_all(b"\x00\x00\x05\x04\x00\x00\x00\x00\x00junk!")
@@ -95,7 +96,9 @@ class Scripted:
         elif self.mode == "end":
             conn.end_stream(sid)
         elif self.mode == "goaway":
-            conn.close_connection()
+            conn.close_connection()  # graceful: the link drains, then it closes
+        elif self.mode == "goaway_error":
+            conn.close_connection(error_code=h2.errors.ErrorCodes.INTERNAL_ERROR)
         elif self.mode == "too_big":
             conn.send_data(sid, struct.pack("!I", MAX_LINK_FRAME + 1) + b"x" * 16)
         elif self.mode == "not_msgpack":
@@ -110,7 +113,8 @@ class Scripted:
 MODES = {
     "rst": "ended the link stream",
     "end": "ended the link stream",
-    "goaway": "GOAWAY",
+    "goaway": "downstream closed the connection (draining after the downstream's GOAWAY)",
+    "goaway_error": "downstream sent GOAWAY (<ErrorCodes.INTERNAL_ERROR: 2>)",
     "too_big": "bad frame from downstream",
     "not_msgpack": "bad frame from downstream",
     "bad_ack": "bad frame from downstream",

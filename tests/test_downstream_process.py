@@ -44,47 +44,72 @@ def _recorded(*paths: Path) -> list[tuple[str, int, str]]:
     return out
 
 
-async def test_desk_crash_under_load_loses_no_acked_message(tmp_path: Path) -> None:
-    pa, pb, port = free_port(), free_port(), free_port()
-    rec_a, rec_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    env = dict(os.environ, GATEWAY_STATE_DIR=str(tmp_path), GATEWAY_OPS_LISTEN="")
-    desk_a = _spawn(
-        ["desk-sim", "--listen", f"127.0.0.1:{pa}", "--no-reply", "--crash-after",
-         str(CRASH_AFTER), "--record", str(rec_a)],
-        env, tmp_path / "desk-a.log",
-    )  # fmt: skip
-    desk_b = _spawn(
-        ["desk-sim", "--listen", f"127.0.0.1:{pb}", "--no-reply", "--record", str(rec_b)],
-        env, tmp_path / "desk-b.log",
-    )  # fmt: skip
-    gw = _spawn(
-        ["serve", "--listen", f"127.0.0.1:{port}", "--workers", "2",
-         "--downstream", f"general=127.0.0.1:{pa},127.0.0.1:{pb}"],
-        env, tmp_path / "gw.log",
-    )  # fmt: skip
-    procs = [desk_a, desk_b, gw]
-    try:
-        for p in (pa, pb, port):
+class TwoDesks:
+    """desk-sim A (``a_args`` added) and B, recording, behind `gateway serve
+    --workers 2 --downstream general=A,B`, as separate processes."""
+
+    def __init__(self, tmp: Path, a_args: list[str]) -> None:
+        self.pa, self.pb, self.port = free_port(), free_port(), free_port()
+        self.rec_a, self.rec_b = tmp / "a.jsonl", tmp / "b.jsonl"
+        self.tmp = tmp
+        env = dict(os.environ, GATEWAY_STATE_DIR=str(tmp), GATEWAY_OPS_LISTEN="")
+        self.desk_a = _spawn(
+            ["desk-sim", "--listen", f"127.0.0.1:{self.pa}", "--no-reply", *a_args,
+             "--record", str(self.rec_a)],
+            env, tmp / "desk-a.log",
+        )  # fmt: skip
+        self.desk_b = _spawn(
+            ["desk-sim", "--listen", f"127.0.0.1:{self.pb}", "--no-reply",
+             "--record", str(self.rec_b)],
+            env, tmp / "desk-b.log",
+        )  # fmt: skip
+        self.gw = _spawn(
+            ["serve", "--listen", f"127.0.0.1:{self.port}", "--workers", "2",
+             "--downstream", f"general=127.0.0.1:{self.pa},127.0.0.1:{self.pb}"],
+            env, tmp / "gw.log",
+        )  # fmt: skip
+        self.url = f"ws://127.0.0.1:{self.port}/v1/ws"
+
+    async def ready(self) -> None:
+        for p in (self.pa, self.pb, self.port):
             await trio.to_thread.run_sync(wait_listening, p)
-        cfg = load_config(None, {"GATEWAY_STATE_DIR": str(tmp_path)}, {})
-        t = cfg.tenants[DEMO_TENANT]
-        url = f"ws://127.0.0.1:{port}/v1/ws"
+
+    def token(self, visitor: str) -> str:
+        t = load_config(None, {"GATEWAY_STATE_DIR": str(self.tmp)}, {}).tenants[DEMO_TENANT]
+        return mint(DEMO_TENANT, visitor, t.secrets[t.primary_kid], 600, time.time())
+
+    async def visitor(self, name: str, n: int, acked: list[tuple[str, str]]) -> None:
+        """Sends ``n`` messages one after the other (each acked first)."""
+        async with gc.connect(self.url, token=self.token(name)) as s:
+            for k in range(n):
+                body = f"{name} #{k}"
+                with trio.fail_after(30):
+                    await s.send(body)
+                acked.append((s.session_id or "", body))
+
+    def stop(self) -> None:
+        procs = [self.desk_a, self.desk_b, self.gw]
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+async def test_desk_crash_under_load_loses_no_acked_message(tmp_path: Path) -> None:
+    run = TwoDesks(tmp_path, ["--crash-after", str(CRASH_AFTER)])
+    desk_a, rec_a, rec_b = run.desk_a, run.rec_a, run.rec_b
+    try:
+        await run.ready()
         acked: list[tuple[str, str]] = []
-
-        async def visitor(i: int) -> None:
-            tok = mint(DEMO_TENANT, f"v{i}", t.secrets[t.primary_kid], 600, time.time())
-            async with gc.connect(url, token=tok) as s:
-                for k in range(PER_SESSION):
-                    body = f"v{i} #{k}"
-                    with trio.fail_after(30):
-                        await s.send(body)
-                    acked.append((s.session_id or "", body))
-
         # links come up right after the workers start; new sessions are
         # refused (4003, retried by the SDK) until then
         async with trio.open_nursery() as n:
             for i in range(SESSIONS):
-                n.start_soon(visitor, i)
+                n.start_soon(run.visitor, f"v{i}", PER_SESSION, acked)
         try:
             rc_a = await trio.to_thread.run_sync(desk_a.wait, 10)
         except subprocess.TimeoutExpired:
@@ -103,14 +128,7 @@ async def test_desk_crash_under_load_loses_no_acked_message(tmp_path: Path) -> N
         assert len(_recorded(rec_a)) >= CRASH_AFTER
         assert len(_recorded(rec_b)) >= len(acked) - CRASH_AFTER
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        run.stop()
 
 
 async def test_mutual_tls_link_between_processes(tmp_path: Path) -> None:
@@ -189,3 +207,31 @@ def test_desk_sim_tls_options_are_checked(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--tls-cert and --tls-key go together" in r.stderr
     r = run("--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem"))
     assert r.returncode == 2 and "cannot set up TLS" in r.stderr
+
+
+async def test_desk_sigterm_drains_without_duplicates(tmp_path: Path) -> None:
+    """SIGTERM to a desk-sim under load (a rolling restart of the desks):
+    it sends GOAWAY, answers what it has, and exits once the gateway's
+    workers closed their drained links; every message is acked and was
+    processed by exactly one desk."""
+    import signal as sig
+
+    run = TwoDesks(tmp_path, ["--latency-ms", "50"])
+    try:
+        await run.ready()
+        acked: list[tuple[str, str]] = []
+        async with trio.open_nursery() as n:
+            for i in range(8):
+                n.start_soon(run.visitor, f"d{i}", 30, acked)
+            with trio.fail_after(30):
+                while len(_recorded(run.rec_a)) < 20:
+                    await trio.sleep(0.01)
+            run.desk_a.send_signal(sig.SIGTERM)
+            rc_a = await trio.to_thread.run_sync(run.desk_a.wait, 15)
+        assert rc_a == 0
+        a = [b for _, _, b in _recorded(run.rec_a)]
+        b = [b for _, _, b in _recorded(run.rec_b)]
+        assert len(acked) == 8 * 30
+        assert sorted(a + b) == sorted(body for _, body in acked)  # each at one desk
+    finally:
+        run.stop()

@@ -65,6 +65,8 @@ MAX_FRAME: Final = 1 << 20
 SAFE_FRAME: Final = 16384
 #: Seconds a connection has for its TLS handshake.
 HANDSHAKE_S: Final = 10.0
+#: After SIGTERM: seconds the gateways have to close their drained links.
+DRAIN_S: Final = 10.0
 
 
 class _Conn:
@@ -164,6 +166,9 @@ class DeskServer:
         self.ssl_context = ssl_context
         self.tls_failures = 0  # handshakes that failed or timed out
         self._tls_last = ""
+        self.draining = False
+        self._conns: set[_Conn] = set()
+        self.all_closed = trio.Event()
         self.record_file = record
         self.desk = Desk(cfg, random.Random(), self._record if record else None)
         self.links: dict[int, tuple[_Conn, int]] = {}  # link id -> (conn, stream)
@@ -184,7 +189,7 @@ class DeskServer:
 
     # -- connections --------------------------------------------------------
     async def handle(self, sock: trio.SocketStream) -> None:
-        if self.conns >= MAX_CONNS:
+        if self.conns >= MAX_CONNS or self.draining:
             await sock.aclose()
             return
         self.conns += 1
@@ -197,6 +202,7 @@ class DeskServer:
                     return
                 stream = tls
             c = _Conn(self, sock, stream)
+            self._conns.add(c)
             with _nodelay(sock):
                 c.h2.initiate_connection()
                 c.h2.increment_flow_control_window(WINDOW - 65535)
@@ -212,10 +218,29 @@ class DeskServer:
             traceback.print_exception(eg, file=sys.stderr)
         finally:
             self.conns -= 1
+            if c is not None:
+                self._conns.discard(c)
+            if self.draining and not self.conns:
+                self.all_closed.set()
             for link, _ in c.links.values() if c is not None else ():
                 self.links.pop(link, None)
                 self.desk.link_closed(link)
             await trio.aclose_forcefully(stream)
+
+    def drain(self) -> None:
+        """Graceful shutdown: a GOAWAY (NO_ERROR, keeping every link stream)
+        to every gateway, and no new connections. Messages that still
+        arrive on the links are taken and answered as before; each gateway
+        closes its link once its messages are answered (``all_closed``)."""
+        self.draining = True
+        for c in self._conns:
+            last = max(c.links, default=0)
+            # written by hand: h2 would refuse to send anything after its
+            # own GOAWAY, and the answers still go out through it
+            c.extra += _goaway(last)
+            c.wake.set()
+        if not self.conns:
+            self.all_closed.set()
 
     async def _handshake(
         self, sock: trio.SocketStream, ctx: ssl.SSLContext
@@ -434,6 +459,17 @@ class DeskServer:
                 self._send(sid, frame)
 
 
+def _goaway(last_stream_id: int) -> bytes:
+    """An HTTP/2 GOAWAY frame with NO_ERROR (RFC 9113, 6.8)."""
+    return (
+        (8).to_bytes(3, "big")
+        + bytes((0x7, 0))
+        + (0).to_bytes(4, "big")
+        + (last_stream_id & 0x7FFFFFFF).to_bytes(4, "big")
+        + (0).to_bytes(4, "big")
+    )
+
+
 class _nodelay:
     def __init__(self, sock: trio.SocketStream) -> None:
         self.sock = sock
@@ -478,15 +514,29 @@ async def _main(
     cfg: DeskConfig, host: str, port: int, record: str | None, ctx: ssl.SSLContext | None
 ) -> None:
     async with trio.open_nursery() as n:
-        bound, _ = await n.start(
+        bound, srv = await n.start(
             functools.partial(serve_desk, cfg, host, port, record, ssl_context=ctx)
         )
         what = "TLS" if ctx is not None else "h2c"
         print(f"desk-sim: listening on {host}:{bound} ({what}, pid {os.getpid()})", flush=True)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
             async for _ in sigs:
-                n.cancel_scope.cancel()
                 break
+            # drain: the gateways finish with this process and close their
+            # links; a second signal, or DRAIN_S, ends it at once
+            srv.drain()
+            async with trio.open_nursery() as wait:
+
+                async def second_signal() -> None:
+                    async for _ in sigs:
+                        break
+                    wait.cancel_scope.cancel()
+
+                wait.start_soon(second_signal)
+                with trio.move_on_after(DRAIN_S):
+                    await srv.all_closed.wait()
+                wait.cancel_scope.cancel()
+            n.cancel_scope.cancel()
 
 
 def run_desk_sim(

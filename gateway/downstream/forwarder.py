@@ -231,6 +231,7 @@ class Forwarder:
                         settings.health_interval_s,
                         settings.health_timeout_s,
                         server_name=spec.server_name,
+                        drain_timeout_s=settings.request_timeout_s,
                     )
                     ep.links.append(ln)
                     self.links.append(ln)
@@ -623,12 +624,29 @@ class Forwarder:
             self.hub.log("warning", "downstream_connect_failed", endpoint=link.key, why=why[:200])
         link.last_failure = why
 
+    def link_draining(self, link: Link) -> None:
+        now = self._time()
+        ep: _Ep = link.endpoint
+        ep.endpoint.up = any(ln.up for ln in ep.links)
+        if self.hub is not None:
+            self.hub.log("info", "downstream_link_draining", endpoint=link.key,
+                         inflight=link.inflight)  # fmt: skip
+        # sessions with messages waiting move to another link now, the
+        # others with their next message; what is in flight here is
+        # answered here
+        for s in list(link.sessions):
+            fl: Flow | None = s.ds
+            if fl is not None and fl.link is link and fl.waiting:
+                self._pump(s, fl, now)
+
     def link_down(self, link: Link, why: str) -> None:
         now = self._time()
         ep: _Ep = link.endpoint
         ep.endpoint.up = any(ln.up for ln in ep.links)
         if self.hub is not None:
-            self.hub.log("warning", "downstream_link_down", endpoint=link.key, why=why[:200])
+            # a drain that ended with everything answered is routine
+            level = "info" if why.startswith("drained") else "warning"
+            self.hub.log(level, "downstream_link_down", endpoint=link.key, why=why[:200])
         sessions = list(link.sessions)
         link.sessions.clear()
         for s in sessions:

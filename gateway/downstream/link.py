@@ -43,8 +43,10 @@ RECV_WINDOW: Final = 1 << 22
 READ_SIZE: Final = 1 << 18
 BACKOFF_FIRST_S: Final = 0.05
 BACKOFF_MAX_S: Final = 5.0
+#: How often a draining link looks whether its messages were all answered.
+DRAIN_POLL_S: Final = 0.02
 
-DOWN, CONNECTING, UP = 0, 1, 2
+DOWN, CONNECTING, UP, DRAINING = 0, 1, 2, 3
 
 
 class LinkError(Exception):
@@ -58,6 +60,7 @@ class LinkCore:
     __slots__ = (
         "decoder",
         "extra",
+        "goaway",
         "h2",
         "out",
         "ping_received",
@@ -94,6 +97,11 @@ class LinkCore:
         self.split = DataSplitter(0, RECV_WINDOW, windows=True)
         self.extra = b""
         self.send = SendWindow(0)
+        # the downstream sent a graceful GOAWAY (NO_ERROR) that keeps the
+        # link stream: it answers what it has, takes nothing new (see
+        # Link.received). h2 is closed from then on: any frame that would
+        # go through it ends the link
+        self.goaway = False
 
     def start(self, authority: str, headers: list[tuple[str, str]]) -> None:
         h = self.h2
@@ -175,6 +183,8 @@ class LinkCore:
                     frames += self.decoder.feed(chunk)
                 elif kind == WINDOW:
                     self.send.update(chunk)
+                elif self.goaway:
+                    _after_goaway(chunk)
                 else:
                     frames += self._receive_h2(chunk)
             self.extra += sp.window_updates()
@@ -216,8 +226,27 @@ class LinkCore:
                 if ev.stream_id == self.stream:
                     raise LinkError("downstream ended the link stream")
             elif isinstance(ev, h2.events.ConnectionTerminated):
-                raise LinkError(f"downstream sent GOAWAY ({ev.error_code!r})")
+                last = ev.last_stream_id
+                if ev.error_code != 0 or last is None or last < self.stream:
+                    raise LinkError(f"downstream sent GOAWAY ({ev.error_code!r})")
+                self.goaway = True
         return frames
+
+
+#: Frame types a draining link lets pass without h2 (closed by the GOAWAY):
+#: PRIORITY, SETTINGS, PING (a late answer to our last health check).
+_IGNORED_AFTER_GOAWAY: Final = frozenset((2, 4, 6))
+
+
+def _after_goaway(run: bytes) -> None:
+    """Frames other than the link stream's plain DATA after a graceful
+    GOAWAY: the harmless ones are dropped, anything else ends the link."""
+    pos = 0
+    while pos + 9 <= len(run):
+        ftype = run[pos + 3]
+        if ftype not in _IGNORED_AFTER_GOAWAY:
+            raise LinkError(f"downstream sent an HTTP/2 frame of type {ftype} after its GOAWAY")
+        pos += 9 + int.from_bytes(run[pos : pos + 3], "big")
 
 
 _LINK_ERRORS: Final = (LinkError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -242,6 +271,11 @@ class LinkOwner(Protocol):
 
     def link_down(self, link: Link, why: str) -> None: ...
 
+    def link_draining(self, link: Link) -> None:
+        """The downstream sent a graceful GOAWAY: the link takes nothing new
+        (it is no longer ``up``) and ends once its messages in flight are
+        answered (then ``link_down``)."""
+
     def link_connect_failed(self, link: Link, why: str) -> None:
         """A connection attempt failed (refused, timed out, TLS
         handshake or certificate rejected); the link tries again after its
@@ -265,11 +299,13 @@ class Link:
     __slots__ = (
         "_busy",
         "_carry",
+        "_draining",
         "_stream",
         "_wake",
         "_watch",
         "connect_timeout_s",
         "core",
+        "drain_timeout_s",
         "endpoint",
         "headers",
         "health_interval_s",
@@ -302,6 +338,7 @@ class Link:
         health_timeout_s: float = 3.0,
         connect_timeout_s: float = 2.0,
         server_name: str | None = None,
+        drain_timeout_s: float = 5.0,
     ) -> None:
         self.owner = owner
         self.endpoint = endpoint
@@ -318,6 +355,11 @@ class Link:
         self.health_interval_s = health_interval_s
         self.health_timeout_s = health_timeout_s
         self.connect_timeout_s = connect_timeout_s
+        # after a graceful GOAWAY: how long the messages in flight on the
+        # link may take to be answered before it is closed (and they are
+        # redelivered elsewhere)
+        self.drain_timeout_s = drain_timeout_s
+        self._draining = trio.Event()
         self.state = DOWN
         self.core: LinkCore | None = None
         self.sessions: set[Any] = set()  # sessions opened on this link
@@ -362,7 +404,7 @@ class Link:
         (or everything, over TLS or while it is sending itself)."""
         c = self.core
         st = self._stream
-        if c is None or self.state != UP:
+        if c is None or (self.state != UP and self.state != DRAINING):
             return
         if self._busy or self._carry or type(st) is not trio.SocketStream:
             self._wake.set()
@@ -409,7 +451,9 @@ class Link:
                     ended = False
                     raise
                 finally:
-                    was_up = self.state == UP
+                    was_up = self.state == UP or self.state == DRAINING
+                    if self.state == DRAINING and "GOAWAY" not in why:
+                        why += " (draining after the downstream's GOAWAY)"
                     self.state = DOWN
                     self.core = None
                     self._stream = None
@@ -447,6 +491,7 @@ class Link:
         self._stream = stream
         self._carry = b""
         self._busy = False
+        self._draining = trio.Event()
         await stream.send_all(core.flush())
         # wait for the response headers before declaring the link up
         with trio.fail_after(self.connect_timeout_s):
@@ -464,6 +509,7 @@ class Link:
             async with trio.open_nursery() as n:
                 n.start_soon(self._writer, stream, core)
                 n.start_soon(self._health, core)
+                n.start_soon(self._drain)
                 if reactor is not None and type(stream) is trio.SocketStream:
                     await self._reactor_reads(reactor, stream, core)
                 else:
@@ -506,6 +552,12 @@ class Link:
         frames = core.receive(data)
         if frames:
             owner.link_frames(self, frames)
+        if core.goaway and self.state == UP:
+            # a graceful GOAWAY: nothing new goes out on this link; it stays
+            # open while the downstream answers what it has (see _drain)
+            self.state = DRAINING
+            self._draining.set()
+            owner.link_draining(self)
         if not owner.link_dirty(self):
             self._wake.set()
         if was_full and not self.full:
@@ -527,9 +579,25 @@ class Link:
             if was_full and not self.full:
                 self.owner.link_drained(self)
 
+    async def _drain(self) -> None:
+        """After a graceful GOAWAY: ends the link once every message in
+        flight on it was answered, or ``drain_timeout_s`` later (the rest
+        are then redelivered elsewhere, as for a lost link)."""
+        await self._draining.wait()
+        with trio.move_on_after(self.drain_timeout_s):
+            while self.inflight > 0:
+                await trio.sleep(DRAIN_POLL_S)
+        if self.inflight > 0:
+            raise LinkError(
+                f"GOAWAY: {self.inflight} messages not answered {self.drain_timeout_s:g} s after it"
+            )
+        raise LinkError("drained after the downstream's GOAWAY")
+
     async def _health(self, core: LinkCore) -> None:
         while True:
             await trio.sleep(self.health_interval_s)
+            if core.goaway:
+                continue  # h2 is closed: no PING; the drain has its own deadline
             pinged = core.ping_sent
             if not core.healthy(trio.current_time(), self.health_timeout_s):
                 raise LinkError(
