@@ -324,3 +324,28 @@ def registry_snapshot() -> dict[str, Any]:
     from gateway.ops.registry import REGISTRY
 
     return REGISTRY.snapshot()
+
+
+def test_downstream_endpoints_for_the_dashboard() -> None:
+    """Per worker and endpoint: the breaker state, the links up and the
+    failed connection attempts, from each worker's own metrics."""
+    agg = Aggregator(workers=2)
+    regs = [Registry(), Registry()]
+    for i, r in enumerate(regs):
+        lab = ("cluster", "endpoint")
+        r.gauge("gateway_breaker_state", "b", lab).labels("desks", "a:1").set(2 * i)
+        r.gauge("gateway_downstream_links_up", "u", lab).labels("desks", "a:1").set(1 - i)
+        r.counter("gateway_downstream_connect_failures_total", "f", lab).labels("desks", "a:1").inc(
+            3 * i
+        )
+        agg.update(i, snap(10 + i, {}, 0, r), 1.0)
+    rows = agg.api(1.5)["breakers"]
+    assert rows == [
+        {"worker": 0, "cluster": "desks", "endpoint": "a:1", "state": "closed",
+         "links_up": 1, "connect_failures": 0},
+        {"worker": 1, "cluster": "desks", "endpoint": "a:1", "state": "open",
+         "links_up": 0, "connect_failures": 3},
+    ]  # fmt: skip
+    m = parsed(render(agg.merged(1.5)))
+    key = ("gateway_downstream_links_up", (("cluster", "desks"), ("endpoint", "a:1")))
+    assert m["gateway_downstream_links_up"]["samples"][key] == 1  # summed over workers

@@ -74,14 +74,14 @@ class Gw:
 
 
 @asynccontextmanager
-async def serving(tmp_path: Path, workers: int) -> AsyncIterator[Gw]:
+async def serving(tmp_path: Path, workers: int, extra: tuple[str, ...] = ()) -> AsyncIterator[Gw]:
     port, ops = free_port(), free_port()
     env = dict(os.environ, GATEWAY_STATE_DIR=str(tmp_path), GATEWAY_DRAIN_S="4")
     env.update(GATEWAY_OPS_TOKEN=OPS_TOKEN, GATEWAY_BOT_THINK_MS="0", GATEWAY_LOG_LEVEL="warning")
     log = open(tmp_path / "gw.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
-         "--workers", str(workers), "--ops-listen", f"127.0.0.1:{ops}"],
+         "--workers", str(workers), "--ops-listen", f"127.0.0.1:{ops}", *extra],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     gw = Gw(proc, port, ops, tmp_path)
@@ -306,3 +306,41 @@ async def test_dashboard_in_chromium_shows_live_numbers(tmp_path: Path) -> None:
         assert all(c[col("last report", busy)].endswith(" s ago") for c in busy["cells"])
         assert all(len(c) == len(busy["head"]) for c in busy["cells"])
         assert shot.stat().st_size > 5000 and shot.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make sysdeps)")
+async def test_dashboard_in_chromium_shows_downstream_endpoints(tmp_path: Path) -> None:
+    """Two endpoints, one desk-sim up and one port nothing listens on: the
+    dashboard's endpoint table shows each with its breaker, its links up,
+    and the failed connection attempts of the dead one."""
+    from tests.test_downstream import desk
+
+    dead = free_port()
+    rows_js = (
+        "({rows: [...document.querySelectorAll('#breakers tbody tr')]"
+        ".map(r => [...r.cells].map(c => c.textContent))})"
+    )
+
+    def seen(v: Any) -> bool:
+        rows = v["rows"] if v else []
+        return (
+            len(rows) == 2
+            and all(len(r) == 6 for r in rows)
+            and any(r[4] == "1" for r in rows)
+            and any(r[5] not in ("0", "-") for r in rows)
+        )
+
+    async with desk(reply=False) as (dport, _, _):
+        spec = f"general=127.0.0.1:{dport},127.0.0.1:{dead}"
+        async with serving(tmp_path, workers=1, extra=("--downstream", spec)) as gw:
+            url = f"http://127.0.0.1:{gw.ops}/?token={OPS_TOKEN}"
+
+            def drive() -> Any:
+                with chromium_page(url, tmp_path / "profile") as cdp:
+                    return cdp.poll(rows_js, seen, timeout=20)
+
+            v = await trio.to_thread.run_sync(drive)
+    rows = {r[1]: r for r in v["rows"]}
+    up, down = rows[f"127.0.0.1:{dport}"], rows[f"127.0.0.1:{dead}"]
+    assert up[0] == "general" and up[2] == "0" and up[3:6] == ["closed", "1", "0"]
+    assert down[4] == "0" and int(down[5].replace(",", "")) >= 1

@@ -329,18 +329,7 @@ class Aggregator:
             row["age_s"] = round(now - v.seen, 1)
             row.update(summarize(v.points))
             workers.append(row)
-            bf = v.fams.get("gateway_breaker_state")
-            if bf is not None:
-                for labels, state in sorted(bf.samples.items()):
-                    d = dict(labels)
-                    breakers.append(
-                        {
-                            "worker": v.index,
-                            "cluster": d.get("cluster", ""),
-                            "endpoint": d.get("endpoint", ""),
-                            "state": ("closed", "half-open", "open")[min(2, max(0, int(state)))],
-                        }
-                    )
+            breakers += _endpoints(v.index, v.fams)
         series = [
             {k: p[k] for k in ("t", "connections", "msgs_in", "acked")}
             for p in list(self.history)[-120:]
@@ -357,3 +346,28 @@ class Aggregator:
             "breakers": breakers,
             "series": series,
         }
+
+
+def _endpoints(worker: int, fams: dict[str, Any]) -> list[dict[str, Any]]:
+    """One worker's downstream endpoints for the dashboard: breaker state,
+    links up, failed connection attempts so far (the worker's own
+    metrics)."""
+    bf = fams.get("gateway_breaker_state")
+    if bf is None:
+        return []
+    up = fams.get("gateway_downstream_links_up")
+    failed = fams.get("gateway_downstream_connect_failures_total")
+    out = []
+    for labels, state in sorted(bf.samples.items()):
+        d = dict(labels)
+        out.append(
+            {
+                "worker": worker,
+                "cluster": d.get("cluster", ""),
+                "endpoint": d.get("endpoint", ""),
+                "state": ("closed", "half-open", "open")[min(2, max(0, int(state)))],
+                "links_up": int(up.samples.get(labels, 0)) if up is not None else None,
+                "connect_failures": int(failed.samples.get(labels, 0)) if failed is not None else 0,
+            }
+        )
+    return out
