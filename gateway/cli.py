@@ -177,6 +177,14 @@ def _float_at_least(lo: float, hi: float | None = None) -> Callable[[str], float
     return parse
 
 
+def _header_arg(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    name = name.strip().lower()
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE: {text!r}")
+    return name, value
+
+
 def _setup_desk_sim(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", metavar="HOST:PORT", type=_hostport, default=("127.0.0.1", 7001),
                    help="address to serve on (default 127.0.0.1:7001)")  # fmt: skip
@@ -205,6 +213,9 @@ def _setup_desk_sim(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", metavar="FILE",
                    help="serve TLS (ALPN h2) with this certificate chain (PEM)")  # fmt: skip
     p.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    p.add_argument("--require-header", metavar="NAME=VALUE", action="append", default=[],
+                   type=_header_arg,
+                   help="answer links without this header with 401 (repeatable)")  # fmt: skip
     p.add_argument("--tls-client-ca", metavar="FILE",
                    help="require client certificates signed by this CA (mutual TLS)")  # fmt: skip
 
@@ -225,6 +236,7 @@ def _desk_sim(args: argparse.Namespace) -> int:
         crash_after=args.crash_after,
         reply=not args.no_reply,
         batch_acks=not args.single_acks,
+        require_headers=tuple(args.require_header),
     )
     host, port = args.listen
     ctx = None

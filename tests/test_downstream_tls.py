@@ -2,7 +2,8 @@
 (in-process, real sockets, certificates from a throwaway CA), with the
 server's certificate verified, a name other than the endpoint's host
 (``server_name``), and client certificates (mutual TLS); what an operator
-sees when the TLS setup is wrong; the configuration checks."""
+sees when the TLS setup is wrong; the configuration checks; link request
+headers (a bearer token) that a downstream checks."""
 
 from __future__ import annotations
 
@@ -272,3 +273,61 @@ def test_client_context_offers_h2_and_verifies() -> None:
     ctx = client_context(s.clusters["c"])
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
     assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+# -- link request headers (a bearer token) ----------------------------------------
+
+
+async def test_link_headers_authenticate_the_gateway_to_the_desk(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """desk-sim requiring an authorization header answers 401 to links
+    without it (the gateway logs the status, the link stays down), and
+    serves the cluster that sends it."""
+    caplog.set_level(logging.WARNING)
+    need = (("authorization", "Bearer s3cret"),)
+    rec = tmp_path / "rec.jsonl"
+    async with desk(record=rec, reply=False, require_headers=need) as (port, _, _):
+
+        def table(**headers: str) -> dict[str, Any]:
+            ep = {"endpoints": [f"127.0.0.1:{port}"], "headers": headers}
+            return {"clusters": {"general": ep}}
+
+        async with running(tmp_path, downstream=table()) as gw:
+            fw = gw.w.forwarder
+            with trio.fail_after(10):
+                while _failures(fw) < 1:
+                    await trio.sleep(0.02)
+            assert not fw.links[0].up
+        lines = [r.getMessage() for r in caplog.records if "connect_failed" in r.getMessage()]
+        assert any("HTTP status 401" in line for line in lines), lines
+        async with running(tmp_path, downstream=table(authorization="Bearer guess")) as gw:
+            before = _failures(gw.w.forwarder)
+            with trio.fail_after(10):
+                while _failures(gw.w.forwarder) < before + 1:
+                    await trio.sleep(0.02)
+        async with running(tmp_path, downstream=table(authorization="Bearer s3cret")) as gw:
+            await wait_links_up(gw.w.forwarder)
+            async with gc.connect(gw.url, token=gw.token("erin"), reconnect=False) as s:
+                assert await s.send("with a token") == 1
+    assert [r["body"] for r in records(rec)] == ["with a token"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ("Bearer x", "headers must be a table"),
+        ({"Authorization": "x"}, "not a lower-case header name"),
+        ({":path": "/x"}, "not a lower-case header name"),
+        ({"content-type": "x"}, "set by the link itself"),
+        ({"x-gateway-node": "x"}, "set by the link itself"),
+        ({"authorization": "a\r\nb"}, "printable ASCII"),
+        ({"authorization": 5}, "printable ASCII"),
+        ({f"h{i}": "v" for i in range(17)}, "at most 16"),
+        ({"a": "v" * 4096}, "more than 4096 bytes"),
+    ],
+)
+def test_link_headers_are_checked(headers: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=r"clusters\.c\.headers") as e:
+        parse_settings(_cluster(headers=headers))
+    assert message in str(e.value)

@@ -44,6 +44,8 @@ class DeskConfig:
     reply: bool = True  # send replies (False: acks only, for throughput runs)
     batch_acks: bool = True  # the acks of one read in one ``acks`` frame (False: ``ack`` each)
     max_sessions: int = 1_000_000
+    #: request headers a link must carry (desk-sim answers 401 otherwise)
+    require_headers: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.error_rate <= 1.0:

@@ -324,6 +324,9 @@ class DeskServer:
             if headers.get(":path") != LINK_PATH or headers.get(":method") != "POST":
                 c.h2.send_headers(sid, [(":status", "404")], end_stream=True)
                 return
+            if any(headers.get(k) != v for k, v in self.cfg.require_headers):
+                c.h2.send_headers(sid, [(":status", "401")], end_stream=True)
+                return
             link = next(self._ids)
             if not c.split.stream:
                 c.split.stream = sid  # its DATA frames are read without h2

@@ -225,7 +225,7 @@ class Forwarder:
                         host,
                         port,
                         i,
-                        [*headers, ("x-gateway-link", str(i))],
+                        [*headers, ("x-gateway-link", str(i)), *spec.headers],
                         ctx,
                         settings.link_high_water,
                         settings.health_interval_s,

@@ -33,6 +33,8 @@ class ClusterSpec:
     #: the name the endpoints' certificates are verified against (and sent
     #: as SNI); None: each endpoint's host
     server_name: str | None = None
+    #: extra request headers of the link stream (a bearer token...)
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,38 @@ _TLS_FILES: Final = ("ca_file", "cert_file", "key_file")
 MAX_SERVER_NAME: Final = 253
 
 
+MAX_LINK_HEADERS: Final = 16
+MAX_LINK_HEADER_BYTES: Final = 4096
+#: Headers the link request sets itself, or that HTTP/2 forbids.
+_RESERVED_HEADERS: Final = frozenset(
+    ("content-type", "host", "te", "connection", "keep-alive", "proxy-connection",
+     "transfer-encoding", "upgrade", "content-length")
+)  # fmt: skip
+_TOKEN_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~")
+
+
+def _headers(t: Any, w: str) -> tuple[tuple[str, str], ...]:
+    """A cluster's ``headers`` table: lower-case header names (not pseudo,
+    not set by the link itself, not ``x-gateway-*``) to printable values;
+    at most :data:`MAX_LINK_HEADERS`, :data:`MAX_LINK_HEADER_BYTES` in all."""
+    if not isinstance(t, Mapping):
+        raise ValueError(f'{w}.headers must be a table of NAME = "value"')
+    if len(t) > MAX_LINK_HEADERS:
+        raise ValueError(f"{w}.headers: at most {MAX_LINK_HEADERS}")
+    out = []
+    for k, v in t.items():
+        if not isinstance(k, str) or not k or not set(k) <= _TOKEN_CHARS:
+            raise ValueError(f"{w}.headers: {k!r} is not a lower-case header name")
+        if k in _RESERVED_HEADERS or k.startswith("x-gateway-"):
+            raise ValueError(f"{w}.headers: {k!r} is set by the link itself or not allowed")
+        if not isinstance(v, str) or any(not (c == "\t" or " " <= c <= "~") for c in v):
+            raise ValueError(f"{w}.headers.{k} must be a string of printable ASCII")
+        out.append((k, v))
+    if sum(len(k) + len(v) for k, v in out) > MAX_LINK_HEADER_BYTES:
+        raise ValueError(f"{w}.headers: more than {MAX_LINK_HEADER_BYTES} bytes in all")
+    return tuple(out)
+
+
 def _tls_keys(t: Mapping[str, Any], w: str) -> dict[str, Any]:
     """A cluster's TLS keys, checked: ``tls`` a boolean; the files paths
     (``cert_file`` and ``key_file`` together) and ``server_name`` a host
@@ -155,7 +189,8 @@ def parse_settings(doc: Mapping[str, Any]) -> DownstreamSettings | None:
         w = f"{where}.clusters.{name}"
         if not isinstance(t, dict):
             raise ValueError(f"{w} must be a table")
-        extra = set(t) - {"endpoints", "links_per_endpoint", "tls", *_TLS_FILES, "server_name"}
+        extra = set(t) - {"endpoints", "links_per_endpoint", "tls", *_TLS_FILES, "server_name",
+                          "headers"}  # fmt: skip
         if extra:
             raise ValueError(f"{w}: unknown key(s) {', '.join(sorted(extra))}")
         eps = t.get("endpoints")
@@ -168,6 +203,7 @@ def parse_settings(doc: Mapping[str, Any]) -> DownstreamSettings | None:
         if type(links) is not int or not 1 <= links <= MAX_LINKS_PER_ENDPOINT:
             raise ValueError(f"{w}.links_per_endpoint must be 1..{MAX_LINKS_PER_ENDPOINT}")
         clusters[str(name)] = ClusterSpec(str(name), endpoints, links_per_endpoint=links,
+                                          headers=_headers(t.get("headers", {}), w),
                                           **_tls_keys(t, w))  # fmt: skip
     if not clusters:
         raise ValueError(f"{where}: define at least one cluster ([downstream.clusters.NAME])")
