@@ -256,3 +256,66 @@ def test_send_window_frames_split_at_the_frame_size_and_spend_both_windows() -> 
     assert [h[0] for h in heads] == [16384, 16384, 16384, 16383]
     assert all(h[1:] == (0, 0, b"\x00\x00\x00\x03") for h in heads)
     assert w.frames(b"y", 16384) == (b"", 0)  # the stream's window is spent
+
+
+async def test_desk_sim_sends_within_the_gateways_windows() -> None:
+    """desk-sim builds the link's DATA frames itself too: a peer (h2, which
+    raises on one byte too many) advertising a 2,000-byte stream window and
+    not giving it back gets no more than that; once it does, every ack and
+    reply arrives."""
+    import h2.config
+    import h2.connection
+
+    from gateway.downstream.proto import MAX_LINK_FRAME
+    from gateway.protocol.codec import LengthPrefixedDecoder
+
+    n = 40
+    async with desk(think_ms=0) as (port, _, _):
+        sock = await trio.open_tcp_stream("127.0.0.1", port)
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        )
+        conn.local_settings = h2.settings.Settings(
+            client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2000}
+        )
+        conn.initiate_connection()
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"),
+                                (":authority", "desk"), (":path", "/v1/link"),
+                                ("content-type", "application/msgpack")])  # fmt: skip
+        out = _open("s1")
+        for k in range(1, n + 1):
+            out += encode({"t": "msg", "sid": "s1", "n": k, "id": k, "body": f"m{k}",
+                           "group": "general", "stage": "human"})  # fmt: skip
+        conn.send_data(sid, out)
+        await sock.send_all(conn.data_to_send())
+        dec = LengthPrefixedDecoder(MAX_LINK_FRAME, lambda f: f)
+        frames: list[dict] = []
+        got = 0
+        give_back = False
+
+        async def read(seconds: float) -> None:
+            nonlocal got
+            with trio.move_on_after(seconds):
+                while True:
+                    for ev in conn.receive_data(await sock.receive_some(65536)):
+                        if isinstance(ev, h2.events.DataReceived) and ev.stream_id == sid:
+                            got += len(ev.data)
+                            frames.extend(dec.feed(ev.data))
+                            if give_back:
+                                conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+                    await sock.send_all(conn.data_to_send())
+                    if sum(f["t"] == "deliver" for f in frames) >= n:
+                        return
+
+        await read(0.5)
+        assert 0 < got <= 2000  # held at the window (h2 raises past it)
+        give_back = True
+        conn.acknowledge_received_data(got, sid)
+        await sock.send_all(conn.data_to_send())
+        await read(10)
+        await sock.aclose()
+    acked = sorted(x for f in frames if f["t"] == "acks" for ns in f["sids"].values() for x in ns)
+    acked += [f["n"] for f in frames if f["t"] == "ack"]
+    assert sorted(acked) == list(range(1, n + 1))
+    assert sum(f["t"] == "deliver" for f in frames) == n

@@ -38,7 +38,8 @@ import trio
 
 from gateway import h2repr, trioidle
 from gateway.downstream.desk import Desk, DeskConfig
-from gateway.downstream.h2data import DATA_FRAME, DataSplitter, FlowError
+from gateway.downstream.h2data import DATA_FRAME, DataSplitter, FlowError, SendWindow
+from gateway.downstream.h2data import WINDOW as WINDOW_UPDATE_KIND
 from gateway.downstream.proto import (
     LINK_PATH,
     MAX_LINK_FRAME,
@@ -71,8 +72,8 @@ DRAIN_S: Final = 10.0
 
 class _Conn:
     __slots__ = (
-        "acks", "busy", "carry", "extra", "fd", "h2", "links", "out", "reading", "sock", "split",
-        "srv", "stream", "wake",
+        "acks", "busy", "carry", "extra", "fd", "h2", "links", "out", "reading", "send", "sock",
+        "split", "srv", "stream", "wake",
     )  # fmt: skip
 
     def __init__(self, srv: DeskServer, sock: trio.SocketStream, stream: trio.abc.Stream) -> None:
@@ -105,9 +106,11 @@ class _Conn:
         self.busy = False  # the writer task is in a send
         self.carry = b""  # packed by the reader, not taken by the socket yet
         self.reading = False  # the reader writes the answers itself when done
-        # the first link stream's DATA frames, read without h2
-        # (gateway.downstream.h2data), and the WINDOW_UPDATEs giving them back
-        self.split = DataSplitter(0, WINDOW, server=True)
+        # the first link stream's DATA frames both ways without h2
+        # (gateway.downstream.h2data): the ones read, the WINDOW_UPDATEs
+        # giving them back, and the gateway's windows for the ones sent
+        self.split = DataSplitter(0, WINDOW, server=True, windows=True)
+        self.send = SendWindow(0)
         self.extra = b""
 
 
@@ -290,6 +293,9 @@ class DeskServer:
                     if kind == DATA_FRAME:
                         self._data(c, sp.stream, chunk)
                         continue
+                    if kind == WINDOW_UPDATE_KIND:
+                        c.send.update(chunk)
+                        continue
                     for ev in c.h2.receive_data(chunk):
                         self._event(c, ev)
                 c.extra += sp.window_updates()
@@ -329,7 +335,8 @@ class DeskServer:
                 return
             link = next(self._ids)
             if not c.split.stream:
-                c.split.stream = sid  # its DATA frames are read without h2
+                # its DATA frames are read and written without h2
+                c.split.stream = c.send.stream_id = sid
             c.links[sid] = (link, LengthPrefixedDecoder(MAX_LINK_FRAME, check_from_gateway))
             self.links[link] = (c, sid)
             c.out[sid] = bytearray()
@@ -338,6 +345,11 @@ class DeskServer:
             if ev.flow_controlled_length:
                 c.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             self._data(c, ev.stream_id, ev.data)
+        elif isinstance(ev, h2.events.RemoteSettingsChanged):
+            ch = ev.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
+            if ch is not None:
+                old = 65535 if ch.original_value is None else ch.original_value
+                c.send.initial_changed(old, ch.new_value)
         elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
             self._drop_stream(c, ev.stream_id)
         elif isinstance(ev, h2.events.ConnectionTerminated):
@@ -424,8 +436,15 @@ class DeskServer:
                 if buf is not None:
                     buf += batch.take()
             c.acks.clear()
+        fast = b""
         for stream, buf in list(c.out.items()):
             if not buf:
+                continue
+            if stream == c.send.stream_id:
+                # the first link: DATA frames built here within the
+                # gateway's windows (SendWindow), as the gateway does
+                fast, k = c.send.frames(buf, SAFE_FRAME)
+                del buf[:k]
                 continue
             try:
                 room = min(c.h2.local_flow_control_window(stream), len(buf))
@@ -438,7 +457,8 @@ class DeskServer:
                 del buf[:pos]
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 self._drop_stream(c, stream)
-        data = c.h2.data_to_send()
+        # h2's frames first: a stream's response headers before its DATA
+        data = c.h2.data_to_send() + fast
         if c.extra:
             data, c.extra = data + c.extra, b""
         return data
