@@ -509,7 +509,6 @@ class Link:
             async with trio.open_nursery() as n:
                 n.start_soon(self._writer, stream, core)
                 n.start_soon(self._health, core)
-                n.start_soon(self._drain)
                 if reactor is not None and type(stream) is trio.SocketStream:
                     await self._reactor_reads(reactor, stream, core)
                 else:
@@ -583,7 +582,6 @@ class Link:
         """After a graceful GOAWAY: ends the link once every message in
         flight on it was answered, or ``drain_timeout_s`` later (the rest
         are then redelivered elsewhere, as for a lost link)."""
-        await self._draining.wait()
         with trio.move_on_after(self.drain_timeout_s):
             while self.inflight > 0:
                 await trio.sleep(DRAIN_POLL_S)
@@ -594,10 +592,14 @@ class Link:
         raise LinkError("drained after the downstream's GOAWAY")
 
     async def _health(self, core: LinkCore) -> None:
+        """PINGs every ``health_interval_s``; after a graceful GOAWAY, the
+        drain instead (in this task: a link's tasks count against the
+        worker's direct wait, gateway.trioidle.MAX_TASKS)."""
         while True:
-            await trio.sleep(self.health_interval_s)
-            if core.goaway:
-                continue  # h2 is closed: no PING; the drain has its own deadline
+            with trio.move_on_after(self.health_interval_s):
+                await self._draining.wait()
+            if self._draining.is_set():
+                await self._drain()  # h2 is closed: no more PINGs
             pinged = core.ping_sent
             if not core.healthy(trio.current_time(), self.health_timeout_s):
                 raise LinkError(
