@@ -668,3 +668,20 @@ async def test_desk_draining_with_goaway_loses_and_duplicates_nothing(
     lines = [r.getMessage() for r in caplog.records]
     assert any("downstream_link_draining" in m and str(pa) in m for m in lines)
     assert any("downstream_link_down" in m and "drained after" in m for m in lines), lines
+
+
+async def test_stopping_worker_logs_its_links_down_as_routine(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker stopping takes its links down with it: logged at info as
+    such, not as a downstream failure (a warning on every restart would
+    teach operators to ignore the real ones)."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    async with desk(reply=False) as (port, _, _):  # noqa: SIM117
+        async with running(tmp_path, downstream=ds(("general", [port]))) as gw:
+            await wait_links_up(gw.w.forwarder)
+    downs = [r for r in caplog.records if "downstream_link_down" in r.getMessage()]
+    assert downs and all(r.levelno == logging.INFO for r in downs)
+    assert all("the worker is stopping" in r.getMessage() for r in downs)

@@ -29,7 +29,7 @@ import trio
 from gateway.downstream.admission import Admission, ClusterLoad
 from gateway.downstream.balancer import Balancer, Endpoint
 from gateway.downstream.breaker import OPEN, STATE_NAMES, Breaker, OutlierDetector
-from gateway.downstream.link import Link
+from gateway.downstream.link import STOPPING, Link
 from gateway.downstream.proto import encode, encode_msg, msg_head
 from gateway.downstream.routing import StickyTable
 from gateway.downstream.settings import ClusterSpec, DownstreamSettings
@@ -644,8 +644,9 @@ class Forwarder:
         ep: _Ep = link.endpoint
         ep.endpoint.up = any(ln.up for ln in ep.links)
         if self.hub is not None:
-            # a drain that ended with everything answered is routine
-            level = "info" if why.startswith("drained") else "warning"
+            # a drain that ended with everything answered, or the worker
+            # stopping, is routine
+            level = "info" if why.startswith("drained") or why == STOPPING else "warning"
             self.hub.log(level, "downstream_link_down", endpoint=link.key, why=why[:200])
         sessions = list(link.sessions)
         link.sessions.clear()

@@ -48,6 +48,10 @@ DRAIN_POLL_S: Final = 0.02
 
 DOWN, CONNECTING, UP, DRAINING = 0, 1, 2, 3
 
+#: The reason given to ``link_down`` when the link's task is cancelled
+#: (the worker is stopping): not a downstream failure.
+STOPPING: Final = "the worker is stopping"
+
 
 class LinkError(Exception):
     """The link cannot go on (protocol error, refused stream, GOAWAY...)."""
@@ -449,6 +453,7 @@ class Link:
                     why = f"internal error: {e!r}"
                 except BaseException:
                     ended = False
+                    why = STOPPING
                     raise
                 finally:
                     was_up = self.state == UP or self.state == DRAINING
