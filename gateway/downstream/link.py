@@ -16,6 +16,7 @@ import os
 import random
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 import h2.config
@@ -28,6 +29,7 @@ import trio
 from gateway import h2repr
 from gateway.downstream.h2data import DATA_FRAME, WINDOW, DataSplitter, FlowError, SendWindow
 from gateway.downstream.proto import LINK_PATH, MAX_LINK_FRAME, check_from_downstream
+from gateway.downstream.tls import ALPN, TlsBio
 from gateway.netio import write_some
 from gateway.protocol.codec import LengthPrefixedDecoder
 from gateway.protocol.codes import ProtocolError
@@ -304,6 +306,7 @@ class Link:
         "_busy",
         "_carry",
         "_draining",
+        "_seal",
         "_stream",
         "_wake",
         "_watch",
@@ -370,7 +373,10 @@ class Link:
         self.inflight = 0  # messages sent on this link and not answered
         self.rng = random.Random()
         self._wake = trio.Event()
-        self._stream: trio.abc.Stream | None = None
+        # the connection's TCP stream (what flush_now writes to), and what
+        # turns the link's bytes into the bytes for it (TLS records, or as is)
+        self._stream: trio.SocketStream | None = None
+        self._seal: Callable[[bytes], bytes] = _as_is
         self._busy = False  # the writer task is in a send
         self._carry = b""  # flushed by flush_now, not taken by the socket yet
         self._watch: _ReactorRead | None = None  # read by the reactor
@@ -410,11 +416,11 @@ class Link:
         st = self._stream
         if c is None or (self.state != UP and self.state != DRAINING):
             return
-        if self._busy or self._carry or type(st) is not trio.SocketStream:
+        if self._busy or self._carry or st is None:
             self._wake.set()
             return
         was_full = self.full
-        data = c.flush()
+        data = self._seal(c.flush())
         if not data:
             return
         rest = write_some(st.socket.fileno(), data)
@@ -476,28 +482,35 @@ class Link:
             await trio.sleep(backoff * (0.5 + self.rng.random()))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    async def _connect(self) -> trio.abc.Stream:
+    async def _connect(self) -> trio.SocketStream | _TlsStream:
         with trio.fail_after(self.connect_timeout_s):
             tcp = await trio.open_tcp_stream(self.host, self.port)
             tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.ssl_context is None:
                 return tcp
-            tls = trio.SSLStream(tcp, self.ssl_context, server_hostname=self.server_name)
-            await tls.do_handshake()
-            if tls.selected_alpn_protocol() != "h2":
-                await trio.aclose_forcefully(tls)
+            tls = _TlsStream(tcp, TlsBio(self.ssl_context, self.server_name))
+            try:
+                await tls.handshake()
+            except BaseException:
+                await trio.aclose_forcefully(tcp)
+                raise
+            if tls.tls.obj.selected_alpn_protocol() != ALPN:
+                await trio.aclose_forcefully(tcp)
                 raise ssl.SSLError("downstream did not select ALPN h2")
             return tls
 
-    async def _serve(self, stream: trio.abc.Stream) -> None:
+    async def _serve(self, stream: trio.SocketStream | _TlsStream) -> None:
         core = LinkCore()
         core.start(f"{self.host}:{self.port}", self.headers)
         self.core = core
-        self._stream = stream
+        tls = stream.tls if isinstance(stream, _TlsStream) else None
+        raw = stream.tcp if isinstance(stream, _TlsStream) else stream
+        self._stream = raw
+        self._seal = tls.seal if tls is not None else _as_is
         self._carry = b""
         self._busy = False
         self._draining = trio.Event()
-        await stream.send_all(core.flush())
+        await raw.send_all(self._seal(core.flush()))
         # wait for the response headers before declaring the link up
         with trio.fail_after(self.connect_timeout_s):
             while core.status is None:
@@ -512,10 +525,10 @@ class Link:
         reactor = self.owner.reactor
         try:
             async with trio.open_nursery() as n:
-                n.start_soon(self._writer, stream, core)
+                n.start_soon(self._writer, raw, core)
                 n.start_soon(self._health, core)
-                if reactor is not None and type(stream) is trio.SocketStream:
-                    await self._reactor_reads(reactor, stream, core)
+                if reactor is not None:
+                    await self._reactor_reads(reactor, raw, core, tls)
                 else:
                     await self._reader(stream, core)
                 n.cancel_scope.cancel()
@@ -523,21 +536,23 @@ class Link:
             raise _first_link_error(eg) from None
 
     async def _reader(self, stream: trio.abc.Stream, core: LinkCore) -> None:
-        """Reads the link in this task (TLS, or no reactor)."""
+        """Reads the link in this task (no reactor)."""
         while True:
             data = await stream.receive_some(READ_SIZE)
             if not data:
                 raise LinkError("downstream closed the connection")
             self.received(core, data)
 
-    async def _reactor_reads(self, reactor: Any, stream: trio.SocketStream, core: LinkCore) -> None:
+    async def _reactor_reads(
+        self, reactor: Any, stream: trio.SocketStream, core: LinkCore, tls: TlsBio | None
+    ) -> None:
         """Lets the worker's reactor read the link until it ends: the
         frames are handled in the reactor's batch, next to the visitor
         connections they answer, and what they cause (acks and replies to
         visitors, more frames for this link, h2's own frames) is written
         once at the end of the batch."""
         fd = stream.socket.fileno()
-        watch = self._watch = _ReactorRead(self, core, reactor, fd)
+        watch = self._watch = _ReactorRead(self, core, reactor, fd, tls)
         reactor.add(fd, watch)
         try:
             await watch.done.wait()
@@ -567,12 +582,13 @@ class Link:
         if was_full and not self.full:
             owner.link_drained(self)
 
-    async def _writer(self, stream: trio.abc.Stream, core: LinkCore) -> None:
+    async def _writer(self, stream: trio.SocketStream, core: LinkCore) -> None:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
             was_full = self.full
-            data = self._carry + core.flush()
+            # what flush_now left (already sealed), then the rest
+            data = self._carry + self._seal(core.flush())
             self._carry = b""
             if data:
                 self._busy = True
@@ -625,18 +641,82 @@ def _reason(e: BaseException) -> str:
     return str(cause) or type(cause).__name__
 
 
+def _as_is(data: bytes) -> bytes:
+    """A plain link's bytes go to its socket as they are."""
+    return data
+
+
+class _TlsStream(trio.abc.Stream):
+    """A link's TLS over its TCP stream with :class:`TlsBio`: the handshake
+    and the link's setup (before the worker's event loop reads it), and the
+    link's reads without an event loop. The TCP stream itself is what the
+    link writes sealed records to."""
+
+    def __init__(self, tcp: trio.SocketStream, tls: TlsBio) -> None:
+        self.tcp = tcp
+        self.tls = tls
+
+    async def handshake(self) -> None:
+        tls, tcp = self.tls, self.tcp
+        while True:
+            done = tls.handshake()
+            out = tls.seal(b"")
+            if out:
+                await tcp.send_all(out)
+            if done:
+                return
+            data = await tcp.receive_some(READ_SIZE)
+            if not data:
+                raise trio.BrokenResourceError("downstream closed during the TLS handshake")
+            tls.feed(data)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        out = self.tls.seal(bytes(data))
+        if out:
+            await self.tcp.send_all(out)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.tcp.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Plaintext; b"" when the downstream closed the session or the
+        connection (ssl.SSLError on a bad record or an alert)."""
+        while True:
+            try:
+                plain = self.tls.open()
+            except EOFError:
+                return b""
+            if plain:
+                return plain
+            data = await self.tcp.receive_some(READ_SIZE)
+            # at the end of the connection, open() raises ssl.SSLEOFError
+            # unless the session was closed cleanly (then b"")
+            self.tls.feed(data)
+            if not data:
+                try:
+                    return self.tls.open()
+                except EOFError:
+                    return b""
+
+    async def aclose(self) -> None:
+        await self.tcp.aclose()
+
+
 class _ReactorRead:
     """The reactor's handler for a plain-TCP link: reads what is there and
     hands it to :meth:`Link.received`; records why the link ended and wakes
     :meth:`Link._reactor_reads`, which raises it in the link's task."""
 
-    __slots__ = ("core", "done", "error", "fd", "link", "reactor")
+    __slots__ = ("core", "done", "error", "fd", "link", "reactor", "tls")
 
-    def __init__(self, link: Link, core: LinkCore, reactor: Any, fd: int) -> None:
+    def __init__(
+        self, link: Link, core: LinkCore, reactor: Any, fd: int, tls: TlsBio | None = None
+    ) -> None:
         self.link = link
         self.core = core
         self.reactor = reactor
         self.fd = fd
+        self.tls = tls  # over TLS: what the socket reads are records to open
         self.done = trio.Event()
         self.error: BaseException | None = None
 
@@ -653,6 +733,19 @@ class _ReactorRead:
         if not data:
             self._end(LinkError("downstream closed the connection"))
             return
+        tls = self.tls
+        if tls is not None:
+            tls.feed(data)
+            try:
+                data = tls.open()
+            except EOFError as e:
+                self._end(LinkError(str(e)))
+                return
+            except ssl.SSLError as e:
+                self._end(LinkError(f"connection lost: {e}"))
+                return
+            if not data:
+                return  # no complete record yet
         try:
             self.link.received(self.core, data)
         except LinkError as e:
