@@ -15,10 +15,11 @@ desk-sim serves TLS with ``--tls-cert``/``--tls-key`` and, with
 :class:`TlsBio` is the client side of one link's TLS over memory buffers,
 driven by the link (gateway/downstream/link.py).
 
-Both contexts are built when the configuration is loaded, so a missing or unreadable
-file, a key that does not match its certificate or a CA file with no
-certificate in it is a configuration error at startup
-(:func:`check_cluster`), not a link that silently never comes up.
+The clusters' contexts are built when the configuration is loaded, so a
+missing or unreadable file, a key that does not match its certificate or a
+CA file with no certificate in it is a configuration error at startup
+(:func:`check_cluster`), not a link that silently never comes up;
+desk-sim's when it starts (it exits with 2).
 """
 
 from __future__ import annotations
