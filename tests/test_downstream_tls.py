@@ -148,17 +148,17 @@ async def test_mutual_tls_needs_a_client_certificate_from_the_desks_ca(
     rec = tmp_path / "rec.jsonl"
     caplog.set_level(logging.WARNING)
     async with desk(record=rec, think_ms=0, ssl_context=ctx) as (port, srv, _):
-        # no client certificate: the desk ends the handshake (TLS 1.3: the
-        # gateway learns it at its first read)
+        # no client certificate: the desk ends the handshake with an alert
+        # (TLS 1.3: the gateway reads it after its side of the handshake)
         async with running(tmp_path, downstream=tls_ds(port, ca_file=pki.ca_file)) as gw:
-            await _refused_then_logged(gw, caplog, "connection lost")
+            await _refused_then_logged(gw, caplog, "certificate required")
         assert srv.tls_failures >= 2
         # a certificate from a CA the desk does not trust: refused too
         cert, key = stranger.client(tmp_path, "intruder")
         spec = tls_ds(port, ca_file=pki.ca_file, cert_file=cert, key_file=key)
         caplog.clear()
         async with running(tmp_path, downstream=spec) as gw:
-            await _refused_then_logged(gw, caplog, "connection lost")
+            await _refused_then_logged(gw, caplog, "unknown ca")
         # one from the desk's client CA: served
         cert, key = clients.client(tmp_path)
         spec = tls_ds(port, ca_file=pki.ca_file, cert_file=cert, key_file=key)

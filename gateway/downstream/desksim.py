@@ -47,6 +47,7 @@ from gateway.downstream.proto import (
     encode,
     encode_acks,
 )
+from gateway.downstream.tls import ALPN, TlsBio
 from gateway.gctune import tune_gc
 from gateway.netio import write_some
 from gateway.protocol.codec import MAX_ENTRIES, LengthPrefixedDecoder
@@ -73,16 +74,16 @@ DRAIN_S: Final = 10.0
 class _Conn:
     __slots__ = (
         "acks", "busy", "carry", "extra", "fd", "h2", "links", "out", "reading", "send", "sock",
-        "split", "srv", "stream", "wake",
+        "split", "srv", "tls", "wake",
     )  # fmt: skip
 
-    def __init__(self, srv: DeskServer, sock: trio.SocketStream, stream: trio.abc.Stream) -> None:
+    def __init__(self, srv: DeskServer, sock: trio.SocketStream, tls: TlsBio | None) -> None:
         self.srv = srv
-        self.sock = sock  # the TCP connection
-        self.stream = stream  # what is read and written: ``sock``, or TLS over it
-        # plain TCP: the socket, read and written directly; over TLS, None
-        # (everything goes through ``stream``)
-        self.fd: int | None = sock.socket.fileno() if stream is sock else None
+        self.sock = sock
+        self.fd = sock.socket.fileno()
+        # over TLS: the connection's records, opened after each read and
+        # sealed before each write (gateway.downstream.tls.TlsBio)
+        self.tls = tls
         cfg = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
         self.h2 = h2.connection.H2Connection(cfg)
         self.h2.local_settings = h2.settings.Settings(
@@ -104,7 +105,7 @@ class _Conn:
         self.acks: dict[int, _AckBatch] = {}
         self.wake = trio.Event()
         self.busy = False  # the writer task is in a send
-        self.carry = b""  # packed by the reader, not taken by the socket yet
+        self.carry = b""  # packed (and sealed) by the reader, not taken by the socket yet
         self.reading = False  # the reader writes the answers itself when done
         # the first link stream's DATA frames both ways without h2
         # (gateway.downstream.h2data): the ones read, the WINDOW_UPDATEs
@@ -196,15 +197,14 @@ class DeskServer:
             await sock.aclose()
             return
         self.conns += 1
-        stream: trio.abc.Stream = sock
         c: _Conn | None = None
         try:
+            tls = None
             if self.ssl_context is not None:
                 tls = await self._handshake(sock, self.ssl_context)
                 if tls is None:
                     return
-                stream = tls
-            c = _Conn(self, sock, stream)
+            c = _Conn(self, sock, tls)
             self._conns.add(c)
             with _nodelay(sock):
                 c.h2.initiate_connection()
@@ -228,7 +228,7 @@ class DeskServer:
             for link, _ in c.links.values() if c is not None else ():
                 self.links.pop(link, None)
                 self.desk.link_closed(link)
-            await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(sock)
 
     def drain(self) -> None:
         """Graceful shutdown: a GOAWAY (NO_ERROR, keeping every link stream)
@@ -245,22 +245,35 @@ class DeskServer:
         if not self.conns:
             self.all_closed.set()
 
-    async def _handshake(
-        self, sock: trio.SocketStream, ctx: ssl.SSLContext
-    ) -> trio.SSLStream[trio.SocketStream] | None:
+    async def _handshake(self, sock: trio.SocketStream, ctx: ssl.SSLContext) -> TlsBio | None:
         """The TLS handshake (ALPN ``h2`` required); None when it failed,
         timed out or chose another protocol (counted, and said on stderr
         when the reason differs from the last one)."""
-        tls = trio.SSLStream(sock, ctx, server_side=True)
+        tls = TlsBio(ctx, None)
         why = ""
         with trio.move_on_after(HANDSHAKE_S) as scope:
             try:
-                await tls.do_handshake()
-            except trio.BrokenResourceError as e:
-                why = str(e.__cause__ or e) or type(e).__name__
+                while True:
+                    done = tls.handshake()
+                    out = tls.seal(b"")
+                    if out:
+                        await sock.send_all(out)
+                    if done:
+                        break
+                    data = await sock.receive_some(READ_SIZE)
+                    if not data:
+                        why = "the client closed the connection"
+                        break
+                    tls.feed(data)
+            except ssl.SSLError as e:
+                why = str(e)
+                with contextlib.suppress(trio.BrokenResourceError, OSError):
+                    await sock.send_all(tls.seal(b""))  # the alert saying why
+            except (trio.BrokenResourceError, OSError) as e:
+                why = f"connection lost: {e}"
         if scope.cancelled_caught:
             why = f"no TLS handshake in {HANDSHAKE_S:g} s"
-        elif not why and tls.selected_alpn_protocol() != "h2":
+        elif not why and tls.obj.selected_alpn_protocol() != ALPN:
             why = "the client did not offer ALPN h2"
         if not why:
             return tls
@@ -268,22 +281,29 @@ class DeskServer:
         if why != self._tls_last:
             self._tls_last = why
             print(f"desk-sim: TLS handshake failed: {why}", file=sys.stderr)
-        await trio.aclose_forcefully(tls)
         return None
 
     async def _reader(self, c: _Conn) -> None:
         fd = c.fd
+        tls = c.tls
         # between reads, while no other task has anything to do, wait for
-        # the next one here rather than through trio's scheduler (plain TCP)
-        idle = trioidle.probe(fd) if fd is not None else None
+        # the next one here rather than through trio's scheduler
+        idle = trioidle.probe(fd)
         while True:
-            if idle is not None and fd is not None and idle.wait():
+            if idle is not None and idle.wait():
                 data = os.read(fd, READ_SIZE)
             else:
-                # (bytes() of bytes is the same object: no copy over TCP)
-                data = bytes(await c.stream.receive_some(READ_SIZE))
+                data = await c.sock.receive_some(READ_SIZE)
             if not data:
                 return
+            if tls is not None:
+                tls.feed(data)
+                try:
+                    data = tls.open()
+                except (EOFError, ssl.SSLError):
+                    return  # the gateway ended the session, or broke it
+                if not data:
+                    continue  # no complete record yet
             sp = c.split
             sp.feed(data)
             c.reading = True
@@ -312,10 +332,12 @@ class DeskServer:
         """Writes the answers to a read with one non-blocking send from the
         reader (no hand-off to the writer task, which only gets what the
         socket did not take, or everything while it is sending itself)."""
-        if c.busy or c.carry or c.fd is None:
-            c.wake.set()  # (over TLS the writer task always sends)
+        if c.busy or c.carry:
+            c.wake.set()
             return
         data = self._pack(c)
+        if c.tls is not None:
+            data = c.tls.seal(data)
         if not data:
             return
         rest = write_some(c.fd, data)
@@ -418,12 +440,14 @@ class DeskServer:
         while True:
             await c.wake.wait()
             c.wake = trio.Event()
-            data = c.carry + self._pack(c)
-            c.carry = b""
+            data = self._pack(c)
+            if c.tls is not None:
+                data = c.tls.seal(data)
+            data, c.carry = c.carry + data, b""
             if data:
                 c.busy = True
                 try:
-                    await c.stream.send_all(data)
+                    await c.sock.send_all(data)
                 finally:
                     c.busy = False
 

@@ -738,8 +738,8 @@ class _ReactorRead:
             tls.feed(data)
             try:
                 data = tls.open()
-            except EOFError as e:
-                self._end(LinkError(str(e)))
+            except EOFError:
+                self._end(LinkError("downstream ended the TLS session"))
                 return
             except ssl.SSLError as e:
                 self._end(LinkError(f"connection lost: {e}"))

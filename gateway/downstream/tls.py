@@ -12,8 +12,8 @@ needs a certificate naming that address, or ``server_name``). With
 desk-sim serves TLS with ``--tls-cert``/``--tls-key`` and, with
 ``--tls-client-ca``, requires a client certificate signed by that CA.
 
-:class:`TlsBio` is the client side of one link's TLS over memory buffers,
-driven by the link (gateway/downstream/link.py).
+:class:`TlsBio` is one connection's TLS over memory buffers, driven by the
+link (gateway/downstream/link.py) or by desk-sim.
 
 The clusters' contexts are built when the configuration is loaded, so a
 missing or unreadable file, a key that does not match its certificate or a
@@ -74,17 +74,22 @@ def check_cluster(spec: ClusterSpec) -> None:
 
 
 class TlsBio:
-    """A TLS client connection over memory buffers (:class:`ssl.SSLObject`):
-    the link feeds it what its socket read and writes what :meth:`seal`
-    returns, so a TLS link is read by the worker's event loop like a plain
-    one, with no task of its own and no trio round per read (sans-IO)."""
+    """A TLS connection over memory buffers (:class:`ssl.SSLObject`): the
+    link (or desk-sim) feeds it what its socket read and writes what
+    :meth:`seal` returns, so a TLS link is read by the worker's event loop
+    like a plain one, with no task of its own and no trio round per read
+    (sans-IO). The client side verifies the peer for ``server_name``;
+    ``server_name=None`` makes the server side."""
 
     __slots__ = ("_in", "_out", "obj")
 
-    def __init__(self, ctx: ssl.SSLContext, server_name: str) -> None:
+    def __init__(self, ctx: ssl.SSLContext, server_name: str | None) -> None:
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self._in, self._out, server_hostname=server_name)
+        server = server_name is None
+        self.obj = ctx.wrap_bio(
+            self._in, self._out, server_side=server, server_hostname=server_name
+        )
 
     def handshake(self) -> bool:
         """One step of the handshake: True once it is done, False while it
@@ -117,7 +122,7 @@ class TlsBio:
             if not chunk:  # the peer's close_notify
                 if parts:
                     break  # this data first; the next call reports the end
-                raise EOFError("the downstream ended the TLS session")
+                raise EOFError("the peer ended the TLS session")
             parts.append(chunk)
         return b"".join(parts)
 
