@@ -48,6 +48,7 @@ from gateway.downstream.proto import (
     encode_acks,
 )
 from gateway.downstream.tls import ALPN, TlsBio
+from gateway.downstream.tls import handshake as tls_handshake
 from gateway.gctune import tune_gc
 from gateway.netio import write_some
 from gateway.protocol.codec import MAX_ENTRIES, LengthPrefixedDecoder
@@ -253,18 +254,8 @@ class DeskServer:
         why = ""
         with trio.move_on_after(HANDSHAKE_S) as scope:
             try:
-                while True:
-                    done = tls.handshake()
-                    out = tls.seal(b"")
-                    if out:
-                        await sock.send_all(out)
-                    if done:
-                        break
-                    data = await sock.receive_some(READ_SIZE)
-                    if not data:
-                        why = "the client closed the connection"
-                        break
-                    tls.feed(data)
+                if not await tls_handshake(tls, sock):
+                    why = "the client closed the connection"
             except ssl.SSLError as e:
                 why = str(e)
                 with contextlib.suppress(trio.BrokenResourceError, OSError):

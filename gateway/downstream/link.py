@@ -30,6 +30,7 @@ from gateway import h2repr
 from gateway.downstream.h2data import DATA_FRAME, WINDOW, DataSplitter, FlowError, SendWindow
 from gateway.downstream.proto import LINK_PATH, MAX_LINK_FRAME, check_from_downstream
 from gateway.downstream.tls import ALPN, TlsBio
+from gateway.downstream.tls import handshake as tls_handshake
 from gateway.netio import write_some
 from gateway.protocol.codec import LengthPrefixedDecoder
 from gateway.protocol.codes import ProtocolError
@@ -657,18 +658,8 @@ class _TlsStream(trio.abc.Stream):
         self.tls = tls
 
     async def handshake(self) -> None:
-        tls, tcp = self.tls, self.tcp
-        while True:
-            done = tls.handshake()
-            out = tls.seal(b"")
-            if out:
-                await tcp.send_all(out)
-            if done:
-                return
-            data = await tcp.receive_some(READ_SIZE)
-            if not data:
-                raise trio.BrokenResourceError("downstream closed during the TLS handshake")
-            tls.feed(data)
+        if not await tls_handshake(self.tls, self.tcp):
+            raise trio.BrokenResourceError("downstream closed during the TLS handshake")
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         out = self.tls.seal(bytes(data))

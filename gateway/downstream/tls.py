@@ -27,9 +27,11 @@ from __future__ import annotations
 import ssl
 from typing import Final
 
+import trio
+
 from gateway.downstream.settings import ClusterSpec
 
-__all__ = ["ALPN", "TlsBio", "check_cluster", "client_context", "server_context"]
+__all__ = ["ALPN", "TlsBio", "check_cluster", "client_context", "handshake", "server_context"]
 
 #: The only application protocol a link speaks.
 ALPN: Final = "h2"
@@ -136,3 +138,21 @@ class TlsBio:
 
 #: Plaintext taken per ``SSLObject.read`` (a TLS record holds at most 16 KiB).
 TLS_READ: Final = 1 << 16
+
+
+async def handshake(tls: TlsBio, tcp: trio.SocketStream) -> bool:
+    """Runs ``tls``'s handshake over ``tcp`` (the thin trio shell of
+    :class:`TlsBio`): True once done, False if the peer closed the
+    connection first; ssl.SSLError when the handshake failed (whatever
+    alert it produced is left to :meth:`TlsBio.seal`)."""
+    while True:
+        done = tls.handshake()
+        out = tls.seal(b"")
+        if out:
+            await tcp.send_all(out)
+        if done:
+            return True
+        data = await tcp.receive_some(TLS_READ)
+        if not data:
+            return False
+        tls.feed(data)
