@@ -77,6 +77,11 @@ class Scripted:
                         conn.send_headers(ev.stream_id, [(":status", "503")], end_stream=True)
                     else:
                         conn.send_headers(ev.stream_id, [(":status", "200")])
+                    if self.mode == "early":
+                        # a frame right behind the headers, in the same write
+                        body = msgpack.packb({"t": "deliver", "sid": "nobody", "body": "hi",
+                                              "from": {"kind": "bot", "name": "b"}})  # fmt: skip
+                        conn.send_data(ev.stream_id, struct.pack("!I", len(body)) + body)
                 elif isinstance(ev, h2.events.DataReceived):
                     conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
                     if b"msg" in ev.data and not self.got_message.is_set():
@@ -319,3 +324,21 @@ async def test_downstream_flow_control_holds_the_visitors_back_and_nothing_is_lo
     for sid, n, _ in got:
         by_sid.setdefault(sid, []).append(n)
     assert all(ns == list(range(1, per + 1)) for ns in by_sid.values())
+
+
+async def test_frames_right_behind_the_response_headers_are_taken(tmp_path: Path) -> None:
+    """A downstream that sends a frame in the same write as its response
+    headers: the link comes up and the frame is handled (here: counted as
+    one for an unknown session), not taken for a protocol error."""
+    bad = Scripted("early")
+    async with trio.open_nursery() as n:
+        port = await n.start(bad.serve)
+        table = {"clusters": {"general": {"endpoints": [f"127.0.0.1:{port}"]}}}
+        async with running(tmp_path, downstream=table) as gw:
+            await wait_links_up(gw.w.forwarder)
+            with trio.fail_after(5):
+                while not gw.stats["downstream_unknown_session"]:
+                    await trio.sleep(0.02)
+            await trio.sleep(0.3)
+            assert gw.w.forwarder.links[0].up
+        n.cancel_scope.cancel()

@@ -513,16 +513,19 @@ class Link:
         self._draining = trio.Event()
         await raw.send_all(self._seal(core.flush()))
         # wait for the response headers before declaring the link up
+        early: list[dict[str, Any]] = []
         with trio.fail_after(self.connect_timeout_s):
             while core.status is None:
                 data = await stream.receive_some(READ_SIZE)
                 if not data:
                     raise LinkError("downstream closed during link setup")
-                frames = core.receive(data)
-                if frames:
-                    raise LinkError("downstream sent frames before the response headers")
+                # frames that came with the headers (or, from a sloppy
+                # downstream, before them) are handled once the link is up
+                early += core.receive(data)
         self.state = UP
         self.owner.link_up(self)
+        if early:
+            self.owner.link_frames(self, early)
         reactor = self.owner.reactor
         try:
             async with trio.open_nursery() as n:
