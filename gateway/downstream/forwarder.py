@@ -201,6 +201,9 @@ class Forwarder:
         # frames queued while it handles a batch are written at its end
         self.reactor: Any = None
         self._dirty: set[Link] = set()
+        # each link's last connect failure, while it is not up (logged once
+        # per reason)
+        self._last_failure: dict[Link, str] = {}
         self.clusters: dict[str, _Cluster] = {}
         self.links: list[Link] = []
         headers = [("x-gateway-node", str(node)), ("x-gateway-worker", str(worker))]
@@ -610,7 +613,7 @@ class Forwarder:
         ep: _Ep = link.endpoint
         ep.endpoint.up = True
         ep.endpoint.healthy = True
-        link.last_failure = ""
+        self._last_failure.pop(link, None)
         if self.hub is not None:
             self.hub.log("info", "downstream_link_up", endpoint=link.key)
             self.hub.downstream_ready()
@@ -620,9 +623,9 @@ class Forwarder:
         metrics.DOWNSTREAM_CONNECT_FAILURES.labels(ep.cluster.name, link.key).inc()
         # logged when the reason changes, not on every retry of a link
         # that keeps failing the same way (a wrong CA, a desk that is down)
-        if self.hub is not None and link.last_failure != why:
+        if self.hub is not None and self._last_failure.get(link) != why:
             self.hub.log("warning", "downstream_connect_failed", endpoint=link.key, why=why[:200])
-        link.last_failure = why
+        self._last_failure[link] = why
 
     def link_draining(self, link: Link) -> None:
         now = self._time()

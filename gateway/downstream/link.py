@@ -322,7 +322,6 @@ class Link:
         "host",
         "index",
         "inflight",
-        "last_failure",
         "owner",
         "port",
         "rng",
@@ -357,8 +356,6 @@ class Link:
         self.ssl_context = ssl_context
         # over TLS: the name the endpoint's certificate must carry (SNI too)
         self.server_name = server_name or host
-        # the owner's note of the last connect failure ("" once up)
-        self.last_failure = ""
         self.high_water = high_water
         self.health_interval_s = health_interval_s
         self.health_timeout_s = health_timeout_s
