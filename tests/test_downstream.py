@@ -685,3 +685,22 @@ async def test_stopping_worker_logs_its_links_down_as_routine(
     downs = [r for r in caplog.records if "downstream_link_down" in r.getMessage()]
     assert downs and all(r.levelno == logging.INFO for r in downs)
     assert all("the worker is stopping" in r.getMessage() for r in downs)
+
+
+async def test_endpoint_latency_and_outstanding_are_exported(tmp_path: Path) -> None:
+    """The balancer's view of each endpoint (its moving average of the
+    answer time, the messages outstanding) is on /metrics: a desk that acks
+    after 60 ms shows about that."""
+    async with desk(reply=False, latency_ms=60) as (port, _, _):  # noqa: SIM117
+        async with running(tmp_path, downstream=ds(("general", [port]))) as gw:
+            fw = gw.w.forwarder
+            await wait_links_up(fw)
+            async with gc.connect(gw.url, token=gw.token("lat"), reconnect=False) as s:
+                for i in range(5):
+                    await s.send(f"m{i}")
+            await trio.sleep(0.3)  # a forwarder tick
+            key = fw.links[0].key
+            lat = metrics.DOWNSTREAM_ENDPOINT_LATENCY.labels("general", key).value()
+            out = metrics.DOWNSTREAM_ENDPOINT_OUTSTANDING.labels("general", key).value()
+    assert 0.05 <= lat <= 0.5
+    assert out == 0

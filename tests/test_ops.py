@@ -327,25 +327,35 @@ def registry_snapshot() -> dict[str, Any]:
 
 
 def test_downstream_endpoints_for_the_dashboard() -> None:
-    """Per worker and endpoint: the breaker state, the links up and the
-    failed connection attempts, from each worker's own metrics."""
+    """Per worker and endpoint: the breaker state, the links up, the failed
+    connection attempts, the balancer's moving average of the answer time
+    and the messages outstanding, from each worker's own metrics."""
     agg = Aggregator(workers=2)
     regs = [Registry(), Registry()]
+    lab = ("cluster", "endpoint")
     for i, r in enumerate(regs):
-        lab = ("cluster", "endpoint")
         r.gauge("gateway_breaker_state", "b", lab).labels("desks", "a:1").set(2 * i)
         r.gauge("gateway_downstream_links_up", "u", lab).labels("desks", "a:1").set(1 - i)
-        r.counter("gateway_downstream_connect_failures_total", "f", lab).labels("desks", "a:1").inc(
-            3 * i
-        )
+        failed = r.counter("gateway_downstream_connect_failures_total", "f", lab)
+        failed.labels("desks", "a:1").inc(3 * i)
+        ewma = r.gauge("gateway_downstream_endpoint_latency_seconds", "l", lab)
+        ewma.labels("desks", "a:1").set((0.0123, 0.05)[i])
+        out = r.gauge("gateway_downstream_endpoint_outstanding", "o", lab)
+        out.labels("desks", "a:1").set(3 + i)
         agg.update(i, snap(10 + i, {}, 0, r), 1.0)
     rows = agg.api(1.5)["breakers"]
     assert rows == [
         {"worker": 0, "cluster": "desks", "endpoint": "a:1", "state": "closed",
-         "links_up": 1, "connect_failures": 0},
+         "links_up": 1, "connect_failures": 0, "latency_ms": 12.3, "outstanding": 3},
         {"worker": 1, "cluster": "desks", "endpoint": "a:1", "state": "open",
-         "links_up": 0, "connect_failures": 3},
+         "links_up": 0, "connect_failures": 3, "latency_ms": 50.0, "outstanding": 4},
     ]  # fmt: skip
     m = parsed(render(agg.merged(1.5)))
-    key = ("gateway_downstream_links_up", (("cluster", "desks"), ("endpoint", "a:1")))
-    assert m["gateway_downstream_links_up"]["samples"][key] == 1  # summed over workers
+    labels = (("cluster", "desks"), ("endpoint", "a:1"))
+
+    def merged(name: str) -> float:
+        return float(m[name]["samples"][(name, labels)])
+
+    assert merged("gateway_downstream_links_up") == 1  # summed over workers
+    assert merged("gateway_downstream_endpoint_latency_seconds") == 0.05  # the highest
+    assert merged("gateway_downstream_endpoint_outstanding") == 7  # summed

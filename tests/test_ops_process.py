@@ -325,7 +325,7 @@ async def test_dashboard_in_chromium_shows_downstream_endpoints(tmp_path: Path) 
         rows = v["rows"] if v else []
         return (
             len(rows) == 2
-            and all(len(r) == 6 for r in rows)
+            and all(len(r) == 8 for r in rows)
             and any(r[4] == "1" for r in rows)
             and any(r[5] not in ("0", "-") for r in rows)
         )
@@ -343,4 +343,5 @@ async def test_dashboard_in_chromium_shows_downstream_endpoints(tmp_path: Path) 
     rows = {r[1]: r for r in v["rows"]}
     up, down = rows[f"127.0.0.1:{dport}"], rows[f"127.0.0.1:{dead}"]
     assert up[0] == "general" and up[2] == "0" and up[3:6] == ["closed", "1", "0"]
+    assert float(up[6]) >= 0 and up[7] == "0"  # latency (ms), nothing outstanding
     assert down[4] == "0" and int(down[5].replace(",", "")) >= 1

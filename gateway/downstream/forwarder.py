@@ -821,6 +821,9 @@ class Forwarder:
                 metrics.DOWNSTREAM_LINKS_UP.labels(c.name, ep.key).set(
                     sum(1 for ln in ep.links if ln.up)
                 )
+                e = ep.endpoint
+                metrics.DOWNSTREAM_ENDPOINT_LATENCY.labels(c.name, ep.key).set(e.ewma_s)
+                metrics.DOWNSTREAM_ENDPOINT_OUTSTANDING.labels(c.name, ep.key).set(e.outstanding)
 
     def _breaker_changed(self, cluster: str, key: str, old: int, st: int, now: float) -> None:
         """The breaker's ``on_change``: counts and logs the transition."""

@@ -35,7 +35,9 @@ LATENCY_WINDOW_S: Final = 10.0
 HISTORY_POINTS: Final = 600
 ACK_HIST: Final = "gateway_message_ack_seconds"
 GC_HIST: Final = "gateway_gc_pause_seconds"
-MAX_GAUGES: Final = frozenset({"gateway_breaker_state"})
+MAX_GAUGES: Final = frozenset(
+    {"gateway_breaker_state", "gateway_downstream_endpoint_latency_seconds"}
+)
 GAUGE_HELP: Final = {
     "gateway_connections_open": "Open visitor connections (TCP, after accept)",
     "gateway_sessions": "Sessions held (attached or waiting for a resume)",
@@ -350,13 +352,16 @@ class Aggregator:
 
 def _endpoints(worker: int, fams: dict[str, Any]) -> list[dict[str, Any]]:
     """One worker's downstream endpoints for the dashboard: breaker state,
-    links up, failed connection attempts so far (the worker's own
-    metrics)."""
+    links up, failed connection attempts so far, the balancer's moving
+    average of the answer time and the messages outstanding (the worker's
+    own metrics)."""
     bf = fams.get("gateway_breaker_state")
     if bf is None:
         return []
     up = fams.get("gateway_downstream_links_up")
     failed = fams.get("gateway_downstream_connect_failures_total")
+    ewma = fams.get("gateway_downstream_endpoint_latency_seconds")
+    pending = fams.get("gateway_downstream_endpoint_outstanding")
     out = []
     for labels, state in sorted(bf.samples.items()):
         d = dict(labels)
@@ -368,6 +373,15 @@ def _endpoints(worker: int, fams: dict[str, Any]) -> list[dict[str, Any]]:
                 "state": ("closed", "half-open", "open")[min(2, max(0, int(state)))],
                 "links_up": int(up.samples.get(labels, 0)) if up is not None else None,
                 "connect_failures": int(failed.samples.get(labels, 0)) if failed is not None else 0,
+                "latency_ms": _ms(ewma, labels),
+                "outstanding": int(pending.samples.get(labels, 0)) if pending is not None else None,
             }
         )
     return out
+
+
+def _ms(fam: Family | None, labels: Labels) -> float | None:
+    """A gauge in seconds as ms (2 decimals), None when it is not there."""
+    if fam is None or labels not in fam.samples:
+        return None
+    return round(1000.0 * float(fam.samples[labels]), 2)

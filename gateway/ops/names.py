@@ -37,6 +37,16 @@ DOWNSTREAM_LINKS_UP: Final = R.gauge(
     "HTTP/2 links to the endpoint that are up (summed over workers)",
     ("cluster", "endpoint"),
 )
+DOWNSTREAM_ENDPOINT_LATENCY: Final = R.gauge(
+    "gateway_downstream_endpoint_latency_seconds",
+    "The balancer's moving average of the endpoint's answer time (the highest over workers)",
+    ("cluster", "endpoint"),
+)
+DOWNSTREAM_ENDPOINT_OUTSTANDING: Final = R.gauge(
+    "gateway_downstream_endpoint_outstanding",
+    "Messages sent to the endpoint and not answered (summed over workers)",
+    ("cluster", "endpoint"),
+)
 DOWNSTREAM_CONNECT_FAILURES: Final = R.counter(
     "gateway_downstream_connect_failures_total",
     "Failed link connection attempts (refused, timed out, TLS handshake or certificate)",
