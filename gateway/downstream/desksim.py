@@ -38,7 +38,7 @@ import trio
 
 from gateway import h2repr, trioidle
 from gateway.downstream.desk import Desk, DeskConfig
-from gateway.downstream.h2data import DATA_FRAME, DataSplitter, FlowError, SendWindow
+from gateway.downstream.h2data import DATA_FRAME, DataSplitter, FlowError, SendWindow, goaway
 from gateway.downstream.h2data import WINDOW as WINDOW_UPDATE_KIND
 from gateway.downstream.proto import (
     LINK_PATH,
@@ -241,7 +241,7 @@ class DeskServer:
             last = max(c.links, default=0)
             # written by hand: h2 would refuse to send anything after its
             # own GOAWAY, and the answers still go out through it
-            c.extra += _goaway(last)
+            c.extra += goaway(last)
             c.wake.set()
         if not self.conns:
             self.all_closed.set()
@@ -326,9 +326,7 @@ class DeskServer:
         if c.busy or c.carry:
             c.wake.set()
             return
-        data = self._pack(c)
-        if c.tls is not None:
-            data = c.tls.seal(data)
+        data = self._sealed(c)
         if not data:
             return
         rest = write_some(c.fd, data)
@@ -359,10 +357,7 @@ class DeskServer:
                 c.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             self._data(c, ev.stream_id, ev.data)
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
-            ch = ev.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
-            if ch is not None:
-                old = 65535 if ch.original_value is None else ch.original_value
-                c.send.initial_changed(old, ch.new_value)
+            c.send.settings_changed(ev.changed_settings)
         elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
             self._drop_stream(c, ev.stream_id)
         elif isinstance(ev, h2.events.ConnectionTerminated):
@@ -431,16 +426,19 @@ class DeskServer:
         while True:
             await c.wake.wait()
             c.wake = trio.Event()
-            data = self._pack(c)
-            if c.tls is not None:
-                data = c.tls.seal(data)
-            data, c.carry = c.carry + data, b""
+            data, c.carry = c.carry + self._sealed(c), b""
             if data:
                 c.busy = True
                 try:
                     await c.sock.send_all(data)
                 finally:
                     c.busy = False
+
+    def _sealed(self, c: _Conn) -> bytes:
+        """:meth:`_pack`'s bytes as they go to the socket (over TLS: sealed
+        into records)."""
+        data = self._pack(c)
+        return c.tls.seal(data) if c.tls is not None else data
 
     def _pack(self, c: _Conn) -> bytes:
         """Moves queued answers into DATA frames as far as the windows
@@ -495,17 +493,6 @@ class DeskServer:
             while heap and heap[0][0] <= now:
                 _, _, sid, frame = heapq.heappop(heap)
                 self._send(sid, frame)
-
-
-def _goaway(last_stream_id: int) -> bytes:
-    """An HTTP/2 GOAWAY frame with NO_ERROR (RFC 9113, 6.8)."""
-    return (
-        (8).to_bytes(3, "big")
-        + bytes((0x7, 0))
-        + (0).to_bytes(4, "big")
-        + (last_stream_id & 0x7FFFFFFF).to_bytes(4, "big")
-        + (0).to_bytes(4, "big")
-    )
 
 
 class _nodelay:

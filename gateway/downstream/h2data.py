@@ -32,20 +32,25 @@ then keeps the peer's windows: the splitter (``windows``) takes the
 connection's and the stream's WINDOW_UPDATE frames out from the first
 byte on (h2, never spending its own window, would otherwise let it grow
 past 2^31-1 and fail), and the link applies the peer's
-SETTINGS_INITIAL_WINDOW_SIZE changes that h2 reports. desk-sim still
-sends through h2.
+SETTINGS_INITIAL_WINDOW_SIZE changes that h2 reports. desk-sim does the
+same for its first link stream.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Final
+from collections.abc import Mapping
+from typing import Any, Final
 
 __all__ = ["DATA_FRAME", "PREFACE", "RUN", "WINDOW", "DataSplitter", "FlowError", "SendWindow",
-           "window_update"]  # fmt: skip
+           "goaway", "window_update"]  # fmt: skip
 
 _HEAD: Final = struct.Struct(">I")
-DATA, HEADERS, PUSH_PROMISE, WINDOW_UPDATE, CONTINUATION = 0, 1, 5, 8, 9
+DATA, HEADERS, PRIORITY, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
+    0, 1, 2, 4, 5, 6, 7, 8, 9,
+)  # fmt: skip
+#: SETTINGS_INITIAL_WINDOW_SIZE's identifier (h2's SettingCodes compare equal)
+INITIAL_WINDOW_SIZE: Final = 4
 #: What :meth:`DataSplitter.next` hands back: frames for h2, a DATA
 #: frame's payload, a WINDOW_UPDATE's stream and increment (8 bytes).
 RUN, DATA_FRAME, WINDOW = 0, 1, 2
@@ -64,6 +69,16 @@ class FlowError(Exception):
 def window_update(stream: int, increment: int) -> bytes:
     """A WINDOW_UPDATE frame (RFC 9113, 6.9)."""
     return b"\x00\x00\x04\x08\x00" + _HEAD.pack(stream) + _HEAD.pack(increment)
+
+
+def goaway(last_stream_id: int) -> bytes:
+    """A GOAWAY frame with NO_ERROR (RFC 9113, 6.8)."""
+    return (
+        b"\x00\x00\x08\x07\x00"
+        + _HEAD.pack(0)
+        + _HEAD.pack(last_stream_id & MAX_WINDOW)
+        + _HEAD.pack(0)
+    )
 
 
 class DataSplitter:
@@ -190,6 +205,15 @@ class SendWindow:
             self.stream += inc
         if max(self.conn, self.stream) > MAX_WINDOW:
             raise FlowError(f"WINDOW_UPDATE on stream {stream} past 2^31-1")
+
+    def settings_changed(self, changed: Mapping[Any, Any]) -> None:
+        """The peer's SETTINGS as h2 reports them (``RemoteSettingsChanged
+        .changed_settings``): a new SETTINGS_INITIAL_WINDOW_SIZE moves the
+        stream's window."""
+        ch = changed.get(INITIAL_WINDOW_SIZE)
+        if ch is not None:
+            old = 65535 if ch.original_value is None else ch.original_value
+            self.initial_changed(old, ch.new_value)
 
     def initial_changed(self, old: int, new: int) -> None:
         """The peer changed SETTINGS_INITIAL_WINDOW_SIZE from ``old`` to ``new``."""

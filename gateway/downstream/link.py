@@ -27,6 +27,7 @@ import h2.settings
 import trio
 
 from gateway import h2repr
+from gateway.downstream import h2data
 from gateway.downstream.h2data import DATA_FRAME, WINDOW, DataSplitter, FlowError, SendWindow
 from gateway.downstream.proto import LINK_PATH, MAX_LINK_FRAME, check_from_downstream
 from gateway.downstream.tls import ALPN, TlsBio
@@ -225,10 +226,7 @@ class LinkCore:
             elif isinstance(ev, h2.events.PingAckReceived):
                 self.ping_sent = 0.0
             elif isinstance(ev, h2.events.RemoteSettingsChanged):
-                ch = ev.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
-                if ch is not None:
-                    old = 65535 if ch.original_value is None else ch.original_value
-                    self.send.initial_changed(old, ch.new_value)
+                self.send.settings_changed(ev.changed_settings)
             elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
                 if ev.stream_id == self.stream:
                     raise LinkError("downstream ended the link stream")
@@ -240,9 +238,9 @@ class LinkCore:
         return frames
 
 
-#: Frame types a draining link lets pass without h2 (closed by the GOAWAY):
-#: PRIORITY, SETTINGS, PING (a late answer to our last health check).
-_IGNORED_AFTER_GOAWAY: Final = frozenset((2, 4, 6))
+#: Frame types a draining link lets pass without h2 (closed by the GOAWAY);
+#: PING: a late answer to our last health check.
+_IGNORED_AFTER_GOAWAY: Final = frozenset((h2data.PRIORITY, h2data.SETTINGS, h2data.PING))
 
 
 def _after_goaway(run: bytes) -> None:
@@ -409,7 +407,8 @@ class Link:
         """Writes what is queued with one non-blocking send, from the
         caller (the worker's reactor, at the end of a batch): no hand-off
         to the writer task, which only gets what the socket did not take
-        (or everything, over TLS or while it is sending itself)."""
+        (or everything while it is sending itself). Over TLS, the records
+        sealed from it."""
         c = self.core
         st = self._stream
         if c is None or (self.state != UP and self.state != DRAINING):
@@ -436,9 +435,7 @@ class Link:
             self.state = CONNECTING
             try:
                 stream = await self._connect()
-            except (OSError, trio.TooSlowError, ssl.SSLError, trio.BrokenResourceError) as e:
-                # trio's TLS stream raises BrokenResourceError from the
-                # ssl.SSLError that says what was wrong (a certificate...)
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
                 why = f"connect failed: {_reason(e)}"
                 stream = None
                 self.owner.link_connect_failed(self, why)
@@ -633,9 +630,9 @@ class Link:
 
 
 def _reason(e: BaseException) -> str:
-    """What went wrong, for a log line: the underlying error's text (the
-    ssl.SSLError under trio's BrokenResourceError, the first refusal under
-    trio's "all attempts to connect failed"), or its type's name."""
+    """What went wrong, for a log line: the error's text (for trio's "all
+    attempts to connect failed", the first refusal under it; otherwise what
+    an error was raised from), or its type's name."""
     cause = e.__cause__ or e
     while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
         cause = cause.exceptions[0]  # trio's "all attempts to connect failed"
@@ -694,8 +691,8 @@ class _TlsStream(trio.abc.Stream):
 
 
 class _ReactorRead:
-    """The reactor's handler for a plain-TCP link: reads what is there and
-    hands it to :meth:`Link.received`; records why the link ended and wakes
+    """The reactor's handler for a link: reads what is there (over TLS:
+    opens the records) and hands it to :meth:`Link.received`; records why the link ended and wakes
     :meth:`Link._reactor_reads`, which raises it in the link's task."""
 
     __slots__ = ("core", "done", "error", "fd", "link", "reactor", "tls")
