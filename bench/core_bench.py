@@ -554,6 +554,23 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
     return {"forwarding": res}
 
 
+def _desk_run(
+    gw: Server, desk: Server, toks: list[str], plan: dict[str, Any], clients: int
+) -> dict[str, Any]:
+    """One load of a fresh gateway forwarding to a fresh desk-sim (both
+    stopped after): msg/s, p50/p99, both servers' CPU per message, errors."""
+    try:
+        time.sleep(1.0)  # links up
+        r = measured(gw, Plan(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks,
+                              **plan), clients, desk)  # fmt: skip
+    finally:
+        gw.stop()
+        desk.stop()
+    return {"msgs_per_s": r["msgs_per_s"], **r["rtt"], "gateway_cpu_us": cpu_us(r),
+            "desk_cpu_us": cpu_us(r, "desk_cpu_s"),
+            "errors": sum(r["errors"].values())}  # fmt: skip
+
+
 _FASTPATH_VARS = ("GATEWAY_WS_FASTPATH", "GATEWAY_MSGPACK_FASTPATH")
 
 
@@ -575,16 +592,8 @@ def fastpaths(args: argparse.Namespace) -> dict[str, Any]:
                 os.environ.update({k: on for k in _FASTPATH_VARS})
                 desk = start_desk(processes=1, reply=args.desk_reply)
                 gw = start_gateway(w, downstream=[f"general=127.0.0.1:{desk.port}"], conns=conns)
-                try:
-                    time.sleep(1.0)  # links up
-                    r = measured(gw, Plan(host="127.0.0.1", port=gw.port, mode="gateway",
-                                          tokens=toks, **plan), args.clients, desk)  # type: ignore[arg-type]  # fmt: skip
-                finally:
-                    gw.stop()
-                    desk.stop()
-                runs.append({"fast_paths": on == "1", "msgs_per_s": r["msgs_per_s"],
-                             **r["rtt"], "gateway_cpu_us": cpu_us(r),
-                             "desk_cpu_us": cpu_us(r, "desk_cpu_s")})  # fmt: skip
+                runs.append({"fast_paths": on == "1",
+                             **_desk_run(gw, desk, toks, plan, args.clients)})  # fmt: skip
     finally:
         for k, v in saved.items():
             if v is None:
@@ -621,8 +630,7 @@ def links(args: argparse.Namespace) -> dict[str, Any]:
     """Downstream links over h2c and over TLS, in alternation (a fresh
     desk-sim and gateway for each run), at ``--rate`` (0: closed loop):
     msg/s, p50/p99, and the gateway's and desk-sim's CPU per message. Over
-    TLS both ends encrypt every link read and write, and the gateway's link
-    is read by a task of its own instead of the worker's event loop."""
+    TLS both ends seal and open every link write and read (TlsBio)."""
     conns = args.connections
     toks = tokens(conns)
     w = args.workers[-1]
@@ -643,16 +651,7 @@ def links(args: argparse.Namespace) -> dict[str, Any]:
                 )
             ds = None if tls else [f"general=127.0.0.1:{desk.port}"]
             gw = start_gateway(w, downstream=ds, conns=conns, config=conf)
-            try:
-                time.sleep(1.0)  # links up
-                r = measured(gw, Plan(host="127.0.0.1", port=gw.port, mode="gateway",
-                                      tokens=toks, **plan), args.clients, desk)  # type: ignore[arg-type]  # fmt: skip
-            finally:
-                gw.stop()
-                desk.stop()
-            runs.append({"tls": tls, "msgs_per_s": r["msgs_per_s"], **r["rtt"],
-                         "gateway_cpu_us": cpu_us(r), "desk_cpu_us": cpu_us(r, "desk_cpu_s"),
-                         "errors": sum(r["errors"].values())})  # fmt: skip
+            runs.append({"tls": tls, **_desk_run(gw, desk, toks, plan, args.clients)})
     replies = "on" if args.desk_reply else "off"
     print(f"{conns} connections x {args.window} in flight, {args.rate:,.0f} msg/s offered "
           f"(0: closed loop), {w} workers, replies {replies}")  # fmt: skip
