@@ -46,7 +46,7 @@ def reply_to(body: Any) -> Any:
 
 class DemoBot:
     __slots__ = (
-        "_by_sid", "_heap", "_seq", "_taken", "_wake", "hub", "max_sessions", "think_s",
+        "_by_sid", "_heap", "_seq", "_wake", "hub", "max_sessions", "think_s",
     )  # fmt: skip
 
     def __init__(self, think_ms: int, max_sessions: int) -> None:
@@ -56,7 +56,6 @@ class DemoBot:
         # session (a moved session's are no longer live: they went with it)
         self._heap: list[list[Any]] = []
         self._by_sid: dict[str, list[list[Any]]] = {}
-        self._taken: tuple[str, list[list[Any]]] | None = None
         self._seq = itertools.count()
         self._wake: trio.Event | None = None
         self.hub: Hub | None = None
@@ -72,25 +71,32 @@ class DemoBot:
             hub.deliver(s, GREETING, SENDER)
 
     def closed(self, hub: Hub, s: Session, reason: str = "ended") -> None:
-        taken, self._taken = self._taken, None
-        if reason == "moved" and taken is not None and taken[0] == s.sid:
-            # its pending replies went with it (moving): not answered here
-            for e in taken[1]:
+        if reason != "moved":
+            return
+        pending = self._movable(s.sid)
+        if pending is not None:
+            # they went with the session (moving): not answered here
+            for e in pending:
                 e[4] = False
-            self._by_sid.pop(s.sid, None)
+            del self._by_sid[s.sid]
 
     def moving(self, hub: Hub, s: Session) -> Any:
         """The session's pending replies with what is left of their think
         time, if their bodies fit in :data:`MAX_MOVED_BYTES` (else None:
         each is passed on when due, by Hub.deliver). They stop being
         answered here once the move is done (``closed(..., "moved")``)."""
-        pending = self._by_sid.get(s.sid)
-        self._taken = None
-        if not pending or sum(body_size(e[3]) for e in pending) > MAX_MOVED_BYTES:
+        pending = self._movable(s.sid)
+        if pending is None:
             return None
         now = trio.current_time()
-        self._taken = (s.sid, pending)
         return {"bot": [[max(0.0, e[0] - now), e[3]] for e in pending]}
+
+    def _movable(self, sid: str) -> list[list[Any]] | None:
+        """The session's pending replies if they go with it on a move."""
+        pending = self._by_sid.get(sid)
+        if not pending or sum(body_size(e[3]) for e in pending) > MAX_MOVED_BYTES:
+            return None
+        return pending
 
     def moved_in(self, hub: Hub, s: Session, hint: Any) -> None:
         replies = hint.get("bot") if type(hint) is dict else None
