@@ -7,6 +7,12 @@ shell around it.
 as ``(delay_s, sid, frame)`` actions; the shell sends each one after its
 delay on the link the session is bound to at that time (a session that is
 re-opened on another link follows it).
+
+When a session is bound to another link (re-opened there, or a message of
+it came there), nothing more for it goes out on the link it was bound to
+before: :attr:`Desk.marks` collects ``(old link, sid)`` for the shell to
+send ``moved`` on that old link, behind everything sent there for the
+session (docs/protocol.md, "Replies across a move").
 """
 
 from __future__ import annotations
@@ -93,6 +99,9 @@ class Desk:
         self.waiting: dict[str, OrderedDict[str, None]] = {}
         self.messages = 0
         self.stalled = False
+        # (old link, sid) of sessions bound to another link since the shell
+        # last took them: it sends ``moved`` for each on the old link
+        self.marks: list[tuple[int, str]] = []
         self.stats: dict[str, int] = {
             "opens": 0,
             "msgs": 0,
@@ -133,7 +142,7 @@ class Desk:
                 return []
             s = self.sessions[sid] = _Session(sid, link, f)
         else:
-            s.link = link
+            self._bind(s, link)
             out: list[Action] = []
             if f["group"] != s.group or f["stage"] != s.stage:
                 out = self._release(s)
@@ -158,7 +167,8 @@ class Desk:
                 link,
                 {"tenant": "?", "visitor": "?", "group": f["group"], "stage": "human"},
             )
-        s.link = link
+        if s.link != link:
+            self._bind(s, link)
         if self.stalled:
             return []
         self.messages += 1
@@ -181,6 +191,17 @@ class Desk:
         if cfg.reply:
             out.extend(self._reply(s, sid, f.get("body")))
         return out
+
+    def _bind(self, s: _Session, link: int) -> None:
+        if s.link != link:
+            self.marks.append((s.link, s.sid))
+            s.link = link
+
+    def take_marks(self) -> list[tuple[int, str]]:
+        """The ``(old link, sid)`` rebinds since the last call (see the
+        module docstring)."""
+        marks, self.marks = self.marks, []
+        return marks
 
     # -- behaviour ------------------------------------------------------------
     def _reply(self, s: _Session, sid: str, body: Any) -> list[Action]:

@@ -41,8 +41,10 @@ from gateway.downstream.desk import Desk, DeskConfig
 from gateway.downstream.h2data import DATA_FRAME, DataSplitter, FlowError, SendWindow, goaway
 from gateway.downstream.h2data import WINDOW as WINDOW_UPDATE_KIND
 from gateway.downstream.proto import (
+    FEATURES_HEADER,
     LINK_PATH,
     MAX_LINK_FRAME,
+    MOVED_MARK,
     check_from_gateway,
     encode,
     encode_acks,
@@ -351,7 +353,8 @@ class DeskServer:
             c.links[sid] = (link, LengthPrefixedDecoder(MAX_LINK_FRAME, check_from_gateway))
             self.links[link] = (c, sid)
             c.out[sid] = bytearray()
-            c.h2.send_headers(sid, [(":status", "200"), ("content-type", "application/msgpack")])
+            c.h2.send_headers(sid, [(":status", "200"), ("content-type", "application/msgpack"),
+                                    (FEATURES_HEADER, MOVED_MARK)])  # fmt: skip
         elif isinstance(ev, h2.events.DataReceived):
             if ev.flow_controlled_length:
                 c.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
@@ -370,8 +373,12 @@ class DeskServer:
             return
         link, dec = entry
         try:
+            desk = self.desk
             for f in dec.feed(data):
-                self._actions(self.desk.on_frame(link, f))
+                self._actions(desk.on_frame(link, f))
+                if desk.marks:
+                    for old, sid in desk.take_marks():
+                        self._send_on(old, {"t": "moved", "sid": sid})
         except ProtocolError as e:
             print(f"desk-sim: bad frame on link {link}: {e}", file=sys.stderr)
             c.h2.reset_stream(stream)
@@ -398,9 +405,14 @@ class DeskServer:
 
     def _send(self, sid: str, frame: dict[str, Any]) -> None:
         link = self.desk.link_of(sid)
-        target = self.links.get(link) if link is not None else None
+        if link is not None:
+            self._send_on(link, frame)
+        # else the session's link is gone; the gateway re-opens it
+
+    def _send_on(self, link: int, frame: dict[str, Any]) -> None:
+        target = self.links.get(link)
         if target is None:
-            return  # the session's link is gone; the gateway re-opens it
+            return  # that link is gone
         c, stream = target
         buf = c.out.get(stream)
         if buf is None:
@@ -409,7 +421,7 @@ class DeskServer:
         if self.cfg.batch_acks and frame["t"] == "ack" and not frame.get("dup"):
             if batch is None:
                 batch = c.acks[stream] = _AckBatch()
-            if batch.add(sid, frame["n"]):
+            if batch.add(frame["sid"], frame["n"]):
                 buf += batch.take()  # full (see _AckBatch.LIMIT)
         elif batch is not None:
             batch.hold(encode(frame))

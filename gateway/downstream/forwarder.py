@@ -30,6 +30,7 @@ from gateway.downstream.admission import Admission, ClusterLoad
 from gateway.downstream.balancer import Balancer, Endpoint
 from gateway.downstream.breaker import OPEN, STATE_NAMES, Breaker, OutlierDetector
 from gateway.downstream.link import STOPPING, Link
+from gateway.downstream.moveorder import Holds, MarkWaits
 from gateway.downstream.proto import encode, encode_msg, msg_head
 from gateway.downstream.routing import StickyTable
 from gateway.downstream.settings import ClusterSpec, DownstreamSettings
@@ -247,6 +248,11 @@ class Forwarder:
         self._now = 0.0
         self._m_ack = metrics.MESSAGE_ACK.labels()
         self._oks = _Oks()  # acks gathered for one endpoint (see _finish)
+        # replies in order across moves between workers (moveorder): the
+        # sessions moved away waiting for their ``moved`` frame, and the
+        # moved-in ones whose replies wait for the old worker's word
+        self._marks = MarkWaits()
+        self._holds = Holds()
 
     # -- helpers --------------------------------------------------------------
     def _time(self) -> float:
@@ -312,9 +318,13 @@ class Forwarder:
         fl: Flow | None = s.ds
         if fl is None:
             return
+        if self._holds:
+            self._holds.end(s.sid)  # (a moving session's were released by moving)
         if fl.link is not None and fl.link.up:
             fl.link.send(encode({"t": "close", "sid": s.sid, "reason": reason}))
             fl.link.sessions.discard(s)
+            if reason == "moved" and fl.link.marks:
+                self._marks.add(s.sid, fl.link, self._time())
         for out in fl.sent.values():
             self._finish(out, ok=True, count=False)
         if fl.waiting and fl.cluster is not None:
@@ -344,7 +354,15 @@ class Forwarder:
         fl: Flow | None = s.ds
         if fl is None:
             return None
-        return {"ep": fl.ep.key if fl.ep is not None else "", "agent": fl.agent}
+        if self._holds:
+            # replies held here since the session moved in go to it first,
+            # and move with its state
+            self._release(hub, s, self._holds.end(s.sid))
+        hint: dict[str, Any] = {"ep": fl.ep.key if fl.ep is not None else "", "agent": fl.agent}
+        ln = fl.link
+        if ln is not None and ln.up and ln.marks:
+            hint["mark"] = True  # this worker will say when its link is done
+        return hint
 
     def moved_in(self, hub: Hub, s: Session, hint: Any) -> None:
         # the new worker prefers the endpoint and agent that served the
@@ -353,7 +371,20 @@ class Forwarder:
             return
         ep, agent = hint.get("ep"), hint.get("agent")
         if type(ep) is str and (agent is None or type(agent) is str):
-            self.sticky.put(s.tenant, s.visitor, ep, agent, self._time())
+            now = self._time()
+            self.sticky.put(s.tenant, s.visitor, ep, agent, now)
+            if hint.get("mark") is True and ep:
+                self._holds.start(s.sid, ep, now)
+
+    def move_ended(self, hub: Hub, s: Session) -> None:
+        """The worker ``s`` moved from says nothing more comes through it:
+        the replies held meanwhile go to the visitor."""
+        self.hub = hub
+        self._release(hub, s, self._holds.end(s.sid))
+
+    def _release(self, hub: Hub, s: Session, frames: list[dict[str, Any]]) -> None:
+        for f in frames:
+            self._visible(hub, s, f)
 
     def submit(self, hub: Hub, s: Session, msg_id: Any, n: int, body: Any) -> bool:
         self.hub = hub
@@ -651,6 +682,11 @@ class Forwarder:
             # stopping, is routine
             level = "info" if why.startswith("drained") or why == STOPPING else "warning"
             self.hub.log(level, "downstream_link_down", endpoint=link.key, why=why[:200])
+        if self._marks and self.hub is not None and self.hub.migrator is not None:
+            # nothing more comes on this link for the sessions that moved
+            # away from it
+            for sid in self._marks.link_down(link):
+                self.hub.migrator.forward_mark(sid)
         sessions = list(link.sessions)
         link.sessions.clear()
         for s in sessions:
@@ -695,21 +731,22 @@ class Forwarder:
                 continue
             s = sessions.get(f["sid"])
             if s is None:
-                if f["t"] == "deliver" and hub.migrator is not None:
-                    # the session moved to another worker: pass it on
-                    sender = f.get("from") or {"kind": "agent", "name": "?"}
-                    if hub.migrator.forward_deliver(f["sid"], f["body"], sender):
-                        continue
-                hub.stats["downstream_unknown_session"] += 1
+                self._elsewhere(hub, link, f)
                 continue
             fl: Flow | None = s.ds
             t = f["t"]
             if t == "ack":
                 if self._acked(hub, s, (f["n"],)):
                     freed = True
-            elif t == "deliver":
-                sender = f.get("from") or {"kind": "agent", "name": "?"}
-                hub.deliver(s, f["body"], sender)
+            elif t == "deliver" or t == "assign":
+                if self._holds:
+                    held = self._holds.hold(s.sid, link.endpoint.key, f)
+                    if held is not None:
+                        self._release(hub, s, held)
+                elif t == "deliver":
+                    hub.deliver(s, f["body"], f.get("from") or {"kind": "agent", "name": "?"})
+                else:
+                    self._visible(hub, s, f)
             elif t == "nack":
                 out = fl.sent.pop(f["n"], None) if fl is not None else None
                 if out is None or fl is None:
@@ -719,16 +756,6 @@ class Forwarder:
                 hub.stats["downstream_nacks"] += 1
                 self._retry(s, fl, out, failed)
                 self._pump(s, fl, self._now)
-            elif t == "assign":
-                if fl is not None:
-                    fl.agent = f["agent"]
-                    ep = fl.ep
-                    self.sticky.put(s.tenant, s.visitor, ep.key if ep else "", fl.agent, self._now)
-                hub.deliver(
-                    s,
-                    f"{f['agent']} joined the conversation",
-                    {"kind": "system", "name": "assign", "agent": f["agent"]},
-                )
             elif t == "handover" and fl is not None:
                 fl.route = self.router.handover(fl.route)
                 fl.link = None
@@ -737,6 +764,41 @@ class Forwarder:
         self._flush_oks()
         if freed:
             hub.downstream_ready()
+
+    def _visible(self, hub: Hub, s: Session, f: dict[str, Any]) -> None:
+        """A ``deliver`` or ``assign`` frame for ``s``: what the visitor
+        sees of it."""
+        if f["t"] == "deliver":
+            hub.deliver(s, f["body"], f.get("from") or {"kind": "agent", "name": "?"})
+            return
+        fl: Flow | None = s.ds
+        if fl is not None:
+            fl.agent = f["agent"]
+            ep = fl.ep
+            self.sticky.put(s.tenant, s.visitor, ep.key if ep else "", fl.agent, self._now)
+        hub.deliver(s, _joined(f["agent"]), _assign_sender(f["agent"]))
+
+    def _elsewhere(self, hub: Hub, link: Link, f: dict[str, Any]) -> None:
+        """A frame for a session this worker does not have: one that moved
+        to another worker gets its replies and assignments passed on, and
+        its new worker is told when the link's downstream sends nothing more
+        for it here (``moved``)."""
+        t, sid, mig = f["t"], f["sid"], hub.migrator
+        if mig is not None:
+            if t == "deliver":
+                sender = f.get("from") or {"kind": "agent", "name": "?"}
+                if mig.forward_deliver(sid, f["body"], sender):
+                    return
+            elif t == "assign":
+                agent = f["agent"]
+                if mig.forward_deliver(sid, _joined(agent), _assign_sender(agent)):
+                    return
+            elif t == "moved":
+                if self._marks.take(link, sid):
+                    mig.forward_mark(sid)
+                return
+        if t != "moved":
+            hub.stats["downstream_unknown_session"] += 1
 
     def _acked(self, hub: Any, s: Session, ns: Iterable[int]) -> bool:
         """The downstream accepted messages ``ns`` of ``s``: each gets its
@@ -764,6 +826,15 @@ class Forwarder:
             self._pump(s, fl, now)
         return any_ok
 
+    def _end_holds(self, hub: Hub, now: float) -> None:
+        """Moved-in sessions whose old worker did not say in time that its
+        link is done: their held replies go now."""
+        for sid, frames in self._holds.expire(now):
+            hub.stats["downstream_move_hold_timeouts"] += 1
+            s = hub.sessions.get(sid)
+            if s is not None:
+                self._release(hub, s, frames)
+
     def _flush_oks(self) -> None:
         """Records the successes gathered by :meth:`_finish` (at the end of
         a link read, and before any other result)."""
@@ -785,6 +856,10 @@ class Forwarder:
     def tick(self, now: float) -> None:
         """Timeouts and retries; called every :data:`TICK_S`."""
         self._now = now
+        if self._holds and self.hub is not None:
+            self._end_holds(self.hub, now)
+        if self._marks:
+            self._marks.expire(now)
         dl = self._deadlines
         while dl.at and dl.at[0] <= now:
             dl.at.popleft()
@@ -842,3 +917,11 @@ class Forwarder:
             while True:
                 await trio.sleep(TICK_S)
                 self.tick(trio.current_time())
+
+
+def _joined(agent: str) -> str:
+    return f"{agent} joined the conversation"
+
+
+def _assign_sender(agent: str) -> dict[str, str]:
+    return {"kind": "system", "name": "assign", "agent": agent}

@@ -29,7 +29,13 @@ import trio
 from gateway import h2repr
 from gateway.downstream import h2data
 from gateway.downstream.h2data import DATA_FRAME, WINDOW, DataSplitter, FlowError, SendWindow
-from gateway.downstream.proto import LINK_PATH, MAX_LINK_FRAME, check_from_downstream
+from gateway.downstream.proto import (
+    FEATURES_HEADER,
+    LINK_PATH,
+    MAX_LINK_FRAME,
+    MOVED_MARK,
+    check_from_downstream,
+)
 from gateway.downstream.tls import ALPN, TlsBio
 from gateway.downstream.tls import handshake as tls_handshake
 from gateway.netio import write_some
@@ -68,6 +74,7 @@ class LinkCore:
     __slots__ = (
         "decoder",
         "extra",
+        "features",
         "goaway",
         "h2",
         "out",
@@ -96,6 +103,9 @@ class LinkCore:
         self.out = bytearray()
         self.stream = 0
         self.status: int | None = None
+        # the downstream's protocol features (its FEATURES_HEADER), once
+        # the response headers came
+        self.features: frozenset[str] = frozenset()
         self.ping_sent = 0.0  # time of the unanswered PING, 0 when none
         self.received = 0  # reads handed to receive(): any of them shows the peer alive
         self.ping_received = 0  # ``received`` when the unanswered PING went out
@@ -223,6 +233,9 @@ class LinkCore:
                 self.status = int(status) if status.isdigit() else 0
                 if self.status != 200:
                     raise LinkError(f"link refused with HTTP status {status}")
+                feats = hdrs.get(FEATURES_HEADER, "")
+                if type(feats) is str and feats:
+                    self.features = frozenset(x.strip() for x in feats.split(",")[:16])
             elif isinstance(ev, h2.events.PingAckReceived):
                 self.ping_sent = 0.0
             elif isinstance(ev, h2.events.RemoteSettingsChanged):
@@ -384,6 +397,13 @@ class Link:
     @property
     def up(self) -> bool:
         return self.state == UP
+
+    @property
+    def marks(self) -> bool:
+        """The downstream answers a session's re-binding to another link
+        with ``moved`` on this one (docs/protocol.md)."""
+        c = self.core
+        return c is not None and MOVED_MARK in c.features
 
     @property
     def room(self) -> int:

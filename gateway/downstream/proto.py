@@ -8,7 +8,7 @@ downstream's; the desk simulator uses the reverse direction.
 
 Gateway -> downstream: ``open``, ``msg``, ``close``.
 Downstream -> gateway: ``ack`` (or ``acks``, many at once), ``nack``,
-``deliver``, ``assign``, ``handover``.
+``deliver``, ``assign``, ``handover``, ``moved``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from gateway.protocol.codec import length_prefix
 from gateway.protocol.codes import Code, ProtocolError
 
 __all__ = [
+    "FEATURES_HEADER",
     "LINK_PATH",
     "MAX_LINK_FRAME",
+    "MOVED_MARK",
     "check_from_downstream",
     "check_from_gateway",
     "encode",
@@ -32,6 +34,13 @@ __all__ = [
 ]
 
 LINK_PATH: Final = "/v1/link"
+#: Response header of the link request: the protocol features the
+#: downstream has, comma-separated.
+FEATURES_HEADER: Final = "x-downstream-features"
+#: The feature of a downstream that answers a session's re-binding to
+#: another link with ``moved`` on the old one (docs/protocol.md, "Replies
+#: across a move").
+MOVED_MARK: Final = "moved"
 #: Largest downstream frame (a 64 KiB visitor body plus the envelope).
 MAX_LINK_FRAME: Final = 96 * 1024
 MAX_NAME: Final = 128
@@ -162,7 +171,7 @@ def check_from_downstream(f: Any) -> dict[str, Any]:
         _str(f, "group", optional=True)
     elif t == "handover":
         _str(f, "group", optional=True)
-    else:
+    elif t != "moved":
         raise ProtocolError(Code.UNKNOWN_TYPE, f"unknown downstream frame {t[:32]!r}")
     return frame
 

@@ -112,6 +112,9 @@ class DemoBot:
             if type(body) in (str, bytes):
                 self._push(now + delay, s, body)
 
+    def move_ended(self, hub: Hub, s: Session) -> None:
+        """Nothing to do: the bot's replies move with the session."""
+
     def submit(self, hub: Hub, s: Session, msg_id: Any, n: int, body: Any) -> bool:
         hub.downstream_ack(s, msg_id)
         _ACK_OBSERVE(0.0)  # the bot accepts at once

@@ -10,7 +10,10 @@ descriptor:
 - ``mrep`` ``{rid, state}``: the session's state, or nil when the holder
   does not have it (or it belongs to another visitor);
 - ``mdel`` ``{sid, body, sender, hops}``: a delivery for a session that
-  moved, passed on to its new holder.
+  moved, passed on to its new holder;
+- ``mend`` ``{sid, hops}``: nothing more for a session that moved comes
+  through this worker's downstream link (behind its last ``mdel``; see
+  :mod:`gateway.downstream.moveorder`).
 
 A worker that receives ``mreq`` for a session it gave away passes the
 request on to the holder its tombstone names (at most
@@ -92,6 +95,12 @@ class WorkerMigrator:
         self._send(h, {"k": "mdel", "sid": sid, "body": body, "sender": sender, "hops": 0})
         return True
 
+    def forward_mark(self, sid: str) -> None:
+        h = self.tombs.holder(sid, trio.current_time())
+        if h is not None:
+            self.hub.stats["move_marks_forwarded"] += 1
+            self._send(h, {"k": "mend", "sid": sid, "hops": 0})
+
     # -- sending --------------------------------------------------------------------
     def _send(self, peer: int, msg: dict[str, Any]) -> None:
         q = self.queues.get(peer)
@@ -135,6 +144,8 @@ class WorkerMigrator:
                 self._on_reply(m)
             elif k == "mdel":
                 self._on_deliver(m)
+            elif k == "mend":
+                self._on_mark(m)
             else:
                 raise ValueError(f"unknown kind {k!r}")
         except Exception as e:  # from our own peers, but checked all the same
@@ -211,3 +222,17 @@ class WorkerMigrator:
             self._send(h, {**m, "hops": hops + 1})
         else:
             hub.stats["downstream_unknown_session"] += 1
+
+    def _on_mark(self, m: dict[str, Any]) -> None:
+        hub = self.hub
+        sid = m["sid"]
+        if type(sid) is not str:
+            raise ValueError("bad mend")
+        s = hub.sessions.get(sid)
+        if s is not None:
+            hub.downstream.move_ended(hub, s)
+            return
+        h = self.tombs.holder(sid, trio.current_time())
+        hops = int(m.get("hops", 0))
+        if h is not None and hops < MAX_HOPS:
+            self._send(h, {**m, "hops": hops + 1})

@@ -51,6 +51,11 @@ class Downstream(Protocol):
         hint (not yet opened: :meth:`opened` follows)."""
         ...
 
+    def move_ended(self, hub: Hub, s: Session) -> None:
+        """The worker ``s`` moved from passes nothing more on for it (see
+        :mod:`gateway.downstream.moveorder`)."""
+        ...
+
     def submit(self, hub: Hub, s: Session, msg_id: Any, n: int, body: Any) -> bool:
         """Hands a visitor message over; the downstream later calls
         :meth:`Hub.downstream_ack`. Returns False when it cannot take more
@@ -78,6 +83,11 @@ class Migrator(Protocol):
     def forward_deliver(self, sid: str, body: Any, sender: Sender) -> bool:
         """Sends a delivery for a session that moved away on to its holder;
         False when it did not move (or the tombstone expired)."""
+        ...
+
+    def forward_mark(self, sid: str) -> None:
+        """Tells the holder of a session that moved away that nothing more
+        for it comes through this worker (behind what was passed on)."""
         ...
 
 

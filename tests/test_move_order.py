@@ -1,0 +1,347 @@
+"""Replies keep their order when a session moves to another worker while a
+reply is on its way to the old one (docs/protocol.md, "Replies across a
+move"; gateway/downstream/moveorder.py).
+
+A scripted downstream behind a two-worker gateway holds its reply to the
+visitor's first message until the session is re-opened on the other
+worker's link; then it writes a newer reply on the new link at once, and
+the older one (then ``moved``) on the old link 150 ms later: the older
+reply reaches the new worker through the old one, after the newer one
+reached it directly. The visitor must see the older one first. An
+assignment sent on the old link is passed on too (it was dropped as a
+frame for an unknown session before)."""
+
+from __future__ import annotations
+
+import struct
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import msgpack
+import pytest
+import trio
+
+from gateway.config import DEMO_TENANT, load_config
+from gateway.downstream.moveorder import HOLD_S, Holds, MarkWaits
+from gateway.downstream.proto import FEATURES_HEADER, LINK_PATH, MOVED_MARK, check_from_downstream
+from gateway.protocol.codec import LengthPrefixedDecoder
+from gateway.protocol.codes import ProtocolError
+from gateway.protocol.tokens import mint
+from tests.test_server_h2 import H2Client
+from tests.test_server_process import free_port, serve_two_workers, stop, wait_listening
+
+
+def _frame(f: dict[str, Any]) -> bytes:
+    body = msgpack.packb(f, use_bin_type=True)
+    return struct.pack("!I", len(body)) + body
+
+
+class _Conn:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        )
+        self.lock = trio.Lock()
+
+    async def flush(self) -> None:
+        async with self.lock:
+            data = self.h2.data_to_send()
+            if data:
+                await self.stream.send_all(data)
+
+
+class Reordering:
+    """The downstream of the module docstring. ``features``: what its link
+    answers carry in ``x-downstream-features``; ``marks``: whether it sends
+    ``moved`` on the old link."""
+
+    def __init__(self, features: str, marks: bool) -> None:
+        self.features = features
+        self.marks = marks
+        self.links: dict[int, tuple[_Conn, int, str]] = {}  # link -> conn, stream, worker
+        self.next_link = 0
+        self.bound: dict[str, int] = {}  # sid -> link of its last open
+        self.pending: dict[str, int] = {}  # sid -> link its first reply is held for
+        self.moved = trio.Event()
+        self.nursery: trio.Nursery | None = None
+
+    async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        async with trio.open_nursery() as n:
+            self.nursery = n
+            task_status.started(listeners[0].socket.getsockname()[1])
+            await trio.serve_listeners(self._conn, listeners)
+
+    async def _conn(self, stream: trio.SocketStream) -> None:
+        c = _Conn(stream)
+        c.h2.initiate_connection()
+        await c.flush()
+        decoders: dict[int, tuple[int, LengthPrefixedDecoder]] = {}
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                return
+            if not data:
+                return
+            for ev in c.h2.receive_data(data):
+                if isinstance(ev, h2.events.RequestReceived):
+                    hdrs = dict(ev.headers)
+                    assert hdrs[":path"] == LINK_PATH
+                    link = self.next_link = self.next_link + 1
+                    self.links[link] = (c, ev.stream_id, str(hdrs["x-gateway-worker"]))
+                    decoders[ev.stream_id] = (link, LengthPrefixedDecoder(1 << 20))
+                    extra = [(FEATURES_HEADER, self.features)] if self.features else []
+                    c.h2.send_headers(ev.stream_id, [(":status", "200"), *extra])
+                elif isinstance(ev, h2.events.DataReceived):
+                    c.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    link, dec = decoders[ev.stream_id]
+                    for f in dec.feed(ev.data):
+                        self._on_frame(link, f)
+            await c.flush()
+
+    def _send(self, link: int, f: dict[str, Any]) -> None:
+        c, stream, _ = self.links[link]
+        c.h2.send_data(stream, _frame(f))
+        assert self.nursery is not None
+        self.nursery.start_soon(c.flush)
+
+    def _on_frame(self, link: int, f: dict[str, Any]) -> None:
+        sid = f["sid"]
+        if f["t"] == "open":
+            old = self.bound.get(sid)
+            self.bound[sid] = link
+            held = self.pending.get(sid)
+            if held is not None and self.links[held][2] != self.links[link][2]:
+                # re-opened on the other worker's link: the newer reply on
+                # the new link now, the older one on the old link later
+                del self.pending[sid]
+                self._send(link, _deliver(sid, "second"))
+                assert self.nursery is not None
+                self.nursery.start_soon(self._late, held, sid)
+            assert old is None or old != link
+        elif f["t"] == "msg":
+            self._send(link, {"t": "ack", "sid": sid, "n": f["n"]})
+            if f["n"] == 1:
+                self.pending[sid] = link
+
+    async def _late(self, link: int, sid: str) -> None:
+        await trio.sleep(0.15)
+        self._send(link, _deliver(sid, "first"))
+        self._send(link, {"t": "assign", "sid": sid, "agent": "agent-7", "group": "support"})
+        if self.marks:
+            self._send(link, {"t": "moved", "sid": sid})
+        self.moved.set()
+
+
+JOINED = "agent-7 joined the conversation"  # the visitor's notice of the assignment
+
+
+def _deliver(sid: str, body: str) -> dict[str, Any]:
+    return {"t": "deliver", "sid": sid, "body": body, "from": {"kind": "agent", "name": "a"}}
+
+
+async def _replies_across_a_move(
+    tmp_path: Path, features: str, marks: bool
+) -> tuple[list[str], str]:
+    """Runs the scenario; returns the reply bodies in the order the visitor
+    saw them, and the gateway's /metrics text at the end."""
+    desk = Reordering(features, marks)
+    port, oport = free_port(), free_port()
+    async with trio.open_nursery() as n:
+        dport = await n.start(desk.serve)
+        proc = serve_two_workers(
+            tmp_path,
+            port,
+            args=(
+                "--downstream",
+                f"support=127.0.0.1:{dport}",
+                "--ops-listen",
+                f"127.0.0.1:{oport}",
+            ),
+        )
+        try:
+            await trio.to_thread.run_sync(wait_listening, port)
+            with trio.fail_after(10):
+                while len(desk.links) < 2:  # both workers' links
+                    await trio.sleep(0.05)
+            cfg = load_config(None, {"GATEWAY_STATE_DIR": str(tmp_path)}, {})
+            t = cfg.tenants[DEMO_TENANT]
+            tok = mint(DEMO_TENANT, "v-move", t.secrets[t.primary_kid], 600, time.time())
+            hello: dict[str, Any] = {"t": "hello", "v": 1, "token": tok}
+            cl = await H2Client.connect(port)
+            st = await cl.open()
+            await cl.send(st, hello)
+            w = await cl.recv(st)
+            sid = w["sid"]
+            await cl.send(st, {"t": "msg", "id": 1, "body": "hello?"})
+            with trio.fail_after(5):
+                while (await cl.recv(st))["t"] != "ack":
+                    pass
+            # new connections until one lands on the other worker (the
+            # kernel spreads them) and the session moves there
+            for _ in range(40):
+                await cl.stream.aclose()
+                cl = await H2Client.connect(port)
+                st = await cl.open()
+                await cl.send(st, {**hello, "resume": {"sid": sid, "last": 0}})
+                w = await cl.recv(st)
+                assert w["t"] == "welcome" and w["resumed"] is True, w
+                with trio.move_on_after(0.5):  # the new worker's open
+                    while sid in desk.pending:
+                        await trio.sleep(0.01)
+                if sid not in desk.pending:
+                    break
+            assert sid not in desk.pending, "the session never moved"
+            bodies: list[str] = []
+            seqs: list[int] = []
+            with trio.fail_after(5 + HOLD_S):
+                while len(bodies) < 3:
+                    f = await cl.recv(st)
+                    if f["t"] == "deliver":
+                        bodies.append(f["body"])
+                        seqs.append(f["seq"])
+            assert seqs == [1, 2, 3], seqs
+            await cl.stream.aclose()
+            await trio.sleep(1.2)  # the workers' next report
+            metrics = await trio.to_thread.run_sync(
+                lambda: (
+                    urllib.request.urlopen(f"http://127.0.0.1:{oport}/metrics", timeout=5)
+                    .read()
+                    .decode()
+                )
+            )
+        finally:
+            out = stop(proc)
+            n.cancel_scope.cancel()
+    assert "Traceback" not in out, out
+    return bodies, metrics
+
+
+def _event(metrics: str, name: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(f'gateway_events_total{{event="{name}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_a_reply_on_its_way_to_the_old_worker_stays_ahead(tmp_path: Path) -> None:
+    bodies, metrics = await _replies_across_a_move(tmp_path, MOVED_MARK, marks=True)
+    assert bodies == ["first", JOINED, "second"]
+    assert _event(metrics, "move_marks_forwarded") == 1
+    assert _event(metrics, "deliveries_forwarded") == 2  # the reply and the assignment
+    assert _event(metrics, "downstream_move_hold_timeouts") == 0
+
+
+async def test_without_the_feature_replies_are_not_held(tmp_path: Path) -> None:
+    """The same downstream without ``moved`` in its features: nothing is
+    held, so the newer reply comes first (the scenario does reorder)."""
+    bodies, metrics = await _replies_across_a_move(tmp_path, "", marks=False)
+    assert bodies == ["second", "first", JOINED]
+    assert _event(metrics, "move_marks_forwarded") == 0
+
+
+async def test_a_downstream_that_never_says_moved_delays_replies_by_the_hold(
+    tmp_path: Path,
+) -> None:
+    """It announces the feature but never sends ``moved``: the newer reply
+    is held until the hold ends (HOLD_S), then delivered, behind the older."""
+    bodies, metrics = await _replies_across_a_move(tmp_path, f"x, {MOVED_MARK}", marks=False)
+    assert bodies == ["first", JOINED, "second"]
+    assert _event(metrics, "downstream_move_hold_timeouts") == 1
+    assert _event(metrics, "move_marks_forwarded") == 0
+
+
+# -- sans-IO ----------------------------------------------------------------------
+
+
+def test_moved_is_a_downstream_frame() -> None:
+    assert check_from_downstream({"t": "moved", "sid": "s"}) == {"t": "moved", "sid": "s"}
+    with pytest.raises(ProtocolError):
+        check_from_downstream({"t": "moved"})
+    with pytest.raises(ProtocolError):
+        check_from_downstream({"t": "moved", "sid": 3})
+
+
+def test_mark_waits_follow_the_link_and_expire() -> None:
+    a, b = object(), object()
+    w = MarkWaits()
+    w.add("s1", a, 10.0)
+    w.add("s2", a, 10.5)
+    w.add("s3", b, 11.0)
+    assert not w.take(b, "s1")  # from another link: not the one it left
+    assert w.take(a, "s1") and not w.take(a, "s1")  # once
+    assert w.link_down(a) == ["s2"] and len(w) == 1
+    assert w.expire(11.0 + 2 * HOLD_S - 0.01) == 0
+    assert w.expire(11.0 + 2 * HOLD_S) == 1 and len(w) == 0
+
+
+def test_mark_waits_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.downstream.moveorder as mo
+
+    monkeypatch.setattr(mo, "MAX_WAITS", 3)
+    a = object()
+    w = MarkWaits()
+    for i in range(5):
+        w.add(f"s{i}", a, float(i))
+    assert len(w) == 3 and not w.take(a, "s0") and w.take(a, "s4")
+
+
+def test_holds_keep_frames_from_the_old_endpoint_only() -> None:
+    h = Holds()
+    assert h.hold("s1", "ep-a", {"t": "deliver", "body": "x"}) == [{"t": "deliver", "body": "x"}]
+    h.start("s1", "ep-a", 5.0)
+    f1, f2 = {"t": "deliver", "body": "one"}, {"t": "assign", "agent": "a1"}
+    assert h.hold("s1", "ep-a", f1) is None and h.hold("s1", "ep-a", f2) is None
+    other = {"t": "deliver", "body": "other desk"}
+    assert h.hold("s1", "ep-b", other) == [other]  # another endpoint: not ordered with it
+    assert h.end("s1") == [f1, f2] and h.end("s1") == [] and len(h) == 0
+
+
+def test_holds_end_at_their_deadline_in_order() -> None:
+    h = Holds()
+    h.start("s1", "ep", 1.0)
+    h.start("s2", "ep", 1.5)
+    h.hold("s2", "ep", {"t": "deliver", "body": "b"})
+    assert h.expire(1.0 + HOLD_S - 0.01) == []
+    assert h.expire(1.5 + HOLD_S) == [("s1", []), ("s2", [{"t": "deliver", "body": "b"}])]
+
+
+@pytest.mark.parametrize("what", ["frames", "bytes"])
+def test_a_hold_over_its_bounds_hands_everything_on(
+    monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:
+    import gateway.downstream.moveorder as mo
+
+    monkeypatch.setattr(mo, "MAX_FRAMES", 3 if what == "frames" else 1000)
+    monkeypatch.setattr(mo, "MAX_BYTES", 1000 if what == "frames" else 25)
+    h = Holds()
+    h.start("s", "ep", 0.0)
+    frames = [{"t": "deliver", "body": "0123456789"} for _ in range(4)]
+    got = [h.hold("s", "ep", f) for f in frames]
+    n = 3 if what == "frames" else 2
+    assert got[:n] == [None] * n and got[n] == frames[: n + 1] and len(h) == 0
+
+
+def test_desk_sim_says_moved_on_the_link_a_session_left() -> None:
+    """desk-sim's side: a session re-opened (or messaged) on another link
+    leaves a mark for its old link; the first open and the same link do
+    not."""
+    from gateway.downstream.desk import Desk, DeskConfig
+
+    desk = Desk(DeskConfig(reply=False))
+    opened = {"t": "open", "sid": "s1", "tenant": "t", "visitor": "v", "group": "g",
+              "stage": "bot", "agent": None}  # fmt: skip
+    desk.on_frame(1, opened)
+    desk.on_frame(1, {"t": "msg", "sid": "s1", "n": 1, "id": 1, "body": "x", "group": "g"})
+    assert desk.take_marks() == []
+    desk.on_frame(2, opened)
+    assert desk.take_marks() == [(1, "s1")] and desk.take_marks() == []
+    desk.on_frame(3, {"t": "msg", "sid": "s1", "n": 2, "id": 2, "body": "y", "group": "g"})
+    assert desk.take_marks() == [(2, "s1")] and desk.link_of("s1") == 3
