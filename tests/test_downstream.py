@@ -642,8 +642,14 @@ async def test_desk_draining_with_goaway_loses_and_duplicates_nothing(
         await wait_links_up(fw, 2)
         redelivered = metrics.DOWNSTREAM_REDELIVERED.labels("general").value()
 
+        connected = 0
+        go = trio.Event()
+
         async def visitor(i: int) -> None:
+            nonlocal connected
             async with gc.connect(gw.url, token=gw.token(f"v{i}"), reconnect=False) as s:
+                connected += 1
+                await go.wait()
                 for k in range(15):
                     body = f"v{i}#{k}"
                     with trio.fail_after(10):
@@ -653,8 +659,20 @@ async def test_desk_draining_with_goaway_loses_and_duplicates_nothing(
         async with trio.open_nursery() as n:
             for i in range(12):
                 n.start_soon(visitor, i)
+            # every session opened (placed on an endpoint) before the
+            # balancer has seen A's 100 ms acks, so some of them are on A
             with trio.fail_after(10):
-                while fw.links[0].inflight < 3:  # A has messages in flight
+                while connected < 12:
+                    await trio.sleep(0.005)
+            on_a = sum(
+                1
+                for s in gw.w.hub.sessions
+                if s.ds.ep is not None and s.ds.ep.key == fw.links[0].key
+            )
+            assert on_a >= 1, "no session on desk A"
+            go.set()
+            with trio.fail_after(10):
+                while fw.links[0].inflight < min(2, on_a):  # A has messages in flight
                     await trio.sleep(0.005)
             srv_a.drain()
             with trio.fail_after(10):
