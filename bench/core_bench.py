@@ -12,6 +12,8 @@ same run, from the same raw-socket client (gateway.loadtest).
     python bench/core_bench.py forwarding --workers 2 --connections 200 --rate 10000 --repeat 5
         [--engine native|python]   (--rate 0: half the maximum measured first)
         [--isolate]   (the gateways on the first CPU, desk-sim and load clients on the others)
+    python bench/core_bench.py rates --workers 1 --rates 2000,8000,16000,0 --seconds 6 [--isolate]
+        (gateway CPU per message as the load rises, forwarding and bot side by side)
     python bench/core_bench.py unloaded --workers 2 [--messages 400]
     python bench/core_bench.py clients --workers 2 --connections 1000 [--window 1]
     python bench/core_bench.py fastpaths --workers 2 --connections 200 --rate 12000 --repeat 3
@@ -466,18 +468,7 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
     bot = start_gateway(w, conns=conns)
     try:
         if args.isolate:
-            # as in production, where visitors and desks are other machines:
-            # the gateway gets a CPU to itself, everything else shares the rest
-            cpus = sorted(mine)
-            if len(cpus) < 2:
-                raise SystemExit("--isolate needs at least 2 CPUs")
-            gw_cpus, rest = set(cpus[:1]), set(cpus[1:])
-            for srv in (fwd, bot):
-                pin(srv.proc.pid, gw_cpus)
-            pin(desk.proc.pid, rest)
-            os.sched_setaffinity(0, rest)  # the load clients this process starts
-            res["isolate"] = {"gateway_cpus": sorted(gw_cpus), "other_cpus": sorted(rest)}
-            print(f"gateways on CPU {sorted(gw_cpus)}, desk-sim and load clients on {sorted(rest)}")
+            res["isolate"] = _isolate((fwd, bot), desk)
         time.sleep(1.0)  # links up
         if not args.rate:
             before = loop_counters(fwd)
@@ -552,6 +543,71 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
         a, b = p["desk-sim"], p["bot"]
         print(f"| {i} | {gwmetrics.gc_text(a)} | {gwmetrics.gc_text(b)} |")
     return {"forwarding": res}
+
+
+def _isolate(gateways: tuple[Server, ...], desk: Server) -> dict[str, Any]:
+    """``--isolate``: as in production, where visitors and desks are other
+    machines, the gateways get the first CPU to themselves; desk-sim and
+    the load clients this process starts share the rest (undone by
+    resetting this process's affinity)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--isolate needs at least 2 CPUs")
+    gw_cpus, rest = set(cpus[:1]), set(cpus[1:])
+    for srv in gateways:
+        pin(srv.proc.pid, gw_cpus)
+    pin(desk.proc.pid, rest)
+    os.sched_setaffinity(0, rest)
+    print(f"gateways on CPU {sorted(gw_cpus)}, desk-sim and load clients on {sorted(rest)}")
+    return {"gateway_cpus": sorted(gw_cpus), "other_cpus": sorted(rest)}
+
+
+def rates(args: argparse.Namespace) -> dict[str, Any]:
+    """What a message costs the gateway as the load rises: the forwarding
+    gateway (to desk-sim) and the one with its in-process bot, loaded in
+    alternation at each of ``--rates`` (0: closed loop, the maximum). The
+    gateway's CPU time per message, its event loop's time per message and
+    ready connections per wakeup, and the round trip. CPU time is counted
+    over each whole run (the 200 connections' handshakes included)."""
+    conns = args.connections
+    toks = tokens(conns)
+    w = args.workers[-1]
+    res: dict[str, Any] = {"runs": []}
+    mine = os.sched_getaffinity(0)
+    desk = start_desk(processes=1)
+    fwd = start_gateway(w, downstream=[f"general=127.0.0.1:{desk.port}"], conns=conns)
+    bot = start_gateway(w, conns=conns)
+    try:
+        if args.isolate:
+            res["isolate"] = _isolate((fwd, bot), desk)
+        time.sleep(1.0)  # links up
+        for rate in args.rates:
+            for name, gw in (("desk-sim", fwd), ("bot", bot)):
+                before = loop_counters(gw)
+                r = measured(gw, Plan(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks,
+                                      connections=conns, active=conns, duration=args.seconds,
+                                      size=230, max_runtime=300, rate=rate, engine=args.engine),
+                             args.clients, desk)  # fmt: skip
+                lw = loop_work(before, loop_counters(gw), r["counts"].get("acked", 0))
+                res["runs"].append({"rate": rate, "gateway": name, "msgs_per_s": r["msgs_per_s"],
+                                    **r["rtt"], **lw, "gateway_cpu_us": cpu_us(r)})  # fmt: skip
+    finally:
+        os.sched_setaffinity(0, mine)
+        fwd.stop()
+        bot.stop()
+        desk.stop()
+    print(f"{conns} connections, {w} workers")
+    print("| offered msg/s | gateway | acked msg/s | gateway CPU µs/msg | its cores | "
+          "event loop µs/msg | ready connections per wakeup | p50 / p99 ms |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for x in res["runs"]:
+        offered = f"{x['rate']:,.0f}" if x["rate"] else "closed loop"
+        cores = x["gateway_cpu_us"] * x["msgs_per_s"] / 1e6
+        print(f"| {offered} | {x['gateway']} | {x['msgs_per_s']:,.0f} | "
+              f"{x['gateway_cpu_us']:.1f} | {cores:.2f} | {x['loop_us_per_msg']:.1f} | "
+              f"{x['events_per_batch']:.2f} | "
+              f"{x['p50_ms']:.2f} / {x['p99_ms']:.2f} |")  # fmt: skip
+    return {"rates": res}
 
 
 def _desk_run(
@@ -849,6 +905,7 @@ def main() -> None:
         "e2e": e2e,
         "e2e-ratio": e2e_ratio,
         "forwarding": forwarding,
+        "rates": rates,
         "fastpaths": fastpaths,
         "links": links,
         "unloaded": unloaded,
@@ -878,6 +935,10 @@ def main() -> None:
     )
     ap.add_argument("--messages", type=int, default=400, help="per gateway (unloaded)")
     ap.add_argument(
+        "--rates", type=lambda s: [float(x) for x in s.split(",") if x],
+        default=[2000.0, 8000.0, 16000.0, 0.0], help="rates: offered msg/s each (0: closed loop)",
+    )  # fmt: skip
+    ap.add_argument(
         "--engine", choices=["native", "python"], default="native",
         help="load client (throughput, e2e, e2e-ratio, forwarding): gw-loadgen or Python",
     )  # fmt: skip
@@ -897,7 +958,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--isolate", action="store_true",
-        help="forwarding: the gateways pinned to the first CPU, desk-sim and the load "
+        help="forwarding, rates: the gateways pinned to the first CPU, desk-sim and the load "
              "clients to the others (a gateway with a core to itself)",
     )  # fmt: skip
     args = ap.parse_args()
