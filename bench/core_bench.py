@@ -41,6 +41,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -462,14 +463,7 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
     plan = dict(connections=conns, active=conns, duration=args.seconds, size=230,
                 max_runtime=300, rate=args.rate, engine=args.engine)  # fmt: skip
     res: dict[str, Any] = {"pairs": []}
-    mine = os.sched_getaffinity(0)
-    desk = start_desk(processes=1)
-    fwd = start_gateway(w, downstream=[f"general=127.0.0.1:{desk.port}"], conns=conns)
-    bot = start_gateway(w, conns=conns)
-    try:
-        if args.isolate:
-            res["isolate"] = _isolate((fwd, bot), desk)
-        time.sleep(1.0)  # links up
+    with _side_by_side(w, conns, args.isolate, res) as (desk, fwd, bot):
         if not args.rate:
             before = loop_counters(fwd)
             top = run(Plan(host="127.0.0.1", port=fwd.port, mode="gateway", tokens=toks,
@@ -496,11 +490,6 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
                               "client_cpu_us": cpu_us(r, "client_cpu_s"),
                               "machine_busy": r["machine_busy"]}  # fmt: skip
             res["pairs"].append(pair)
-    finally:
-        os.sched_setaffinity(0, mine)
-        fwd.stop()
-        bot.stop()
-        desk.stop()
     print(f"{conns} connections, {args.rate:,.0f} msg/s offered, {w} workers")
     print("| pair | desk-sim p50 / p99 ms | in-process bot p50 / p99 ms | added p50 / p99 ms |")
     print("|---|---|---|---|")
@@ -545,6 +534,28 @@ def forwarding(args: argparse.Namespace) -> dict[str, Any]:
     return {"forwarding": res}
 
 
+@contextlib.contextmanager
+def _side_by_side(
+    workers: int, conns: int, isolate: bool, res: dict[str, Any]
+) -> Iterator[tuple[Server, Server, Server]]:
+    """desk-sim, a gateway forwarding to it and a gateway with its bot
+    (pinned as ``--isolate`` says, recorded in ``res``), stopped after."""
+    mine = os.sched_getaffinity(0)
+    desk = start_desk(processes=1)
+    fwd = start_gateway(workers, downstream=[f"general=127.0.0.1:{desk.port}"], conns=conns)
+    bot = start_gateway(workers, conns=conns)
+    try:
+        if isolate:
+            res["isolate"] = _isolate((fwd, bot), desk)
+        time.sleep(1.0)  # links up
+        yield desk, fwd, bot
+    finally:
+        os.sched_setaffinity(0, mine)
+        fwd.stop()
+        bot.stop()
+        desk.stop()
+
+
 def _isolate(gateways: tuple[Server, ...], desk: Server) -> dict[str, Any]:
     """``--isolate``: as in production, where visitors and desks are other
     machines, the gateways get the first CPU to themselves; desk-sim and
@@ -573,14 +584,7 @@ def rates(args: argparse.Namespace) -> dict[str, Any]:
     toks = tokens(conns)
     w = args.workers[-1]
     res: dict[str, Any] = {"runs": []}
-    mine = os.sched_getaffinity(0)
-    desk = start_desk(processes=1)
-    fwd = start_gateway(w, downstream=[f"general=127.0.0.1:{desk.port}"], conns=conns)
-    bot = start_gateway(w, conns=conns)
-    try:
-        if args.isolate:
-            res["isolate"] = _isolate((fwd, bot), desk)
-        time.sleep(1.0)  # links up
+    with _side_by_side(w, conns, args.isolate, res) as (desk, fwd, bot):
         for rate in args.rates:
             for name, gw in (("desk-sim", fwd), ("bot", bot)):
                 before = loop_counters(gw)
@@ -591,11 +595,6 @@ def rates(args: argparse.Namespace) -> dict[str, Any]:
                 lw = loop_work(before, loop_counters(gw), r["counts"].get("acked", 0))
                 res["runs"].append({"rate": rate, "gateway": name, "msgs_per_s": r["msgs_per_s"],
                                     **r["rtt"], **lw, "gateway_cpu_us": cpu_us(r)})  # fmt: skip
-    finally:
-        os.sched_setaffinity(0, mine)
-        fwd.stop()
-        bot.stop()
-        desk.stop()
     print(f"{conns} connections, {w} workers")
     print("| offered msg/s | gateway | acked msg/s | gateway CPU µs/msg | its cores | "
           "event loop µs/msg | ready connections per wakeup | p50 / p99 ms |")  # fmt: skip
