@@ -830,9 +830,9 @@ class Forwarder:
         """Moved-in sessions whose old worker did not say in time that its
         link is done: their held replies go now."""
         for sid, frames in self._holds.expire(now):
-            hub.stats["downstream_move_hold_timeouts"] += 1
             s = hub.sessions.get(sid)
-            if s is not None:
+            if s is not None and frames:
+                hub.stats["downstream_move_hold_timeouts"] += 1  # replies were delayed
                 self._release(hub, s, frames)
 
     def _flush_oks(self) -> None:

@@ -11,7 +11,7 @@ descriptor:
   does not have it (or it belongs to another visitor);
 - ``mdel`` ``{sid, body, sender, hops}``: a delivery for a session that
   moved, passed on to its new holder;
-- ``mend`` ``{sid, hops}``: nothing more for a session that moved comes
+- ``mend`` ``{sid}``: nothing more for a session that moved comes
   through this worker's downstream link (behind its last ``mdel``; see
   :mod:`gateway.downstream.moveorder`).
 
@@ -99,7 +99,7 @@ class WorkerMigrator:
         h = self.tombs.holder(sid, trio.current_time())
         if h is not None:
             self.hub.stats["move_marks_forwarded"] += 1
-            self._send(h, {"k": "mend", "sid": sid, "hops": 0})
+            self._send(h, {"k": "mend", "sid": sid})
 
     # -- sending --------------------------------------------------------------------
     def _send(self, peer: int, msg: dict[str, Any]) -> None:
@@ -231,8 +231,5 @@ class WorkerMigrator:
         s = hub.sessions.get(sid)
         if s is not None:
             hub.downstream.move_ended(hub, s)
-            return
-        h = self.tombs.holder(sid, trio.current_time())
-        hops = int(m.get("hops", 0))
-        if h is not None and hops < MAX_HOPS:
-            self._send(h, {**m, "hops": hops + 1})
+        # else it moved on: this worker released what it held when it did,
+        # and the next worker waits for this one's word, not this
