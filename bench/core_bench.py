@@ -5,6 +5,7 @@ same run, from the same raw-socket client (gateway.loadtest).
         [--engine native|python]
     python bench/core_bench.py idle --connections 15000 [--workers 1] [--peer]
     python bench/core_bench.py idle --connections 250000 --workers 14 --hold 60
+    python bench/core_bench.py idle --connections 5000 --workers 1 --tls
     python bench/core_bench.py e2e --workers 2 --connections 200 [--window 1]
         [--engine native|python]
     python bench/core_bench.py e2e-ratio --workers 2 --connections 200 [--window 8]
@@ -14,6 +15,8 @@ same run, from the same raw-socket client (gateway.loadtest).
         [--isolate]   (the gateways on the first CPU, desk-sim and load clients on the others)
     python bench/core_bench.py rates --workers 1 --rates 2000,8000,16000,0 --seconds 6 [--isolate]
         (gateway CPU per message as the load rises, forwarding and bot side by side)
+    python bench/core_bench.py wss --workers 1 --connections 200 --rate 3000 --repeat 2
+        (visitors over TLS: read by the reactor or by a task each; --rate 0: closed loop)
     python bench/core_bench.py unloaded --workers 2 [--messages 400]
     python bench/core_bench.py clients --workers 2 --connections 1000 [--window 1]
     python bench/core_bench.py fastpaths --workers 2 --connections 200 --rate 12000 --repeat 3
@@ -719,6 +722,45 @@ def links(args: argparse.Namespace) -> dict[str, Any]:
     return {"links": {"runs": runs}}
 
 
+def wss(args: argparse.Namespace) -> dict[str, Any]:
+    """Visitors over TLS (wss://), the gateway's TLS read by its reactor
+    (``GATEWAY_TLS_REACTOR=1``, a TlsRawPipe) against a task per connection
+    over trio's SSLStream (``=0``), in alternation, a fresh gateway (with
+    its bot) per run: msg/s, p50/p99, the gateway's CPU per message. The
+    load client is the Python engine (the native one has no TLS)."""
+    conns = args.connections
+    toks = tokens(conns)
+    w = args.workers[-1]
+    ca, cert, key = _tls_files()
+    runs: list[dict[str, Any]] = []
+    for _ in range(args.repeat):
+        for reactor in ("1", "0"):
+            extra = {"GATEWAY_TLS_CERT": cert, "GATEWAY_TLS_KEY": key,
+                     "GATEWAY_TLS_REACTOR": reactor}  # fmt: skip
+            gw = start_gateway(w, extra=extra, conns=conns)
+            try:
+                time.sleep(0.5)
+                r = measured(gw, Plan(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks,
+                                      connections=conns, active=conns, duration=args.seconds,
+                                      size=230, max_runtime=300, rate=args.rate,
+                                      window=args.window, engine="python", tls=True, ca_file=ca),
+                             args.clients)  # fmt: skip
+            finally:
+                gw.stop()
+            runs.append({"reactor": reactor == "1", "msgs_per_s": r["msgs_per_s"], **r["rtt"],
+                         "gateway_cpu_us": cpu_us(r),
+                         "errors": sum(r["errors"].values())})  # fmt: skip
+    print(f"{conns} wss connections x {args.window} in flight, {args.rate:,.0f} msg/s offered "
+          f"(0: closed loop), {w} workers, Python load client")  # fmt: skip
+    print("| visitors' TLS | msg/s | p50 ms | p99 ms | gateway CPU µs/msg | errors |")
+    print("|---|---|---|---|---|---|")
+    for r in runs:
+        how = "reactor (TlsRawPipe)" if r["reactor"] else "task + SSLStream"
+        print(f"| {how} | {r['msgs_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+              f"{r['gateway_cpu_us']:.1f} | {r['errors']} |")  # fmt: skip
+    return {"wss": {"runs": runs}}
+
+
 def clients(args: argparse.Namespace) -> dict[str, Any]:
     """What the load client itself costs: both engines, closed loop, against
     a gateway answering with its in-process bot (``--window``: messages in
@@ -848,7 +890,18 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
     servers: list[tuple[str, Any, str]] = []
     if args.peer:
         servers.append(("websockets", start_peer, "echo"))
+    tls: dict[str, Any] = {}
     for w in args.workers:
+        if args.tls:
+            # wss://: the visitors' TLS read by the reactor, or a task each
+            ca, cert, key = _tls_files()
+            tls = {"tls": True, "ca_file": ca, "engine": "python"}
+            for how, on in (("reactor", "1"), ("task", "0")):
+                env = {"GATEWAY_TLS_CERT": cert, "GATEWAY_TLS_KEY": key, "GATEWAY_TLS_REACTOR": on}
+                servers.append((f"gateway-{w}w-tls-{how}",
+                                lambda w=w, env=env: start_gateway(w, extra=env, conns=n),
+                                "gateway"))  # fmt: skip
+            continue
         servers.append((f"gateway-{w}w", lambda w=w: start_gateway(w, conns=n), "gateway"))
     for name, start, mode in servers:
         srv = start()
@@ -864,6 +917,7 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
                 ramp=args.ramp,
                 max_runtime=900,
                 tokens=toks if mode == "gateway" else [],
+                **tls,
             )
             res[name] = hold_and_measure(srv, plan, procs)
         finally:
@@ -907,6 +961,7 @@ def main() -> None:
         "rates": rates,
         "fastpaths": fastpaths,
         "links": links,
+        "wss": wss,
         "unloaded": unloaded,
         "clients": clients,
     }
@@ -919,6 +974,11 @@ def main() -> None:
     ap.add_argument("--hold", type=float, default=10.0)
     ap.add_argument("--ramp", type=float, default=0.0)
     ap.add_argument("--peer", action="store_true")
+    ap.add_argument(
+        "--tls", action="store_true",
+        help="idle: wss:// connections (the gateway's TLS read by its reactor, then by a task "
+             "each), Python load client",
+    )  # fmt: skip
     ap.add_argument(
         "--rate",
         type=float,

@@ -4,6 +4,7 @@ trio WebSocket client that can send anything (including invalid frames)."""
 from __future__ import annotations
 
 import json
+import ssl
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -58,15 +59,26 @@ async def running(state_dir: Path, **overrides: Any) -> AsyncIterator[Running]:
 class RawWs:
     """A WebSocket client over a trio stream with full control of the bytes."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.reader = rawws.FrameReader(max_size=1 << 24)
         self.frames: list[tuple[int, bytes]] = []
         self.buf = bytearray()
 
     @classmethod
-    async def connect(cls, port: int, origin: str | None = None, path: str = "/v1/ws") -> RawWs:
-        s = await trio.open_tcp_stream("127.0.0.1", port)
+    async def connect(
+        cls,
+        port: int,
+        origin: str | None = None,
+        path: str = "/v1/ws",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> RawWs:
+        """A WebSocket connection (over TLS for ``localhost`` with
+        ``ssl_context``)."""
+        s: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port)
+        if ssl_context is not None:
+            s = trio.SSLStream(s, ssl_context, server_hostname="localhost")
+            await s.do_handshake()
         c = cls(s)
         await s.send_all(rawws.upgrade_request(f"127.0.0.1:{port}", path, origin))
         while True:

@@ -12,8 +12,9 @@ needs a certificate naming that address, or ``server_name``). With
 desk-sim serves TLS with ``--tls-cert``/``--tls-key`` and, with
 ``--tls-client-ca``, requires a client certificate signed by that CA.
 
-:class:`TlsBio` is one connection's TLS over memory buffers, driven by the
-link (gateway/downstream/link.py) or by desk-sim.
+:class:`~gateway.tlsbio.TlsBio` (one connection's TLS over memory
+buffers) drives a link's TLS (gateway/downstream/link.py) and desk-sim's;
+:func:`handshake` is its trio shell for them.
 
 The clusters' contexts are built when the configuration is loaded, so a
 missing or unreadable file, a key that does not match its certificate or a
@@ -30,8 +31,17 @@ from typing import Final
 import trio
 
 from gateway.downstream.settings import ClusterSpec
+from gateway.tlsbio import TLS_READ, TlsBio
 
-__all__ = ["ALPN", "TlsBio", "check_cluster", "client_context", "handshake", "server_context"]
+__all__ = [
+    "ALPN",
+    "TLS_READ",
+    "TlsBio",
+    "check_cluster",
+    "client_context",
+    "handshake",
+    "server_context",
+]
 
 #: The only application protocol a link speaks.
 ALPN: Final = "h2"
@@ -73,71 +83,6 @@ def check_cluster(spec: ClusterSpec) -> None:
             f"[downstream.clusters.{spec.name}]: cannot set up TLS from "
             f"ca_file/cert_file/key_file: {e}"
         ) from None
-
-
-class TlsBio:
-    """A TLS connection over memory buffers (:class:`ssl.SSLObject`): the
-    link (or desk-sim) feeds it what its socket read and writes what
-    :meth:`seal` returns, so a TLS link is read by the worker's event loop
-    like a plain one, with no task of its own and no trio round per read
-    (sans-IO). The client side verifies the peer for ``server_name``;
-    ``server_name=None`` makes the server side."""
-
-    __slots__ = ("_in", "_out", "obj")
-
-    def __init__(self, ctx: ssl.SSLContext, server_name: str | None) -> None:
-        self._in = ssl.MemoryBIO()
-        self._out = ssl.MemoryBIO()
-        server = server_name is None
-        self.obj = ctx.wrap_bio(
-            self._in, self._out, server_side=server, server_hostname=server_name
-        )
-
-    def handshake(self) -> bool:
-        """One step of the handshake: True once it is done, False while it
-        waits for the peer; ssl.SSLError when it failed (a certificate...)."""
-        try:
-            self.obj.do_handshake()
-        except ssl.SSLWantReadError:
-            return False
-        return True
-
-    def feed(self, data: bytes) -> None:
-        """Bytes read from the socket (b"": the peer closed it)."""
-        if data:
-            self._in.write(data)
-        else:
-            self._in.write_eof()
-
-    def open(self) -> bytes:
-        """The plaintext of every complete record fed so far (b"" if
-        none). EOFError when the peer ended the TLS session; ssl.SSLError
-        on a bad record, an alert, or a connection closed mid-session."""
-        parts: list[bytes] = []
-        while True:
-            try:
-                chunk = self.obj.read(TLS_READ)
-            except ssl.SSLWantReadError:
-                break  # no complete record left
-            except ssl.SSLZeroReturnError:
-                chunk = b""
-            if not chunk:  # the peer's close_notify
-                if parts:
-                    break  # this data first; the next call reports the end
-                raise EOFError("the peer ended the TLS session")
-            parts.append(chunk)
-        return b"".join(parts)
-
-    def seal(self, plain: bytes | bytearray) -> bytes:
-        """The records to send for ``plain``, after any the connection
-        still had to send (handshake, key updates), in order."""
-        if plain:
-            self.obj.write(plain)
-        return self._out.read()
-
-
-#: Plaintext taken per ``SSLObject.read`` (a TLS record holds at most 16 KiB).
-TLS_READ: Final = 1 << 16
 
 
 async def handshake(tls: TlsBio, tcp: trio.SocketStream) -> bool:

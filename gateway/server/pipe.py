@@ -5,8 +5,13 @@ synchronously with non-blocking ``send``; only when the kernel buffer is
 full does the rest go into a queue bounded in bytes and chunks, flushed by a
 short-lived task that exits once the queue is empty. An idle connection thus
 costs no writer task (and no reader task either once the worker's reactor
-reads it: see :mod:`gateway.server.reactor`). :class:`TlsPipe` does the same
-over ``trio.SSLStream``, whose writes always go through the flusher.
+reads it: see :mod:`gateway.server.reactor`). :class:`TlsRawPipe` is a
+:class:`RawPipe` over TLS, read by the reactor too: the TLS runs over
+memory buffers (:class:`gateway.tlsbio.TlsBio`), the socket's bytes opened
+as they are read, the writes sealed before the same non-blocking send.
+:class:`TlsPipe` (``GATEWAY_TLS_REACTOR=0``, the task-per-connection path)
+does the same over ``trio.SSLStream``, whose writes always go through the
+flusher.
 
 ``write`` never blocks and never buffers beyond the bounds: over them it
 returns False and the caller closes the connection as a slow consumer.
@@ -14,14 +19,18 @@ returns False and the caller closes the connection as a slow consumer.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import socket
+import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import trio
 
-__all__ = ["Pipe", "RawPipe", "TlsPipe"]
+from gateway.tlsbio import TlsBio
+
+__all__ = ["Pipe", "RawPipe", "TlsPipe", "TlsRawPipe"]
 
 RECV_SIZE = 65536
 
@@ -85,6 +94,10 @@ class Pipe:
 
 class RawPipe(Pipe):
     __slots__ = ("on_closed", "sock")
+
+    #: whether the connection can move to another worker (its socket sent
+    #: over a unix socket): not when its TLS state lives in this process
+    movable: ClassVar[bool] = True
 
     def __init__(
         self, sock: socket.socket, nursery: trio.Nursery, max_bytes: int, max_chunks: int
@@ -202,6 +215,86 @@ class RawPipe(Pipe):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
         sock.close()
+
+
+class TlsRawPipe(RawPipe):
+    """A :class:`RawPipe` over TLS (server side): :meth:`recv_ready` feeds
+    the socket's bytes to the connection's :class:`TlsBio`, runs the
+    handshake until it is done (answering each step at once) and returns
+    the plaintext of the complete records; :meth:`write` seals before the
+    send. A failed handshake, or the peer leaving during it (counted in
+    ``stats`` as ``tls_handshake_failures``, as on the task path), sends its
+    alert and closes the pipe; so do a bad record and the peer's
+    close_notify."""
+
+    __slots__ = ("stats", "tls", "up")
+
+    movable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        nursery: trio.Nursery,
+        max_bytes: int,
+        max_chunks: int,
+        tls: TlsBio,
+        stats: collections.Counter[str],
+    ) -> None:
+        super().__init__(sock, nursery, max_bytes, max_chunks)
+        self.tls = tls
+        self.stats = stats
+        self.up = False  # the handshake is done
+
+    async def recv(self) -> bytes:  # pragma: no cover - only the reactor reads it
+        raise NotImplementedError("a TlsRawPipe is read by the reactor (recv_ready)")
+
+    def recv_ready(self) -> bytes | None:
+        raw = RawPipe.recv_ready(self)
+        if raw is None:
+            if self.closed and not self.up:  # the peer left during the handshake
+                self.stats["tls_handshake_failures"] += 1
+            return None
+        tls = self.tls
+        tls.feed(raw)
+        if not self.up:
+            try:
+                done = tls.handshake()
+            except ssl.SSLError:
+                self.stats["tls_handshake_failures"] += 1
+                self._send_pending()  # its alert
+                self.close()
+                return None
+            self._send_pending()
+            if not done:
+                return None
+            self.up = True
+        try:
+            plain = tls.open()
+        except (EOFError, ssl.SSLError):
+            self.close()
+            return None
+        if tls.pending():  # e.g. the answer to a key update
+            self._send_pending()
+        return plain or None
+
+    def _send_pending(self) -> None:
+        out = self.tls.seal(b"")
+        if out:
+            RawPipe.write(self, out)
+
+    def write(self, data: bytes) -> bool:
+        if self.closed:
+            return True
+        return RawPipe.write(self, self.tls.seal(data))
+
+    def close(self) -> None:
+        if not self.closed and self.up:
+            # best effort: our close_notify, if the socket takes it now
+            with contextlib.suppress(OSError, ValueError, ssl.SSLError):
+                out = self.tls.close_notify()
+                if out and not self.out:
+                    self.sock.send(out)
+        RawPipe.close(self)
 
 
 class TlsPipe(Pipe):

@@ -46,19 +46,24 @@ from gateway.ratelimit import TokenBucket
 from gateway.server.bot import DemoBot
 from gateway.server.http1 import HttpError, check_upgrade, parse_head, response, upgrade_response
 from gateway.server.migrator import WorkerMigrator
-from gateway.server.pipe import RawPipe, TlsPipe
+from gateway.server.pipe import RawPipe, TlsPipe, TlsRawPipe
 from gateway.server.reactor import Reactor
 from gateway.server.stopsig import STOP, ignore_from_now, outside_trio
 from gateway.server.ws import WsConn
 from gateway.session.hub import Hub
 from gateway.supervisor import watch_parent
 from gateway.timerwheel import TimerWheel
+from gateway.tlsbio import TlsBio
 
 __all__ = ["Worker", "main"]
 
 _log = logging.getLogger("gateway.worker")
 
 TICK_S: Final = 0.25
+#: Visitors' TLS connections are read by the reactor (a ``TlsRawPipe``)
+#: unless ``GATEWAY_TLS_REACTOR=0``: then each runs in a task of its own
+#: over ``trio.SSLStream`` (``TlsPipe``), as before.
+TLS_REACTOR: Final = os.environ.get("GATEWAY_TLS_REACTOR", "1") != "0"
 HANDOFF_BACKLOG: Final = 64
 #: How long a connection waits for room in the owner's hand-off queue
 #: (unix datagram queues are short: net.unix.max_dgram_qlen, 10 by default).
@@ -91,8 +96,9 @@ class _Handshake:
 
 
 class _PlainHandshake:
-    """A plain-TCP connection before its protocol is known, read by the
-    worker's reactor: no task per new connection. Also its own timer-wheel
+    """A connection before its protocol is known (plain TCP, or TLS through
+    a :class:`TlsRawPipe`, whose reads run the TLS handshake first), read by
+    the worker's reactor: no task per new connection. Also its own timer-wheel
     entry (the handshake timeout; after an HTTP answer, the 2 s the peer
     gets to read it)."""
 
@@ -271,7 +277,7 @@ class Worker:
                     break
                 self.hub.stats["connections_accepted"] += 1
                 sock.setblocking(False)
-                if self.ssl_ctx is not None:
+                if self.ssl_ctx is not None and not TLS_REACTOR:
                     nursery.start_soon(self.serve, sock, addr[0])
                     continue
                 try:
@@ -334,29 +340,37 @@ class Worker:
         return True
 
     def _accept_plain(self, sock: socket.socket, ip: str) -> None:
-        """A plain-TCP connection: its handshake is read by the reactor too
-        (no task per new connection)."""
+        """A new connection (plain TCP, or TLS unless ``GATEWAY_TLS_REACTOR=0``):
+        its handshakes (TLS, then HTTP) are read by the reactor too (no task
+        per new connection)."""
         if not self._admit(sock, ip):
             return
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            pipe = self._raw_pipe(sock, ip)
+            pipe = self._raw_pipe(sock, ip, tls=self.ssl_ctx is not None)
         except Exception:
             sock.close()
             self._released(ip)
             raise
         _PlainHandshake(self, pipe).start()
 
-    def _raw_pipe(self, sock: socket.socket, ip: str) -> RawPipe:
+    def _raw_pipe(self, sock: socket.socket, ip: str, tls: bool = False) -> RawPipe:
         assert self.nursery is not None
-        pipe = RawPipe(
-            sock, self.nursery, self.cfg.outbound_max_bytes, self.cfg.outbound_max_frames
-        )
+        cfg = self.cfg
+        pipe: RawPipe
+        if tls:
+            assert self.ssl_ctx is not None
+            pipe = TlsRawPipe(
+                sock, self.nursery, cfg.outbound_max_bytes, cfg.outbound_max_frames,
+                TlsBio(self.ssl_ctx, None), self.hub.stats,
+            )  # fmt: skip
+        else:
+            pipe = RawPipe(sock, self.nursery, cfg.outbound_max_bytes, cfg.outbound_max_frames)
         pipe.ip = ip
         return pipe
 
     async def serve(self, sock: socket.socket, ip: str) -> None:
-        """A TLS connection, in its own task."""
+        """A TLS connection, in its own task (``GATEWAY_TLS_REACTOR=0``)."""
         if not self._admit(sock, ip):
             return
         pipe: TlsPipe | None = None

@@ -288,7 +288,13 @@ class WsConn(ConnShell):
         connection with nothing written since the upgrade and nothing read
         past the hello can move."""
         pipe = self.pipe
-        if not isinstance(pipe, RawPipe) or pipe.pending or self.cork or self.reader.buffered:
+        if (
+            not isinstance(pipe, RawPipe)
+            or not pipe.movable
+            or pipe.pending
+            or self.cork
+            or self.reader.buffered
+        ):
             return False
         self.handoff_to = (owner, hello)  # done once the read is handled (it may wait)
         return True
