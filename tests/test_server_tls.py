@@ -132,3 +132,18 @@ async def test_the_gateway_ends_its_tls_sessions_cleanly(tmp_path: Path) -> None
                 await ws.recv()
         with trio.fail_after(5):
             assert await ws.stream.receive_some(100) == b""  # raises on a truncation
+
+
+async def test_a_refused_tls_connection_is_closed_before_the_handshake(tmp_path: Path) -> None:
+    """Over the handshake rate, a TLS client is not sent a plain HTTP 429
+    it could not read: the connection is closed (counted as on plain TCP)."""
+    cert, key, ctx = _tls(tmp_path)
+    async with running(
+        tmp_path, tls_cert=cert, tls_key=key, handshake_rate=0.5, handshake_burst=1
+    ) as gw:
+        ws = await RawWs.connect(gw.port, ssl_context=ctx)
+        assert (await ws.hello(gw.token("first")))["t"] == "welcome"
+        with socket.create_connection(("127.0.0.1", gw.port)) as raw:
+            raw.settimeout(5)
+            assert await trio.to_thread.run_sync(raw.recv, 100) == b""  # no HTTP bytes
+        assert gw.w.hub.stats["connections_rejected_handshake_rate"] == 1

@@ -291,6 +291,11 @@ class Worker:
     ) -> None:
         self.hub.stats[f"connections_rejected_{why}"] += 1
         self.event("info", "connection_refused", status=status, why=why, reason=reason)
+        if self.ssl_ctx is not None:
+            # a TLS client cannot read a plain HTTP answer, and a TLS
+            # handshake to send one is the work being refused: just close
+            sock.close()
+            return
         try:
             sock.send(
                 response(
