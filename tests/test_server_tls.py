@@ -10,6 +10,7 @@ import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgpack
 import pytest
 import trio
 
@@ -147,3 +148,65 @@ async def test_a_refused_tls_connection_is_closed_before_the_handshake(tmp_path:
             raw.settimeout(5)
             assert await trio.to_thread.run_sync(raw.recv, 100) == b""  # no HTTP bytes
         assert gw.w.hub.stats["connections_rejected_handshake_rate"] == 1
+
+
+async def test_tls_bytes_in_tiny_pieces(tmp_path: Path) -> None:
+    """A client whose every TLS byte (handshake and records) arrives in
+    pieces of 1-7 bytes: the handshake steps over reads and records split
+    anywhere are opened once whole."""
+    cert, key, ctx = _tls(tmp_path)
+    async with running(tmp_path, tls_cert=cert, tls_key=key) as gw:
+        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        cl = ctx.wrap_bio(inc, out, server_hostname="localhost")
+        s = await trio.open_tcp_stream("127.0.0.1", gw.port)
+        sizes = iter([1, 2, 3, 5, 7] * 100000)
+
+        async def dribble() -> None:
+            data = out.read()
+            while data:
+                k = next(sizes)
+                await s.send_all(data[:k])
+                data = data[k:]
+                await trio.sleep(0)
+
+        async def pump_in() -> None:
+            inc.write(await s.receive_some(65536))
+
+        with trio.fail_after(10):
+            while True:
+                try:
+                    cl.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await dribble()
+                    await pump_in()
+            await dribble()
+            reader = rawws.FrameReader(max_size=1 << 20)
+            cl.write(rawws.upgrade_request(f"127.0.0.1:{gw.port}", "/v1/ws", None))
+            await dribble()
+            head = b""
+            while b"\r\n\r\n" not in head:
+                try:
+                    head += cl.read(65536)
+                except ssl.SSLWantReadError:
+                    await pump_in()
+            assert head.startswith(b"HTTP/1.1 101")
+            hello = {"t": "hello", "v": 1, "token": gw.token("tiny")}
+            cl.write(rawws.frame(msgpack.packb(hello)))
+            cl.write(rawws.frame(msgpack.packb({"t": "msg", "id": 1, "body": "x" * 3000})))
+            await dribble()
+            seen: list[str] = []
+            rest = head.split(b"\r\n\r\n", 1)[1]
+            frames = reader.feed(rest) if rest else []
+            while True:
+                for _, payload in frames:
+                    seen.append(msgpack.unpackb(payload)["t"])
+                if "ack" in seen:
+                    break
+                try:
+                    frames = reader.feed(cl.read(65536))
+                except ssl.SSLWantReadError:
+                    frames = []
+                    await pump_in()
+            assert seen[0] == "welcome" and "ack" in seen, seen
+        await s.aclose()
