@@ -345,3 +345,73 @@ def test_desk_sim_says_moved_on_the_link_a_session_left() -> None:
     assert desk.take_marks() == [(1, "s1")] and desk.take_marks() == []
     desk.on_frame(3, {"t": "msg", "sid": "s1", "n": 2, "id": 2, "body": "y", "group": "g"})
     assert desk.take_marks() == [(2, "s1")] and desk.link_of("s1") == 3
+
+
+class _Hub:
+    """What the forwarder's reply paths use of a hub."""
+
+    def __init__(self) -> None:
+        import collections
+
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.sessions: dict[str, Any] = {}
+        self.migrator = None
+        self.seen: list[tuple[str, Any]] = []
+
+    def deliver(self, s: Any, body: Any, sender: dict[str, str]) -> int:
+        self.seen.append((s.sid, body))
+        return len(self.seen)
+
+    def downstream_ready(self) -> None:
+        pass
+
+
+def _forwarder_with_a_moved_in_session() -> tuple[Any, Any, Any, _Hub]:
+    from gateway.downstream.forwarder import Flow, Forwarder
+    from gateway.downstream.settings import merge_cli_specs, parse_settings
+    from gateway.session.state import Session
+
+    settings = parse_settings(merge_cli_specs({}, ["general=127.0.0.1:9001,127.0.0.1:9002"]))
+    assert settings is not None
+    fw = Forwarder(settings)
+    hub = _Hub()
+    fw.hub = hub  # type: ignore[assignment]
+    s = Session("sid-h", "t", "v", {}, "web", 4, 8, 1 << 20)
+    hub.sessions[s.sid] = s
+    eps = list(fw.clusters["general"].eps.values())
+    fw._now = 100.0
+    fw.moved_in(hub, s, {"ep": eps[0].key, "agent": None, "mark": True})  # type: ignore[arg-type]
+    s.ds = Flow(None)
+    s.ds.ep = eps[0]
+    return fw, s, eps, hub
+
+
+def test_the_forwarder_holds_replies_from_the_old_endpoint_until_mend() -> None:
+    fw, s, eps, hub = _forwarder_with_a_moved_in_session()
+    same, other = eps[0].links[0], eps[1].links[0]
+    fw.link_frames(same, [_deliver(s.sid, "newer"), {"t": "assign", "sid": s.sid, "agent": "a9"}])
+    fw.link_frames(other, [_deliver(s.sid, "elsewhere")])  # another desk: not held
+    assert hub.seen == [(s.sid, "elsewhere")] and s.ds.agent is None
+    hub.deliver(s, "older (passed on)", {})  # what the old worker's mdel does
+    fw.move_ended(hub, s)  # type: ignore[arg-type]
+    assert [b for _, b in hub.seen] == [
+        "elsewhere", "older (passed on)", "newer", "a9 joined the conversation",
+    ]  # fmt: skip
+    assert s.ds.agent == "a9"
+    fw.link_frames(same, [_deliver(s.sid, "later")])  # the hold is over
+    assert hub.seen[-1] == (s.sid, "later")
+
+
+def test_the_forwarder_ends_a_hold_at_its_deadline_and_on_a_further_move() -> None:
+    fw, s, eps, hub = _forwarder_with_a_moved_in_session()
+    fw.link_frames(eps[0].links[0], [_deliver(s.sid, "held")])
+    fw.tick(100.0 + HOLD_S - 0.05)
+    assert hub.seen == []
+    fw.tick(100.0 + HOLD_S + 0.05)
+    assert hub.seen == [(s.sid, "held")] and hub.stats["downstream_move_hold_timeouts"] == 1
+    # moving on while replies are held: they are delivered first (and go
+    # with the exported state); the link is not up, so no mark is promised
+    fw2, s2, eps2, hub2 = _forwarder_with_a_moved_in_session()
+    fw2.link_frames(eps2[0].links[0], [_deliver(s2.sid, "held")])
+    hint = fw2.moving(hub2, s2)  # type: ignore[arg-type]
+    assert hub2.seen == [(s2.sid, "held")] and "mark" not in hint
