@@ -1,5 +1,5 @@
-"""``gateway`` command line: ``serve``, ``token``, ``desk-sim``, ``loadtest``,
-``selfcheck``.
+"""``gateway`` command line: ``serve``, ``token``, ``desk-sim``, ``desk-check``,
+``loadtest``, ``selfcheck``.
 
 Subcommands are entries of :data:`COMMANDS` (name, help, argument setup,
 handler), registered with the :func:`command` decorator; later ones
@@ -254,6 +254,47 @@ def _desk_sim(args: argparse.Namespace) -> int:
             print(f"desk-sim: cannot set up TLS: {e}", file=sys.stderr)
             return 2
     return run_desk_sim(cfg, host, port, args.record, args.processes, ctx)
+
+
+# --- desk-check --------------------------------------------------------------
+
+
+def _setup_desk_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", metavar="HOST:PORT", type=_hostport,
+                   help="the downstream endpoint to check")  # fmt: skip
+    p.add_argument("--tls", action="store_true", help="connect over TLS (ALPN h2)")
+    p.add_argument("--ca-file", metavar="FILE",
+                   help="with --tls: trust this CA (default: the system's)")  # fmt: skip
+    p.add_argument("--server-name", metavar="NAME",
+                   help="with --tls: the name on its certificate (default HOST)")  # fmt: skip
+    p.add_argument("--header", metavar="NAME=VALUE", action="append", default=[],
+                   type=_header_arg, help="a link request header, e.g. authorization")  # fmt: skip
+    p.add_argument("--timeout", metavar="S", type=_float_at_least(0.1, 300.0), default=5.0,
+                   help="how long each answer may take (default 5)")  # fmt: skip
+
+
+@command("desk-check", "check that a downstream speaks the link protocol", _setup_desk_check)
+def _desk_check(args: argparse.Namespace) -> int:
+    import ssl
+
+    import trio
+
+    from gateway.downstream.deskcheck import Target, run_checks
+
+    ctx = None
+    if args.tls:
+        try:
+            ctx = ssl.create_default_context(cafile=args.ca_file)
+        except (OSError, ssl.SSLError) as e:
+            _err(f"desk-check: cannot load the CA file: {e}")
+            return 2
+        ctx.set_alpn_protocols(["h2"])
+    elif args.ca_file or args.server_name:
+        _err("desk-check: --ca-file and --server-name go with --tls")
+        return 2
+    host, port = args.target
+    t = Target(host, port, ctx, args.server_name, list(args.header), args.timeout)
+    return trio.run(run_checks, t, sys.stdout)
 
 
 # --- loadtest ----------------------------------------------------------------

@@ -1,0 +1,133 @@
+"""``gateway desk-check``: every check passes against desk-sim (h2c and
+TLS, batched or single acks), and each kind of broken downstream fails the
+check it breaks."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import gateway.downstream.desksim as desksim_mod
+from gateway.downstream.desk import Desk
+from gateway.downstream.deskcheck import Target, run_checks
+from gateway.downstream.tls import server_context
+from tests.test_downstream import desk
+from tests.test_downstream_tls import Pki
+
+
+async def _check(port: int, **target: Any) -> tuple[int, str]:
+    out = io.StringIO()
+    rc = await run_checks(Target("127.0.0.1", port, timeout_s=2.0, **target), out)
+    return rc, out.getvalue()
+
+
+@pytest.mark.parametrize("batch_acks", [True, False], ids=["acks", "single-acks"])
+async def test_desk_sim_passes_every_check(batch_acks: bool) -> None:
+    async with desk(batch_acks=batch_acks, think_ms=0) as (port, _, _):
+        rc, out = await _check(port)
+    assert rc == 0, out
+    lines = out.splitlines()
+    assert lines[0] == "ok   link: HTTP 200 on /v1/link, features: moved"
+    assert [ln.split(":")[0] for ln in lines[1:-1]] == [
+        "ok   ack", "ok   duplicate", "ok   large-frame", "ok   close", "ok   moved",
+    ]  # fmt: skip
+    assert lines[-1].startswith("all checks passed")
+
+
+async def test_over_tls_and_with_a_required_header(tmp_path: Path) -> None:
+    pki = Pki(tmp_path, "127.0.0.1")
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=pki.ca_file)
+    ctx.set_alpn_protocols(["h2"])
+    srv_ctx = server_context(pki.cert, pki.key, None)
+    async with desk(ssl_context=srv_ctx, require_headers=(("authorization", "Bearer t"),)) as (
+        port,
+        _,
+        _,
+    ):
+        rc, out = await _check(port, ssl_context=ctx)
+        assert rc == 2 and "FAIL link: the link request was answered with HTTP 401" in out
+        rc, out = await _check(port, ssl_context=ctx, headers=[("authorization", "Bearer t")])
+        assert rc == 0, out
+
+
+async def test_a_downstream_that_does_not_ack_repeats_fails_that_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = Desk._on_msg
+
+    def forgetful(self: Desk, link: int, f: dict[str, Any]) -> Any:
+        s = self.sessions.get(f["sid"])
+        if s is not None and f["n"] in s.seen:
+            return []  # a repeat: dropped without an ack
+        return real(self, link, f)
+
+    monkeypatch.setattr(Desk, "_on_msg", forgetful)
+    async with desk(think_ms=0) as (port, _, _):
+        rc, out = await _check(port)
+    assert rc == 1
+    assert "FAIL duplicate: no ack of the repeated message 1 within 2 s" in out
+    assert "ok   ack:" in out and "ok   close:" in out and "1 check(s) failed" in out
+
+
+async def test_a_malformed_frame_fails_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    def bad(self: Desk, link: int, f: dict[str, Any]) -> Any:
+        return [(0.0, f["sid"], {"t": "ack", "sid": f["sid"], "n": "one"})]
+
+    monkeypatch.setattr(Desk, "_on_msg", bad)
+    async with desk(batch_acks=False) as (port, _, _):
+        rc, out = await _check(port)
+    assert rc == 1 and "FAIL ack: a malformed frame from the downstream" in out, out
+
+
+async def test_without_the_moved_feature_that_check_is_skipped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(desksim_mod, "MOVED_MARK", "something-else")
+    async with desk(think_ms=0) as (port, _, _):
+        rc, out = await _check(port)
+    assert rc == 0, out
+    assert "features: something-else" in out
+    assert "ok   moved: skipped: the downstream does not announce the 'moved' feature" in out
+
+
+async def test_nothing_listening_exits_2() -> None:
+    with trio.socket.socket() as probe:
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # bound, not listening: refused
+        rc, out = await _check(port)
+    assert rc == 2 and out.startswith("FAIL link:")
+
+
+def test_the_command_line(tmp_path: Path) -> None:
+    """``gateway desk-check`` against a ``gateway desk-sim`` process."""
+    from tests.test_server_process import free_port, wait_listening
+
+    port = free_port()
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "desk-sim", "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_listening(port)
+        r = subprocess.run(
+            [sys.executable, "-m", "gateway", "desk-check", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "all checks passed" in r.stdout
+        r = subprocess.run(
+            [sys.executable, "-m", "gateway", "desk-check", f"127.0.0.1:{port}", "--ca-file", "x"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 2 and "go with --tls" in r.stderr
+    finally:
+        sim.terminate()
+        sim.wait(15)
