@@ -35,7 +35,7 @@ async def test_desk_sim_passes_every_check(batch_acks: bool) -> None:
     lines = out.splitlines()
     assert lines[0] == "ok   link: HTTP 200 on /v1/link, features: moved"
     assert [ln.split(":")[0] for ln in lines[1:-1]] == [
-        "ok   ack", "ok   duplicate", "ok   large-frame", "ok   close", "ok   moved",
+        "ok   ack", "ok   duplicate", "ok   large-frame", "ok   close", "ok   ping", "ok   moved",
     ]  # fmt: skip
     assert lines[-1].startswith("all checks passed")
 

@@ -9,7 +9,8 @@ well-formed (the gateway's own check), messages must be acked, a repeated
 message acked again (downstreams deduplicate on ``sid``/``n``), a large
 frame taken, ``close`` accepted, and, when the downstream announces the
 ``moved`` feature, a session opened on a second link must bring ``moved``
-on the first. Prints one line per check and returns 0 when all passed, 1
+on the first; an HTTP/2 PING must be answered (the gateway's health
+check). Prints one line per check and returns 0 when all passed, 1
 otherwise (2: the downstream could not be reached at all).
 
 Anything the downstream sends for the check sessions other than what a
@@ -76,6 +77,7 @@ class LinkClient:
         self.status: int | None = None
         self.features: frozenset[str] = frozenset()
         self.others = 0  # frames no check waited for
+        self.pongs = 0  # PING ACKs received
 
     @classmethod
     async def open(cls, t: Target, index: int) -> LinkClient:
@@ -136,6 +138,8 @@ class LinkClient:
                         self.frames += self.decoder.feed(ev.data)
                     except ProtocolError as e:
                         raise CheckFailed(f"a malformed frame from the downstream: {e}") from None
+            elif isinstance(ev, h2.events.PingAckReceived):
+                self.pongs += 1
             elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
                 # (a refusal ends the stream with its status: reported by open)
                 if ev.stream_id == self.sid and self.status in (None, 200):
@@ -229,6 +233,18 @@ async def _check_close(t: Target, links: list[LinkClient]) -> str:
     return "close accepted, the link goes on"
 
 
+async def _check_ping(t: Target, links: list[LinkClient]) -> str:
+    ln = links[0]
+    before = ln.pongs
+    ln.h2.ping(b"dskcheck")
+    await ln.flush()
+    with trio.move_on_after(t.timeout_s):
+        while ln.pongs == before:
+            await ln.read()
+        return "PING answered (the gateway's health check)"
+    raise CheckFailed(f"no PING ACK within {t.timeout_s:g} s (the gateway drops such links)")
+
+
 async def _check_moved(t: Target, links: list[LinkClient]) -> str:
     first, second = links
     if MOVED_MARK not in first.features:
@@ -248,6 +264,7 @@ CHECKS: Final[list[tuple[str, Callable[[Target, list[LinkClient]], Any]]]] = [
     ("duplicate", _check_duplicate),
     ("large-frame", _check_large),
     ("close", _check_close),
+    ("ping", _check_ping),
     ("moved", _check_moved),
 ]
 
