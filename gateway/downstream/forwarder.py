@@ -12,6 +12,10 @@ deduplicate on those). After ``max_attempts`` failed attempts, or when the
 session's queue is full, the visitor gets a per-message ``error`` 4429 with
 ``retry_after`` (the message is not acked, so the visitor sends it again).
 
+Replies keep their order when a session moves to another worker: see
+:mod:`gateway.downstream.moveorder` (``moving``, ``moved_in``,
+``move_ended``, ``_elsewhere``).
+
 The class is sans-IO apart from the links it drives (``Link.send``); the
 I/O tasks are started by :meth:`Forwarder.run`.
 """

@@ -231,5 +231,6 @@ class WorkerMigrator:
         s = hub.sessions.get(sid)
         if s is not None:
             hub.downstream.move_ended(hub, s)
-        # else it moved on: this worker released what it held when it did,
-        # and the next worker waits for this one's word, not this
+        # else it moved on again: this worker released the replies it held
+        # when the session left, and the session's new worker waits for
+        # this worker's own mend, not this one
