@@ -131,3 +131,26 @@ def test_the_command_line(tmp_path: Path) -> None:
     finally:
         sim.terminate()
         sim.wait(15)
+
+
+async def test_a_silent_server_is_reported_after_the_timeout() -> None:
+    """Accepts the connection and never answers the link request."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    held: list[Any] = []
+
+    async def accept(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            held.append(await listeners[0].accept())
+
+    async with trio.open_nursery() as n:
+        await n.start(accept)
+        with trio.fail_after(10):
+            out = io.StringIO()
+            rc = await run_checks(Target("127.0.0.1", port, timeout_s=0.5), out)
+        n.cancel_scope.cancel()
+    assert rc == 2 and out.getvalue() == "FAIL link: no answer to the link request\n"
+    for s in held:
+        await s.aclose()
+    await listeners[0].aclose()

@@ -65,9 +65,10 @@ class LinkClient:
     """One link to the downstream, as a gateway worker opens it (h2 over a
     trio stream; frames in and out, validated with the gateway's check)."""
 
-    def __init__(self, stream: trio.abc.Stream, index: int) -> None:
+    def __init__(self, stream: trio.abc.Stream, index: int, timeout_s: float = 5.0) -> None:
         self.stream = stream
         self.index = index
+        self.timeout_s = timeout_s
         self.h2 = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
         )
@@ -81,11 +82,19 @@ class LinkClient:
 
     @classmethod
     async def open(cls, t: Target, index: int) -> LinkClient:
+        """Connects and sends the link request; trio.TooSlowError when the
+        connection, the TLS handshake or the response takes longer than
+        the target's timeout."""
+        with trio.fail_after(t.timeout_s):
+            return await cls._open(t, index)
+
+    @classmethod
+    async def _open(cls, t: Target, index: int) -> LinkClient:
         tcp: trio.abc.Stream = await trio.open_tcp_stream(t.host, t.port)
         if t.ssl_context is not None:
             tcp = trio.SSLStream(tcp, t.ssl_context, server_hostname=t.server_name or t.host)
             await tcp.do_handshake()
-        c = cls(tcp, index)
+        c = cls(tcp, index, t.timeout_s)
         h = c.h2
         h.initiate_connection()
         c.sid = h.get_next_available_stream_id()
@@ -97,9 +106,8 @@ class LinkClient:
             ("x-gateway-link", "0"), *t.headers,
         ])  # fmt: skip
         await c.flush()
-        with trio.fail_after(t.timeout_s):
-            while c.status is None:
-                await c.read()
+        while c.status is None:
+            await c.read()
         if c.status != 200:
             raise CheckFailed(f"the link request was answered with HTTP {c.status}")
         return c
@@ -114,8 +122,10 @@ class LinkClient:
         while data:
             room = min(self.h2.local_flow_control_window(self.sid), self.h2.max_outbound_frame_size)
             if room <= 0:
-                await self.read()  # for a WINDOW_UPDATE
-                continue
+                with trio.move_on_after(self.timeout_s):
+                    await self.read()  # for a WINDOW_UPDATE
+                    continue
+                raise CheckFailed(f"no flow-control window for {self.timeout_s:g} s")
             self.h2.send_data(self.sid, data[:room])
             data = data[room:]
             await self.flush()
