@@ -296,7 +296,7 @@ def test_mark_waits_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_holds_keep_frames_from_the_old_endpoint_only() -> None:
     h = Holds()
     assert h.hold("s1", "ep-a", {"t": "deliver", "body": "x"}) == [{"t": "deliver", "body": "x"}]
-    h.start("s1", "ep-a", 5.0)
+    h.start("s1", "ep-a", 5.0, {0})
     f1, f2 = {"t": "deliver", "body": "one"}, {"t": "assign", "agent": "a1"}
     assert h.hold("s1", "ep-a", f1) is None and h.hold("s1", "ep-a", f2) is None
     other = {"t": "deliver", "body": "other desk"}
@@ -306,8 +306,8 @@ def test_holds_keep_frames_from_the_old_endpoint_only() -> None:
 
 def test_holds_end_at_their_deadline_in_order() -> None:
     h = Holds()
-    h.start("s1", "ep", 1.0)
-    h.start("s2", "ep", 1.5)
+    h.start("s1", "ep", 1.0, {0})
+    h.start("s2", "ep", 1.5, {0})
     h.hold("s2", "ep", {"t": "deliver", "body": "b"})
     assert h.expire(1.0 + HOLD_S - 0.01) == []
     assert h.expire(1.5 + HOLD_S) == [("s1", []), ("s2", [{"t": "deliver", "body": "b"}])]
@@ -322,7 +322,7 @@ def test_a_hold_over_its_bounds_hands_everything_on(
     monkeypatch.setattr(mo, "MAX_FRAMES", 3 if what == "frames" else 1000)
     monkeypatch.setattr(mo, "MAX_BYTES", 1000 if what == "frames" else 25)
     h = Holds()
-    h.start("s", "ep", 0.0)
+    h.start("s", "ep", 0.0, {0})
     frames = [{"t": "deliver", "body": "0123456789"} for _ in range(4)]
     got = [h.hold("s", "ep", f) for f in frames]
     n = 3 if what == "frames" else 2
@@ -356,6 +356,7 @@ class _Hub:
         self.stats: collections.Counter[str] = collections.Counter()
         self.sessions: dict[str, Any] = {}
         self.migrator = None
+        self.index = 1
         self.seen: list[tuple[str, Any]] = []
 
     def deliver(self, s: Any, body: Any, sender: dict[str, str]) -> int:
@@ -380,7 +381,7 @@ def _forwarder_with_a_moved_in_session() -> tuple[Any, Any, Any, _Hub]:
     hub.sessions[s.sid] = s
     eps = list(fw.clusters["general"].eps.values())
     fw._now = 100.0
-    fw.moved_in(hub, s, {"ep": eps[0].key, "agent": None, "mark": True})  # type: ignore[arg-type]
+    fw.moved_in(hub, s, {"ep": eps[0].key, "agent": None, "marks": [0]})  # type: ignore[arg-type]
     s.ds = Flow(None)
     s.ds.ep = eps[0]
     return fw, s, eps, hub
@@ -393,7 +394,9 @@ def test_the_forwarder_holds_replies_from_the_old_endpoint_until_mend() -> None:
     fw.link_frames(other, [_deliver(s.sid, "elsewhere")])  # another desk: not held
     assert hub.seen == [(s.sid, "elsewhere")] and s.ds.agent is None
     hub.deliver(s, "older (passed on)", {})  # what the old worker's mdel does
-    fw.move_ended(hub, s)  # type: ignore[arg-type]
+    fw.move_ended(hub, s, 1)  # type: ignore[arg-type]  # not awaited: ignored
+    assert [b for _, b in hub.seen] == ["elsewhere", "older (passed on)"]
+    fw.move_ended(hub, s, 0)  # type: ignore[arg-type]
     assert [b for _, b in hub.seen] == [
         "elsewhere", "older (passed on)", "newer", "a9 joined the conversation",
     ]  # fmt: skip
@@ -410,8 +413,41 @@ def test_the_forwarder_ends_a_hold_at_its_deadline_and_on_a_further_move() -> No
     fw.tick(100.0 + HOLD_S + 0.05)
     assert hub.seen == [(s.sid, "held")] and hub.stats["downstream_move_hold_timeouts"] == 1
     # moving on while replies are held: they are delivered first (and go
-    # with the exported state); the link is not up, so no mark is promised
+    # with the exported state), and the next worker waits for worker 0 too
     fw2, s2, eps2, hub2 = _forwarder_with_a_moved_in_session()
     fw2.link_frames(eps2[0].links[0], [_deliver(s2.sid, "held")])
     hint = fw2.moving(hub2, s2)  # type: ignore[arg-type]
-    assert hub2.seen == [(s2.sid, "held")] and "mark" not in hint
+    assert hub2.seen == [(s2.sid, "held")] and hint["marks"] == [0]
+    # on a link whose downstream marks, this worker (index 1) is awaited too
+    fw3, s3, eps3, hub3 = _forwarder_with_a_moved_in_session()
+    _marking_link_up(eps3[0].links[0])
+    s3.ds.link = eps3[0].links[0]
+    assert fw3.moving(hub3, s3)["marks"] == [0, 1]  # type: ignore[arg-type]
+    # a hold waits for every worker named
+    fw3.moved_in(hub3, s3, {"ep": eps3[0].key, "agent": None, "marks": [0, 1]})  # type: ignore[arg-type]
+    fw3.link_frames(eps3[0].links[0], [_deliver(s3.sid, "newest")])
+    fw3.move_ended(hub3, s3, 1)  # type: ignore[arg-type]
+    assert hub3.seen == []
+    fw3.move_ended(hub3, s3, 0)  # type: ignore[arg-type]
+    assert hub3.seen == [(s3.sid, "newest")]
+
+
+def _marking_link_up(link: Any) -> None:
+    from gateway.downstream.link import UP, LinkCore
+
+    link.core = LinkCore()
+    link.core.features = frozenset({MOVED_MARK})
+    link.state = UP
+
+
+def test_a_hold_waits_for_every_worker_it_names() -> None:
+    h = Holds()
+    h.start("none", "ep", 0.0, set())
+    assert len(h) == 0  # nobody to wait for: no hold
+    h.start("s", "ep", 0.0, {3, 5})
+    f = {"t": "deliver", "body": "b"}
+    assert h.hold("s", "ep", f) is None
+    assert h.waiting("s") == {3, 5}
+    assert h.marked("s", 4) is None and h.marked("s", 3) is None  # 4: not awaited
+    assert h.waiting("s") == {5} and h.marked("s", 3) is None  # 3 again: nothing
+    assert h.marked("s", 5) == [f] and len(h) == 0 and h.waiting("s") == set()

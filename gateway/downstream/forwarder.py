@@ -358,14 +358,19 @@ class Forwarder:
         fl: Flow | None = s.ds
         if fl is None:
             return None
+        waits: set[int] = set()
         if self._holds:
             # replies held here since the session moved in go to it first,
-            # and move with its state
+            # and move with its state; the workers this one still waited
+            # for, the next one waits for
+            waits = self._holds.waiting(s.sid)
             self._release(hub, s, self._holds.end(s.sid))
         hint: dict[str, Any] = {"ep": fl.ep.key if fl.ep is not None else "", "agent": fl.agent}
         ln = fl.link
         if ln is not None and ln.up and ln.marks:
-            hint["mark"] = True  # this worker will say when its link is done
+            waits.add(hub.index)  # this worker will say when its link is done
+        if waits:
+            hint["marks"] = sorted(waits)
         return hint
 
     def moved_in(self, hub: Hub, s: Session, hint: Any) -> None:
@@ -377,14 +382,19 @@ class Forwarder:
         if type(ep) is str and (agent is None or type(agent) is str):
             now = self._time()
             self.sticky.put(s.tenant, s.visitor, ep, agent, now)
-            if hint.get("mark") is True and ep:
-                self._holds.start(s.sid, ep, now)
+            marks = hint.get("marks")
+            if ep and type(marks) is list and 0 < len(marks) <= 64:
+                waits = {w for w in marks if type(w) is int}
+                self._holds.start(s.sid, ep, now, waits)
 
-    def move_ended(self, hub: Hub, s: Session) -> None:
-        """The worker ``s`` moved from says nothing more comes through it:
-        the replies held meanwhile go to the visitor."""
+    def move_ended(self, hub: Hub, s: Session, origin: int) -> None:
+        """Worker ``origin``, which ``s`` moved away from, says nothing more
+        comes through it: once every such worker said so, the replies held
+        meanwhile go to the visitor."""
         self.hub = hub
-        self._release(hub, s, self._holds.end(s.sid))
+        frames = self._holds.marked(s.sid, origin)
+        if frames is not None:
+            self._release(hub, s, frames)
 
     def _release(self, hub: Hub, s: Session, frames: list[dict[str, Any]]) -> None:
         for f in frames:

@@ -10,11 +10,17 @@ session. So:
 
 - A keeps a :class:`MarkWaits` entry for the session from the move until
   that ``moved`` frame comes (or A's link goes down: nothing more comes on
-  it either), then tells B (``mend``, behind the ``mdel`` it passed on).
+  it either), then tells B (``mend`` from A, behind the ``mdel`` it passed
+  on).
 - B holds the session's replies and assignments from the same endpoint in
   a :class:`Holds` entry until then: they go to the visitor behind the
   passed-on ones. A hold ends at the latest :data:`HOLD_S` after the move,
   or when it reaches :data:`MAX_FRAMES` or :data:`MAX_BYTES`.
+- If the session moves on to C before A's word came, B releases what it
+  holds into the session (it moves with the state) and C waits for both
+  A and B: a hold waits for a set of workers, and a ``mend`` reaching a
+  worker the session has left is passed on behind the replies it passed
+  on. A ``mend`` from a worker the hold does not wait for is ignored.
 """
 
 from __future__ import annotations
@@ -91,11 +97,12 @@ class MarkWaits:
 class Hold:
     """One moved-in session's held frames (in arrival order)."""
 
-    __slots__ = ("bytes", "deadline", "ep", "frames")
+    __slots__ = ("bytes", "deadline", "ep", "frames", "waits")
 
-    def __init__(self, ep: str, deadline: float) -> None:
+    def __init__(self, ep: str, deadline: float, waits: set[int]) -> None:
         self.ep = ep  # the endpoint whose frames are held
         self.deadline = deadline
+        self.waits = waits  # the workers whose word is still awaited
         self.frames: list[dict[str, Any]] = []
         self.bytes = 0
 
@@ -112,12 +119,32 @@ class Holds:
     def __len__(self) -> int:
         return len(self._by_sid)
 
-    def start(self, sid: str, ep: str, now: float) -> None:
-        """``sid`` moved in at ``now`` from a worker that will say when
-        nothing more comes through it; its frames from ``ep`` are held."""
+    def start(self, sid: str, ep: str, now: float, waits: set[int]) -> None:
+        """``sid`` moved in at ``now``; the workers ``waits`` will say when
+        nothing more comes through them; its frames from ``ep`` are held
+        until then."""
         h = self._by_sid
         h.pop(sid, None)
-        h[sid] = Hold(ep, now + HOLD_S)
+        if waits:
+            h[sid] = Hold(ep, now + HOLD_S, set(waits))
+
+    def waiting(self, sid: str) -> set[int]:
+        """The workers the hold of ``sid`` still waits for (none: no hold)."""
+        h = self._by_sid.get(sid)
+        return set() if h is None else set(h.waits)
+
+    def marked(self, sid: str, origin: int) -> list[dict[str, Any]] | None:
+        """Worker ``origin`` says nothing more comes through it: the held
+        frames when that was the last word awaited (the hold ends), else
+        None (still waiting, or not waiting for ``origin`` at all)."""
+        h = self._by_sid.get(sid)
+        if h is None or origin not in h.waits:
+            return None
+        h.waits.discard(origin)
+        if h.waits:
+            return None
+        del self._by_sid[sid]
+        return h.frames
 
     def hold(self, sid: str, ep: str, frame: dict[str, Any]) -> list[dict[str, Any]] | None:
         """The frames to hand on now: ``[frame]`` when ``sid``'s frames
@@ -136,8 +163,8 @@ class Holds:
         return None
 
     def end(self, sid: str) -> list[dict[str, Any]]:
-        """The hold of ``sid`` ends (the old worker's word came, or the
-        session leaves): its frames, in order."""
+        """The hold of ``sid`` ends (the session leaves): its frames, in
+        order."""
         h = self._by_sid.pop(sid, None)
         return [] if h is None else h.frames
 

@@ -112,7 +112,7 @@ class DemoBot:
             if type(body) in (str, bytes):
                 self._push(now + delay, s, body)
 
-    def move_ended(self, hub: Hub, s: Session) -> None:
+    def move_ended(self, hub: Hub, s: Session, origin: int) -> None:
         """Nothing to do: the bot's replies move with the session."""
 
     def submit(self, hub: Hub, s: Session, msg_id: Any, n: int, body: Any) -> bool:

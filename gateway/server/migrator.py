@@ -11,9 +11,9 @@ descriptor:
   does not have it (or it belongs to another visitor);
 - ``mdel`` ``{sid, body, sender, hops}``: a delivery for a session that
   moved, passed on to its new holder;
-- ``mend`` ``{sid}``: nothing more for a session that moved comes
-  through this worker's downstream link (behind its last ``mdel``; see
-  :mod:`gateway.downstream.moveorder`).
+- ``mend`` ``{sid, from, hops}``: nothing more for a session that moved
+  comes through worker ``from``'s downstream link (behind its last
+  ``mdel``; passed on like it; see :mod:`gateway.downstream.moveorder`).
 
 A worker that receives ``mreq`` for a session it gave away passes the
 request on to the holder its tombstone names (at most
@@ -99,7 +99,7 @@ class WorkerMigrator:
         h = self.tombs.holder(sid, trio.current_time())
         if h is not None:
             self.hub.stats["move_marks_forwarded"] += 1
-            self._send(h, {"k": "mend", "sid": sid})
+            self._send(h, {"k": "mend", "sid": sid, "from": self.hub.index, "hops": 0})
 
     # -- sending --------------------------------------------------------------------
     def _send(self, peer: int, msg: dict[str, Any]) -> None:
@@ -225,12 +225,16 @@ class WorkerMigrator:
 
     def _on_mark(self, m: dict[str, Any]) -> None:
         hub = self.hub
-        sid = m["sid"]
-        if type(sid) is not str:
+        sid, origin = m["sid"], m["from"]
+        if type(sid) is not str or type(origin) is not int:
             raise ValueError("bad mend")
         s = hub.sessions.get(sid)
         if s is not None:
-            hub.downstream.move_ended(hub, s)
-        # else it moved on again: this worker released the replies it held
-        # when the session left, and the session's new worker waits for
-        # this worker's own mend, not this one
+            hub.downstream.move_ended(hub, s, origin)
+            return
+        # it moved on again: its new worker waits for ``origin`` too (behind
+        # the replies passed on from there, which went the same way)
+        h = self.tombs.holder(sid, trio.current_time())
+        hops = int(m.get("hops", 0))
+        if h is not None and hops < MAX_HOPS:
+            self._send(h, {**m, "hops": hops + 1})

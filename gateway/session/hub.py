@@ -51,9 +51,9 @@ class Downstream(Protocol):
         hint (not yet opened: :meth:`opened` follows)."""
         ...
 
-    def move_ended(self, hub: Hub, s: Session) -> None:
-        """The worker ``s`` moved from passes nothing more on for it (see
-        :mod:`gateway.downstream.moveorder`)."""
+    def move_ended(self, hub: Hub, s: Session, origin: int) -> None:
+        """Worker ``origin``, which ``s`` moved away from, passes nothing
+        more on for it (see :mod:`gateway.downstream.moveorder`)."""
         ...
 
     def submit(self, hub: Hub, s: Session, msg_id: Any, n: int, body: Any) -> bool:
