@@ -451,3 +451,41 @@ def test_a_hold_waits_for_every_worker_it_names() -> None:
     assert h.marked("s", 4) is None and h.marked("s", 3) is None  # 4: not awaited
     assert h.waiting("s") == {5} and h.marked("s", 3) is None  # 3 again: nothing
     assert h.marked("s", 5) == [f] and len(h) == 0 and h.waiting("s") == set()
+
+
+async def test_a_mend_for_a_session_that_moved_on_follows_it(tmp_path: Path) -> None:
+    """The migrator's side: a mend for a session held here goes to the
+    downstream with its origin; for one that moved on, to its holder (hops
+    counted, at most MAX_HOPS); malformed ones are refused and counted."""
+    from gateway.server.migrator import WorkerMigrator
+    from gateway.session.hub import Hub
+    from gateway.session.migrate import MAX_HOPS
+    from gateway.session.state import Session
+
+    ended: list[tuple[str, int]] = []
+
+    class Down:
+        def move_ended(self, hub: Any, s: Any, origin: int) -> None:
+            ended.append((s.sid, origin))
+
+    cfg = load_config(None, {"GATEWAY_STATE_DIR": str(tmp_path)}, {})
+    hub = Hub(cfg, Down(), workers=3, index=1)  # type: ignore[arg-type]
+    spawned: list[Any] = []
+
+    class W:
+        pass
+
+    w = W()
+    w.hub, w.cfg, w.spawn = hub, cfg, spawned.append  # type: ignore[attr-defined]
+    mig = WorkerMigrator(w)  # type: ignore[arg-type]
+    here = Session("sid-here", "t", "v", {}, "web", 4, 8, 1 << 20)
+    hub.sessions.add(here)
+    mig.on_message(msgpack.packb({"k": "mend", "sid": "sid-here", "from": 0, "hops": 0}))
+    assert ended == [("sid-here", 0)]
+    mig.tombs.add("sid-gone", 2, trio.current_time() + 60)
+    mig.on_message(msgpack.packb({"k": "mend", "sid": "sid-gone", "from": 0, "hops": 0}))
+    assert list(mig.queues[2]) == [{"k": "mend", "sid": "sid-gone", "from": 0, "hops": 1}]
+    mig.on_message(msgpack.packb({"k": "mend", "sid": "sid-gone", "from": 0, "hops": MAX_HOPS}))
+    assert len(mig.queues[2]) == 1  # too many hops: dropped
+    mig.on_message(msgpack.packb({"k": "mend", "sid": "sid-gone", "from": "0"}))
+    assert hub.stats["migrate_bad"] == 1 and len(spawned) == 1  # one sender task for peer 2
