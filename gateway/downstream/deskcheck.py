@@ -25,21 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, TextIO
 
-import h2.config
-import h2.connection
-import h2.events
 import trio
 
-from gateway.downstream.proto import (
-    FEATURES_HEADER,
-    LINK_PATH,
-    MAX_LINK_FRAME,
-    MOVED_MARK,
-    check_from_downstream,
-    encode,
-)
-from gateway.protocol.codec import LengthPrefixedDecoder
-from gateway.protocol.codes import ProtocolError
+from gateway.downstream.link import BadFrame, LinkCore, LinkError
+from gateway.downstream.proto import LINK_PATH, MOVED_MARK, encode
 
 __all__ = ["CHECKS", "LinkClient", "Target", "run_checks"]
 
@@ -62,23 +51,20 @@ class CheckFailed(Exception):
 
 
 class LinkClient:
-    """One link to the downstream, as a gateway worker opens it (h2 over a
-    trio stream; frames in and out, validated with the gateway's check)."""
+    """One link to the downstream, opened and read by the gateway's own link
+    core (:class:`gateway.downstream.link.LinkCore`: the request headers,
+    flow control both ways, the frame checks) over a trio stream."""
 
-    def __init__(self, stream: trio.abc.Stream, index: int, timeout_s: float = 5.0) -> None:
+    def __init__(self, stream: trio.abc.Stream, timeout_s: float = 5.0) -> None:
         self.stream = stream
-        self.index = index
         self.timeout_s = timeout_s
-        self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
-        )
-        self.sid = 0
-        self.decoder = LengthPrefixedDecoder(MAX_LINK_FRAME, check_from_downstream)
+        self.core = LinkCore()
         self.frames: list[dict[str, Any]] = []
-        self.status: int | None = None
-        self.features: frozenset[str] = frozenset()
         self.others = 0  # frames no check waited for
-        self.pongs = 0  # PING ACKs received
+
+    @property
+    def features(self) -> frozenset[str]:
+        return self.core.features
 
     @classmethod
     async def open(cls, t: Target, index: int) -> LinkClient:
@@ -94,69 +80,57 @@ class LinkClient:
         if t.ssl_context is not None:
             tcp = trio.SSLStream(tcp, t.ssl_context, server_hostname=t.server_name or t.host)
             await tcp.do_handshake()
-        c = cls(tcp, index, t.timeout_s)
-        h = c.h2
-        h.initiate_connection()
-        c.sid = h.get_next_available_stream_id()
-        scheme = "https" if t.ssl_context is not None else "http"
-        h.send_headers(c.sid, [
-            (":method", "POST"), (":scheme", scheme), (":authority", f"{t.host}:{t.port}"),
-            (":path", LINK_PATH), ("content-type", "application/msgpack"),
-            ("x-gateway-node", "desk-check"), ("x-gateway-worker", str(index)),
-            ("x-gateway-link", "0"), *t.headers,
-        ])  # fmt: skip
+        c = cls(tcp, t.timeout_s)
+        headers = [("x-gateway-node", "desk-check"), ("x-gateway-worker", str(index)),
+                   ("x-gateway-link", "0"), *t.headers]  # fmt: skip
+        c.core.start(f"{t.host}:{t.port}", headers)
         await c.flush()
-        while c.status is None:
+        while c.core.status is None:
             await c.read()
-        if c.status != 200:
-            raise CheckFailed(f"the link request was answered with HTTP {c.status}")
         return c
 
     async def flush(self) -> None:
-        data = self.h2.data_to_send()
+        data = self.core.flush()
         if data:
             await self.stream.send_all(data)
 
     async def send(self, frame: dict[str, Any]) -> None:
-        data = encode(frame)
-        while data:
-            room = min(self.h2.local_flow_control_window(self.sid), self.h2.max_outbound_frame_size)
-            if room <= 0:
-                with trio.move_on_after(self.timeout_s):
-                    await self.read()  # for a WINDOW_UPDATE
-                    continue
-                raise CheckFailed(f"no flow-control window for {self.timeout_s:g} s")
-            self.h2.send_data(self.sid, data[:room])
-            data = data[room:]
-            await self.flush()
+        core = self.core
+        core.queue(encode(frame))
+        await self.flush()
+        while core.backlog:  # beyond the downstream's window: wait for more
+            with trio.move_on_after(self.timeout_s):
+                await self.read()
+                continue
+            raise CheckFailed(f"no flow-control window for {self.timeout_s:g} s")
 
     async def read(self) -> None:
         data = await self.stream.receive_some(65536)
         if not data:
             raise CheckFailed("the downstream closed the connection")
-        for ev in self.h2.receive_data(data):
-            if isinstance(ev, h2.events.ResponseReceived):
-                hdrs: dict[Any, Any] = dict(ev.headers)
-                status = str(hdrs.get(":status", ""))
-                self.status = int(status) if status.isdigit() else 0
-                feats = str(hdrs.get(FEATURES_HEADER, ""))
-                self.features = frozenset(x.strip() for x in feats.split(",") if x.strip())
-            elif isinstance(ev, h2.events.DataReceived):
-                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                if ev.stream_id == self.sid:
-                    try:
-                        self.frames += self.decoder.feed(ev.data)
-                    except ProtocolError as e:
-                        raise CheckFailed(f"a malformed frame from the downstream: {e}") from None
-            elif isinstance(ev, h2.events.PingAckReceived):
-                self.pongs += 1
-            elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
-                # (a refusal ends the stream with its status: reported by open)
-                if ev.stream_id == self.sid and self.status in (None, 200):
-                    raise CheckFailed("the downstream ended the link stream")
-            elif isinstance(ev, h2.events.ConnectionTerminated):
-                raise CheckFailed(f"the downstream sent GOAWAY ({ev.error_code!r})")
+        core = self.core
+        try:
+            self.frames += core.receive(data)
+        except BadFrame as e:
+            raise CheckFailed(f"a malformed frame from the downstream: {e.__cause__}") from None
+        except LinkError as e:
+            if core.status not in (None, 200):
+                raise CheckFailed(
+                    f"the link request was answered with HTTP {core.status}"
+                ) from None
+            raise CheckFailed(str(e)) from None
         await self.flush()
+
+    async def ping(self) -> bool:
+        """Sends an HTTP/2 PING; True once its ACK came (False: timeout)."""
+        core = self.core
+        core.ping(trio.current_time())
+        await self.flush()
+        with trio.move_on_after(self.timeout_s):
+            while core.ping_sent:
+                await self.read()
+            return True
+        return False
 
     async def wait_for(
         self, what: str, match: Callable[[dict[str, Any]], bool], timeout_s: float
@@ -244,13 +218,7 @@ async def _check_close(t: Target, links: list[LinkClient]) -> str:
 
 
 async def _check_ping(t: Target, links: list[LinkClient]) -> str:
-    ln = links[0]
-    before = ln.pongs
-    ln.h2.ping(b"dskcheck")
-    await ln.flush()
-    with trio.move_on_after(t.timeout_s):
-        while ln.pongs == before:
-            await ln.read()
+    if await links[0].ping():
         return "PING answered (the gateway's health check)"
     raise CheckFailed(f"no PING ACK within {t.timeout_s:g} s (the gateway drops such links)")
 

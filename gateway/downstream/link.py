@@ -67,6 +67,11 @@ class LinkError(Exception):
     """The link cannot go on (protocol error, refused stream, GOAWAY...)."""
 
 
+class BadFrame(LinkError):
+    """A link frame from the downstream that is not the protocol's (its
+    ``__cause__``: the decoder's ProtocolError)."""
+
+
 class LinkCore:
     """Sans-IO link state. Frames go in with :meth:`queue` (already encoded)
     and come out of :meth:`receive` (validated dicts)."""
@@ -207,7 +212,7 @@ class LinkCore:
                     frames += self._receive_h2(chunk)
             self.extra += sp.window_updates()
         except ProtocolError as e:
-            raise LinkError(f"bad frame from downstream: {e}") from None
+            raise BadFrame(f"bad frame from downstream: {e}") from e
         except FlowError as e:
             raise LinkError(f"HTTP/2 flow control: {e}") from None
         return frames
