@@ -56,6 +56,32 @@ async def running(state_dir: Path, **overrides: Any) -> AsyncIterator[Running]:
         nursery.cancel_scope.cancel()
 
 
+async def exchange(
+    port: int, data: bytes, *, reset_is_end: bool = False, timeout: float = 5.0
+) -> bytes:
+    """Sends ``data`` on a new TCP connection to ``port`` and returns what
+    came back until the server closed it (with ``reset_is_end``, a reset
+    counts as the close; else it raises)."""
+    s = await trio.open_tcp_stream("127.0.0.1", port)
+    got = b""
+    try:
+        await s.send_all(data)
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    d = await s.receive_some(65536)
+                except trio.BrokenResourceError:
+                    if not reset_is_end:
+                        raise
+                    break
+                if not d:
+                    break
+                got += d
+    finally:
+        await s.aclose()
+    return got
+
+
 class RawWs:
     """A WebSocket client over a trio stream with full control of the bytes."""
 

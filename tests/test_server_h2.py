@@ -23,7 +23,7 @@ from websockets.sync.client import connect as ws_connect
 
 from gateway.server.h2compact import compact
 from gateway.server.h2conn import H2Conn
-from tests.gwserver import running
+from tests.gwserver import exchange, running
 
 
 class H2Client:
@@ -221,17 +221,10 @@ async def test_h2_bad_input(tmp_path: Path) -> None:
 
 async def test_h2_protocol_violation_closes_connection_only(tmp_path: Path) -> None:
     async with running(tmp_path) as gw:
-        s = await trio.open_tcp_stream("127.0.0.1", gw.port)
-        await s.send_all(
-            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x"
+        got = await exchange(
+            gw.port,
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x",
         )
-        got = b""
-        with trio.fail_after(5):
-            while True:
-                d = await s.receive_some(65536)
-                if not d:
-                    break
-                got += d
         assert b"\x07" in got  # a GOAWAY frame (type 7) came before the close
         assert gw.stats["h2_protocol_errors"] == 1
         cl = await H2Client.connect(gw.port)

@@ -17,7 +17,7 @@ import trio
 import gateway.server.worker as worker_mod
 from gateway.loadtest import rawws
 from gateway.server.pipe import TlsRawPipe
-from tests.gwserver import Closed, RawWs, running
+from tests.gwserver import Closed, RawWs, exchange, running
 from tests.test_server_h2 import H2Client, _tls
 
 
@@ -91,17 +91,8 @@ async def test_a_failed_handshake_is_counted_and_the_worker_goes_on(tmp_path: Pa
         with pytest.raises(trio.BrokenResourceError):
             await trio.SSLStream(tcp, distrust, server_hostname="localhost").do_handshake()
         await tcp.aclose()
-        s = await trio.open_tcp_stream("127.0.0.1", gw.port)
-        await s.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        got = b""
-        with trio.fail_after(5):
-            while True:
-                data = await s.receive_some(4096)
-                if not data:
-                    break
-                got += data
+        got = await exchange(gw.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert not got.startswith(b"HTTP")  # no HTTP answer: the TLS handshake failed
-        await s.aclose()
         with trio.fail_after(5):
             while stats["tls_handshake_failures"] < 2:
                 await trio.sleep(0.01)

@@ -15,7 +15,7 @@ from websockets.sync.client import connect as ws_connect
 from gateway.loadtest import rawws
 from gateway.session.hub import Hub
 from gateway.session.state import Session
-from tests.gwserver import Closed, RawWs, running
+from tests.gwserver import Closed, RawWs, exchange, running
 
 
 async def conversation_ok(port: int, token: str) -> None:
@@ -231,19 +231,7 @@ async def test_expired_token_and_refresh(tmp_path: Path) -> None:
 
 
 async def http_status(port: int, request: bytes) -> tuple[int, bytes]:
-    s = await trio.open_tcp_stream("127.0.0.1", port)
-    await s.send_all(request)
-    buf = b""
-    with trio.fail_after(5):
-        while True:
-            try:
-                d = await s.receive_some(65536)
-            except trio.BrokenResourceError:
-                break
-            if not d:
-                break
-            buf += d
-    await s.aclose()
+    buf = await exchange(port, request, reset_is_end=True)
     return int(buf.split(b" ", 2)[1]), buf
 
 
