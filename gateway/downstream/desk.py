@@ -142,7 +142,8 @@ class Desk:
                 return []
             s = self.sessions[sid] = _Session(sid, link, f)
         else:
-            self._bind(s, link)
+            if s.link != link:
+                self._bind(s, link)
             out: list[Action] = []
             if f["group"] != s.group or f["stage"] != s.stage:
                 out = self._release(s)
@@ -193,9 +194,9 @@ class Desk:
         return out
 
     def _bind(self, s: _Session, link: int) -> None:
-        if s.link != link:
-            self.marks.append((s.link, s.sid))
-            s.link = link
+        """``s`` goes to ``link`` from the link it was bound to."""
+        self.marks.append((s.link, s.sid))
+        s.link = link
 
     def take_marks(self) -> list[tuple[int, str]]:
         """The ``(old link, sid)`` rebinds since the last call (see the
