@@ -123,7 +123,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     from gateway.supervisor import run_supervisor
 
-    return run_supervisor(cfg)
+    # SIGHUP: the same file and command-line settings, read again
+    return run_supervisor(cfg, reload=lambda: _load(args.config, overrides))
 
 
 # --- token -------------------------------------------------------------------

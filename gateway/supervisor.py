@@ -1,5 +1,6 @@
 """Worker supervisor: starts the worker processes, restarts the ones that die,
-forwards SIGTERM/SIGINT/SIGHUP as a drain and kills what outlives it.
+forwards SIGTERM/SIGINT as a drain and kills what outlives it, and reloads
+the configuration on SIGHUP.
 
 Workers are ``sys.executable -m <worker_module> --index I`` with the whole
 config as JSON in ``$GATEWAY_WORKER_CONFIG``. A worker that exits while the
@@ -9,6 +10,14 @@ stop the whole gateway (exit 1) instead of crash-looping. On the first signal
 every worker gets SIGTERM; workers still alive ``drain_s + kill_grace_s``
 seconds later (or at a second signal) get SIGKILL. The exit code is 0 when
 every worker exited with 0 during the drain, 1 otherwise.
+
+On SIGHUP the supervisor loads the configuration again (the same file and
+command-line settings as at start, through the ``reload`` callable given to
+:func:`run_supervisor`) and, when it differs only in what may change
+without a restart (:mod:`gateway.reload`), sends it to every worker over
+its control pipe (:mod:`gateway.server.control`); workers started later
+get it too. An invalid configuration, or one that needs a restart, is
+refused as a whole and logged; the gateway goes on with what it has.
 
 Workers run a parent watch (:func:`watch_parent`: a thread polling
 ``getppid``) and drain if the supervisor itself dies. ``PR_SET_PDEATHSIG``
@@ -29,6 +38,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Final, TextIO
 
 import trio
@@ -38,6 +48,7 @@ from gateway.config import (
     LOG_LEVELS,
     WORKER_CONFIG_ENV,
     Config,
+    ConfigError,
     demo_secret_path,
     effective_workers,
     parse_hostport,
@@ -46,8 +57,10 @@ from gateway.ops.aggregate import Aggregator
 from gateway.ops.app import OpsApp
 from gateway.ops.report import STATS_FD_ENV
 from gateway.ops.server import open_ops_listeners, serve_ops
-from gateway.ops.wire import SnapshotDecoder, WireError
+from gateway.ops.wire import SnapshotDecoder, WireError, encode_snapshot
 from gateway.protocol.tokens import mint
+from gateway.reload import plan_reload
+from gateway.server.control import CONTROL_FD_ENV
 
 __all__ = ["banner", "run_supervisor"]
 
@@ -56,7 +69,10 @@ BACKOFF_MAX_S: Final = 5.0
 RESTART_WINDOW_S: Final = 60.0
 DEMO_TOKEN_TTL_S: Final = 24 * 3600
 DEMO_VISITOR: Final = "demo-visitor"
-_STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+#: How long a reload waits for a worker to take the new configuration from
+#: its control pipe (a worker that does not is left to its restart).
+RELOAD_SEND_TIMEOUT_S: Final = 5.0
 
 
 class _Log:
@@ -146,8 +162,13 @@ class _Supervisor:
         max_restarts_per_minute: int,
         kill_grace_s: float,
         log: _Log,
+        reload: Callable[[], Config] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.reloader = reload
+        # each live worker's end of its control pipe
+        self.control: dict[int, trio.lowlevel.FdStream] = {}
+        self._reloading = trio.Lock()
         self.module = worker_module
         self.max_restarts = max_restarts_per_minute
         self.kill_grace_s = kill_grace_s
@@ -180,24 +201,75 @@ class _Supervisor:
                 p.send_signal(signal.SIGTERM)
 
     async def _spawn(self, index: int) -> tuple[trio.Process | None, int]:
-        """Starts worker ``index`` with the write end of a fresh metrics pipe;
-        returns the process (None on failure) and the pipe's read end."""
+        """Starts worker ``index`` with the write end of a fresh metrics pipe
+        and the read end of a fresh control pipe (whose write end goes to
+        ``self.control``); returns the process (None on failure) and the
+        metrics pipe's read end."""
         argv = [sys.executable, "-m", self.module, "--index", str(index)]
         rfd, wfd = os.pipe()
+        crfd, cwfd = os.pipe()
         env = dict(self.env)
         env[STATS_FD_ENV] = str(wfd)
+        env[CONTROL_FD_ENV] = str(crfd)
         try:
             proc = await trio.lowlevel.open_process(
-                argv, env=env, stdin=subprocess.DEVNULL, pass_fds=(wfd,)
+                argv, env=env, stdin=subprocess.DEVNULL, pass_fds=(wfd, crfd)
             )
         except OSError as e:
             self.log("error", "worker_spawn_failed", worker=index, error=str(e))
             os.close(rfd)
+            os.close(cwfd)
             proc = None
             rfd = -1
+        else:
+            self.control[index] = trio.lowlevel.FdStream(cwfd)
         finally:
             os.close(wfd)
+            os.close(crfd)
         return proc, rfd
+
+    async def reload(self) -> None:
+        """SIGHUP: loads the configuration again and hands it to the
+        workers if it may be applied without a restart (module docstring)."""
+        async with self._reloading:
+            if self.reloader is None:
+                why = "the supervisor was started without a configuration loader"
+                self.log("warning", "reload_unavailable", why=why)
+                return
+            try:
+                new = self.reloader()
+                plan = plan_reload(self.cfg, new)
+            except ConfigError as e:
+                self._count_reload("failed")
+                self.log("error", "reload_failed", error=str(e))
+                return
+            if plan.needs_restart:
+                self._count_reload("refused")
+                why = "these settings change only with a restart; nothing was applied"
+                self.log("error", "reload_refused", needs_restart=plan.needs_restart, why=why)
+                return
+            if not plan.changes:
+                self._count_reload("unchanged")
+                self.log("info", "reload_unchanged")
+                return
+            self.cfg = new
+            text = new.to_json()
+            self.env[WORKER_CONFIG_ENV] = text  # for workers started from now on
+            frame = encode_snapshot({"t": "reload", "config": text})
+            sent = []
+            for index, stream in list(self.control.items()):
+                try:
+                    with trio.fail_after(RELOAD_SEND_TIMEOUT_S):
+                        await stream.send_all(frame)
+                    sent.append(index)
+                except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
+                        OSError) as e:  # fmt: skip
+                    self.log("warning", "reload_not_sent", worker=index, error=repr(e))
+            self._count_reload("applied")
+            self.log("info", "reloaded", workers=sent, **plan.summary())
+
+    def _count_reload(self, result: str) -> None:
+        self.agg.reloads[result] = self.agg.reloads.get(result, 0) + 1
 
     async def read_stats(self, index: int, rfd: int) -> None:
         """Feeds worker ``index``'s snapshots to the aggregator until its
@@ -239,6 +311,10 @@ class _Supervisor:
                 finally:
                     del self.procs[index]
                     self.agg.worker_gone(index)
+                    stream = self.control.pop(index, None)
+                    if stream is not None:
+                        with trio.CancelScope(shield=True):
+                            await stream.aclose()
             if self.stopping.is_set():
                 self.final[index] = rc
                 level = "info" if rc == 0 else "warning"
@@ -277,10 +353,14 @@ class _Supervisor:
                 self.final[index] = rc
                 return
 
-    async def signal_loop(self, signals: Any) -> None:
+    async def signal_loop(self, signals: Any, nursery: trio.Nursery) -> None:
         async for signum in signals:
             name = signal.Signals(signum).name
-            if self.stopping.is_set():
+            if signum == signal.SIGHUP:
+                if not self.stopping.is_set():
+                    self.log("info", "reloading", signal=name)
+                    nursery.start_soon(self.reload)
+            elif self.stopping.is_set():
                 self.log("warning", "second_signal", signal=name)
                 self._kill_all(f"second {name}")
             else:
@@ -306,10 +386,10 @@ class _Supervisor:
             except OSError as e:
                 self.log("error", "ops_listen_failed", address=self.cfg.ops_listen, error=str(e))
                 return 1
-        with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        with trio.open_signal_receiver(*_STOP_SIGNALS, signal.SIGHUP) as signals:
             self.log("info", "starting", workers=n, pid=os.getpid(), module=self.module)
             async with trio.open_nursery() as outer:
-                outer.start_soon(self.signal_loop, signals)
+                outer.start_soon(self.signal_loop, signals, outer)
                 outer.start_soon(self.deadline_loop)
                 outer.start_soon(self.tick_loop)
                 if listeners:
@@ -339,9 +419,12 @@ def run_supervisor(
     kill_grace_s: float = 5.0,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    reload: Callable[[], Config] | None = None,
 ) -> int:
     """Runs the workers until a stop signal (or the restart limit); returns
-    the process exit code. Must be called from the main thread."""
+    the process exit code. ``reload`` loads the configuration again on
+    SIGHUP (raising :class:`ConfigError`); without it, SIGHUP is logged
+    and ignored. Must be called from the main thread."""
     if max_restarts_per_minute < 0:
         raise ValueError("max_restarts_per_minute must be >= 0")
     o = sys.stdout if out is None else out
@@ -349,5 +432,5 @@ def run_supervisor(
         o.write(line + "\n")
     o.flush()
     log = _Log(cfg.log_level, sys.stderr if err is None else err)
-    sup = _Supervisor(cfg, worker_module, max_restarts_per_minute, kill_grace_s, log)
+    sup = _Supervisor(cfg, worker_module, max_restarts_per_minute, kill_grace_s, log, reload)
     return trio.run(sup.run)

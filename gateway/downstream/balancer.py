@@ -65,6 +65,26 @@ class Balancer:
         if outliers is not None:
             outliers.endpoints = len(endpoints)
 
+    def add(self, e: Endpoint) -> None:
+        """Another endpoint (a configuration reload)."""
+        if e.key in self.by_key:
+            raise ValueError(f"endpoint {e.key} is in the balancer already")
+        self.endpoints.append(e)
+        self.by_key[e.key] = e
+        if self.outliers is not None:
+            self.outliers.endpoints = len(self.endpoints)
+
+    def remove(self, key: str) -> None:
+        """No more picks for endpoint ``key`` (a configuration reload); a
+        key not in the balancer is ignored."""
+        e = self.by_key.pop(key, None)
+        if e is None:
+            return
+        self.endpoints.remove(e)
+        if self.outliers is not None:
+            self.outliers.endpoints = len(self.endpoints)
+            self.outliers.forget(key)
+
     def _usable(self, e: Endpoint, now: float) -> bool:
         if not (e.up and e.healthy):
             return False
@@ -121,7 +141,8 @@ class Balancer:
         e.outstanding = max(0, e.outstanding - calls)
         e.observe(now, mean_s)
         e.breaker.record_ok(now, calls, slow)
-        if self.outliers is not None:
+        # (an endpoint removed by a reload has answers still coming in)
+        if self.outliers is not None and e.key in self.by_key:
             self.outliers.record(e.key, now, True)
 
     def finish(self, e: Endpoint, now: float, latency_s: float, ok: bool) -> None:
@@ -130,5 +151,5 @@ class Balancer:
         if ok:
             e.observe(now, latency_s)
         e.breaker.record(now, ok, latency_s)
-        if self.outliers is not None:
+        if self.outliers is not None and e.key in self.by_key:
             self.outliers.record(e.key, now, ok)

@@ -292,6 +292,12 @@ class OutlierDetector:
             return False
         return True
 
+    def forget(self, key: str) -> None:
+        """Endpoint ``key`` left the cluster."""
+        self._errors.pop(key, None)
+        self._until.pop(key, None)
+        self._times.pop(key, None)
+
     def ejected_count(self, now: float) -> int:
         return sum(1 for k in list(self._until) if self.ejected(k, now))
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import random
+import ssl
 from collections import deque
 from collections.abc import Iterable
 from typing import Any, Final
@@ -148,7 +149,8 @@ class _Ep:
 
 class _Cluster:
     __slots__ = (
-        "balancer", "eps", "inflight", "m_error", "m_latency", "m_ok", "name", "spec", "waiting",
+        "balancer", "eps", "inflight", "m_error", "m_latency", "m_ok", "name", "spec",
+        "ssl_context", "waiting",
     )  # fmt: skip
 
     def __init__(self, spec: ClusterSpec) -> None:
@@ -158,6 +160,7 @@ class _Cluster:
         self.inflight = 0
         self.waiting = 0  # messages buffered in sessions for this cluster
         self.balancer: Balancer
+        self.ssl_context: ssl.SSLContext | None = None  # for its TLS links
         # the cluster's metric children, looked up once (a registry never
         # drops a child)
         self.m_latency = metrics.DOWNSTREAM_LATENCY.labels(spec.name)
@@ -211,38 +214,16 @@ class Forwarder:
         self._last_failure: dict[Link, str] = {}
         self.clusters: dict[str, _Cluster] = {}
         self.links: list[Link] = []
-        headers = [("x-gateway-node", str(node)), ("x-gateway-worker", str(worker))]
+        # where the link tasks run, once run() has started (links added by
+        # a reload start there)
+        self._nursery: trio.Nursery | None = None
+        self._headers = [("x-gateway-node", str(node)), ("x-gateway-worker", str(worker))]
         for spec in settings.clusters.values():
             c = _Cluster(spec)
-            ctx = client_context(spec) if spec.tls else None
-            endpoints = []
-            for host, port in spec.endpoints:
-                breaker = Breaker(settings.breaker, 0.0)
-                breaker.on_change = functools.partial(
-                    self._breaker_changed, spec.name, f"{host}:{port}"
-                )
-                ep_obj = Endpoint(f"{host}:{port}", breaker)
-                ep_obj.up = False
-                endpoints.append(ep_obj)
-                ep = _Ep(c, ep_obj)
-                c.eps[ep.key] = ep
-                for i in range(spec.links_per_endpoint):
-                    ln = Link(
-                        self,
-                        ep,
-                        host,
-                        port,
-                        i,
-                        [*headers, ("x-gateway-link", str(i)), *spec.headers],
-                        ctx,
-                        settings.link_high_water,
-                        settings.health_interval_s,
-                        settings.health_timeout_s,
-                        server_name=spec.server_name,
-                        drain_timeout_s=settings.request_timeout_s,
-                    )
-                    ep.links.append(ln)
-                    self.links.append(ln)
+            c.ssl_context = client_context(spec) if spec.tls else None
+            endpoints = [
+                self._new_endpoint(c, host, port).endpoint for host, port in spec.endpoints
+            ]
             c.balancer = Balancer(endpoints, self.rng, OutlierDetector(settings.outlier))
             self.clusters[c.name] = c
         # sessions with messages waiting for an endpoint or for link room
@@ -257,6 +238,95 @@ class Forwarder:
         # moved-in ones whose replies wait for the old worker's word
         self._marks = MarkWaits()
         self._holds = Holds()
+
+    def _new_endpoint(self, c: _Cluster, host: str, port: int) -> _Ep:
+        """An endpoint of ``c`` with its breaker and links (not started, not
+        in the balancer yet)."""
+        settings, spec = self.s, c.spec
+        key = f"{host}:{port}"
+        breaker = Breaker(settings.breaker, 0.0)
+        breaker.on_change = functools.partial(self._breaker_changed, spec.name, key)
+        ep_obj = Endpoint(key, breaker)
+        ep_obj.up = False
+        ep = _Ep(c, ep_obj)
+        c.eps[ep.key] = ep
+        for i in range(spec.links_per_endpoint):
+            ln = Link(
+                self,
+                ep,
+                host,
+                port,
+                i,
+                [*self._headers, ("x-gateway-link", str(i)), *spec.headers],
+                c.ssl_context,
+                settings.link_high_water,
+                settings.health_interval_s,
+                settings.health_timeout_s,
+                server_name=spec.server_name,
+                drain_timeout_s=settings.request_timeout_s,
+            )
+            ep.links.append(ln)
+            self.links.append(ln)
+        return ep
+
+    # -- reload -----------------------------------------------------------------
+    def update_endpoints(self, settings: DownstreamSettings) -> None:
+        """Applies a reloaded configuration that differs from the running one
+        only in its clusters' endpoint lists (:func:`gateway.reload.plan_reload`):
+        new endpoints get links (started at once) and join their balancer;
+        removed ones leave it, so no new session goes there, and their links
+        drain (:meth:`Link.retire`): the sessions on them move with their
+        next message, what is in flight is answered there or, after
+        ``request_timeout_s``, redelivered elsewhere."""
+        self.s = settings
+        now = self._time()
+        for name, spec in settings.clusters.items():
+            c = self.clusters[name]
+            c.spec = spec
+            keep = {f"{h}:{p}" for h, p in spec.endpoints}
+            for key in [k for k in c.eps if k not in keep]:
+                ep = c.eps.pop(key)
+                c.balancer.remove(key)
+                ep.endpoint.up = False
+                for ln in ep.links:
+                    ln.retire()
+                if self.hub is not None:
+                    self.hub.log("info", "downstream_endpoint_removed", cluster=name, endpoint=key)
+            for host, port in spec.endpoints:
+                if f"{host}:{port}" in c.eps:
+                    continue
+                ep = self._new_endpoint(c, host, port)
+                c.balancer.add(ep.endpoint)
+                if self._nursery is not None:
+                    for ln in ep.links:
+                        self._nursery.start_soon(self._run_link, ln)
+                if self.hub is not None:
+                    self.hub.log("info", "downstream_endpoint_added", cluster=name,
+                                 endpoint=ep.key)  # fmt: skip
+        # sessions waiting for an endpoint may have one now
+        for s in list(self._backlog.values()):
+            fl: Flow | None = s.ds
+            if fl is not None:
+                self._pump(s, fl, now)
+
+    async def _run_link(self, ln: Link) -> None:
+        """A link's task; a retired link's last: it leaves the worker's
+        links, and its endpoint's gauges go once its last link has ended."""
+        await ln.run()
+        if ln in self.links:
+            self.links.remove(ln)
+        self._dirty.discard(ln)
+        self._last_failure.pop(ln, None)
+        ep: _Ep = ln.endpoint
+        if all(x.retired and x not in self.links for x in ep.links):
+            c, key = ep.cluster.name, ep.key
+            for g in (
+                metrics.BREAKER_STATE,
+                metrics.DOWNSTREAM_LINKS_UP,
+                metrics.DOWNSTREAM_ENDPOINT_LATENCY,
+                metrics.DOWNSTREAM_ENDPOINT_OUTSTANDING,
+            ):
+                g.remove(c, key)
 
     # -- helpers --------------------------------------------------------------
     def _time(self) -> float:
@@ -926,8 +996,9 @@ class Forwarder:
     async def run(self) -> None:
         """The link tasks and the tick, until cancelled."""
         async with trio.open_nursery() as n:
+            self._nursery = n
             for ln in self.links:
-                n.start_soon(ln.run)
+                n.start_soon(self._run_link, ln)
             while True:
                 await trio.sleep(TICK_S)
                 self.tick(trio.current_time())

@@ -323,6 +323,7 @@ class Link:
         "_busy",
         "_carry",
         "_draining",
+        "_scope",
         "_seal",
         "_stream",
         "_wake",
@@ -340,6 +341,7 @@ class Link:
         "inflight",
         "owner",
         "port",
+        "retired",
         "rng",
         "server_name",
         "sessions",
@@ -394,6 +396,9 @@ class Link:
         self._busy = False  # the writer task is in a send
         self._carry = b""  # flushed by flush_now, not taken by the socket yet
         self._watch: _ReactorRead | None = None  # read by the reactor
+        # its endpoint left the configuration (retire): no reconnecting
+        self.retired = False
+        self._scope: trio.CancelScope | None = None  # run()'s, while it runs
 
     @property
     def key(self) -> str:
@@ -452,8 +457,33 @@ class Link:
         elif was_full and not self.full:
             self.owner.link_drained(self)
 
+    def retire(self) -> None:
+        """Ends the link for good (its endpoint was removed by a
+        configuration reload). A link that is up drains as after a graceful
+        GOAWAY: nothing new goes out on it, and it ends once every message in
+        flight on it was answered, or ``drain_timeout_s`` later (the rest are
+        redelivered elsewhere); one that is not up ends now. :meth:`run`
+        then returns instead of reconnecting."""
+        if self.retired:
+            return
+        self.retired = True
+        if self.state == UP:
+            self.state = DRAINING
+            self._draining.set()
+            self.owner.link_draining(self)
+        elif self.state != DRAINING and self._scope is not None:
+            self._scope.cancel()
+
     async def run(self) -> None:
-        """Connects, serves, and reconnects with backoff, until cancelled."""
+        """Connects, serves, and reconnects with backoff, until cancelled or
+        retired (:meth:`retire`)."""
+        with trio.CancelScope() as self._scope:
+            if not self.retired:
+                await self._run()
+        self._scope = None
+        self.state = DOWN
+
+    async def _run(self) -> None:
         backoff = BACKOFF_FIRST_S
         while True:
             why = "closed"
@@ -483,7 +513,7 @@ class Link:
                     raise
                 finally:
                     was_up = self.state == UP or self.state == DRAINING
-                    if self.state == DRAINING and "GOAWAY" not in why:
+                    if self.state == DRAINING and "GOAWAY" not in why and not self.retired:
                         why += " (draining after the downstream's GOAWAY)"
                     self.state = DOWN
                     self.core = None
@@ -499,6 +529,8 @@ class Link:
                         # a 404, no HTTP/2) is retried with growing backoff
                         self.owner.link_connect_failed(self, why)
             self.state = DOWN
+            if self.retired:
+                return
             await trio.sleep(backoff * (0.5 + self.rng.random()))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
@@ -629,11 +661,12 @@ class Link:
         with trio.move_on_after(self.drain_timeout_s):
             while self.inflight > 0:
                 await trio.sleep(DRAIN_POLL_S)
+        why = "its removal from the configuration" if self.retired else "the downstream's GOAWAY"
         if self.inflight > 0:
             raise LinkError(
-                f"GOAWAY: {self.inflight} messages not answered {self.drain_timeout_s:g} s after it"
+                f"{self.inflight} messages not answered {self.drain_timeout_s:g} s after {why}"
             )
-        raise LinkError("drained after the downstream's GOAWAY")
+        raise LinkError(f"drained after {why}")
 
     async def _health(self, core: LinkCore) -> None:
         """PINGs every ``health_interval_s``; after a graceful GOAWAY, the

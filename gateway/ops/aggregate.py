@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from gateway.ops.statsmap import COUNTER_HELP, SEEDED, map_key
 
-__all__ = ["Aggregator", "Family", "families_of", "quantile"]
+__all__ = ["RELOAD_RESULTS", "Aggregator", "Family", "families_of", "quantile"]
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -33,6 +33,8 @@ STALE_S: Final = 5.0
 RATE_WINDOW_S: Final = 5.0
 LATENCY_WINDOW_S: Final = 10.0
 HISTORY_POINTS: Final = 600
+#: The results a configuration reload is counted under.
+RELOAD_RESULTS: Final = ("applied", "unchanged", "refused", "failed")
 ACK_HIST: Final = "gateway_message_ack_seconds"
 GC_HIST: Final = "gateway_gc_pause_seconds"
 MAX_GAUGES: Final = frozenset(
@@ -251,6 +253,9 @@ class Aggregator:
         self.live: dict[int, _WorkerView] = {}
         self.retired: dict[str, Family] = {}
         self.restarts = 0
+        # configuration reloads (SIGHUP) by result: applied, unchanged,
+        # refused (needs a restart), failed (the new configuration is invalid)
+        self.reloads: dict[str, int] = {}
         self.draining = False
         self.bad_snapshots = 0
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_POINTS)
@@ -305,6 +310,10 @@ class Aggregator:
         g.add((), 1.0 if self.draining else 0.0)
         g = _family(out, "gateway_worker_restarts_total", "counter", "Worker processes restarted")
         g.add((), self.restarts)
+        g = _family(out, "gateway_config_reloads_total", "counter",
+                    "Configuration reloads (SIGHUP) by result")  # fmt: skip
+        for result in RELOAD_RESULTS:
+            g.add((("result", result),), self.reloads.get(result, 0))
         g = _family(out, "gateway_ops_bad_snapshots_total", "counter", "Worker snapshots refused")
         g.add((), self.bad_snapshots)
         per = _family(out, "gateway_worker_connections", "gauge", "Open connections per worker")

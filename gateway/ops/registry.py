@@ -112,6 +112,11 @@ class Gauge(_Metric):
     def _new(self) -> _GaugeChild:
         return _GaugeChild()
 
+    def remove(self, *values: str) -> None:
+        """Drops the child with these label values (a thing that is gone,
+        such as an endpoint removed by a reload); no such child: nothing."""
+        self._children.pop(values, None)
+
     def set(self, v: float) -> None:
         self._only().set(v)
 

@@ -1,6 +1,7 @@
 """Worker -> supervisor snapshot frames: a 4-byte big-endian length, then a
 msgpack map (sans-IO; the pipe I/O is in :mod:`gateway.ops.report` and the
-supervisor)."""
+supervisor). The supervisor's control messages to the workers use the same
+framing (:mod:`gateway.server.control`)."""
 
 from __future__ import annotations
 

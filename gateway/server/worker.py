@@ -220,6 +220,8 @@ class Worker:
         self.handoff_sock: socket.socket | None = None
         # the pipe to the supervisor's metrics (set by main(); None in tests)
         self.stats_fd: int | None = None
+        # the read end of the supervisor's control pipe (gateway.server.control)
+        self.control_fd: int | None = None
         self.reporter: Any = None
         self._log_budget = TokenBucket(20.0, 100.0, now)
 
@@ -736,6 +738,10 @@ class Worker:
                 nursery.start_soon(self.forwarder.run)
             if handle_signals:
                 nursery.start_soon(self.signal_loop, nursery.cancel_scope)
+            if self.control_fd is not None:
+                from gateway.server.control import control_loop
+
+                nursery.start_soon(control_loop, self, self.control_fd)
             if self.stats_fd is not None:
                 from gateway.ops.report import Reporter, worker_snapshot
 
@@ -754,11 +760,15 @@ def _setup_logging(level: str, index: int) -> None:
 
 async def _amain(cfg: Config, index: int) -> None:
     from gateway.ops.report import STATS_FD_ENV
+    from gateway.server.control import CONTROL_FD_ENV
 
     w = Worker(cfg, index)
     fd = os.environ.get(STATS_FD_ENV)
     if fd and fd.isdigit():
         w.stats_fd = int(fd)
+    fd = os.environ.get(CONTROL_FD_ENV)
+    if fd and fd.isdigit():
+        w.control_fd = int(fd)
     await w.run()
 
 
@@ -778,6 +788,9 @@ def main(argv: list[str] | None = None) -> None:
     # Stop signals outside trio's receiver: see gateway.server.stopsig.
     signal.signal(signal.SIGTERM, outside_trio)
     signal.signal(signal.SIGINT, outside_trio)
+    # a reload goes through the supervisor (gateway.server.control); a
+    # SIGHUP to the whole process group must not end the workers
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     ap = argparse.ArgumentParser(prog="gateway.server.worker")
     ap.add_argument("--index", type=int, required=True)
     args = ap.parse_args(argv)

@@ -1,0 +1,106 @@
+"""What a configuration reload (SIGHUP to the supervisor) may change in
+running workers, sans-IO (docs/operations.md, "Reloading the
+configuration").
+
+Two parts of the configuration apply without a restart:
+
+- the tenants (secrets, allowed origins): new connections are checked
+  against the new set; sessions already authenticated go on;
+- the endpoint list of each downstream cluster: new endpoints get links and
+  traffic, removed ones stop getting new sessions and are drained (the
+  messages in flight on them are answered there, or redelivered elsewhere
+  after ``request_timeout_s``), and the sessions on them move with their
+  next message.
+
+Anything else that differs (the listen address, the worker count, limits,
+groups, rules, a cluster's TLS settings, a cluster added or removed ...)
+needs a restart: :func:`plan_reload` names it, and the supervisor then
+refuses the whole reload rather than apply part of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.config import Config, ConfigError
+
+__all__ = ["ReloadPlan", "plan_reload"]
+
+
+@dataclass
+class ReloadPlan:
+    #: settings that differ and cannot change without a restart (dotted
+    #: names, e.g. ``listen_port``, ``downstream.groups``)
+    needs_restart: list[str] = field(default_factory=list)
+    tenants: bool = False
+    #: per cluster: the endpoints (``host:port``) added and removed
+    added: dict[str, list[str]] = field(default_factory=dict)
+    removed: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def changes(self) -> bool:
+        """Something to apply (and nothing that needs a restart)."""
+        return not self.needs_restart and (self.tenants or bool(self.added or self.removed))
+
+    def summary(self) -> dict[str, Any]:
+        """For the log line of a reload."""
+        out: dict[str, Any] = {}
+        if self.tenants:
+            out["tenants"] = "changed"
+        if self.added:
+            out["endpoints_added"] = self.added
+        if self.removed:
+            out["endpoints_removed"] = self.removed
+        return out
+
+
+def _endpoints(spec: Any) -> list[str]:
+    return [f"{h}:{p}" for h, p in spec.endpoints]
+
+
+def _without_endpoints(spec: Any) -> Any:
+    return dataclasses.replace(spec, endpoints=())
+
+
+def plan_reload(old: Config, new: Config) -> ReloadPlan:
+    """What going from ``old`` to ``new`` changes. Raises
+    :class:`ConfigError` if ``new``'s downstream table does not parse (the
+    loader has checked it already)."""
+    from gateway.downstream.settings import parse_settings
+
+    plan = ReloadPlan()
+    for f in dataclasses.fields(Config):
+        if f.name in ("tenants", "downstream"):
+            continue
+        if getattr(old, f.name) != getattr(new, f.name):
+            plan.needs_restart.append(f.name)
+    plan.tenants = old.tenants != new.tenants
+    try:
+        a = parse_settings(old.downstream) if old.downstream else None
+        b = parse_settings(new.downstream) if new.downstream else None
+    except ValueError as e:
+        raise ConfigError(f"downstream: {e}") from None
+    if a is None or b is None:
+        if (a is None) != (b is None):
+            plan.needs_restart.append("downstream")  # the demo bot on or off
+        return plan
+    if set(a.clusters) != set(b.clusters):
+        plan.needs_restart.append("downstream.clusters")
+        return plan
+    for f in dataclasses.fields(a):
+        if f.name != "clusters" and getattr(a, f.name) != getattr(b, f.name):
+            plan.needs_restart.append(f"downstream.{f.name}")
+    for name in sorted(a.clusters):
+        if _without_endpoints(a.clusters[name]) != _without_endpoints(b.clusters[name]):
+            plan.needs_restart.append(f"downstream.clusters.{name}")
+            continue
+        was, now = _endpoints(a.clusters[name]), _endpoints(b.clusters[name])
+        added = [e for e in now if e not in was]
+        removed = [e for e in was if e not in now]
+        if added:
+            plan.added[name] = added
+        if removed:
+            plan.removed[name] = removed
+    return plan

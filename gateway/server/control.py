@@ -1,0 +1,86 @@
+"""Supervisor -> worker control messages: a configuration reload.
+
+The supervisor gives every worker the read end of a pipe
+(``$GATEWAY_CONTROL_FD``) and writes to it, in the framing of the stats
+pipe (:mod:`gateway.ops.wire`: a 4-byte big-endian length, then a msgpack
+map):
+
+- ``{"t": "reload", "config": "<the whole config as JSON>"}``: apply what
+  may change without a restart (:mod:`gateway.reload`).
+
+:func:`apply_config` is the part that does not read the pipe (tests call
+it directly); :func:`control_loop` is the trio shell.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from gateway.config import Config, ConfigError
+from gateway.ops.wire import SnapshotDecoder, WireError
+from gateway.protocol.tokens import TokenVerifier
+from gateway.reload import ReloadPlan, plan_reload
+
+if TYPE_CHECKING:
+    from gateway.server.worker import Worker
+
+__all__ = ["CONTROL_FD_ENV", "apply_config", "control_loop"]
+
+_log = logging.getLogger("gateway.control")
+
+#: The environment variable naming the worker's end of the control pipe.
+CONTROL_FD_ENV: Final = "GATEWAY_CONTROL_FD"
+
+
+def apply_config(w: Worker, new: Config) -> ReloadPlan:
+    """Applies ``new`` to worker ``w`` if it differs from the running
+    configuration only in what may change without a restart; otherwise
+    changes nothing and logs ``reload_refused``. Returns the plan."""
+    plan = plan_reload(w.cfg, new)
+    if not plan.changes and not plan.needs_restart:
+        return plan  # (a worker started after the reload has it already)
+    if plan.needs_restart:
+        w.hub.stats["reloads_refused"] += 1
+        w.event("warning", "reload_refused", needs_restart=plan.needs_restart)
+        return plan
+    if plan.tenants:
+        w.hub.verifier = TokenVerifier(new.tenants)
+    if plan.added or plan.removed:
+        from gateway.downstream.settings import parse_settings
+
+        settings = parse_settings(new.downstream)
+        assert settings is not None and w.forwarder is not None
+        w.forwarder.update_endpoints(settings)
+    w.cfg = new
+    w.hub.cfg = new
+    w.hub.stats["reloads"] += 1
+    w.event("info", "reloaded", **plan.summary())
+    return plan
+
+
+async def control_loop(w: Worker, fd: int) -> None:
+    """Reads control messages from the supervisor until the pipe closes."""
+    dec = SnapshotDecoder()
+    stream = trio.lowlevel.FdStream(fd)
+    try:
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            for msg in dec.feed(data):
+                if msg.get("t") != "reload" or not isinstance(msg.get("config"), str):
+                    w.event("warning", "control_unknown", message=str(msg.get("t"))[:40])
+                    continue
+                try:
+                    apply_config(w, Config.from_json(msg["config"]))
+                except (ConfigError, ValueError) as e:
+                    w.event("error", "reload_failed", error=str(e)[:500])
+    except WireError as e:
+        w.event("error", "control_bad_frame", error=str(e))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        await stream.aclose()

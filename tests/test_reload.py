@@ -1,0 +1,380 @@
+"""Configuration reload (SIGHUP): what may change without a restart
+(sans-IO plan), the balancer taking endpoints in and out, and `gateway
+serve --config FILE` reloading in place while visitors stay connected."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import gateway.client as gc
+from gateway.config import Config, ConfigError, load_config
+from gateway.downstream.balancer import Balancer, Endpoint
+from gateway.downstream.breaker import Breaker, BreakerConfig, OutlierConfig, OutlierDetector
+from gateway.protocol.tokens import mint
+from gateway.reload import plan_reload
+from tests.test_downstream_process import _recorded, _spawn
+from tests.test_server_process import free_port, wait_listening
+
+SECRET_1 = "first secret of the acme tenant"
+SECRET_2 = "second secret of the acme tenant"
+
+
+def _downstream(*endpoints: str, **cluster: Any) -> dict[str, Any]:
+    return {
+        "clusters": {"desks": {"endpoints": list(endpoints), **cluster}},
+        "groups": {"general": {"cluster": "desks"}},
+    }
+
+
+def _cfg(tmp: Path, **kw: Any) -> Config:
+    return load_config(None, {"GATEWAY_STATE_DIR": str(tmp)}, kw)
+
+
+# -- the plan (sans-IO) ------------------------------------------------------------
+
+
+def test_plan_names_endpoints_added_and_removed(tmp_path: Path) -> None:
+    old = _cfg(tmp_path, downstream=_downstream("10.0.0.1:7001", "10.0.0.2:7001"))
+    new = _cfg(tmp_path, downstream=_downstream("10.0.0.2:7001", "10.0.0.3:7001"))
+    plan = plan_reload(old, new)
+    assert plan.needs_restart == []
+    assert plan.added == {"desks": ["10.0.0.3:7001"]}
+    assert plan.removed == {"desks": ["10.0.0.1:7001"]}
+    assert plan.changes and not plan.tenants
+    assert plan.summary() == {
+        "endpoints_added": {"desks": ["10.0.0.3:7001"]},
+        "endpoints_removed": {"desks": ["10.0.0.1:7001"]},
+    }
+
+
+def test_plan_without_a_difference_changes_nothing(tmp_path: Path) -> None:
+    a = _cfg(tmp_path, downstream=_downstream("10.0.0.1:7001"))
+    b = _cfg(tmp_path, downstream=_downstream("10.0.0.1:7001"))
+    plan = plan_reload(a, b)
+    assert not plan.changes and plan.needs_restart == [] and plan.summary() == {}
+
+
+def test_plan_sees_tenant_secrets_rotated(tmp_path: Path) -> None:
+    a = _cfg(tmp_path, tenants={"acme": {"secret": SECRET_1}})
+    b = _cfg(tmp_path, tenants={"acme": {"secrets": {"k2": SECRET_2, "default": SECRET_1}}})
+    plan = plan_reload(a, b)
+    assert plan.tenants and plan.changes and plan.needs_restart == []
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "named"),
+    [
+        ({"listen_port": 8080}, {"listen_port": 8081}, ["listen_port"]),
+        ({"visitor_msg_rate": 50.0}, {"visitor_msg_rate": 10.0}, ["visitor_msg_rate"]),
+        # the demo bot on or off
+        ({}, {"downstream": _downstream("10.0.0.1:7001")}, ["downstream"]),
+        (
+            {"downstream": _downstream("10.0.0.1:7001")},
+            {"downstream": _downstream("10.0.0.1:7001", links_per_endpoint=2)},
+            ["downstream.clusters.desks"],
+        ),
+        (
+            {"downstream": _downstream("10.0.0.1:7001")},
+            {"downstream": {**_downstream("10.0.0.1:7001"), "request_timeout_s": 9.0}},
+            ["downstream.request_timeout_s"],
+        ),
+        (
+            {"downstream": _downstream("10.0.0.1:7001")},
+            {
+                "downstream": {
+                    "clusters": {
+                        "desks": {"endpoints": ["10.0.0.1:7001"]},
+                        "bots": {"endpoints": ["10.0.0.9:7002"]},
+                    },
+                    "groups": {"general": {"cluster": "desks"}},
+                }
+            },
+            ["downstream.clusters"],
+        ),
+    ],
+)
+def test_plan_names_what_needs_a_restart(
+    tmp_path: Path, old: dict[str, Any], new: dict[str, Any], named: list[str]
+) -> None:
+    # an endpoint change next to it is not applied either: the plan refuses
+    # the whole reload
+    plan = plan_reload(_cfg(tmp_path, **old), _cfg(tmp_path, **new))
+    assert plan.needs_restart == named
+    assert not plan.changes
+
+
+def test_plan_of_an_unparsable_downstream_is_a_config_error(tmp_path: Path) -> None:
+    good = _cfg(tmp_path, downstream=_downstream("10.0.0.1:7001"))
+    bad = dataclasses.replace(good)
+    object.__setattr__(bad, "downstream", {"clusters": {"desks": {"endpoints": []}}})
+    with pytest.raises(ConfigError):
+        plan_reload(good, bad)
+
+
+# -- the balancer --------------------------------------------------------------------
+
+
+def _ep(key: str) -> Endpoint:
+    return Endpoint(key, Breaker(BreakerConfig(), 0.0))
+
+
+def test_balancer_takes_endpoints_in_and_out() -> None:
+    a, b = _ep("a:1"), _ep("b:1")
+    outliers = OutlierDetector(OutlierConfig())
+    bal = Balancer([a, b], random.Random(1), outliers)
+    assert outliers.endpoints == 2
+    bal.remove("a:1")
+    assert outliers.endpoints == 1
+    picks = {bal.pick(0.0).key for _ in range(50)}  # type: ignore[union-attr]
+    assert picks == {"b:1"}
+    # the preferred (sticky) endpoint is not picked once removed
+    assert bal.pick(0.0, prefer="a:1") is b
+    c = _ep("c:1")
+    bal.add(c)
+    assert outliers.endpoints == 2
+    picks = {bal.pick(0.0).key for _ in range(200)}  # type: ignore[union-attr]
+    assert picks == {"b:1", "c:1"}
+    with pytest.raises(ValueError):
+        bal.add(_ep("c:1"))
+    bal.remove("nope:1")  # ignored
+    # answers still coming from a removed endpoint do not reach the outlier
+    # detector (it would count it among the cluster's endpoints again)
+    a.outstanding = 1
+    bal.finish(a, 1.0, 0.01, ok=False)
+    assert "a:1" not in outliers._errors
+
+
+# -- gateway serve --config, reloaded -----------------------------------------------
+
+
+class Reloadable:
+    """Two recording desk-sims and `gateway serve --config FILE --workers 2`
+    (with its ops endpoint), as separate processes; the file is rewritten
+    and the supervisor sent SIGHUP."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.pa, self.pb, self.port, self.ops = (free_port() for _ in range(4))
+        self.a, self.b = f"127.0.0.1:{self.pa}", f"127.0.0.1:{self.pb}"
+        self.rec_a, self.rec_b = tmp / "a.jsonl", tmp / "b.jsonl"
+        self.url = f"ws://127.0.0.1:{self.port}/v1/ws"
+        self.conf = tmp / "gateway.toml"
+        self.log = tmp / "gw.log"
+        env = dict(os.environ, GATEWAY_STATE_DIR=str(tmp))
+        env.pop("GATEWAY_CONFIG", None)
+        self.desks = []
+        for i, (addr, rec) in enumerate(((self.a, self.rec_a), (self.b, self.rec_b))):
+            args = ["desk-sim", "--listen", addr, "--no-reply", "--record", str(rec)]
+            self.desks.append(_spawn(args, env, tmp / f"desk-{i}.log"))
+        self.write([self.a])
+        self.gw = _spawn(["serve", "--config", str(self.conf)], env, self.log)
+
+    def write(self, endpoints: list[str], extra: str = "", secrets: str = "") -> None:
+        secrets = secrets or f'secrets = {{ k1 = "{SECRET_1}" }}'
+        self.conf.write_text(
+            f"""
+[gateway]
+listen_port = {self.port}
+workers = 2
+ops_listen = "127.0.0.1:{self.ops}"
+{extra}
+
+[tenants.acme]
+{secrets}
+allowed_origins = ["*"]
+
+[downstream.clusters.desks]
+endpoints = {json.dumps(endpoints)}
+
+[downstream.groups.general]
+cluster = "desks"
+"""
+        )
+
+    async def ready(self) -> None:
+        for p in (self.pa, self.pb, self.port, self.ops):
+            await trio.to_thread.run_sync(wait_listening, p)
+        # both workers' links up: until then a worker asks new sessions to
+        # retry later, and the SDK would reconnect
+        with trio.fail_after(15):
+            while len(self.events("downstream_link_up")) < 2:
+                await trio.sleep(0.05)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                rec = json.loads(line)
+                if rec.get("event") == name:
+                    out.append(rec)
+        return out
+
+    async def sighup(self, event: str, count: int) -> list[dict[str, Any]]:
+        """SIGHUP, then waits for ``count`` more ``event`` log lines."""
+        before = len(self.events(event))
+        self.gw.send_signal(signal.SIGHUP)
+        with trio.fail_after(15):
+            while len(self.events(event)) < before + count:
+                await trio.sleep(0.05)
+        return self.events(event)[before:]
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ops}/metrics", timeout=5) as r:
+            text: str = r.read().decode()
+        return text
+
+    def token(self, visitor: str, kid: str = "k1", secret: str = SECRET_1) -> str:
+        return mint("acme", visitor, secret.encode(), 600, time.time(), kid=kid)
+
+    def stop(self) -> None:
+        for p in (self.gw, *self.desks):
+            if p.poll() is None:
+                p.terminate()
+        for p in (self.gw, *self.desks):
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@contextlib.asynccontextmanager
+async def _reloadable(tmp: Path) -> AsyncIterator[Reloadable]:
+    run = Reloadable(tmp)
+    try:
+        await run.ready()
+        yield run
+    finally:
+        run.stop()
+
+
+def _metric(text: str, name: str, **labels: str) -> float | None:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(name + ("{" if labels else " ")):
+            head, _, value = line.rpartition(" ")
+            got = head[len(name) :].strip("{}")
+            if ",".join(sorted(got.split(","))) == want or (not labels and not got):
+                return float(value)
+    return None
+
+
+async def _send(s: gc.Session, bodies: list[str], acked: list[tuple[str, str]]) -> None:
+    for body in bodies:
+        with trio.fail_after(20):
+            await s.send(body)
+        acked.append((s.session_id or "", body))
+
+
+async def test_sighup_moves_traffic_to_new_endpoints_with_visitors_connected(
+    tmp_path: Path,
+) -> None:
+    async with _reloadable(tmp_path) as run:
+        url = run.url
+        acked: list[tuple[str, str]] = []
+        async with gc.connect(url, token=run.token("v1")) as s:
+            before = [f"before #{k}" for k in range(20)]
+            await _send(s, before, acked)
+            assert {r[2] for r in _recorded(run.rec_a)} == set(before)
+
+            # desk A out, desk B in; the supervisor and both workers apply it
+            run.write([run.b])
+            lines = await run.sighup("reloaded", 3)
+            sup = [r for r in lines if r["component"] == "supervisor"]
+            assert len(sup) == 1
+            assert sup[0]["endpoints_added"] == {"desks": [run.b]}
+            assert sup[0]["endpoints_removed"] == {"desks": [run.a]}
+            assert sorted(sup[0]["workers"]) == [0, 1]
+
+            after = [f"after #{k}" for k in range(20)]
+            await _send(s, after, acked)
+            # the same connection all along: the reload dropped no visitor
+            assert s.connections == 1
+        async with gc.connect(url, token=run.token("v2")) as s2:
+            await _send(s2, ["new visitor"], acked)
+
+        a = {r[2] for r in _recorded(run.rec_a)}
+        b = {r[2] for r in _recorded(run.rec_b)}
+        assert a == set(before)  # nothing reached the removed desk after the reload
+        assert b == {*after, "new visitor"}
+        # every acknowledged message reached a desk
+        assert {body for _, body in acked} <= a | b
+
+        # the removed endpoint's links are gone (and so are its gauges);
+        # the new one has a link per worker
+        with trio.fail_after(10):
+            while True:
+                m = await trio.to_thread.run_sync(run.metrics)
+                up_b = _metric(m, "gateway_downstream_links_up", cluster="desks", endpoint=run.b)
+                up_a = _metric(m, "gateway_downstream_links_up", cluster="desks", endpoint=run.a)
+                if up_b == 2 and up_a is None:
+                    break
+                await trio.sleep(0.2)
+        assert _metric(m, "gateway_config_reloads_total", result="applied") == 1
+
+
+async def test_sighup_refuses_an_invalid_or_restart_needing_config(tmp_path: Path) -> None:
+    async with _reloadable(tmp_path) as run:
+        url = run.url
+        acked: list[tuple[str, str]] = []
+        async with gc.connect(url, token=run.token("v1")) as s:
+            await _send(s, ["one"], acked)
+
+            run.conf.write_text(run.conf.read_text() + "\n[gateway\n")  # not TOML
+            (failed,) = await run.sighup("reload_failed", 1)
+            assert failed["component"] == "supervisor" and "gateway.toml" in failed["error"]
+
+            # an endpoint change next to a setting that needs a restart:
+            # neither is applied
+            run.write([run.a, run.b], extra="visitor_msg_rate = 10.0")
+            (refused,) = await run.sighup("reload_refused", 1)
+            assert refused["needs_restart"] == ["visitor_msg_rate"]
+
+            run.write([run.a])  # as at start
+            await run.sighup("reload_unchanged", 1)
+
+            await _send(s, ["two"], acked)
+            assert s.connections == 1
+        assert run.gw.poll() is None  # still running
+        assert {r[2] for r in _recorded(run.rec_a)} == {"one", "two"}
+        assert _recorded(run.rec_b) == []  # B was never added
+        assert run.events("reloaded") == []
+        m = await trio.to_thread.run_sync(run.metrics)
+        for result, n in (("applied", 0), ("failed", 1), ("refused", 1), ("unchanged", 1)):
+            assert _metric(m, "gateway_config_reloads_total", result=result) == n, result
+
+
+async def test_sighup_rotates_tenant_secrets_for_new_connections(tmp_path: Path) -> None:
+    async with _reloadable(tmp_path) as run:
+        url = run.url
+        acked: list[tuple[str, str]] = []
+        async with gc.connect(url, token=run.token("old")) as s:
+            await _send(s, ["with k1"], acked)
+            run.write([run.a], secrets=f'secrets = {{ k2 = "{SECRET_2}" }}')
+            lines = await run.sighup("reloaded", 3)
+            assert all(r.get("tenants") == "changed" for r in lines)
+            # a session authenticated before goes on
+            await _send(s, ["still k1"], acked)
+            assert s.connections == 1
+        # new connections: the k2 token is accepted, the k1 one is not
+        async with gc.connect(url, token=run.token("new", "k2", SECRET_2)) as s2:
+            await _send(s2, ["with k2"], acked)
+        with pytest.raises(gc.GatewayError) as e:
+            with trio.fail_after(10):
+                async with gc.connect(url, token=run.token("late"), reconnect=False):
+                    pass
+        assert e.value.code == 4501  # unknown key id: k1 is gone
+        assert {r[2] for r in _recorded(run.rec_a)} == {"with k1", "still k1", "with k2"}
