@@ -16,6 +16,15 @@ a virtual machine whose idle CPUs halt, that is the costly part
 ``--pause-us``: the sender sleeps that long between round trips, so the
 echo side's CPU wakes from idle each time, as at a low message rate (the
 sender's CPU then includes waking from its own sleep).
+
+    python bench/wakeup_bench.py --stalls 10
+
+measures instead what the machine itself does to a process's timing, on
+each CPU in turn, for that many seconds each: a process that never sleeps
+(how often and how long it does not run: every gap over 50 µs between two
+reads of the clock), and a process that sleeps 1 ms at a time (how late
+it wakes). Nothing else of ours runs meanwhile; run it on an otherwise
+idle machine.
 """
 
 from __future__ import annotations
@@ -81,6 +90,68 @@ def bounce(n: int, cpus: tuple[int, int], pause_s: float = 0.0) -> dict[str, flo
     }
 
 
+def spin_gaps(cpu: int, seconds: float, gap_s: float = 50e-6) -> list[float]:
+    """On ``cpu``, reads the clock in a loop for ``seconds``; returns every
+    gap over ``gap_s`` between two reads (the time the process did not
+    run), in seconds."""
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        clock = time.perf_counter
+        gaps: list[float] = []
+        start = last = clock()
+        end = start + seconds
+        while last < end:
+            now = clock()
+            if now - last > gap_s:
+                gaps.append(now - last)
+            last = now
+        return gaps
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+def sleep_lateness(cpu: int, seconds: float, period_s: float = 1e-3) -> list[float]:
+    """On ``cpu``, sleeps ``period_s`` at a time for ``seconds``; returns
+    how late each wakeup was, in seconds, sorted."""
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        clock = time.perf_counter
+        late: list[float] = []
+        end = clock() + seconds
+        while True:
+            t0 = clock()
+            if t0 >= end:
+                break
+            time.sleep(period_s)
+            late.append(clock() - t0 - period_s)
+        return sorted(late)
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+def quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def stalls(seconds: float) -> None:
+    print(f"guest_halt_poll_ns: {halt_poll_ns()}, {seconds:g} s per CPU and measure")
+    print("| CPU | spinning: gaps > 50 µs | time lost | gaps > 1 ms | longest gaps ms "
+          "| 1 ms sleeps: late p50 / p99 / p99.9 / max µs |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for cpu in sorted(os.sched_getaffinity(0)):
+        gaps = spin_gaps(cpu, seconds)
+        late = sleep_lateness(cpu, seconds)
+        longest = ", ".join(f"{g * 1e3:.2f}" for g in sorted(gaps)[-3:][::-1]) or "-"
+        lq = " / ".join(f"{quantile(late, q) * 1e6:.0f}" for q in (0.5, 0.99, 0.999))
+        print(f"| {cpu} | {len(gaps):,} | {100 * sum(gaps) / seconds:.2f}% "
+              f"| {sum(1 for g in gaps if g > 1e-3)} | {longest} "
+              f"| {lq} / {late[-1] * 1e6 if late else 0:.0f} |")  # fmt: skip
+
+
 def halt_poll_ns() -> str:
     p = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
     return p.read_text().strip() if p.exists() else "n/a"
@@ -91,7 +162,12 @@ def main() -> None:
     ap.add_argument("--round-trips", type=int, default=20000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--pause-us", default="0", help="comma-separated pauses between round trips")
+    ap.add_argument("--stalls", type=float, metavar="SECONDS",
+                    help="measure the machine's own stalls instead (module docstring)")  # fmt: skip
     args = ap.parse_args()
+    if args.stalls:
+        stalls(args.stalls)
+        return
     pauses = [float(x) for x in args.pause_us.split(",")]
     cpus = sorted(os.sched_getaffinity(0))
     places = [("same CPU", (cpus[0], cpus[0]))]
