@@ -2,7 +2,7 @@
 running workers, sans-IO (docs/operations.md, "Reloading the
 configuration").
 
-Two parts of the configuration apply without a restart:
+Three parts of the configuration apply without a restart:
 
 - the tenants (secrets, allowed origins): new connections are checked
   against the new set; sessions already authenticated go on;
@@ -10,7 +10,11 @@ Two parts of the configuration apply without a restart:
   traffic, removed ones stop getting new sessions and are drained (the
   messages in flight on them are answered there, or redelivered elsewhere
   after ``request_timeout_s``), and the sessions on them move with their
-  next message.
+  next message;
+- the visitors' TLS certificate and key (``tls_cert``, ``tls_key``: other
+  files, or new contents in the same files, as after a renewal): new
+  connections get the new certificate; connections already open keep
+  theirs. TLS turned on or off needs a restart.
 
 Anything else that differs (the listen address, the worker count, limits,
 groups, rules, a cluster's TLS settings, a cluster added or removed ...)
@@ -35,6 +39,8 @@ class ReloadPlan:
     #: names, e.g. ``listen_port``, ``downstream.groups``)
     needs_restart: list[str] = field(default_factory=list)
     tenants: bool = False
+    #: the visitors' TLS certificate or key changed (paths or contents)
+    tls: bool = False
     #: per cluster: the endpoints (``host:port``) added and removed
     added: dict[str, list[str]] = field(default_factory=dict)
     removed: dict[str, list[str]] = field(default_factory=dict)
@@ -42,13 +48,17 @@ class ReloadPlan:
     @property
     def changes(self) -> bool:
         """Something to apply (and nothing that needs a restart)."""
-        return not self.needs_restart and (self.tenants or bool(self.added or self.removed))
+        return not self.needs_restart and (
+            self.tenants or self.tls or bool(self.added or self.removed)
+        )
 
     def summary(self) -> dict[str, Any]:
         """For the log line of a reload."""
         out: dict[str, Any] = {}
         if self.tenants:
             out["tenants"] = "changed"
+        if self.tls:
+            out["tls"] = "reloaded"
         if self.added:
             out["endpoints_added"] = self.added
         if self.removed:
@@ -64,18 +74,25 @@ def _without_endpoints(spec: Any) -> Any:
     return dataclasses.replace(spec, endpoints=())
 
 
-def plan_reload(old: Config, new: Config) -> ReloadPlan:
-    """What going from ``old`` to ``new`` changes. Raises
-    :class:`ConfigError` if ``new``'s downstream table does not parse (the
-    loader has checked it already)."""
+def plan_reload(old: Config, new: Config, tls_files_changed: bool = False) -> ReloadPlan:
+    """What going from ``old`` to ``new`` changes; ``tls_files_changed``:
+    the contents of the TLS certificate or key files differ from those
+    loaded (the caller reads them). Raises :class:`ConfigError` if
+    ``new``'s downstream table does not parse (the loader has checked it
+    already)."""
     from gateway.downstream.settings import parse_settings
 
     plan = ReloadPlan()
+    tls_on = old.tls_cert is not None, new.tls_cert is not None
     for f in dataclasses.fields(Config):
         if f.name in ("tenants", "downstream"):
             continue
+        if f.name in ("tls_cert", "tls_key") and tls_on == (True, True):
+            continue  # other files: reloaded below
         if getattr(old, f.name) != getattr(new, f.name):
             plan.needs_restart.append(f.name)
+    if tls_on == (True, True):
+        plan.tls = tls_files_changed or (old.tls_cert, old.tls_key) != (new.tls_cert, new.tls_key)
     plan.tenants = old.tenants != new.tenants
     try:
         a = parse_settings(old.downstream) if old.downstream else None

@@ -61,6 +61,7 @@ from gateway.ops.wire import SnapshotDecoder, WireError, encode_snapshot
 from gateway.protocol.tokens import mint
 from gateway.reload import plan_reload
 from gateway.server.control import CONTROL_FD_ENV
+from gateway.server.tlsconf import files_digest, visitor_context
 
 __all__ = ["banner", "run_supervisor"]
 
@@ -166,6 +167,9 @@ class _Supervisor:
     ) -> None:
         self.cfg = cfg
         self.reloader = reload
+        # the contents of the TLS files the workers loaded (a reload that
+        # finds new contents at the same paths reloads them)
+        self.tls_digest = _tls_digest(cfg)
         # each live worker's end of its control pipe
         self.control: dict[int, trio.lowlevel.FdStream] = {}
         self._reloading = trio.Lock()
@@ -238,7 +242,10 @@ class _Supervisor:
                 return
             try:
                 new = self.reloader()
-                plan = plan_reload(self.cfg, new)
+                digest = _tls_digest(new)
+                if new.tls_cert is not None and new.tls_key is not None:
+                    visitor_context(new.tls_cert, new.tls_key)  # loads, or ConfigError
+                plan = plan_reload(self.cfg, new, digest != self.tls_digest)
             except ConfigError as e:
                 self._count_reload("failed")
                 self.log("error", "reload_failed", error=str(e))
@@ -253,9 +260,10 @@ class _Supervisor:
                 self.log("info", "reload_unchanged")
                 return
             self.cfg = new
+            self.tls_digest = digest
             text = new.to_json()
             self.env[WORKER_CONFIG_ENV] = text  # for workers started from now on
-            frame = encode_snapshot({"t": "reload", "config": text})
+            frame = encode_snapshot({"t": "reload", "config": text, "tls": plan.tls})
             sent = []
             for index, stream in list(self.control.items()):
                 try:
@@ -409,6 +417,12 @@ class _Supervisor:
             codes={str(k): v for k, v in sorted(self.final.items())},
         )
         return 0 if clean else 1
+
+
+def _tls_digest(cfg: Config) -> bytes | None:
+    if cfg.tls_cert is None or cfg.tls_key is None:
+        return None
+    return files_digest(cfg.tls_cert, cfg.tls_key)
 
 
 def run_supervisor(

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import signal
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 import trio
+import trustme
 
 import gateway.client as gc
 from gateway.config import Config, ConfigError, load_config
@@ -26,6 +28,7 @@ from gateway.downstream.balancer import Balancer, Endpoint
 from gateway.downstream.breaker import Breaker, BreakerConfig, OutlierConfig, OutlierDetector
 from gateway.protocol.tokens import mint
 from gateway.reload import plan_reload
+from tests.gwserver import RawWs
 from tests.test_downstream_process import _recorded, _spawn
 from tests.test_server_process import free_port, wait_listening
 
@@ -73,6 +76,21 @@ def test_plan_sees_tenant_secrets_rotated(tmp_path: Path) -> None:
     b = _cfg(tmp_path, tenants={"acme": {"secrets": {"k2": SECRET_2, "default": SECRET_1}}})
     plan = plan_reload(a, b)
     assert plan.tenants and plan.changes and plan.needs_restart == []
+
+
+def test_plan_reloads_tls_files_changed_in_place_or_moved(tmp_path: Path) -> None:
+    for name in ("a.pem", "a.key", "b.pem", "b.key"):
+        (tmp_path / name).write_text("x")
+    a = _cfg(tmp_path, tls_cert=str(tmp_path / "a.pem"), tls_key=str(tmp_path / "a.key"))
+    b = _cfg(tmp_path, tls_cert=str(tmp_path / "b.pem"), tls_key=str(tmp_path / "b.key"))
+    assert not plan_reload(a, a).changes
+    same = plan_reload(a, a, tls_files_changed=True)  # a renewal: new contents
+    assert same.tls and same.changes and same.summary() == {"tls": "reloaded"}
+    moved = plan_reload(a, b)
+    assert moved.tls and moved.needs_restart == []
+    # TLS on or off: a restart (the listener's protocol changes)
+    assert plan_reload(a, _cfg(tmp_path)).needs_restart == ["tls_cert", "tls_key"]
+    assert plan_reload(_cfg(tmp_path), b).needs_restart == ["tls_cert", "tls_key"]
 
 
 @pytest.mark.parametrize(
@@ -166,7 +184,7 @@ class Reloadable:
     (with its ops endpoint), as separate processes; the file is rewritten
     and the supervisor sent SIGHUP."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, extra: str = "") -> None:
         self.tmp = tmp
         self.pa, self.pb, self.port, self.ops = (free_port() for _ in range(4))
         self.a, self.b = f"127.0.0.1:{self.pa}", f"127.0.0.1:{self.pb}"
@@ -180,7 +198,7 @@ class Reloadable:
         for i, (addr, rec) in enumerate(((self.a, self.rec_a), (self.b, self.rec_b))):
             args = ["desk-sim", "--listen", addr, "--no-reply", "--record", str(rec)]
             self.desks.append(_spawn(args, env, tmp / f"desk-{i}.log"))
-        self.write([self.a])
+        self.write([self.a], extra)
         self.gw = _spawn(["serve", "--config", str(self.conf)], env, self.log)
 
     def write(self, endpoints: list[str], extra: str = "", secrets: str = "") -> None:
@@ -252,8 +270,8 @@ cluster = "desks"
 
 
 @contextlib.asynccontextmanager
-async def _reloadable(tmp: Path) -> AsyncIterator[Reloadable]:
-    run = Reloadable(tmp)
+async def _reloadable(tmp: Path, extra: str = "") -> AsyncIterator[Reloadable]:
+    run = Reloadable(tmp, extra)
     try:
         await run.ready()
         yield run
@@ -414,3 +432,56 @@ async def test_sighup_rotates_tenant_secrets_for_new_connections(tmp_path: Path)
                     pass
         assert e.value.code == 4501  # unknown key id: k1 is gone
         assert {r[2] for r in _recorded(run.rec_a)} == {"with k1", "still k1", "with k2"}
+
+
+def _issue(tmp: Path, name: str) -> tuple[Any, ssl.SSLContext]:
+    """A new CA and a ``localhost`` certificate from it, written to
+    ``tmp/NAME.pem`` and ``NAME.key``; the CA and a client context
+    trusting only it."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp / f"{name}.pem"))
+    cert.private_key_pem.write_to_path(str(tmp / f"{name}.key"))
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ca, ctx
+
+
+async def test_sighup_reloads_the_tls_certificate_renewed_in_place(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    _, trust_1 = _issue(certs, "live")  # the files the configuration names
+    extra = f'tls_cert = "{certs / "live.pem"}"\ntls_key = "{certs / "live.key"}"'
+    async with _reloadable(tmp_path, extra) as run:
+        old = await RawWs.connect(run.port, ssl_context=trust_1)
+        assert (await old.hello(run.token("old")))["t"] == "welcome"
+        await old.recv()  # the greeting
+
+        # a renewal: new certificate and key (another CA) in the same files
+        _, trust_2 = _issue(certs, "next")
+        (certs / "next.pem").replace(certs / "live.pem")
+        (certs / "next.key").replace(certs / "live.key")
+        run.write([run.a], extra)
+        lines = await run.sighup("reloaded", 3)
+        assert all(r.get("tls") == "reloaded" for r in lines)
+
+        new = await RawWs.connect(run.port, ssl_context=trust_2)
+        assert (await new.hello(run.token("new")))["t"] == "welcome"
+        await new.aclose()
+        with pytest.raises(trio.BrokenResourceError) as refused:
+            await RawWs.connect(run.port, ssl_context=trust_1)
+        assert isinstance(refused.value.__cause__, ssl.SSLCertVerificationError)
+        # the connection opened before goes on with its certificate
+        await old.send({"t": "msg", "id": 1, "body": "still here"})
+        assert (await old.recv(timeout=10))["t"] == "ack"
+        await old.aclose()
+
+        # a key that does not match its certificate: refused, the renewed
+        # certificate stays in use
+        _issue(certs, "other")
+        (certs / "other.key").replace(certs / "live.key")
+        (failed,) = await run.sighup("reload_failed", 1)
+        assert failed["component"] == "supervisor" and "tls_cert" in failed["error"]
+        again = await RawWs.connect(run.port, ssl_context=trust_2)
+        assert (await again.hello(run.token("again")))["t"] == "welcome"
+        await again.aclose()

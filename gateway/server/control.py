@@ -5,8 +5,9 @@ The supervisor gives every worker the read end of a pipe
 pipe (:mod:`gateway.ops.wire`: a 4-byte big-endian length, then a msgpack
 map):
 
-- ``{"t": "reload", "config": "<the whole config as JSON>"}``: apply what
-  may change without a restart (:mod:`gateway.reload`).
+- ``{"t": "reload", "config": "<the whole config as JSON>", "tls": bool}``:
+  apply what may change without a restart (:mod:`gateway.reload`);
+  ``tls``: the TLS certificate or key files have new contents.
 
 :func:`apply_config` is the part that does not read the pipe (tests call
 it directly); :func:`control_loop` is the trio shell.
@@ -23,6 +24,7 @@ from gateway.config import Config, ConfigError
 from gateway.ops.wire import SnapshotDecoder, WireError
 from gateway.protocol.tokens import TokenVerifier
 from gateway.reload import ReloadPlan, plan_reload
+from gateway.server.tlsconf import visitor_context
 
 if TYPE_CHECKING:
     from gateway.server.worker import Worker
@@ -35,17 +37,27 @@ _log = logging.getLogger("gateway.control")
 CONTROL_FD_ENV: Final = "GATEWAY_CONTROL_FD"
 
 
-def apply_config(w: Worker, new: Config) -> ReloadPlan:
+def apply_config(w: Worker, new: Config, tls_files_changed: bool = False) -> ReloadPlan:
     """Applies ``new`` to worker ``w`` if it differs from the running
     configuration only in what may change without a restart; otherwise
-    changes nothing and logs ``reload_refused``. Returns the plan."""
-    plan = plan_reload(w.cfg, new)
+    changes nothing and logs ``reload_refused`` (or ``reload_failed`` when
+    the new TLS files do not load). Returns the plan."""
+    plan = plan_reload(w.cfg, new, tls_files_changed)
     if not plan.changes and not plan.needs_restart:
         return plan  # (a worker started after the reload has it already)
     if plan.needs_restart:
         w.hub.stats["reloads_refused"] += 1
         w.event("warning", "reload_refused", needs_restart=plan.needs_restart)
         return plan
+    if plan.tls:
+        assert new.tls_cert is not None and new.tls_key is not None
+        try:
+            ctx = visitor_context(new.tls_cert, new.tls_key)
+        except ConfigError as e:
+            w.hub.stats["reloads_failed"] += 1
+            w.event("error", "reload_failed", error=str(e)[:500])
+            return plan
+        w.ssl_ctx = ctx  # new connections; open ones keep theirs
     if plan.tenants:
         w.hub.verifier = TokenVerifier(new.tenants)
     if plan.added or plan.removed:
@@ -75,7 +87,7 @@ async def control_loop(w: Worker, fd: int) -> None:
                     w.event("warning", "control_unknown", message=str(msg.get("t"))[:40])
                     continue
                 try:
-                    apply_config(w, Config.from_json(msg["config"]))
+                    apply_config(w, Config.from_json(msg["config"]), msg.get("tls") is True)
                 except (ConfigError, ValueError) as e:
                     w.event("error", "reload_failed", error=str(e)[:500])
     except WireError as e:

@@ -49,6 +49,7 @@ from gateway.server.migrator import WorkerMigrator
 from gateway.server.pipe import RawPipe, TlsPipe, TlsRawPipe
 from gateway.server.reactor import Reactor
 from gateway.server.stopsig import STOP, ignore_from_now, outside_trio
+from gateway.server.tlsconf import visitor_context
 from gateway.server.ws import WsConn
 from gateway.session.hub import Hub
 from gateway.supervisor import watch_parent
@@ -207,10 +208,7 @@ class Worker:
                 self.static[path] = (f.read_bytes(), ctype)
         self.ssl_ctx: ssl.SSLContext | None = None
         if cfg.tls_cert and cfg.tls_key:
-            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-            ctx.set_alpn_protocols(["h2", "http/1.1"])
-            self.ssl_ctx = ctx
+            self.ssl_ctx = visitor_context(cfg.tls_cert, cfg.tls_key)
         self.nursery: trio.Nursery | None = None
         self.listener: socket.socket | None = None
         # sockets to the other workers, for handing over resumed connections
