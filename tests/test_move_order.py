@@ -224,6 +224,107 @@ async def _replies_across_a_move(
     return bodies, metrics
 
 
+class TwoMoves(Reordering):
+    """A downstream for two moves, A to B to C (three workers): it holds
+    back what it writes on A's and B's links until the session is opened
+    on a third worker's link, then writes C's reply at once, B's (then
+    ``moved``) 150 ms later and A's (then ``moved``) 300 ms later: the
+    replies of the old links are still on their way when newer ones come.
+    ``back``: the session moved back to a worker it had left (the test
+    then starts over with a new session)."""
+
+    def __init__(self) -> None:
+        super().__init__(MOVED_MARK, marks=True)
+        self.chain: dict[str, list[tuple[str, int]]] = {}  # sid -> (worker, link)
+        self.opened = trio.Event()  # set at every open from another worker
+        self.back = False
+
+    def _on_frame(self, link: int, f: dict[str, Any]) -> None:
+        sid, worker = f["sid"], self.links[link][2]
+        if f["t"] == "msg":
+            self._send(link, {"t": "ack", "sid": sid, "n": f["n"]})
+            return
+        if f["t"] != "open":
+            return
+        chain = self.chain.setdefault(sid, [])
+        if chain and chain[-1][0] == worker:
+            return
+        if any(w == worker for w, _ in chain):
+            self.back = True
+        chain.append((worker, link))
+        self.opened.set()
+        if len(chain) == 3 and not self.back:
+            self._send(link, _deliver(sid, "third"))
+            assert self.nursery is not None
+            self.nursery.start_soon(self._old_link, chain[1][1], sid, "second", 0.15)
+            self.nursery.start_soon(self._old_link, chain[0][1], sid, "first", 0.3)
+
+    async def _old_link(self, link: int, sid: str, body: str, delay: float) -> None:
+        await trio.sleep(delay)
+        self._send(link, _deliver(sid, body))
+        self._send(link, {"t": "moved", "sid": sid})
+
+
+async def test_after_two_moves_replies_keep_the_order_of_the_links(tmp_path: Path) -> None:
+    """Three workers, a session moved A to B to C within the hold: the
+    visitor sees A's reply, then B's, then C's, though they reached C in the
+    other order (B's passed on before A's, C's own first)."""
+    desk = TwoMoves()
+    port = free_port()
+    async with trio.open_nursery() as n:
+        dport = await n.start(desk.serve)
+        proc = serve_two_workers(
+            tmp_path, port, args=("--workers", "3", "--downstream", f"support=127.0.0.1:{dport}")
+        )
+        try:
+            await trio.to_thread.run_sync(wait_listening, port)
+            with trio.fail_after(10):
+                while len(desk.links) < 3:  # every worker's link
+                    await trio.sleep(0.05)
+            cfg = load_config(None, {"GATEWAY_STATE_DIR": str(tmp_path)}, {})
+            t = cfg.tenants[DEMO_TENANT]
+            bodies: list[str] = []
+            for attempt in range(20):  # a new session when one moves back
+                desk.back = False
+                tok = mint(DEMO_TENANT, f"v{attempt}", t.secrets[t.primary_kid], 600, time.time())
+                hello: dict[str, Any] = {"t": "hello", "v": 1, "token": tok}
+                cl = await H2Client.connect(port)
+                st = await cl.open()
+                await cl.send(st, hello)
+                sid = (await cl.recv(st))["sid"]
+                await cl.send(st, {"t": "msg", "id": 1, "body": "hello?"})
+                with trio.fail_after(5):
+                    while (await cl.recv(st))["t"] != "ack":
+                        pass
+                # new connections (the kernel picks the worker) until the
+                # session has been on three workers, or moved back
+                while len(desk.chain[sid]) < 3 and not desk.back:
+                    await cl.stream.aclose()
+                    desk.opened = trio.Event()
+                    cl = await H2Client.connect(port)
+                    st = await cl.open()
+                    await cl.send(st, {**hello, "resume": {"sid": sid, "last": 0}})
+                    w = await cl.recv(st)
+                    assert w["t"] == "welcome" and w["resumed"] is True, w
+                    with trio.move_on_after(0.1):  # an open on a new worker's link
+                        await desk.opened.wait()
+                if desk.back:
+                    await cl.stream.aclose()
+                    continue
+                with trio.fail_after(5 + HOLD_S):
+                    while len(bodies) < 3:
+                        f = await cl.recv(st)
+                        if f["t"] == "deliver":
+                            bodies.append(f["body"])
+                await cl.stream.aclose()
+                break
+            assert bodies == ["first", "second", "third"]
+        finally:
+            out = stop(proc)
+            n.cancel_scope.cancel()
+    assert "Traceback" not in out, out
+
+
 def _event(metrics: str, name: str) -> float:
     for line in metrics.splitlines():
         if line.startswith(f'gateway_events_total{{event="{name}"}}'):
@@ -296,7 +397,7 @@ def test_mark_waits_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_holds_keep_frames_from_the_old_endpoint_only() -> None:
     h = Holds()
     assert h.hold("s1", "ep-a", {"t": "deliver", "body": "x"}) == [{"t": "deliver", "body": "x"}]
-    h.start("s1", "ep-a", 5.0, {0})
+    h.start("s1", "ep-a", 5.0, [0])
     f1, f2 = {"t": "deliver", "body": "one"}, {"t": "assign", "agent": "a1"}
     assert h.hold("s1", "ep-a", f1) is None and h.hold("s1", "ep-a", f2) is None
     other = {"t": "deliver", "body": "other desk"}
@@ -306,8 +407,8 @@ def test_holds_keep_frames_from_the_old_endpoint_only() -> None:
 
 def test_holds_end_at_their_deadline_in_order() -> None:
     h = Holds()
-    h.start("s1", "ep", 1.0, {0})
-    h.start("s2", "ep", 1.5, {0})
+    h.start("s1", "ep", 1.0, [0])
+    h.start("s2", "ep", 1.5, [0])
     h.hold("s2", "ep", {"t": "deliver", "body": "b"})
     assert h.expire(1.0 + HOLD_S - 0.01) == []
     assert h.expire(1.5 + HOLD_S) == [("s1", []), ("s2", [{"t": "deliver", "body": "b"}])]
@@ -322,7 +423,7 @@ def test_a_hold_over_its_bounds_hands_everything_on(
     monkeypatch.setattr(mo, "MAX_FRAMES", 3 if what == "frames" else 1000)
     monkeypatch.setattr(mo, "MAX_BYTES", 1000 if what == "frames" else 25)
     h = Holds()
-    h.start("s", "ep", 0.0, {0})
+    h.start("s", "ep", 0.0, [0])
     frames = [{"t": "deliver", "body": "0123456789"} for _ in range(4)]
     got = [h.hold("s", "ep", f) for f in frames]
     n = 3 if what == "frames" else 2
@@ -442,15 +543,52 @@ def _marking_link_up(link: Any) -> None:
 
 def test_a_hold_waits_for_every_worker_it_names() -> None:
     h = Holds()
-    h.start("none", "ep", 0.0, set())
+    h.start("none", "ep", 0.0, [])
     assert len(h) == 0  # nobody to wait for: no hold
-    h.start("s", "ep", 0.0, {3, 5})
+    h.start("s", "ep", 0.0, [3, 5, 3])
     f = {"t": "deliver", "body": "b"}
     assert h.hold("s", "ep", f) is None
-    assert h.waiting("s") == {3, 5}
-    assert h.marked("s", 4) is None and h.marked("s", 3) is None  # 4: not awaited
-    assert h.waiting("s") == {5} and h.marked("s", 3) is None  # 3 again: nothing
-    assert h.marked("s", 5) == [f] and len(h) == 0 and h.waiting("s") == set()
+    assert h.waiting("s") == [3, 5]  # in the order the session left them
+    assert h.marked("s", 4) is None  # not awaited
+    assert h.marked("s", 3) == []  # awaited, but the frame waits for 5 too
+    assert h.waiting("s") == [5] and h.marked("s", 3) is None  # 3 again: nothing
+    assert h.marked("s", 5) == [f] and len(h) == 0 and h.waiting("s") == []
+
+
+def _d(body: str) -> dict[str, Any]:
+    return {"t": "deliver", "body": body}
+
+
+def test_after_two_moves_replies_go_oldest_worker_first() -> None:
+    """A to B to C (workers 0, 1, then here): what A's link brought goes
+    first, then B's, then C's own; each as soon as the workers before it
+    said their last word."""
+    first, second, third = _d("first"), _d("second"), _d("third")
+    h = Holds()
+    h.start("s", "ep", 0.0, [0, 1])
+    assert h.hold("s", "ep", third) is None  # C's own: waits for A and B
+    assert h.passed_on("s", 1, second) is None  # B's: waits for A
+    assert h.passed_on("s", 0, first) == [first]  # A's: nothing older
+    assert h.passed_on("s", 7, _d("x")) == [_d("x")]  # not a worker it left
+    assert h.marked("s", 0) == [second]
+    assert h.passed_on("s", 1, _d("second+")) == [_d("second+")]  # A is done
+    assert h.marked("s", 1) == [third] and len(h) == 0
+
+    # B's word before A's: nothing goes until A's, then B's before C's own,
+    # whatever order they came in
+    h.start("s", "ep", 0.0, [0, 1])
+    assert h.hold("s", "ep", third) is None and h.passed_on("s", 1, second) is None
+    assert h.marked("s", 1) == []
+    assert h.marked("s", 0) == [second, third] and len(h) == 0
+
+    # the hold's end (deadline, the session moving on, its bounds): the
+    # same order
+    h.start("s", "ep", 0.0, [0, 1])
+    assert h.hold("s", "ep", third) is None and h.passed_on("s", 1, second) is None
+    assert h.end("s") == [second, third]
+    h.start("s", "ep", 0.0, [0, 1])
+    assert h.hold("s", "ep", third) is None and h.passed_on("s", 1, second) is None
+    assert h.expire(HOLD_S) == [("s", [second, third])]
 
 
 async def test_a_mend_for_a_session_that_moved_on_follows_it(tmp_path: Path) -> None:
@@ -463,10 +601,14 @@ async def test_a_mend_for_a_session_that_moved_on_follows_it(tmp_path: Path) -> 
     from gateway.session.state import Session
 
     ended: list[tuple[str, int]] = []
+    passed: list[tuple[str, Any, int | None]] = []
 
     class Down:
         def move_ended(self, hub: Any, s: Any, origin: int) -> None:
             ended.append((s.sid, origin))
+
+        def passed_on(self, hub: Any, s: Any, body: Any, sender: Any, origin: int | None) -> None:
+            passed.append((s.sid, body, origin))
 
     cfg = load_config(None, {"GATEWAY_STATE_DIR": str(tmp_path)}, {})
     hub = Hub(cfg, Down(), workers=3, index=1)  # type: ignore[arg-type]
@@ -489,3 +631,16 @@ async def test_a_mend_for_a_session_that_moved_on_follows_it(tmp_path: Path) -> 
     assert len(mig.queues[2]) == 1  # too many hops: dropped
     mig.on_message(msgpack.packb({"k": "mend", "sid": "sid-gone", "from": "0"}))
     assert hub.stats["migrate_bad"] == 1 and len(spawned) == 1  # one sender task for peer 2
+    # a reply passed on names the worker whose link brought it, kept when
+    # it is passed on again
+    sender = {"kind": "agent", "name": "a"}
+    mdel = {"k": "mdel", "sid": "sid-here", "body": "hi", "sender": sender, "from": 0, "hops": 1}
+    mig.on_message(msgpack.packb(mdel))
+    mig.on_message(msgpack.packb({**mdel, "from": None}))  # not named: delivered now
+    assert passed == [("sid-here", "hi", 0), ("sid-here", "hi", None)]
+    mig.on_message(msgpack.packb({**mdel, "sid": "sid-gone"}))
+    assert list(mig.queues[2])[-1] == {**mdel, "sid": "sid-gone", "hops": 2}
+    assert mig.forward_deliver("sid-gone", "reply", sender)
+    assert list(mig.queues[2])[-1] == {
+        "k": "mdel", "sid": "sid-gone", "body": "reply", "sender": sender, "from": 1, "hops": 0,
+    }  # fmt: skip

@@ -428,19 +428,19 @@ class Forwarder:
         fl: Flow | None = s.ds
         if fl is None:
             return None
-        waits: set[int] = set()
+        waits: list[int] = []
         if self._holds:
             # replies held here since the session moved in go to it first,
             # and move with its state; the workers this one still waited
-            # for, the next one waits for
+            # for (oldest first), the next one waits for
             waits = self._holds.waiting(s.sid)
             self._release(hub, s, self._holds.end(s.sid))
         hint: dict[str, Any] = {"ep": fl.ep.key if fl.ep is not None else "", "agent": fl.agent}
         ln = fl.link
         if ln is not None and ln.up and ln.marks:
-            waits.add(hub.index)  # this worker will say when its link is done
+            waits.append(hub.index)  # this worker will say when its link is done
         if waits:
-            hint["marks"] = sorted(waits)
+            hint["marks"] = waits
         return hint
 
     def moved_in(self, hub: Hub, s: Session, hint: Any) -> None:
@@ -454,7 +454,7 @@ class Forwarder:
             self.sticky.put(s.tenant, s.visitor, ep, agent, now)
             marks = hint.get("marks")
             if ep and type(marks) is list and 0 < len(marks) <= 64:
-                waits = {w for w in marks if type(w) is int}
+                waits = [w for w in marks if type(w) is int]
                 self._holds.start(s.sid, ep, now, waits)
 
     def move_ended(self, hub: Hub, s: Session, origin: int) -> None:
@@ -464,6 +464,14 @@ class Forwarder:
         self.hub = hub
         frames = self._holds.marked(s.sid, origin)
         if frames is not None:
+            self._release(hub, s, frames)
+
+    def passed_on(self, hub: Hub, s: Session, body: Any, sender: Any, origin: int | None) -> None:
+        """A reply passed on by worker ``origin``: to the visitor now, or
+        held behind what older workers may still pass on."""
+        f = {"t": "deliver", "sid": s.sid, "body": body, "from": sender}
+        frames = [f] if origin is None else self._holds.passed_on(s.sid, origin, f)
+        if frames:
             self._release(hub, s, frames)
 
     def _release(self, hub: Hub, s: Session, frames: list[dict[str, Any]]) -> None:

@@ -17,10 +17,13 @@ session. So:
   passed-on ones. A hold ends at the latest :data:`HOLD_S` after the move,
   or when it reaches :data:`MAX_FRAMES` or :data:`MAX_BYTES`.
 - If the session moves on to C before A's word came, B releases what it
-  holds into the session (it moves with the state) and C waits for both
-  A and B: a hold waits for a set of workers, and a ``mend`` reaching a
-  worker the session has left is passed on behind the replies it passed
-  on. A ``mend`` from a worker the hold does not wait for is ignored.
+  holds into the session (it moves with the state) and C waits for A and
+  B, in that order: a hold waits for a list of workers, oldest first, and
+  a ``mend`` reaching a worker the session has left is passed on behind
+  the replies it passed on. A reply passed on names the worker whose link
+  it came on (``mdel`` ``from``): one from B waits for A's word, C's own
+  for both. A ``mend`` from a worker the hold does not wait for is
+  ignored.
 """
 
 from __future__ import annotations
@@ -95,21 +98,46 @@ class MarkWaits:
 
 
 class Hold:
-    """One moved-in session's held frames (in arrival order)."""
+    """One moved-in session's held frames (in arrival order, each with the
+    rank of where it came from: see :meth:`Holds.passed_on`)."""
 
-    __slots__ = ("bytes", "deadline", "ep", "frames", "waits")
+    __slots__ = ("bytes", "deadline", "ep", "frames", "order", "waits")
 
-    def __init__(self, ep: str, deadline: float, waits: set[int]) -> None:
+    def __init__(self, ep: str, deadline: float, order: list[int]) -> None:
         self.ep = ep  # the endpoint whose frames are held
         self.deadline = deadline
-        self.waits = waits  # the workers whose word is still awaited
-        self.frames: list[dict[str, Any]] = []
+        # the workers the session moved through, oldest first, and those
+        # whose word is still awaited
+        self.order = order
+        self.waits = set(order)
+        self.frames: list[tuple[int, dict[str, Any]]] = []
         self.bytes = 0
+
+    def ready(self, rank: int) -> bool:
+        """Whether a frame of ``rank`` may go: every worker the session
+        left before the one it came through has said its last word."""
+        return not any(w in self.waits for w in self.order[:rank])
+
+    def take(self, everything: bool) -> list[dict[str, Any]]:
+        """The held frames that may go (all of them with ``everything``),
+        oldest worker's first, each worker's in arrival order."""
+        if everything:
+            out, self.frames = self.frames, []
+        else:
+            out = [x for x in self.frames if self.ready(x[0])]
+            self.frames = [x for x in self.frames if not self.ready(x[0])]
+        out.sort(key=lambda x: x[0])  # stable: arrival order within a rank
+        return [f for _, f in out]
 
 
 class Holds:
     """The new worker's side: moved-in sessions whose replies from the
-    old worker's endpoint wait for the old worker's ``mend``."""
+    old worker's endpoint wait for the old worker's ``mend``.
+
+    After two moves (A to B to C) C waits for A and B, in that order: what
+    came on A's link is older than what came on B's, which is older than
+    what comes on C's own. Replies passed on from B wait for A's word;
+    C's own wait for both."""
 
     __slots__ = ("_by_sid",)
 
@@ -119,54 +147,78 @@ class Holds:
     def __len__(self) -> int:
         return len(self._by_sid)
 
-    def start(self, sid: str, ep: str, now: float, waits: set[int]) -> None:
-        """``sid`` moved in at ``now``; the workers ``waits`` will say when
-        nothing more comes through them; its frames from ``ep`` are held
-        until then."""
+    def start(self, sid: str, ep: str, now: float, waits: list[int]) -> None:
+        """``sid`` moved in at ``now``; the workers ``waits`` (in the order
+        the session left them) will say when nothing more comes through
+        them; its frames from ``ep`` are held until then."""
         h = self._by_sid
         h.pop(sid, None)
-        if waits:
-            h[sid] = Hold(ep, now + HOLD_S, set(waits))
+        order = list(dict.fromkeys(waits))  # without repeats, in order
+        if order:
+            h[sid] = Hold(ep, now + HOLD_S, order)
 
-    def waiting(self, sid: str) -> set[int]:
-        """The workers the hold of ``sid`` still waits for (none: no hold)."""
+    def waiting(self, sid: str) -> list[int]:
+        """The workers the hold of ``sid`` still waits for, oldest first
+        (none: no hold)."""
         h = self._by_sid.get(sid)
-        return set() if h is None else set(h.waits)
+        return [] if h is None else [w for w in h.order if w in h.waits]
 
     def marked(self, sid: str, origin: int) -> list[dict[str, Any]] | None:
         """Worker ``origin`` says nothing more comes through it: the held
-        frames when that was the last word awaited (the hold ends), else
-        None (still waiting, or not waiting for ``origin`` at all)."""
+        frames that may go now (every one when that was the last word
+        awaited: the hold ends), or None when the hold does not wait for
+        ``origin`` (or there is no hold)."""
         h = self._by_sid.get(sid)
         if h is None or origin not in h.waits:
             return None
         h.waits.discard(origin)
         if h.waits:
-            return None
+            return h.take(False)
         del self._by_sid[sid]
-        return h.frames
+        return h.take(True)
 
     def hold(self, sid: str, ep: str, frame: dict[str, Any]) -> list[dict[str, Any]] | None:
-        """The frames to hand on now: ``[frame]`` when ``sid``'s frames
-        from ``ep`` are not held; None when ``frame`` is held; every held
-        frame, this one last, when it took the hold over its bounds (which
-        ends the hold)."""
+        """A frame from this worker's own link: the frames to hand on now,
+        ``[frame]`` when ``sid``'s frames from ``ep`` are not held; None
+        when ``frame`` is held; every held frame, this one last, when it
+        took the hold over its bounds (which ends the hold)."""
         h = self._by_sid.get(sid)
         if h is None or h.ep != ep:
             return [frame]
+        return self._add(sid, h, len(h.order), frame)
+
+    def passed_on(
+        self, sid: str, origin: int, frame: dict[str, Any]
+    ) -> list[dict[str, Any]] | None:
+        """A reply passed on by worker ``origin`` (one the session left):
+        as :meth:`hold`, but it waits only for the workers the session left
+        before ``origin``."""
+        h = self._by_sid.get(sid)
+        if h is None or origin not in h.order:
+            return [frame]
+        rank = h.order.index(origin)
+        if h.ready(rank):
+            # (nothing of this rank or an older one is held: those went
+            # at the word that made them ready)
+            return [frame]
+        return self._add(sid, h, rank, frame)
+
+    def _add(
+        self, sid: str, h: Hold, rank: int, frame: dict[str, Any]
+    ) -> list[dict[str, Any]] | None:
         body = frame.get("body")
         h.bytes += len(body) if type(body) is str or type(body) is bytes else 0
-        h.frames.append(frame)
+        h.frames.append((rank, frame))
         if len(h.frames) > MAX_FRAMES or h.bytes > MAX_BYTES:
             del self._by_sid[sid]
-            return h.frames
+            return h.take(True)
         return None
 
     def end(self, sid: str) -> list[dict[str, Any]]:
         """The hold of ``sid`` ends (the session leaves): its frames, in
         order."""
         h = self._by_sid.pop(sid, None)
-        return [] if h is None else h.frames
+        return [] if h is None else h.take(True)
 
     def expire(self, now: float) -> list[tuple[str, list[dict[str, Any]]]]:
         """The holds past their deadline, ended: ``(sid, frames)`` each."""
@@ -177,5 +229,5 @@ class Holds:
             if hold.deadline > now:
                 break
             del h[sid]
-            out.append((sid, hold.frames))
+            out.append((sid, hold.take(True)))
         return out

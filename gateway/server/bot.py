@@ -115,6 +115,9 @@ class DemoBot:
     def move_ended(self, hub: Hub, s: Session, origin: int) -> None:
         """Nothing to do: the bot's replies move with the session."""
 
+    def passed_on(self, hub: Hub, s: Session, body: Any, sender: Any, origin: int | None) -> None:
+        hub.deliver(s, body, sender)
+
     def submit(self, hub: Hub, s: Session, msg_id: Any, n: int, body: Any) -> bool:
         hub.downstream_ack(s, msg_id)
         _ACK_OBSERVE(0.0)  # the bot accepts at once

@@ -9,8 +9,9 @@ descriptor:
   got a resume for ``sid`` and asks for the session;
 - ``mrep`` ``{rid, state}``: the session's state, or nil when the holder
   does not have it (or it belongs to another visitor);
-- ``mdel`` ``{sid, body, sender, hops}``: a delivery for a session that
-  moved, passed on to its new holder;
+- ``mdel`` ``{sid, body, sender, from, hops}``: a delivery for a session
+  that moved, passed on to its new holder; ``from``: the worker whose
+  downstream link brought it;
 - ``mend`` ``{sid, from, hops}``: nothing more for a session that moved
   comes through worker ``from``'s downstream link (behind its last
   ``mdel``; passed on like it; see :mod:`gateway.downstream.moveorder`).
@@ -92,7 +93,8 @@ class WorkerMigrator:
         if h is None:
             return False
         self.hub.stats["deliveries_forwarded"] += 1
-        self._send(h, {"k": "mdel", "sid": sid, "body": body, "sender": sender, "hops": 0})
+        msg = {"k": "mdel", "sid": sid, "body": body, "sender": sender, "from": self.hub.index}
+        self._send(h, {**msg, "hops": 0})
         return True
 
     def forward_mark(self, sid: str) -> None:
@@ -209,12 +211,14 @@ class WorkerMigrator:
 
     def _on_deliver(self, m: dict[str, Any]) -> None:
         hub = self.hub
-        sid, sender = m["sid"], m.get("sender")
+        sid, sender, origin = m["sid"], m.get("sender"), m.get("from")
         if type(sid) is not str or type(sender) is not dict:
             raise ValueError("bad mdel")
         s = hub.sessions.get(sid)
         if s is not None:
-            hub.deliver(s, m["body"], sender)
+            hub.downstream.passed_on(
+                hub, s, m["body"], sender, origin if type(origin) is int else None
+            )
             return
         h = self.tombs.holder(sid, trio.current_time())
         hops = int(m.get("hops", 0))

@@ -56,6 +56,13 @@ class Downstream(Protocol):
         more on for it (see :mod:`gateway.downstream.moveorder`)."""
         ...
 
+    def passed_on(self, hub: Hub, s: Session, body: Any, sender: Any, origin: int | None) -> None:
+        """A reply for ``s`` passed on by worker ``origin`` (which got it
+        after the session left; None: not known): delivered to the
+        visitor, now or behind older ones (see
+        :mod:`gateway.downstream.moveorder`)."""
+        ...
+
     def submit(self, hub: Hub, s: Session, msg_id: Any, n: int, body: Any) -> bool:
         """Hands a visitor message over; the downstream later calls
         :meth:`Hub.downstream_ack`. Returns False when it cannot take more
