@@ -72,6 +72,17 @@ class KeyedLimiter:
     def __len__(self) -> int:
         return len(self._buckets)
 
+    def retune(self, rate: float, burst: float) -> None:
+        """New rate and burst for every bucket (a configuration reload):
+        each keeps its tokens, cut to the new burst, so a lower limit holds
+        at once and a higher one fills up at the new rate."""
+        _check(rate, burst)
+        self._rate = float(rate)
+        self._burst = float(burst)
+        for b in self._buckets.values():
+            if b[0] > burst:
+                b[0] = float(burst)
+
     def take(self, key: Hashable, now: float, n: float = 1.0) -> float:
         """Like :meth:`TokenBucket.take` on ``key``'s bucket."""
         buckets = self._buckets

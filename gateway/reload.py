@@ -2,7 +2,7 @@
 running workers, sans-IO (docs/operations.md, "Reloading the
 configuration").
 
-Three parts of the configuration apply without a restart:
+Four parts of the configuration apply without a restart:
 
 - the tenants (secrets, allowed origins): new connections are checked
   against the new set; sessions already authenticated go on;
@@ -14,7 +14,10 @@ Three parts of the configuration apply without a restart:
 - the visitors' TLS certificate and key (``tls_cert``, ``tls_key``: other
   files, or new contents in the same files, as after a renewal): new
   connections get the new certificate; connections already open keep
-  theirs. TLS turned on or off needs a restart.
+  theirs. TLS turned on or off needs a restart;
+- the rate limits (``*_rate``, ``*_burst``): a changed limit keeps each
+  key's tokens, cut to its new burst, so a lower limit holds at once; a
+  limit turned on starts with full buckets.
 
 Anything else that differs (the listen address, the worker count, limits,
 groups, rules, a cluster's TLS settings, a cluster added or removed ...)
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.config import Config, ConfigError
+from gateway.session.limits import FIELDS as LIMIT_FIELDS
 
 __all__ = ["ReloadPlan", "plan_reload"]
 
@@ -41,6 +45,8 @@ class ReloadPlan:
     tenants: bool = False
     #: the visitors' TLS certificate or key changed (paths or contents)
     tls: bool = False
+    #: the rate limits changed
+    limits: bool = False
     #: per cluster: the endpoints (``host:port``) added and removed
     added: dict[str, list[str]] = field(default_factory=dict)
     removed: dict[str, list[str]] = field(default_factory=dict)
@@ -49,7 +55,7 @@ class ReloadPlan:
     def changes(self) -> bool:
         """Something to apply (and nothing that needs a restart)."""
         return not self.needs_restart and (
-            self.tenants or self.tls or bool(self.added or self.removed)
+            self.tenants or self.tls or self.limits or bool(self.added or self.removed)
         )
 
     def summary(self) -> dict[str, Any]:
@@ -59,6 +65,8 @@ class ReloadPlan:
             out["tenants"] = "changed"
         if self.tls:
             out["tls"] = "reloaded"
+        if self.limits:
+            out["limits"] = "changed"
         if self.added:
             out["endpoints_added"] = self.added
         if self.removed:
@@ -89,7 +97,11 @@ def plan_reload(old: Config, new: Config, tls_files_changed: bool = False) -> Re
             continue
         if f.name in ("tls_cert", "tls_key") and tls_on == (True, True):
             continue  # other files: reloaded below
-        if getattr(old, f.name) != getattr(new, f.name):
+        if getattr(old, f.name) == getattr(new, f.name):
+            continue
+        if f.name in LIMIT_FIELDS:
+            plan.limits = True
+        else:
             plan.needs_restart.append(f.name)
     if tls_on == (True, True):
         plan.tls = tls_files_changed or (old.tls_cert, old.tls_key) != (new.tls_cert, new.tls_key)

@@ -72,3 +72,23 @@ def test_keyed_limiter_bounds_keys_and_evicts_least_recently_used() -> None:
     for i in range(1000):
         lim.take(i, 0.0)
     assert len(lim) == 3
+
+
+def test_keyed_limiter_retune_keeps_tokens_up_to_the_new_burst() -> None:
+    lim = KeyedLimiter(rate=10.0, burst=10.0, max_keys=10)
+    for _ in range(4):
+        assert lim.take("a", 0.0) == 0.0  # a: 6 left
+    assert lim.take("b", 0.0) == 0.0  # b: 9 left
+    lim.retune(rate=1.0, burst=7.0)
+    for _ in range(6):
+        assert lim.take("a", 0.0) == 0.0  # a kept its 6
+    assert lim.take("a", 0.0) == pytest.approx(1.0)  # then 1 token per second
+    for _ in range(7):
+        assert lim.take("b", 0.0) == 0.0  # b: cut from 9 to the new burst, 7
+    assert lim.take("b", 0.0) > 0
+    assert lim.take("a", 100.0) == 0.0  # refills to the new burst only
+    for _ in range(6):
+        assert lim.take("a", 100.0) == 0.0
+    assert lim.take("a", 100.0) > 0
+    with pytest.raises(ValueError):
+        lim.retune(rate=-1.0, burst=1.0)

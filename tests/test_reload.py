@@ -78,6 +78,37 @@ def test_plan_sees_tenant_secrets_rotated(tmp_path: Path) -> None:
     assert plan.tenants and plan.changes and plan.needs_restart == []
 
 
+def test_plan_applies_rate_limits_in_place(tmp_path: Path) -> None:
+    a = _cfg(tmp_path)
+    plan = plan_reload(a, _cfg(tmp_path, visitor_msg_rate=5.0, ip_conn_burst=3))
+    assert plan.limits and plan.changes and plan.needs_restart == []
+    assert plan.summary() == {"limits": "changed"}
+
+
+def test_limits_update_keeps_tokens_up_to_the_new_burst(tmp_path: Path) -> None:
+    from gateway.session.limits import Limits
+
+    lim = Limits(_cfg(tmp_path, visitor_msg_rate=100.0, visitor_msg_burst=100), workers=2)
+    assert lim.ip_conn is None  # off by default
+    for _ in range(10):
+        assert lim.message("t", "v", "1.2.3.4", 0.0) == (0.0, "")
+    kept = lim.visitor_msg
+    # lower: the bucket keeps its tokens, cut to the new burst of 3
+    lim.update(_cfg(tmp_path, visitor_msg_rate=1.0, visitor_msg_burst=3, ip_conn_rate=2.0), 2)
+    assert lim.visitor_msg is kept
+    for _ in range(3):
+        assert lim.message("t", "v", "1.2.3.4", 0.0) == (0.0, "")
+    wait, scope = lim.message("t", "v", "1.2.3.4", 0.0)
+    assert scope == "visitor" and wait == pytest.approx(1.0)  # one token at 1/s
+    # turned on: split between the 2 workers (1/s, burst 50 each), full
+    assert lim.ip_conn is not None
+    assert lim.connection("t", "1.2.3.4", 0.0) == (0.0, "")
+    # turned off
+    lim.update(_cfg(tmp_path, visitor_msg_rate=0.0), 2)
+    assert lim.visitor_msg is None and lim.ip_conn is None
+    assert lim.message("t", "v", "1.2.3.4", 0.0) == (0.0, "")
+
+
 def test_plan_reloads_tls_files_changed_in_place_or_moved(tmp_path: Path) -> None:
     for name in ("a.pem", "a.key", "b.pem", "b.key"):
         (tmp_path / name).write_text("x")
@@ -97,7 +128,7 @@ def test_plan_reloads_tls_files_changed_in_place_or_moved(tmp_path: Path) -> Non
     ("old", "new", "named"),
     [
         ({"listen_port": 8080}, {"listen_port": 8081}, ["listen_port"]),
-        ({"visitor_msg_rate": 50.0}, {"visitor_msg_rate": 10.0}, ["visitor_msg_rate"]),
+        ({"heartbeat_s": 25.0}, {"heartbeat_s": 20.0}, ["heartbeat_s"]),
         # the demo bot on or off
         ({}, {"downstream": _downstream("10.0.0.1:7001")}, ["downstream"]),
         (
@@ -393,9 +424,9 @@ async def test_sighup_refuses_an_invalid_or_restart_needing_config(tmp_path: Pat
 
             # an endpoint change next to a setting that needs a restart:
             # neither is applied
-            run.write([run.a, run.b], extra="visitor_msg_rate = 10.0")
+            run.write([run.a, run.b], extra="heartbeat_s = 20.0")
             (refused,) = await run.sighup("reload_refused", 1)
-            assert refused["needs_restart"] == ["visitor_msg_rate"]
+            assert refused["needs_restart"] == ["heartbeat_s"]
 
             run.write([run.a])  # as at start
             await run.sighup("reload_unchanged", 1)
@@ -485,3 +516,39 @@ async def test_sighup_reloads_the_tls_certificate_renewed_in_place(tmp_path: Pat
         again = await RawWs.connect(run.port, ssl_context=trust_2)
         assert (await again.hello(run.token("again")))["t"] == "welcome"
         await again.aclose()
+
+
+async def test_sighup_lowers_a_rate_limit_for_connected_visitors(tmp_path: Path) -> None:
+    """A visitor sends 30 messages at once under the default limit (all
+    acked); the limit is lowered to a burst of 5 by a reload; on the same
+    connection the next 10 at once: 5 acked, the rest refused with 4029
+    and a retry_after, the connection kept."""
+    async with _reloadable(tmp_path) as run:
+        ws = await RawWs.connect(run.port)
+        assert (await ws.hello(run.token("v")))["t"] == "welcome"
+
+        async def burst(first: int, n: int) -> list[dict[str, Any]]:
+            for i in range(first, first + n):
+                await ws.send({"t": "msg", "id": i, "body": f"m{i}"})
+            got: list[dict[str, Any]] = []
+            with trio.fail_after(10):
+                while len(got) < n:
+                    f = await ws.recv()
+                    if f["t"] in ("ack", "error"):
+                        got.append(f)
+            return got
+
+        assert [f["t"] for f in await burst(1, 30)] == ["ack"] * 30
+        run.write([run.a], "visitor_msg_rate = 0.5\nvisitor_msg_burst = 5")
+        lines = await run.sighup("reloaded", 3)
+        assert all(r.get("limits") == "changed" for r in lines)
+        got = await burst(31, 10)
+        acked = [f for f in got if f["t"] == "ack"]
+        refused = [f for f in got if f["t"] == "error"]
+        assert len(acked) == 5 and len(refused) == 5
+        assert all(f["code"] == 4029 and f["retry_after"] > 0 for f in refused)
+        await ws.send({"t": "ping"})  # still connected
+        with trio.fail_after(5):
+            while (await ws.recv())["t"] != "pong":
+                pass
+        await ws.aclose()

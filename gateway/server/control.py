@@ -60,6 +60,8 @@ def apply_config(w: Worker, new: Config, tls_files_changed: bool = False) -> Rel
         w.ssl_ctx = ctx  # new connections; open ones keep theirs
     if plan.tenants:
         w.hub.verifier = TokenVerifier(new.tenants)
+    if plan.limits:
+        w.hub.limits.update(new, w.hub.workers)
     if plan.added or plan.removed:
         from gateway.downstream.settings import parse_settings
 
