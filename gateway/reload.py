@@ -2,7 +2,7 @@
 running workers, sans-IO (docs/operations.md, "Reloading the
 configuration").
 
-Four parts of the configuration apply without a restart:
+Five parts of the configuration apply without a restart:
 
 - the tenants (secrets, allowed origins): new connections are checked
   against the new set; sessions already authenticated go on;
@@ -17,7 +17,10 @@ Four parts of the configuration apply without a restart:
   theirs. TLS turned on or off needs a restart;
 - the rate limits (``*_rate``, ``*_burst``): a changed limit keeps each
   key's tokens, cut to its new burst, so a lower limit holds at once; a
-  limit turned on starts with full buckets.
+  limit turned on starts with full buckets;
+- the downstream routing: the rules, the default group, and groups added
+  (a group changed or removed needs a restart: sessions are in it): new
+  sessions, and the keyword rules of every message, follow it.
 
 Anything else that differs (the listen address, the worker count, limits,
 groups, rules, a cluster's TLS settings, a cluster added or removed ...)
@@ -47,6 +50,8 @@ class ReloadPlan:
     tls: bool = False
     #: the rate limits changed
     limits: bool = False
+    #: the downstream rules, default group or groups (added) changed
+    routing: bool = False
     #: per cluster: the endpoints (``host:port``) added and removed
     added: dict[str, list[str]] = field(default_factory=dict)
     removed: dict[str, list[str]] = field(default_factory=dict)
@@ -55,7 +60,11 @@ class ReloadPlan:
     def changes(self) -> bool:
         """Something to apply (and nothing that needs a restart)."""
         return not self.needs_restart and (
-            self.tenants or self.tls or self.limits or bool(self.added or self.removed)
+            self.tenants
+            or self.tls
+            or self.limits
+            or self.routing
+            or bool(self.added or self.removed)
         )
 
     def summary(self) -> dict[str, Any]:
@@ -67,6 +76,8 @@ class ReloadPlan:
             out["tls"] = "reloaded"
         if self.limits:
             out["limits"] = "changed"
+        if self.routing:
+            out["routing"] = "changed"
         if self.added:
             out["endpoints_added"] = self.added
         if self.removed:
@@ -119,7 +130,13 @@ def plan_reload(old: Config, new: Config, tls_files_changed: bool = False) -> Re
         plan.needs_restart.append("downstream.clusters")
         return plan
     for f in dataclasses.fields(a):
-        if f.name != "clusters" and getattr(a, f.name) != getattr(b, f.name):
+        if f.name == "clusters" or getattr(a, f.name) == getattr(b, f.name):
+            continue
+        if f.name in ("rules", "default_group"):
+            plan.routing = True
+        elif f.name == "groups" and all(b.groups.get(n) == g for n, g in a.groups.items()):
+            plan.routing = True  # groups added, none changed or removed
+        else:
             plan.needs_restart.append(f"downstream.{f.name}")
     for name in sorted(a.clusters):
         if _without_endpoints(a.clusters[name]) != _without_endpoints(b.clusters[name]):

@@ -109,6 +109,24 @@ def test_limits_update_keeps_tokens_up_to_the_new_burst(tmp_path: Path) -> None:
     assert lim.message("t", "v", "1.2.3.4", 0.0) == (0.0, "")
 
 
+def test_plan_applies_routing_in_place_but_not_a_group_changed(tmp_path: Path) -> None:
+    two = _downstream("10.0.0.1:7001")
+    two["clusters"]["bots"] = {"endpoints": ["10.0.0.9:7002"]}
+    base = _cfg(tmp_path, downstream=two)
+    ruled = {**two, "rules": [{"group": "general", "channel": "web"}]}
+    added = {**two, "groups": {**two["groups"], "billing": {"cluster": "bots"}}}
+    for new in (ruled, added):
+        plan = plan_reload(base, _cfg(tmp_path, downstream=new))
+        assert plan.routing and plan.changes and plan.needs_restart == []
+        assert plan.summary() == {"routing": "changed"}
+    moved = {**two, "groups": {"general": {"cluster": "bots"}}}  # sessions are in it
+    assert plan_reload(base, _cfg(tmp_path, downstream=moved)).needs_restart == [
+        "downstream.groups"
+    ]
+    fewer = _cfg(tmp_path, downstream=added)
+    assert plan_reload(fewer, base).needs_restart == ["downstream.groups"]  # removed
+
+
 def test_plan_reloads_tls_files_changed_in_place_or_moved(tmp_path: Path) -> None:
     for name in ("a.pem", "a.key", "b.pem", "b.key"):
         (tmp_path / name).write_text("x")
@@ -215,7 +233,7 @@ class Reloadable:
     (with its ops endpoint), as separate processes; the file is rewritten
     and the supervisor sent SIGHUP."""
 
-    def __init__(self, tmp: Path, extra: str = "") -> None:
+    def __init__(self, tmp: Path, extra: str = "", more: str = "") -> None:
         self.tmp = tmp
         self.pa, self.pb, self.port, self.ops = (free_port() for _ in range(4))
         self.a, self.b = f"127.0.0.1:{self.pa}", f"127.0.0.1:{self.pb}"
@@ -229,11 +247,17 @@ class Reloadable:
         for i, (addr, rec) in enumerate(((self.a, self.rec_a), (self.b, self.rec_b))):
             args = ["desk-sim", "--listen", addr, "--no-reply", "--record", str(rec)]
             self.desks.append(_spawn(args, env, tmp / f"desk-{i}.log"))
-        self.write([self.a], extra)
+        self.write([self.a], extra, more=more)
         self.gw = _spawn(["serve", "--config", str(self.conf)], env, self.log)
 
-    def write(self, endpoints: list[str], extra: str = "", secrets: str = "") -> None:
+    def write(
+        self, endpoints: list[str], extra: str = "", secrets: str = "", more: str = ""
+    ) -> None:
+        """The configuration file: ``extra`` lines in ``[gateway]``,
+        ``secrets`` for tenant acme, ``more`` tables at the end (``{A}``,
+        ``{B}``: the desks' addresses)."""
         secrets = secrets or f'secrets = {{ k1 = "{SECRET_1}" }}'
+        more = more.replace("{A}", self.a).replace("{B}", self.b)
         self.conf.write_text(
             f"""
 [gateway]
@@ -251,16 +275,19 @@ endpoints = {json.dumps(endpoints)}
 
 [downstream.groups.general]
 cluster = "desks"
+
+{more}
 """
         )
 
     async def ready(self) -> None:
         for p in (self.pa, self.pb, self.port, self.ops):
             await trio.to_thread.run_sync(wait_listening, p)
-        # both workers' links up: until then a worker asks new sessions to
-        # retry later, and the SDK would reconnect
+        # both workers' links up (to every cluster): until then a worker
+        # asks new sessions to retry later, and the SDK would reconnect
+        clusters = self.conf.read_text().count("[downstream.clusters.")
         with trio.fail_after(15):
-            while len(self.events("downstream_link_up")) < 2:
+            while len(self.events("downstream_link_up")) < 2 * clusters:
                 await trio.sleep(0.05)
 
     def events(self, name: str) -> list[dict[str, Any]]:
@@ -301,8 +328,8 @@ cluster = "desks"
 
 
 @contextlib.asynccontextmanager
-async def _reloadable(tmp: Path, extra: str = "") -> AsyncIterator[Reloadable]:
-    run = Reloadable(tmp, extra)
+async def _reloadable(tmp: Path, extra: str = "", more: str = "") -> AsyncIterator[Reloadable]:
+    run = Reloadable(tmp, extra, more)
     try:
         await run.ready()
         yield run
@@ -552,3 +579,34 @@ async def test_sighup_lowers_a_rate_limit_for_connected_visitors(tmp_path: Path)
             while (await ws.recv())["t"] != "pong":
                 pass
         await ws.aclose()
+
+
+async def test_sighup_adds_a_group_and_rules_for_new_messages(tmp_path: Path) -> None:
+    """Two clusters (desks: desk A, bots: desk B), everything in group
+    general at first. A reload adds group billing on the bots cluster, a
+    keyword rule ("invoice") and an entry rule (channel vip) to it: the
+    connected visitor's next invoice question goes to B, and so does a new
+    vip visitor; other messages stay on A."""
+    bots = '[downstream.clusters.bots]\nendpoints = ["{B}"]\n'
+    routing = (
+        '\n[downstream.groups.billing]\ncluster = "bots"\n\n'
+        '[[downstream.rules]]\ngroup = "billing"\nkeywords = ["invoice"]\n\n'
+        '[[downstream.rules]]\ngroup = "billing"\nchannel = "vip"\n'
+    )
+    async with _reloadable(tmp_path, more=bots) as run:
+        acked: list[tuple[str, str]] = []
+        async with gc.connect(run.url, token=run.token("v1")) as s:
+            await _send(s, ["about my invoice", "hello"], acked)
+            run.write([run.a], more=bots + routing)
+            lines = await run.sighup("reloaded", 3)
+            assert all(r.get("routing") == "changed" for r in lines)
+            await _send(s, ["another invoice question", "thanks"], acked)
+            assert s.connections == 1
+        vip = gc.connect(run.url, token=run.token("v2"), tags={"channel": "vip"})
+        async with vip as s2:
+            await _send(s2, ["vip hello"], acked)
+        a = [r[2] for r in _recorded(run.rec_a)]
+        b = [r[2] for r in _recorded(run.rec_b)]
+        assert a == ["about my invoice", "hello"]
+        # the keyword moved the session to billing (B), where it stays
+        assert b == ["another invoice question", "thanks", "vip hello"]

@@ -270,6 +270,14 @@ class Forwarder:
         return ep
 
     # -- reload -----------------------------------------------------------------
+    def update_routing(self, settings: DownstreamSettings) -> None:
+        """Applies reloaded routing (rules, the default group, groups
+        added: :func:`gateway.reload.plan_reload`): new sessions and the
+        keyword rules of every message follow it; a session keeps the group
+        it is in (every group it can be in is still there)."""
+        self.s = settings
+        self.router = settings.router()
+
     def update_endpoints(self, settings: DownstreamSettings) -> None:
         """Applies a reloaded configuration that differs from the running one
         only in its clusters' endpoint lists (:func:`gateway.reload.plan_reload`):

@@ -62,12 +62,15 @@ def apply_config(w: Worker, new: Config, tls_files_changed: bool = False) -> Rel
         w.hub.verifier = TokenVerifier(new.tenants)
     if plan.limits:
         w.hub.limits.update(new, w.hub.workers)
-    if plan.added or plan.removed:
+    if plan.routing or plan.added or plan.removed:
         from gateway.downstream.settings import parse_settings
 
         settings = parse_settings(new.downstream)
         assert settings is not None and w.forwarder is not None
-        w.forwarder.update_endpoints(settings)
+        if plan.routing:
+            w.forwarder.update_routing(settings)
+        if plan.added or plan.removed:
+            w.forwarder.update_endpoints(settings)
     w.cfg = new
     w.hub.cfg = new
     w.hub.stats["reloads"] += 1
