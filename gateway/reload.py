@@ -2,7 +2,7 @@
 running workers, sans-IO (docs/operations.md, "Reloading the
 configuration").
 
-Five parts of the configuration apply without a restart:
+Six parts of the configuration apply without a restart:
 
 - the tenants (secrets, allowed origins): new connections are checked
   against the new set; sessions already authenticated go on;
@@ -20,7 +20,10 @@ Five parts of the configuration apply without a restart:
   limit turned on starts with full buckets;
 - the downstream routing: the rules, the default group, and groups added
   (a group changed or removed needs a restart: sessions are in it): new
-  sessions, and the keyword rules of every message, follow it.
+  sessions, and the keyword rules of every message, follow it;
+- a TLS cluster's CA, client certificate and key (``ca_file``,
+  ``cert_file``, ``key_file``: other files, or new contents in the same
+  files): a link's next connection uses them; connected links go on.
 
 Anything else that differs (the listen address, the worker count, limits,
 groups, rules, a cluster's TLS settings, a cluster added or removed ...)
@@ -31,6 +34,7 @@ refuses the whole reload rather than apply part of it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +56,8 @@ class ReloadPlan:
     limits: bool = False
     #: the downstream rules, default group or groups (added) changed
     routing: bool = False
+    #: the TLS clusters whose CA, client certificate or key changed
+    cluster_tls: list[str] = field(default_factory=list)
     #: per cluster: the endpoints (``host:port``) added and removed
     added: dict[str, list[str]] = field(default_factory=dict)
     removed: dict[str, list[str]] = field(default_factory=dict)
@@ -64,7 +70,7 @@ class ReloadPlan:
             or self.tls
             or self.limits
             or self.routing
-            or bool(self.added or self.removed)
+            or bool(self.added or self.removed or self.cluster_tls)
         )
 
     def summary(self) -> dict[str, Any]:
@@ -78,6 +84,8 @@ class ReloadPlan:
             out["limits"] = "changed"
         if self.routing:
             out["routing"] = "changed"
+        if self.cluster_tls:
+            out["cluster_tls"] = self.cluster_tls
         if self.added:
             out["endpoints_added"] = self.added
         if self.removed:
@@ -93,12 +101,37 @@ def _without_endpoints(spec: Any) -> Any:
     return dataclasses.replace(spec, endpoints=())
 
 
-def plan_reload(old: Config, new: Config, tls_files_changed: bool = False) -> ReloadPlan:
-    """What going from ``old`` to ``new`` changes; ``tls_files_changed``:
-    the contents of the TLS certificate or key files differ from those
-    loaded (the caller reads them). Raises :class:`ConfigError` if
-    ``new``'s downstream table does not parse (the loader has checked it
-    already)."""
+def _without_files(spec: Any) -> Any:
+    return dataclasses.replace(spec, ca_file=None, cert_file=None, key_file=None)
+
+
+def file_sets(cfg: Config) -> dict[str, tuple[str, ...]]:
+    """The TLS files whose contents a reload compares (the caller reads
+    them): ``"tls"`` for the visitors' certificate and key, and
+    ``"downstream.clusters.NAME"`` for each TLS cluster's CA, client
+    certificate and key."""
+    out: dict[str, tuple[str, ...]] = {}
+    if cfg.tls_cert is not None and cfg.tls_key is not None:
+        out["tls"] = (cfg.tls_cert, cfg.tls_key)
+    if cfg.downstream:
+        from gateway.downstream.settings import parse_settings
+
+        try:
+            ds = parse_settings(cfg.downstream)
+        except ValueError:
+            ds = None
+        for name, spec in ds.clusters.items() if ds is not None else ():
+            if spec.tls:
+                files = (spec.ca_file, spec.cert_file, spec.key_file)
+                out[f"downstream.clusters.{name}"] = tuple(f for f in files if f is not None)
+    return out
+
+
+def plan_reload(old: Config, new: Config, files_changed: Collection[str] = ()) -> ReloadPlan:
+    """What going from ``old`` to ``new`` changes; ``files_changed``: the
+    keys of :func:`file_sets` whose files have other contents than those
+    loaded (a renewal in place). Raises :class:`ConfigError` if ``new``'s
+    downstream table does not parse (the loader has checked it already)."""
     from gateway.downstream.settings import parse_settings
 
     plan = ReloadPlan()
@@ -115,7 +148,10 @@ def plan_reload(old: Config, new: Config, tls_files_changed: bool = False) -> Re
         else:
             plan.needs_restart.append(f.name)
     if tls_on == (True, True):
-        plan.tls = tls_files_changed or (old.tls_cert, old.tls_key) != (new.tls_cert, new.tls_key)
+        plan.tls = "tls" in files_changed or (old.tls_cert, old.tls_key) != (
+            new.tls_cert,
+            new.tls_key,
+        )
     plan.tenants = old.tenants != new.tenants
     try:
         a = parse_settings(old.downstream) if old.downstream else None
@@ -139,9 +175,17 @@ def plan_reload(old: Config, new: Config, tls_files_changed: bool = False) -> Re
         else:
             plan.needs_restart.append(f"downstream.{f.name}")
     for name in sorted(a.clusters):
-        if _without_endpoints(a.clusters[name]) != _without_endpoints(b.clusters[name]):
-            plan.needs_restart.append(f"downstream.clusters.{name}")
-            continue
+        was_spec, now_spec = (
+            _without_endpoints(a.clusters[name]),
+            _without_endpoints(b.clusters[name]),
+        )
+        if was_spec != now_spec:
+            if not (was_spec.tls and _without_files(was_spec) == _without_files(now_spec)):
+                plan.needs_restart.append(f"downstream.clusters.{name}")
+                continue
+            plan.cluster_tls.append(name)  # other TLS files
+        elif was_spec.tls and f"downstream.clusters.{name}" in files_changed:
+            plan.cluster_tls.append(name)  # new contents in the same files
         was, now = _endpoints(a.clusters[name]), _endpoints(b.clusters[name])
         added = [e for e in now if e not in was]
         removed = [e for e in was if e not in now]

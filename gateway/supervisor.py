@@ -59,7 +59,7 @@ from gateway.ops.report import STATS_FD_ENV
 from gateway.ops.server import open_ops_listeners, serve_ops
 from gateway.ops.wire import SnapshotDecoder, WireError, encode_snapshot
 from gateway.protocol.tokens import mint
-from gateway.reload import plan_reload
+from gateway.reload import file_sets, plan_reload
 from gateway.server.control import CONTROL_FD_ENV
 from gateway.server.tlsconf import files_digest, visitor_context
 
@@ -169,7 +169,7 @@ class _Supervisor:
         self.reloader = reload
         # the contents of the TLS files the workers loaded (a reload that
         # finds new contents at the same paths reloads them)
-        self.tls_digest = _tls_digest(cfg)
+        self.digests = _digests(cfg)
         # each live worker's end of its control pipe
         self.control: dict[int, trio.lowlevel.FdStream] = {}
         self._reloading = trio.Lock()
@@ -242,10 +242,11 @@ class _Supervisor:
                 return
             try:
                 new = self.reloader()
-                digest = _tls_digest(new)
+                digests = _digests(new)
                 if new.tls_cert is not None and new.tls_key is not None:
                     visitor_context(new.tls_cert, new.tls_key)  # loads, or ConfigError
-                plan = plan_reload(self.cfg, new, digest != self.tls_digest)
+                changed = [k for k, d in digests.items() if self.digests.get(k) != d]
+                plan = plan_reload(self.cfg, new, changed)
             except ConfigError as e:
                 self._count_reload("failed")
                 self.log("error", "reload_failed", error=str(e))
@@ -260,10 +261,10 @@ class _Supervisor:
                 self.log("info", "reload_unchanged")
                 return
             self.cfg = new
-            self.tls_digest = digest
+            self.digests = digests
             text = new.to_json()
             self.env[WORKER_CONFIG_ENV] = text  # for workers started from now on
-            frame = encode_snapshot({"t": "reload", "config": text, "tls": plan.tls})
+            frame = encode_snapshot({"t": "reload", "config": text, "files": changed})
             sent = []
             for index, stream in list(self.control.items()):
                 try:
@@ -419,10 +420,9 @@ class _Supervisor:
         return 0 if clean else 1
 
 
-def _tls_digest(cfg: Config) -> bytes | None:
-    if cfg.tls_cert is None or cfg.tls_key is None:
-        return None
-    return files_digest(cfg.tls_cert, cfg.tls_key)
+def _digests(cfg: Config) -> dict[str, bytes]:
+    """A digest of each set of TLS files (:func:`gateway.reload.file_sets`)."""
+    return {k: files_digest(*paths) for k, paths in file_sets(cfg).items()}
 
 
 def run_supervisor(

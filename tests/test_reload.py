@@ -26,9 +26,10 @@ import gateway.client as gc
 from gateway.config import Config, ConfigError, load_config
 from gateway.downstream.balancer import Balancer, Endpoint
 from gateway.downstream.breaker import Breaker, BreakerConfig, OutlierConfig, OutlierDetector
+from gateway.downstream.tls import server_context
 from gateway.protocol.tokens import mint
-from gateway.reload import plan_reload
-from tests.gwserver import RawWs
+from gateway.reload import file_sets, plan_reload
+from tests.gwserver import RawWs, running
 from tests.test_downstream_process import _recorded, _spawn
 from tests.test_server_process import free_port, wait_listening
 
@@ -127,13 +128,78 @@ def test_plan_applies_routing_in_place_but_not_a_group_changed(tmp_path: Path) -
     assert plan_reload(fewer, base).needs_restart == ["downstream.groups"]  # removed
 
 
+def test_plan_reloads_a_clusters_tls_files(tmp_path: Path) -> None:
+    from tests.test_downstream_tls import Pki
+
+    pki = Pki(tmp_path, "10.0.0.1")
+    ca = pki.ca_file
+    c1, k1 = pki.client(tmp_path, "one")
+    c2, k2 = pki.client(tmp_path, "two")
+    key = "downstream.clusters.desks"
+
+    def tls(cert: str, key_file: str, **more: Any) -> Config:
+        ds = _downstream("10.0.0.1:7001", tls=True, ca_file=ca, cert_file=cert, key_file=key_file)
+        ds["clusters"]["desks"].update(more)
+        return _cfg(tmp_path, downstream=ds)
+
+    a = tls(c1, k1)
+    assert file_sets(a) == {key: (ca, c1, k1)}
+    assert not plan_reload(a, a).changes
+    for plan in (plan_reload(a, tls(c2, k2)), plan_reload(a, a, files_changed=[key])):
+        assert plan.cluster_tls == ["desks"] and plan.changes and plan.needs_restart == []
+        assert plan.summary() == {"cluster_tls": ["desks"]}
+    # anything else about the cluster: a restart
+    assert plan_reload(a, tls(c1, k1, server_name="x")).needs_restart == [key]
+    plain = _cfg(tmp_path, downstream=_downstream("10.0.0.1:7001"))
+    assert file_sets(plain) == {}
+    assert plan_reload(plain, a).needs_restart == [key]
+
+
+async def test_a_clusters_client_certificate_renewed_in_place_is_used_by_the_next_link(
+    tmp_path: Path,
+) -> None:
+    """An in-process worker whose cluster presents a client certificate the
+    desk (mutual TLS) does not trust: its link stays down. The files are
+    replaced in place by a certificate from the desk's client CA and the
+    configuration applied again: the link's next attempt comes up and a
+    message is forwarded."""
+    from gateway.server.control import apply_config
+    from tests.test_downstream import desk, records, wait_links_up
+    from tests.test_downstream_tls import Pki, tls_ds
+
+    pki = Pki(tmp_path, "127.0.0.1")
+    clients, stranger = Pki(tmp_path, "unused"), Pki(tmp_path, "unused")
+    cert, key = stranger.client(tmp_path, "gw")
+    ctx = server_context(pki.cert, pki.key, client_ca=clients.ca_file)
+    rec = tmp_path / "rec.jsonl"
+    async with desk(record=rec, think_ms=0, ssl_context=ctx) as (port, srv, _):
+        spec = tls_ds(port, ca_file=pki.ca_file, cert_file=cert, key_file=key)
+        async with running(tmp_path, downstream=spec) as gw:
+            fw = gw.w.forwarder
+            with trio.fail_after(10):
+                while srv.tls_failures < 1:  # refused: unknown CA
+                    await trio.sleep(0.02)
+            assert not any(ln.up for ln in fw.links)
+            old = fw.links[0].ssl_context
+            new_cert, new_key = clients.client(tmp_path, "gw-renewed")
+            Path(new_cert).replace(cert)
+            Path(new_key).replace(key)
+            plan = apply_config(gw.w, gw.w.cfg, ["downstream.clusters.general"])
+            assert plan.cluster_tls == ["general"]
+            assert fw.links[0].ssl_context is not old
+            await wait_links_up(fw)
+            async with gc.connect(gw.url, token=gw.token("dave"), reconnect=False) as s:
+                assert await s.send("renewed") == 1
+    assert [r["body"] for r in records(rec)] == ["renewed"]
+
+
 def test_plan_reloads_tls_files_changed_in_place_or_moved(tmp_path: Path) -> None:
     for name in ("a.pem", "a.key", "b.pem", "b.key"):
         (tmp_path / name).write_text("x")
     a = _cfg(tmp_path, tls_cert=str(tmp_path / "a.pem"), tls_key=str(tmp_path / "a.key"))
     b = _cfg(tmp_path, tls_cert=str(tmp_path / "b.pem"), tls_key=str(tmp_path / "b.key"))
     assert not plan_reload(a, a).changes
-    same = plan_reload(a, a, tls_files_changed=True)  # a renewal: new contents
+    same = plan_reload(a, a, files_changed=["tls"])  # a renewal: new contents
     assert same.tls and same.changes and same.summary() == {"tls": "reloaded"}
     moved = plan_reload(a, b)
     assert moved.tls and moved.needs_restart == []

@@ -278,6 +278,18 @@ class Forwarder:
         self.s = settings
         self.router = settings.router()
 
+    def update_cluster_tls(self, settings: DownstreamSettings, names: list[str]) -> None:
+        """Reloaded TLS files (CA, client certificate and key) of clusters
+        ``names``: each link's next connection uses them; connected links
+        go on (the supervisor checked that they load)."""
+        for name in names:
+            c = self.clusters[name]
+            c.spec = settings.clusters[name]
+            c.ssl_context = client_context(c.spec)
+            for ep in c.eps.values():
+                for ln in ep.links:
+                    ln.ssl_context = c.ssl_context
+
     def update_endpoints(self, settings: DownstreamSettings) -> None:
         """Applies a reloaded configuration that differs from the running one
         only in its clusters' endpoint lists (:func:`gateway.reload.plan_reload`):

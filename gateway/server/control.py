@@ -5,9 +5,10 @@ The supervisor gives every worker the read end of a pipe
 pipe (:mod:`gateway.ops.wire`: a 4-byte big-endian length, then a msgpack
 map):
 
-- ``{"t": "reload", "config": "<the whole config as JSON>", "tls": bool}``:
-  apply what may change without a restart (:mod:`gateway.reload`);
-  ``tls``: the TLS certificate or key files have new contents.
+- ``{"t": "reload", "config": "<the whole config as JSON>", "files":
+  [...]}``: apply what may change without a restart
+  (:mod:`gateway.reload`); ``files``: the sets of TLS files
+  (:func:`gateway.reload.file_sets` keys) that have new contents.
 
 :func:`apply_config` is the part that does not read the pipe (tests call
 it directly); :func:`control_loop` is the trio shell.
@@ -16,6 +17,7 @@ it directly); :func:`control_loop` is the trio shell.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -37,12 +39,12 @@ _log = logging.getLogger("gateway.control")
 CONTROL_FD_ENV: Final = "GATEWAY_CONTROL_FD"
 
 
-def apply_config(w: Worker, new: Config, tls_files_changed: bool = False) -> ReloadPlan:
+def apply_config(w: Worker, new: Config, files_changed: Collection[str] = ()) -> ReloadPlan:
     """Applies ``new`` to worker ``w`` if it differs from the running
     configuration only in what may change without a restart; otherwise
     changes nothing and logs ``reload_refused`` (or ``reload_failed`` when
     the new TLS files do not load). Returns the plan."""
-    plan = plan_reload(w.cfg, new, tls_files_changed)
+    plan = plan_reload(w.cfg, new, files_changed)
     if not plan.changes and not plan.needs_restart:
         return plan  # (a worker started after the reload has it already)
     if plan.needs_restart:
@@ -62,11 +64,13 @@ def apply_config(w: Worker, new: Config, tls_files_changed: bool = False) -> Rel
         w.hub.verifier = TokenVerifier(new.tenants)
     if plan.limits:
         w.hub.limits.update(new, w.hub.workers)
-    if plan.routing or plan.added or plan.removed:
+    if plan.routing or plan.added or plan.removed or plan.cluster_tls:
         from gateway.downstream.settings import parse_settings
 
         settings = parse_settings(new.downstream)
         assert settings is not None and w.forwarder is not None
+        if plan.cluster_tls:
+            w.forwarder.update_cluster_tls(settings, plan.cluster_tls)
         if plan.routing:
             w.forwarder.update_routing(settings)
         if plan.added or plan.removed:
@@ -92,7 +96,9 @@ async def control_loop(w: Worker, fd: int) -> None:
                     w.event("warning", "control_unknown", message=str(msg.get("t"))[:40])
                     continue
                 try:
-                    apply_config(w, Config.from_json(msg["config"]), msg.get("tls") is True)
+                    files = msg.get("files")
+                    changed = [f for f in files if type(f) is str] if type(files) is list else []
+                    apply_config(w, Config.from_json(msg["config"]), changed)
                 except (ConfigError, ValueError) as e:
                     w.event("error", "reload_failed", error=str(e)[:500])
     except WireError as e:
