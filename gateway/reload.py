@@ -25,9 +25,10 @@ Six parts of the configuration apply without a restart:
   ``cert_file``, ``key_file``: other files, or new contents in the same
   files): a link's next connection uses them; connected links go on.
 
-Anything else that differs (the listen address, the worker count, limits,
-groups, rules, a cluster's TLS settings, a cluster added or removed ...)
-needs a restart: :func:`plan_reload` names it, and the supervisor then
+Anything else that differs (the listen address, the worker count, frame
+and queue limits, heartbeats, TLS turned on or off, a group changed or
+removed, a cluster added or removed or its other settings ...) needs a
+restart: :func:`plan_reload` names it, and the supervisor then
 refuses the whole reload rather than apply part of it.
 """
 

@@ -170,8 +170,10 @@ class _Supervisor:
         # the contents of the TLS files the workers loaded (a reload that
         # finds new contents at the same paths reloads them)
         self.digests = _digests(cfg)
-        # each live worker's end of its control pipe
+        # each live worker's end of its control pipe, and the configuration
+        # it was started with or last sent
         self.control: dict[int, trio.lowlevel.FdStream] = {}
+        self.sent_config: dict[int, str] = {}
         self._reloading = trio.Lock()
         self.module = worker_module
         self.max_restarts = max_restarts_per_minute
@@ -227,6 +229,7 @@ class _Supervisor:
             rfd = -1
         else:
             self.control[index] = trio.lowlevel.FdStream(cwfd)
+            self.sent_config[index] = env[WORKER_CONFIG_ENV]
         finally:
             os.close(wfd)
             os.close(crfd)
@@ -251,6 +254,10 @@ class _Supervisor:
                 self._count_reload("failed")
                 self.log("error", "reload_failed", error=str(e))
                 return
+            except Exception as e:  # a bug here must not take the gateway down
+                self._count_reload("failed")
+                self.log("error", "reload_failed", error=f"internal error: {e!r}")
+                return
             if plan.needs_restart:
                 self._count_reload("refused")
                 why = "these settings change only with a restart; nothing was applied"
@@ -264,18 +271,27 @@ class _Supervisor:
             self.digests = digests
             text = new.to_json()
             self.env[WORKER_CONFIG_ENV] = text  # for workers started from now on
-            frame = encode_snapshot({"t": "reload", "config": text, "files": changed})
-            sent = []
-            for index, stream in list(self.control.items()):
-                try:
-                    with trio.fail_after(RELOAD_SEND_TIMEOUT_S):
-                        await stream.send_all(frame)
-                    sent.append(index)
-                except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
-                        OSError) as e:  # fmt: skip
-                    self.log("warning", "reload_not_sent", worker=index, error=repr(e))
+            sent = [i for i in list(self.control) if await self._send_config(i, changed)]
             self._count_reload("applied")
             self.log("info", "reloaded", workers=sent, **plan.summary())
+
+    async def _send_config(self, index: int, files: list[str]) -> bool:
+        """The current configuration to worker ``index`` over its control
+        pipe; False (logged) when it could not be written."""
+        stream = self.control.get(index)
+        if stream is None:
+            return False
+        text = self.env[WORKER_CONFIG_ENV]
+        self.sent_config[index] = text
+        frame = encode_snapshot({"t": "reload", "config": text, "files": files})
+        try:
+            with trio.fail_after(RELOAD_SEND_TIMEOUT_S):
+                await stream.send_all(frame)
+            return True
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
+                OSError) as e:  # fmt: skip
+            self.log("warning", "reload_not_sent", worker=index, error=repr(e))
+            return False
 
     def _count_reload(self, result: str) -> None:
         self.agg.reloads[result] = self.agg.reloads.get(result, 0) + 1
@@ -308,6 +324,9 @@ class _Supervisor:
             if proc is not None:
                 self.procs[index] = proc
                 self.log("info", "worker_started", worker=index, pid=proc.pid)
+                if self.sent_config.get(index) != self.env[WORKER_CONFIG_ENV]:
+                    # a reload came while it was being started
+                    await self._send_config(index, [])
                 if self.stopping.is_set():  # the stop came while we were spawning
                     proc.send_signal(signal.SIGTERM)
                 try:

@@ -181,6 +181,14 @@ async def test_a_clusters_client_certificate_renewed_in_place_is_used_by_the_nex
                     await trio.sleep(0.02)
             assert not any(ln.up for ln in fw.links)
             old = fw.links[0].ssl_context
+            # files that do not load (changed again after the supervisor's
+            # check): nothing applied, the worker goes on
+            good_key = Path(key).read_bytes()
+            Path(key).write_text("not a key")
+            apply_config(gw.w, gw.w.cfg, ["downstream.clusters.general"])
+            assert fw.links[0].ssl_context is old
+            assert gw.w.hub.stats["reloads_failed"] == 1 and gw.w.hub.stats["reloads"] == 0
+            Path(key).write_bytes(good_key)
             new_cert, new_key = clients.client(tmp_path, "gw-renewed")
             Path(new_cert).replace(cert)
             Path(new_key).replace(key)

@@ -278,14 +278,16 @@ class Forwarder:
         self.s = settings
         self.router = settings.router()
 
-    def update_cluster_tls(self, settings: DownstreamSettings, names: list[str]) -> None:
-        """Reloaded TLS files (CA, client certificate and key) of clusters
-        ``names``: each link's next connection uses them; connected links
-        go on (the supervisor checked that they load)."""
-        for name in names:
+    def update_cluster_tls(
+        self, settings: DownstreamSettings, contexts: dict[str, ssl.SSLContext]
+    ) -> None:
+        """Reloaded TLS files (CA, client certificate and key) of some
+        clusters, as their new client contexts: each link's next connection
+        uses them; connected links go on."""
+        for name, ctx in contexts.items():
             c = self.clusters[name]
             c.spec = settings.clusters[name]
-            c.ssl_context = client_context(c.spec)
+            c.ssl_context = ctx
             for ep in c.eps.values():
                 for ln in ep.links:
                     ln.ssl_context = c.ssl_context

@@ -17,12 +17,14 @@ it directly); :func:`control_loop` is the trio shell.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Final
 
 import trio
 
 from gateway.config import Config, ConfigError
+from gateway.downstream.tls import client_context
 from gateway.ops.wire import SnapshotDecoder, WireError
 from gateway.protocol.tokens import TokenVerifier
 from gateway.reload import ReloadPlan, plan_reload
@@ -51,26 +53,36 @@ def apply_config(w: Worker, new: Config, files_changed: Collection[str] = ()) ->
         w.hub.stats["reloads_refused"] += 1
         w.event("warning", "reload_refused", needs_restart=plan.needs_restart)
         return plan
-    if plan.tls:
-        assert new.tls_cert is not None and new.tls_key is not None
-        try:
-            ctx = visitor_context(new.tls_cert, new.tls_key)
-        except ConfigError as e:
-            w.hub.stats["reloads_failed"] += 1
-            w.event("error", "reload_failed", error=str(e)[:500])
-            return plan
-        w.ssl_ctx = ctx  # new connections; open ones keep theirs
-    if plan.tenants:
-        w.hub.verifier = TokenVerifier(new.tenants)
-    if plan.limits:
-        w.hub.limits.update(new, w.hub.workers)
+    # the TLS files first (they may have changed again since the supervisor
+    # loaded them): nothing is applied unless they all load
+    settings = None
     if plan.routing or plan.added or plan.removed or plan.cluster_tls:
         from gateway.downstream.settings import parse_settings
 
         settings = parse_settings(new.downstream)
         assert settings is not None and w.forwarder is not None
-        if plan.cluster_tls:
-            w.forwarder.update_cluster_tls(settings, plan.cluster_tls)
+    try:
+        ctx = None
+        if plan.tls:
+            assert new.tls_cert is not None and new.tls_key is not None
+            ctx = visitor_context(new.tls_cert, new.tls_key)
+        cluster_ctx = {}
+        for name in plan.cluster_tls:
+            assert settings is not None
+            cluster_ctx[name] = client_context(settings.clusters[name])
+    except (ConfigError, OSError, ssl.SSLError) as e:
+        w.hub.stats["reloads_failed"] += 1
+        w.event("error", "reload_failed", error=str(e)[:500])
+        return plan
+    if ctx is not None:
+        w.ssl_ctx = ctx  # new connections; open ones keep theirs
+    if plan.tenants:
+        w.hub.verifier = TokenVerifier(new.tenants)
+    if plan.limits:
+        w.hub.limits.update(new, w.hub.workers)
+    if settings is not None:
+        if cluster_ctx:
+            w.forwarder.update_cluster_tls(settings, cluster_ctx)
         if plan.routing:
             w.forwarder.update_routing(settings)
         if plan.added or plan.removed:
