@@ -2,7 +2,7 @@
 running workers, sans-IO (docs/operations.md, "Reloading the
 configuration").
 
-Six parts of the configuration apply without a restart:
+Seven parts of the configuration apply without a restart:
 
 - the tenants (secrets, allowed origins): new connections are checked
   against the new set; sessions already authenticated go on;
@@ -23,7 +23,13 @@ Six parts of the configuration apply without a restart:
   sessions, and the keyword rules of every message, follow it;
 - a TLS cluster's CA, client certificate and key (``ca_file``,
   ``cert_file``, ``key_file``: other files, or new contents in the same
-  files): a link's next connection uses them; connected links go on.
+  files): a link's next connection uses them; connected links go on;
+- the downstream timeouts and bounds (``request_timeout_s``,
+  ``max_attempts``, ``max_inflight_per_link``, ``link_high_water``,
+  ``health_interval_s``, ``health_timeout_s``, ``sticky_entries``,
+  ``sticky_ttl_s``) and the admission settings: messages sent from then
+  on, and the links' next checks, use them (the breaker and outlier
+  settings need a restart: they shape each endpoint's running windows).
 
 Anything else that differs (the listen address, the worker count, frame
 and queue limits, heartbeats, TLS turned on or off, a group changed or
@@ -37,12 +43,21 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from gateway.config import Config, ConfigError
 from gateway.session.limits import FIELDS as LIMIT_FIELDS
 
-__all__ = ["ReloadPlan", "plan_reload"]
+__all__ = ["TUNING_FIELDS", "ReloadPlan", "file_sets", "plan_reload"]
+
+#: The ``[downstream]`` settings a reload applies in place (besides the
+#: routing, the endpoint lists and the clusters' TLS files).
+TUNING_FIELDS: Final = frozenset(
+    {
+        "request_timeout_s", "max_attempts", "max_inflight_per_link", "link_high_water",
+        "health_interval_s", "health_timeout_s", "sticky_entries", "sticky_ttl_s", "admission",
+    }
+)  # fmt: skip
 
 
 @dataclass
@@ -59,6 +74,8 @@ class ReloadPlan:
     routing: bool = False
     #: the TLS clusters whose CA, client certificate or key changed
     cluster_tls: list[str] = field(default_factory=list)
+    #: the downstream timeouts, bounds or admission settings changed
+    tuning: bool = False
     #: per cluster: the endpoints (``host:port``) added and removed
     added: dict[str, list[str]] = field(default_factory=dict)
     removed: dict[str, list[str]] = field(default_factory=dict)
@@ -71,6 +88,7 @@ class ReloadPlan:
             or self.tls
             or self.limits
             or self.routing
+            or self.tuning
             or bool(self.added or self.removed or self.cluster_tls)
         )
 
@@ -87,6 +105,8 @@ class ReloadPlan:
             out["routing"] = "changed"
         if self.cluster_tls:
             out["cluster_tls"] = self.cluster_tls
+        if self.tuning:
+            out["downstream_settings"] = "changed"
         if self.added:
             out["endpoints_added"] = self.added
         if self.removed:
@@ -171,6 +191,8 @@ def plan_reload(old: Config, new: Config, files_changed: Collection[str] = ()) -
             continue
         if f.name in ("rules", "default_group"):
             plan.routing = True
+        elif f.name in TUNING_FIELDS:
+            plan.tuning = True
         elif f.name == "groups" and all(b.groups.get(n) == g for n, g in a.groups.items()):
             plan.routing = True  # groups added, none changed or removed
         else:

@@ -201,6 +201,64 @@ async def test_a_clusters_client_certificate_renewed_in_place_is_used_by_the_nex
     assert [r["body"] for r in records(rec)] == ["renewed"]
 
 
+def test_plan_applies_downstream_timeouts_and_bounds_but_not_the_breaker(tmp_path: Path) -> None:
+    base = _downstream("10.0.0.1:7001")
+    a = _cfg(tmp_path, downstream=base)
+    tuned = {**base, "request_timeout_s": 0.5, "link_high_water": 65536, "sticky_ttl_s": 60.0}
+    plan = plan_reload(a, _cfg(tmp_path, downstream=tuned))
+    assert plan.tuning and plan.changes and plan.needs_restart == []
+    assert plan.summary() == {"downstream_settings": "changed"}
+    broken = {**base, "breaker": {"consecutive_failures": 2}}
+    assert plan_reload(a, _cfg(tmp_path, downstream=broken)).needs_restart == ["downstream.breaker"]
+
+
+async def test_a_shorter_request_timeout_applies_to_the_next_message(tmp_path: Path) -> None:
+    """An in-process worker with a 30 s request timeout in front of a desk
+    that stops answering after its first message. With a second message
+    in flight, the timeout is reloaded to 0.3 s with one attempt: that
+    message and the next one are refused (4429) within a second or two
+    instead of waiting 30 s; the links and the sticky table take the new
+    bounds too."""
+    import dataclasses as dc
+
+    from gateway.server.control import apply_config
+    from tests.test_downstream import desk, ds, wait_links_up
+
+    async with desk(think_ms=0, stall_after=1) as (port, _, _):
+        table = ds(("general", [port]), request_timeout_s=30.0)
+        async with running(tmp_path, downstream=table) as gw:
+            fw = gw.w.forwarder
+            await wait_links_up(fw)
+            ws = await RawWs.connect(gw.port)
+            assert (await ws.hello(gw.token("erin")))["t"] == "welcome"
+            await ws.send({"t": "msg", "id": 1, "body": "answered"})
+            with trio.fail_after(5):
+                while (await ws.recv())["t"] != "ack":
+                    pass
+            await ws.send({"t": "msg", "id": 2, "body": "in flight"})
+            await trio.sleep(0.2)  # sent to the desk, which says nothing
+            tuned = {**table, "request_timeout_s": 0.3, "max_attempts": 1,
+                     "link_high_water": 65536, "health_interval_s": 0.5,
+                     "sticky_entries": 10}  # fmt: skip
+            plan = apply_config(gw.w, dc.replace(gw.w.cfg, downstream=tuned))
+            assert plan.tuning and gw.w.hub.stats["reloads"] == 1
+            ln = fw.links[0]
+            assert (ln.drain_timeout_s, ln.high_water, ln.health_interval_s) == (0.3, 65536, 0.5)
+            assert fw.sticky.max_entries == 10
+            t0 = trio.current_time()
+            await ws.send({"t": "msg", "id": 3, "body": "never answered"})
+            refused: list[dict[str, Any]] = []
+            with trio.fail_after(5):
+                while len(refused) < 2:
+                    f = await ws.recv()
+                    if f["t"] == "error":
+                        refused.append(f)
+            assert sorted(f["id"] for f in refused) == [2, 3], refused
+            assert all(f["code"] == 4429 for f in refused)
+            assert trio.current_time() - t0 < 2.0  # not the 30 s it was
+            await ws.aclose()
+
+
 def test_plan_reloads_tls_files_changed_in_place_or_moved(tmp_path: Path) -> None:
     for name in ("a.pem", "a.key", "b.pem", "b.key"):
         (tmp_path / name).write_text("x")
@@ -230,8 +288,8 @@ def test_plan_reloads_tls_files_changed_in_place_or_moved(tmp_path: Path) -> Non
         ),
         (
             {"downstream": _downstream("10.0.0.1:7001")},
-            {"downstream": {**_downstream("10.0.0.1:7001"), "request_timeout_s": 9.0}},
-            ["downstream.request_timeout_s"],
+            {"downstream": {**_downstream("10.0.0.1:7001"), "outlier": {"consecutive_errors": 2}}},
+            ["downstream.outlier"],
         ),
         (
             {"downstream": _downstream("10.0.0.1:7001")},

@@ -292,6 +292,33 @@ class Forwarder:
                 for ln in ep.links:
                     ln.ssl_context = c.ssl_context
 
+    def update_tuning(self, settings: DownstreamSettings) -> None:
+        """Reloaded timeouts, bounds and admission settings
+        (:data:`gateway.reload.TUNING_FIELDS`): what is read when a message
+        is sent takes them from ``self.s``; the links and the sticky table
+        keep copies, set here. A shorter request timeout applies to the
+        messages in flight too (their deadlines are brought forward, which
+        keeps the deadline queue in order for the ones sent from now)."""
+        timeout = settings.request_timeout_s
+        if timeout < self.s.request_timeout_s:
+            latest = self._time() + timeout
+            dl = self._deadlines
+            dl.at = deque(d if d <= latest else latest for d in dl.at)
+            for s, n in zip(dl.s, dl.n, strict=True):
+                fl: Flow | None = s.ds
+                out = fl.sent.get(n) if fl is not None else None
+                if out is not None and out.deadline > latest:
+                    out.deadline = latest
+        self.s = settings
+        self.admission.cfg = settings.admission
+        self.sticky.max_entries = settings.sticky_entries
+        self.sticky.ttl_s = settings.sticky_ttl_s
+        for ln in self.links:
+            ln.high_water = settings.link_high_water
+            ln.health_interval_s = settings.health_interval_s
+            ln.health_timeout_s = settings.health_timeout_s
+            ln.drain_timeout_s = settings.request_timeout_s
+
     def update_endpoints(self, settings: DownstreamSettings) -> None:
         """Applies a reloaded configuration that differs from the running one
         only in its clusters' endpoint lists (:func:`gateway.reload.plan_reload`):

@@ -56,7 +56,7 @@ def apply_config(w: Worker, new: Config, files_changed: Collection[str] = ()) ->
     # the TLS files first (they may have changed again since the supervisor
     # loaded them): nothing is applied unless they all load
     settings = None
-    if plan.routing or plan.added or plan.removed or plan.cluster_tls:
+    if plan.routing or plan.tuning or plan.added or plan.removed or plan.cluster_tls:
         from gateway.downstream.settings import parse_settings
 
         settings = parse_settings(new.downstream)
@@ -85,6 +85,8 @@ def apply_config(w: Worker, new: Config, files_changed: Collection[str] = ()) ->
             w.forwarder.update_cluster_tls(settings, cluster_ctx)
         if plan.routing:
             w.forwarder.update_routing(settings)
+        if plan.tuning:
+            w.forwarder.update_tuning(settings)
         if plan.added or plan.removed:
             w.forwarder.update_endpoints(settings)
     w.cfg = new
