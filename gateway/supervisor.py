@@ -235,14 +235,17 @@ class _Supervisor:
             os.close(crfd)
         return proc, rfd
 
-    async def reload(self) -> None:
-        """SIGHUP: loads the configuration again and hands it to the
-        workers if it may be applied without a restart (module docstring)."""
+    async def reload(self) -> dict[str, Any]:
+        """SIGHUP (or the operator endpoint's ``POST /-/reload``): loads
+        the configuration again and hands it to the workers if it may be
+        applied without a restart (module docstring). Returns what
+        happened, as logged: ``result`` (applied, unchanged, refused,
+        failed, unavailable) and its details."""
         async with self._reloading:
             if self.reloader is None:
                 why = "the supervisor was started without a configuration loader"
                 self.log("warning", "reload_unavailable", why=why)
-                return
+                return {"result": "unavailable", "why": why}
             try:
                 new = self.reloader()
                 digests = _digests(new)
@@ -251,22 +254,24 @@ class _Supervisor:
                 changed = [k for k, d in digests.items() if self.digests.get(k) != d]
                 plan = plan_reload(self.cfg, new, changed)
             except ConfigError as e:
-                self._count_reload("failed")
-                self.log("error", "reload_failed", error=str(e))
-                return
+                error = str(e)
             except Exception as e:  # a bug here must not take the gateway down
+                error = f"internal error: {e!r}"
+            else:
+                error = ""
+            if error:
                 self._count_reload("failed")
-                self.log("error", "reload_failed", error=f"internal error: {e!r}")
-                return
+                self.log("error", "reload_failed", error=error)
+                return {"result": "failed", "error": error}
             if plan.needs_restart:
                 self._count_reload("refused")
                 why = "these settings change only with a restart; nothing was applied"
                 self.log("error", "reload_refused", needs_restart=plan.needs_restart, why=why)
-                return
+                return {"result": "refused", "needs_restart": plan.needs_restart, "why": why}
             if not plan.changes:
                 self._count_reload("unchanged")
                 self.log("info", "reload_unchanged")
-                return
+                return {"result": "unchanged"}
             self.cfg = new
             self.digests = digests
             text = new.to_json()
@@ -274,6 +279,7 @@ class _Supervisor:
             sent = [i for i in list(self.control) if await self._send_config(i, changed)]
             self._count_reload("applied")
             self.log("info", "reloaded", workers=sent, **plan.summary())
+            return {"result": "applied", "workers": sent, **plan.summary()}
 
     async def _send_config(self, index: int, files: list[str]) -> bool:
         """The current configuration to worker ``index`` over its control
@@ -421,7 +427,7 @@ class _Supervisor:
                 outer.start_soon(self.deadline_loop)
                 outer.start_soon(self.tick_loop)
                 if listeners:
-                    app = OpsApp(self.agg, self.cfg.ops_token, trio.current_time)
+                    app = OpsApp(self.agg, self.cfg.ops_token, trio.current_time, self.reload)
                     outer.start_soon(serve_ops, app, listeners)
                     self.log("info", "ops_listening", address=self.cfg.ops_listen)
                 async with trio.open_nursery() as workers:

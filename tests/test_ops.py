@@ -298,6 +298,29 @@ def test_routes_and_bearer_token() -> None:
     assert app.denied == 6  # two refusals for each of the three routes
 
 
+def test_reload_route_needs_a_configured_token_and_the_bearer_header() -> None:
+    async def reload() -> dict[str, Any]:
+        return {"result": "applied"}
+
+    post = "POST /-/reload HTTP/1.1\r\nHost: x\r\n"
+    agg = Aggregator(workers=1)
+    assert status(OpsApp(agg, "tok", lambda: 0.0).reload_check(req(post + "\r\n")) or b"") == 404
+    open_app = OpsApp(agg, "", lambda: 0.0, reload)  # no token: metrics open, reloads not
+    r = open_app.reload_check(req(post + "\r\n"))
+    assert r is not None and status(r) == 403 and b"ops_token" in r
+    app = OpsApp(agg, "tok", lambda: 0.0, reload)
+    for headers in ("", "Authorization: Bearer wrong\r\n"):
+        r = app.reload_check(req(post + headers + "\r\n"))
+        assert r is not None and status(r) == 401
+    # the query-string token the dashboard uses does not do for a reload
+    r = app.reload_check(req("POST /-/reload?token=tok HTTP/1.1\r\nHost: x\r\n\r\n"))
+    assert r is not None and status(r) == 401
+    assert app.reload_check(req(post + "Authorization: Bearer tok\r\n\r\n")) is None
+    for result, code in (("applied", 200), ("unchanged", 200), ("refused", 409), ("failed", 409)):
+        r = OpsApp.reload_response({"result": result})
+        assert status(r) == code and json.loads(r.split(b"\r\n\r\n", 1)[1])["result"] == result
+
+
 def test_crypto_batches_are_measured_per_suite_and_op() -> None:
     from gateway.crypto import Keyring
     from gateway.ops.names import CRYPTO_BATCH_ITEMS, CRYPTO_BATCH_SECONDS

@@ -13,6 +13,7 @@ import signal
 import ssl
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -742,3 +743,36 @@ async def test_sighup_adds_a_group_and_rules_for_new_messages(tmp_path: Path) ->
         assert a == ["about my invoice", "hello"]
         # the keyword moved the session to billing (B), where it stays
         assert b == ["another invoice question", "thanks", "vip hello"]
+
+
+async def test_post_reload_on_the_operator_endpoint_answers_with_the_result(
+    tmp_path: Path,
+) -> None:
+    """``POST /-/reload`` with the ops token: the same reload as SIGHUP,
+    answered with what happened."""
+
+    def post(run: Reloadable, token: str | None) -> tuple[int, dict[str, Any]]:
+        r = urllib.request.Request(f"http://127.0.0.1:{run.ops}/-/reload", method="POST")
+        if token is not None:
+            r.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(r, timeout=20) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            body = e.read()
+            return e.code, json.loads(body) if body.startswith(b"{") else {}
+
+    extra = 'ops_token = "ops-secret"'
+    async with _reloadable(tmp_path, extra) as run:
+        assert (await trio.to_thread.run_sync(post, run, None))[0] == 401
+        assert (await trio.to_thread.run_sync(post, run, "wrong"))[0] == 401
+        run.write([run.a, run.b], extra)
+        code, body = await trio.to_thread.run_sync(post, run, "ops-secret")
+        assert code == 200 and body["result"] == "applied", body
+        assert body["endpoints_added"] == {"desks": [run.b]} and sorted(body["workers"]) == [0, 1]
+        code, body = await trio.to_thread.run_sync(post, run, "ops-secret")
+        assert (code, body) == (200, {"result": "unchanged"})
+        run.write([run.a, run.b], extra + "\nheartbeat_s = 20.0")
+        code, body = await trio.to_thread.run_sync(post, run, "ops-secret")
+        assert code == 409 and body["result"] == "refused"
+        assert body["needs_restart"] == ["heartbeat_s"]

@@ -10,7 +10,7 @@ from typing import Any, Final
 
 import trio
 
-from gateway.ops.app import OpsApp
+from gateway.ops.app import RELOAD_PATH, OpsApp
 from gateway.server.http1 import HttpError, parse_head, response
 
 __all__ = ["MAX_CONNECTIONS", "READ_TIMEOUT_S", "open_ops_listeners", "serve_ops"]
@@ -26,8 +26,9 @@ async def open_ops_listeners(host: str, port: int) -> list[trio.SocketListener]:
 
 async def _handle(app: OpsApp, stream: trio.SocketStream) -> None:
     buf = b""
+    parsed = None
     with trio.move_on_after(READ_TIMEOUT_S):
-        while True:
+        while parsed is None:
             data = await stream.receive_some(8192)
             if not data:
                 return
@@ -37,9 +38,22 @@ async def _handle(app: OpsApp, stream: trio.SocketStream) -> None:
             except HttpError as e:
                 await stream.send_all(response(e.status, e.reason.encode() + b"\n"))
                 return
-            if parsed is not None:
-                break
-        await stream.send_all(app.handle(parsed[0]))
+    if parsed is None:
+        return
+    req = parsed[0]
+    if req.method == "POST" and req.path == RELOAD_PATH:
+        refused = app.reload_check(req)
+        if refused is not None:
+            await stream.send_all(refused)
+            return
+        assert app.reload is not None
+        # a reload runs to its end, whatever happens to the request
+        with trio.CancelScope(shield=True):
+            result = await app.reload()
+        await stream.send_all(app.reload_response(result))
+        return
+    with trio.move_on_after(READ_TIMEOUT_S):
+        await stream.send_all(app.handle(req))
 
 
 async def serve_ops(
