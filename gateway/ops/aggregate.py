@@ -311,7 +311,7 @@ class Aggregator:
         g = _family(out, "gateway_worker_restarts_total", "counter", "Worker processes restarted")
         g.add((), self.restarts)
         g = _family(out, "gateway_config_reloads_total", "counter",
-                    "Configuration reloads (SIGHUP) by result")  # fmt: skip
+                    "Configuration reloads (SIGHUP or POST /-/reload) by result")  # fmt: skip
         for result in RELOAD_RESULTS:
             g.add((("result", result),), self.reloads.get(result, 0))
         g = _family(out, "gateway_ops_bad_snapshots_total", "counter", "Worker snapshots refused")
