@@ -1,6 +1,8 @@
-"""Configuration reload (SIGHUP): what may change without a restart
-(sans-IO plan), the balancer taking endpoints in and out, and `gateway
-serve --config FILE` reloading in place while visitors stay connected."""
+"""Configuration reload (SIGHUP, ``POST /-/reload``): what may change
+without a restart (sans-IO plan), the balancer taking endpoints in and
+out, `gateway serve --config FILE` reloading in place while visitors stay
+connected, and in-process workers given a configuration directly where a
+stalled or mutual-TLS desk is needed."""
 
 from __future__ import annotations
 
@@ -156,52 +158,6 @@ def test_plan_reloads_a_clusters_tls_files(tmp_path: Path) -> None:
     assert plan_reload(plain, a).needs_restart == [key]
 
 
-async def test_a_clusters_client_certificate_renewed_in_place_is_used_by_the_next_link(
-    tmp_path: Path,
-) -> None:
-    """An in-process worker whose cluster presents a client certificate the
-    desk (mutual TLS) does not trust: its link stays down. The files are
-    replaced in place by a certificate from the desk's client CA and the
-    configuration applied again: the link's next attempt comes up and a
-    message is forwarded."""
-    from gateway.server.control import apply_config
-    from tests.test_downstream import desk, records, wait_links_up
-    from tests.test_downstream_tls import Pki, tls_ds
-
-    pki = Pki(tmp_path, "127.0.0.1")
-    clients, stranger = Pki(tmp_path, "unused"), Pki(tmp_path, "unused")
-    cert, key = stranger.client(tmp_path, "gw")
-    ctx = server_context(pki.cert, pki.key, client_ca=clients.ca_file)
-    rec = tmp_path / "rec.jsonl"
-    async with desk(record=rec, think_ms=0, ssl_context=ctx) as (port, srv, _):
-        spec = tls_ds(port, ca_file=pki.ca_file, cert_file=cert, key_file=key)
-        async with running(tmp_path, downstream=spec) as gw:
-            fw = gw.w.forwarder
-            with trio.fail_after(10):
-                while srv.tls_failures < 1:  # refused: unknown CA
-                    await trio.sleep(0.02)
-            assert not any(ln.up for ln in fw.links)
-            old = fw.links[0].ssl_context
-            # files that do not load (changed again after the supervisor's
-            # check): nothing applied, the worker goes on
-            good_key = Path(key).read_bytes()
-            Path(key).write_text("not a key")
-            apply_config(gw.w, gw.w.cfg, ["downstream.clusters.general"])
-            assert fw.links[0].ssl_context is old
-            assert gw.w.hub.stats["reloads_failed"] == 1 and gw.w.hub.stats["reloads"] == 0
-            Path(key).write_bytes(good_key)
-            new_cert, new_key = clients.client(tmp_path, "gw-renewed")
-            Path(new_cert).replace(cert)
-            Path(new_key).replace(key)
-            plan = apply_config(gw.w, gw.w.cfg, ["downstream.clusters.general"])
-            assert plan.cluster_tls == ["general"]
-            assert fw.links[0].ssl_context is not old
-            await wait_links_up(fw)
-            async with gc.connect(gw.url, token=gw.token("dave"), reconnect=False) as s:
-                assert await s.send("renewed") == 1
-    assert [r["body"] for r in records(rec)] == ["renewed"]
-
-
 def test_plan_applies_downstream_timeouts_and_bounds_but_not_the_breaker(tmp_path: Path) -> None:
     base = _downstream("10.0.0.1:7001")
     a = _cfg(tmp_path, downstream=base)
@@ -211,53 +167,6 @@ def test_plan_applies_downstream_timeouts_and_bounds_but_not_the_breaker(tmp_pat
     assert plan.summary() == {"downstream_settings": "changed"}
     broken = {**base, "breaker": {"consecutive_failures": 2}}
     assert plan_reload(a, _cfg(tmp_path, downstream=broken)).needs_restart == ["downstream.breaker"]
-
-
-async def test_a_shorter_request_timeout_applies_to_the_next_message(tmp_path: Path) -> None:
-    """An in-process worker with a 30 s request timeout in front of a desk
-    that stops answering after its first message. With a second message
-    in flight, the timeout is reloaded to 0.3 s with one attempt: that
-    message and the next one are refused (4429) within a second or two
-    instead of waiting 30 s; the links and the sticky table take the new
-    bounds too."""
-    import dataclasses as dc
-
-    from gateway.server.control import apply_config
-    from tests.test_downstream import desk, ds, wait_links_up
-
-    async with desk(think_ms=0, stall_after=1) as (port, _, _):
-        table = ds(("general", [port]), request_timeout_s=30.0)
-        async with running(tmp_path, downstream=table) as gw:
-            fw = gw.w.forwarder
-            await wait_links_up(fw)
-            ws = await RawWs.connect(gw.port)
-            assert (await ws.hello(gw.token("erin")))["t"] == "welcome"
-            await ws.send({"t": "msg", "id": 1, "body": "answered"})
-            with trio.fail_after(5):
-                while (await ws.recv())["t"] != "ack":
-                    pass
-            await ws.send({"t": "msg", "id": 2, "body": "in flight"})
-            await trio.sleep(0.2)  # sent to the desk, which says nothing
-            tuned = {**table, "request_timeout_s": 0.3, "max_attempts": 1,
-                     "link_high_water": 65536, "health_interval_s": 0.5,
-                     "sticky_entries": 10}  # fmt: skip
-            plan = apply_config(gw.w, dc.replace(gw.w.cfg, downstream=tuned))
-            assert plan.tuning and gw.w.hub.stats["reloads"] == 1
-            ln = fw.links[0]
-            assert (ln.drain_timeout_s, ln.high_water, ln.health_interval_s) == (0.3, 65536, 0.5)
-            assert fw.sticky.max_entries == 10
-            t0 = trio.current_time()
-            await ws.send({"t": "msg", "id": 3, "body": "never answered"})
-            refused: list[dict[str, Any]] = []
-            with trio.fail_after(5):
-                while len(refused) < 2:
-                    f = await ws.recv()
-                    if f["t"] == "error":
-                        refused.append(f)
-            assert sorted(f["id"] for f in refused) == [2, 3], refused
-            assert all(f["code"] == 4429 for f in refused)
-            assert trio.current_time() - t0 < 2.0  # not the 30 s it was
-            await ws.aclose()
 
 
 def test_plan_reloads_tls_files_changed_in_place_or_moved(tmp_path: Path) -> None:
@@ -776,3 +685,99 @@ async def test_post_reload_on_the_operator_endpoint_answers_with_the_result(
         code, body = await trio.to_thread.run_sync(post, run, "ops-secret")
         assert code == 409 and body["result"] == "refused"
         assert body["needs_restart"] == ["heartbeat_s"]
+
+
+# -- an in-process worker, its configuration applied directly --------------------
+
+
+async def test_a_clusters_client_certificate_renewed_in_place_is_used_by_the_next_link(
+    tmp_path: Path,
+) -> None:
+    """An in-process worker whose cluster presents a client certificate the
+    desk (mutual TLS) does not trust: its link stays down. The files are
+    replaced in place by a certificate from the desk's client CA and the
+    configuration applied again: the link's next attempt comes up and a
+    message is forwarded."""
+    from gateway.server.control import apply_config
+    from tests.test_downstream import desk, records, wait_links_up
+    from tests.test_downstream_tls import Pki, tls_ds
+
+    pki = Pki(tmp_path, "127.0.0.1")
+    clients, stranger = Pki(tmp_path, "unused"), Pki(tmp_path, "unused")
+    cert, key = stranger.client(tmp_path, "gw")
+    ctx = server_context(pki.cert, pki.key, client_ca=clients.ca_file)
+    rec = tmp_path / "rec.jsonl"
+    async with desk(record=rec, think_ms=0, ssl_context=ctx) as (port, srv, _):
+        spec = tls_ds(port, ca_file=pki.ca_file, cert_file=cert, key_file=key)
+        async with running(tmp_path, downstream=spec) as gw:
+            fw = gw.w.forwarder
+            with trio.fail_after(10):
+                while srv.tls_failures < 1:  # refused: unknown CA
+                    await trio.sleep(0.02)
+            assert not any(ln.up for ln in fw.links)
+            old = fw.links[0].ssl_context
+            # files that do not load (changed again after the supervisor's
+            # check): nothing applied, the worker goes on
+            good_key = Path(key).read_bytes()
+            Path(key).write_text("not a key")
+            apply_config(gw.w, gw.w.cfg, ["downstream.clusters.general"])
+            assert fw.links[0].ssl_context is old
+            assert gw.w.hub.stats["reloads_failed"] == 1 and gw.w.hub.stats["reloads"] == 0
+            Path(key).write_bytes(good_key)
+            new_cert, new_key = clients.client(tmp_path, "gw-renewed")
+            Path(new_cert).replace(cert)
+            Path(new_key).replace(key)
+            plan = apply_config(gw.w, gw.w.cfg, ["downstream.clusters.general"])
+            assert plan.cluster_tls == ["general"]
+            assert fw.links[0].ssl_context is not old
+            await wait_links_up(fw)
+            async with gc.connect(gw.url, token=gw.token("dave"), reconnect=False) as s:
+                assert await s.send("renewed") == 1
+    assert [r["body"] for r in records(rec)] == ["renewed"]
+
+
+async def test_a_shorter_request_timeout_applies_to_the_next_message(tmp_path: Path) -> None:
+    """An in-process worker with a 30 s request timeout in front of a desk
+    that stops answering after its first message. With a second message
+    in flight, the timeout is reloaded to 0.3 s with one attempt: that
+    message and the next one are refused (4429) within a second or two
+    instead of waiting 30 s; the links and the sticky table take the new
+    bounds too."""
+    import dataclasses as dc
+
+    from gateway.server.control import apply_config
+    from tests.test_downstream import desk, ds, wait_links_up
+
+    async with desk(think_ms=0, stall_after=1) as (port, _, _):
+        table = ds(("general", [port]), request_timeout_s=30.0)
+        async with running(tmp_path, downstream=table) as gw:
+            fw = gw.w.forwarder
+            await wait_links_up(fw)
+            ws = await RawWs.connect(gw.port)
+            assert (await ws.hello(gw.token("erin")))["t"] == "welcome"
+            await ws.send({"t": "msg", "id": 1, "body": "answered"})
+            with trio.fail_after(5):
+                while (await ws.recv())["t"] != "ack":
+                    pass
+            await ws.send({"t": "msg", "id": 2, "body": "in flight"})
+            await trio.sleep(0.2)  # sent to the desk, which says nothing
+            tuned = {**table, "request_timeout_s": 0.3, "max_attempts": 1,
+                     "link_high_water": 65536, "health_interval_s": 0.5,
+                     "sticky_entries": 10}  # fmt: skip
+            plan = apply_config(gw.w, dc.replace(gw.w.cfg, downstream=tuned))
+            assert plan.tuning and gw.w.hub.stats["reloads"] == 1
+            ln = fw.links[0]
+            assert (ln.drain_timeout_s, ln.high_water, ln.health_interval_s) == (0.3, 65536, 0.5)
+            assert fw.sticky.max_entries == 10
+            t0 = trio.current_time()
+            await ws.send({"t": "msg", "id": 3, "body": "never answered"})
+            refused: list[dict[str, Any]] = []
+            with trio.fail_after(5):
+                while len(refused) < 2:
+                    f = await ws.recv()
+                    if f["t"] == "error":
+                        refused.append(f)
+            assert sorted(f["id"] for f in refused) == [2, 3], refused
+            assert all(f["code"] == 4429 for f in refused)
+            assert trio.current_time() - t0 < 2.0  # not the 30 s it was
+            await ws.aclose()
