@@ -400,3 +400,38 @@ def test_tls_bio_tells_a_clean_end_from_a_cut_connection(tmp_path: Path) -> None
     client2.feed(b"")
     with pytest.raises(ssl.SSLError):
         client2.open()
+
+
+async def test_desk_sim_answers_a_link_request_sent_with_the_end_of_the_handshake(
+    tmp_path: Path,
+) -> None:
+    """A gateway's client Finished and its link request in one TCP segment
+    (as under load, when the two writes coalesce): desk-sim answers the
+    request from what the handshake left in its TLS buffer. Before, it
+    waited for another read that never came, and the link timed out."""
+    from gateway.downstream.link import LinkCore
+
+    pki = Pki(tmp_path, "127.0.0.1")
+    ctx = server_context(pki.cert, pki.key)
+    async with desk(think_ms=0, ssl_context=ctx) as (port, _, _):
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        cctx = client_context(parse_settings(tls_ds(port, ca_file=pki.ca_file)).clusters["general"])  # type: ignore[union-attr]
+        tls = TlsBio(cctx, "127.0.0.1")
+        core = LinkCore()
+        core.start(f"127.0.0.1:{port}", [("x-gateway-worker", "0")])
+        with trio.fail_after(5):
+            while not tls.handshake():
+                out = tls.seal(b"")
+                if out:
+                    await tcp.send_all(out)
+                tls.feed(await tcp.receive_some(65536))
+            # the Finished and the sealed request, written at once
+            await tcp.send_all(tls.seal(b"") + tls.seal(core.flush()))
+        with trio.fail_after(1.5):  # the link's own limit is 2 s
+            while core.status is None:
+                data = await tcp.receive_some(65536)
+                assert data, "desk-sim closed the connection"
+                tls.feed(data)
+                core.receive(tls.open())
+        assert core.status == 200
+        await tcp.aclose()

@@ -282,21 +282,34 @@ class DeskServer:
         # between reads, while no other task has anything to do, wait for
         # the next one here rather than through trio's scheduler
         idle = trioidle.probe(fd)
-        while True:
-            if idle is not None and idle.wait():
-                data = os.read(fd, READ_SIZE)
-            else:
-                data = await c.sock.receive_some(READ_SIZE)
-            if not data:
+        # over TLS, the gateway's first bytes (the connection preface and the
+        # link's request) may have come in the same read as the end of its
+        # handshake: they are in the TLS buffer already, and no new read
+        # would come for them (the gateway waits for the answer)
+        early = b""
+        if tls is not None:
+            try:
+                early = tls.open()
+            except (EOFError, ssl.SSLError):
                 return
-            if tls is not None:
-                tls.feed(data)
-                try:
-                    data = tls.open()
-                except (EOFError, ssl.SSLError):
-                    return  # the gateway ended the session, or broke it
+        while True:
+            if early:
+                data, early = early, b""
+            else:
+                if idle is not None and idle.wait():
+                    data = os.read(fd, READ_SIZE)
+                else:
+                    data = await c.sock.receive_some(READ_SIZE)
                 if not data:
-                    continue  # no complete record yet
+                    return
+                if tls is not None:
+                    tls.feed(data)
+                    try:
+                        data = tls.open()
+                    except (EOFError, ssl.SSLError):
+                        return  # the gateway ended the session, or broke it
+                    if not data:
+                        continue  # no complete record yet
             sp = c.split
             sp.feed(data)
             c.reading = True
