@@ -43,10 +43,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from gateway.config import Config, ConfigError
 from gateway.session.limits import FIELDS as LIMIT_FIELDS
+
+if TYPE_CHECKING:
+    from gateway.downstream.settings import DownstreamSettings
 
 __all__ = ["TUNING_FIELDS", "ReloadPlan", "file_sets", "plan_reload"]
 
@@ -79,6 +82,8 @@ class ReloadPlan:
     #: per cluster: the endpoints (``host:port``) added and removed
     added: dict[str, list[str]] = field(default_factory=dict)
     removed: dict[str, list[str]] = field(default_factory=dict)
+    #: the new ``[downstream]`` settings, parsed (None: the demo bot)
+    downstream: DownstreamSettings | None = None
 
     @property
     def changes(self) -> bool:
@@ -179,6 +184,7 @@ def plan_reload(old: Config, new: Config, files_changed: Collection[str] = ()) -
         b = parse_settings(new.downstream) if new.downstream else None
     except ValueError as e:
         raise ConfigError(f"downstream: {e}") from None
+    plan.downstream = b
     if a is None or b is None:
         if (a is None) != (b is None):
             plan.needs_restart.append("downstream")  # the demo bot on or off

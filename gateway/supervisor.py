@@ -57,7 +57,7 @@ from gateway.ops.aggregate import Aggregator
 from gateway.ops.app import OpsApp
 from gateway.ops.report import STATS_FD_ENV
 from gateway.ops.server import open_ops_listeners, serve_ops
-from gateway.ops.wire import SnapshotDecoder, WireError, encode_snapshot
+from gateway.ops.wire import WireError, encode_snapshot, read_frames
 from gateway.protocol.tokens import mint
 from gateway.reload import file_sets, plan_reload
 from gateway.server.control import CONTROL_FD_ENV
@@ -305,22 +305,11 @@ class _Supervisor:
     async def read_stats(self, index: int, rfd: int) -> None:
         """Feeds worker ``index``'s snapshots to the aggregator until its
         pipe closes (the worker exited)."""
-        dec = SnapshotDecoder()
-        stream = trio.lowlevel.FdStream(rfd)
         try:
-            while True:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                for snap in dec.feed(data):
-                    self.agg.update(index, snap, trio.current_time())
+            await read_frames(rfd, lambda snap: self.agg.update(index, snap, trio.current_time()))
         except WireError as e:
             self.agg.bad_snapshots += 1
             self.log("error", "bad_snapshot", worker=index, error=str(e))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-        finally:
-            await stream.aclose()
 
     async def worker_loop(self, index: int) -> None:
         recent: deque[float] = deque()

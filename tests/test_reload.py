@@ -401,9 +401,8 @@ async def test_sighup_moves_traffic_to_new_endpoints_with_visitors_connected(
     tmp_path: Path,
 ) -> None:
     async with _reloadable(tmp_path) as run:
-        url = run.url
         acked: list[tuple[str, str]] = []
-        async with gc.connect(url, token=run.token("v1")) as s:
+        async with gc.connect(run.url, token=run.token("v1")) as s:
             before = [f"before #{k}" for k in range(20)]
             await _send(s, before, acked)
             assert {r[2] for r in _recorded(run.rec_a)} == set(before)
@@ -421,7 +420,7 @@ async def test_sighup_moves_traffic_to_new_endpoints_with_visitors_connected(
             await _send(s, after, acked)
             # the same connection all along: the reload dropped no visitor
             assert s.connections == 1
-        async with gc.connect(url, token=run.token("v2")) as s2:
+        async with gc.connect(run.url, token=run.token("v2")) as s2:
             await _send(s2, ["new visitor"], acked)
 
         a = {r[2] for r in _recorded(run.rec_a)}
@@ -482,9 +481,8 @@ async def test_endpoint_removed_under_load_loses_no_acked_message(tmp_path: Path
 
 async def test_sighup_refuses_an_invalid_or_restart_needing_config(tmp_path: Path) -> None:
     async with _reloadable(tmp_path) as run:
-        url = run.url
         acked: list[tuple[str, str]] = []
-        async with gc.connect(url, token=run.token("v1")) as s:
+        async with gc.connect(run.url, token=run.token("v1")) as s:
             await _send(s, ["one"], acked)
 
             run.conf.write_text(run.conf.read_text() + "\n[gateway\n")  # not TOML
@@ -513,9 +511,8 @@ async def test_sighup_refuses_an_invalid_or_restart_needing_config(tmp_path: Pat
 
 async def test_sighup_rotates_tenant_secrets_for_new_connections(tmp_path: Path) -> None:
     async with _reloadable(tmp_path) as run:
-        url = run.url
         acked: list[tuple[str, str]] = []
-        async with gc.connect(url, token=run.token("old")) as s:
+        async with gc.connect(run.url, token=run.token("old")) as s:
             await _send(s, ["with k1"], acked)
             run.write([run.a], secrets=f'secrets = {{ k2 = "{SECRET_2}" }}')
             lines = await run.sighup("reloaded", 3)
@@ -524,11 +521,11 @@ async def test_sighup_rotates_tenant_secrets_for_new_connections(tmp_path: Path)
             await _send(s, ["still k1"], acked)
             assert s.connections == 1
         # new connections: the k2 token is accepted, the k1 one is not
-        async with gc.connect(url, token=run.token("new", "k2", SECRET_2)) as s2:
+        async with gc.connect(run.url, token=run.token("new", "k2", SECRET_2)) as s2:
             await _send(s2, ["with k2"], acked)
         with pytest.raises(gc.GatewayError) as e:
             with trio.fail_after(10):
-                async with gc.connect(url, token=run.token("late"), reconnect=False):
+                async with gc.connect(run.url, token=run.token("late"), reconnect=False):
                     pass
         assert e.value.code == 4501  # unknown key id: k1 is gone
         assert {r[2] for r in _recorded(run.rec_a)} == {"with k1", "still k1", "with k2"}
@@ -781,3 +778,38 @@ async def test_a_shorter_request_timeout_applies_to_the_next_message(tmp_path: P
             assert all(f["code"] == 4429 for f in refused)
             assert trio.current_time() - t0 < 2.0  # not the 30 s it was
             await ws.aclose()
+
+
+async def test_a_failure_applying_a_reload_does_not_end_the_control_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's control loop over a real pipe: a bad message is logged
+    and skipped, a bug while applying is counted and skipped, and the next
+    message is still applied."""
+    import gateway.server.control as control
+    from gateway.ops.wire import encode_snapshot
+
+    async with running(tmp_path) as gw:
+        w = gw.w
+        rfd, wfd = os.pipe()
+        real = control.apply_config
+        calls: list[int] = []
+
+        def failing_once(w: Any, new: Any, files: Any = ()) -> Any:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("a bug")
+            return real(w, new, files)
+
+        monkeypatch.setattr(control, "apply_config", failing_once)
+        lowered = dataclasses.replace(w.cfg, visitor_msg_rate=1.0)
+        frame = encode_snapshot({"t": "reload", "config": lowered.to_json(), "files": []})
+        async with trio.open_nursery() as n:
+            n.start_soon(control.control_loop, w, rfd)
+            os.write(wfd, encode_snapshot({"t": "nonsense"}) + frame + frame)
+            with trio.fail_after(5):
+                while w.hub.stats["reloads"] < 1:
+                    await trio.sleep(0.01)
+            os.close(wfd)  # the loop ends with the pipe
+        assert calls == [1, 1] and w.hub.stats["internal_errors"] == 1
+        assert w.cfg.visitor_msg_rate == 1.0

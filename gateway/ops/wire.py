@@ -1,16 +1,19 @@
 """Worker -> supervisor snapshot frames: a 4-byte big-endian length, then a
 msgpack map (sans-IO; the pipe I/O is in :mod:`gateway.ops.report` and the
 supervisor). The supervisor's control messages to the workers use the same
-framing (:mod:`gateway.server.control`)."""
+framing (:mod:`gateway.server.control`); :func:`read_frames` is the one
+reading loop both pipe ends use."""
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any, Final
 
 import msgpack
+import trio
 
-__all__ = ["MAX_SNAPSHOT_BYTES", "SnapshotDecoder", "WireError", "encode_snapshot"]
+__all__ = ["MAX_SNAPSHOT_BYTES", "SnapshotDecoder", "WireError", "encode_snapshot", "read_frames"]
 
 #: A snapshot larger than this is refused (every metric's label children
 #: are bounded, so a real one stays far below it).
@@ -55,3 +58,22 @@ class SnapshotDecoder:
                 raise WireError("snapshot is not a map")
             out.append(snap)
         return out
+
+
+async def read_frames(fd: int, handle: Callable[[dict[str, Any]], None]) -> None:
+    """Reads the pipe ``fd`` (taken over: closed at the end) and calls
+    ``handle`` with each frame, until the writer closes it or the pipe
+    breaks; raises :class:`WireError` on a bad frame."""
+    dec = SnapshotDecoder()
+    stream = trio.lowlevel.FdStream(fd)
+    try:
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            for frame in dec.feed(data):
+                handle(frame)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        await stream.aclose()

@@ -19,13 +19,11 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Collection
-from typing import TYPE_CHECKING, Final
-
-import trio
+from typing import TYPE_CHECKING, Any, Final
 
 from gateway.config import Config, ConfigError
 from gateway.downstream.tls import client_context
-from gateway.ops.wire import SnapshotDecoder, WireError
+from gateway.ops.wire import WireError, read_frames
 from gateway.protocol.tokens import TokenVerifier
 from gateway.reload import ReloadPlan, plan_reload
 from gateway.server.tlsconf import visitor_context
@@ -57,9 +55,7 @@ def apply_config(w: Worker, new: Config, files_changed: Collection[str] = ()) ->
     # loaded them): nothing is applied unless they all load
     settings = None
     if plan.routing or plan.tuning or plan.added or plan.removed or plan.cluster_tls:
-        from gateway.downstream.settings import parse_settings
-
-        settings = parse_settings(new.downstream)
+        settings = plan.downstream
         assert settings is not None and w.forwarder is not None
     try:
         ctx = None
@@ -98,26 +94,22 @@ def apply_config(w: Worker, new: Config, files_changed: Collection[str] = ()) ->
 
 async def control_loop(w: Worker, fd: int) -> None:
     """Reads control messages from the supervisor until the pipe closes."""
-    dec = SnapshotDecoder()
-    stream = trio.lowlevel.FdStream(fd)
     try:
-        while True:
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            for msg in dec.feed(data):
-                if msg.get("t") != "reload" or not isinstance(msg.get("config"), str):
-                    w.event("warning", "control_unknown", message=str(msg.get("t"))[:40])
-                    continue
-                try:
-                    files = msg.get("files")
-                    changed = [f for f in files if type(f) is str] if type(files) is list else []
-                    apply_config(w, Config.from_json(msg["config"]), changed)
-                except (ConfigError, ValueError) as e:
-                    w.event("error", "reload_failed", error=str(e)[:500])
+        await read_frames(fd, lambda msg: _on_message(w, msg))
     except WireError as e:
         w.event("error", "control_bad_frame", error=str(e))
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass
-    finally:
-        await stream.aclose()
+
+
+def _on_message(w: Worker, msg: dict[str, Any]) -> None:
+    if msg.get("t") != "reload" or not isinstance(msg.get("config"), str):
+        w.event("warning", "control_unknown", message=str(msg.get("t"))[:40])
+        return
+    files = msg.get("files")
+    changed = [f for f in files if type(f) is str] if type(files) is list else []
+    try:
+        apply_config(w, Config.from_json(msg["config"]), changed)
+    except (ConfigError, ValueError) as e:
+        w.event("error", "reload_failed", error=str(e)[:500])
+    except Exception:  # a bug here must not take the worker down
+        w.hub.stats["internal_errors"] += 1
+        _log.exception("applying a reloaded configuration failed")
