@@ -5,8 +5,8 @@ visitor message such a frame names and counts what it cannot match."""
 
 from __future__ import annotations
 
-import collections
 import gc
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -21,7 +21,9 @@ from gateway.downstream.proto import (
 )
 from gateway.downstream.settings import merge_cli_specs, parse_settings
 from gateway.protocol.codec import LengthPrefixedDecoder
+from gateway.session.hub import Hub
 from gateway.session.state import Session
+from tests.hubkit import Visitor, attach, hub_for
 from tests.test_downstream import _open, _raw_link, desk
 
 
@@ -113,50 +115,38 @@ async def test_batched_acks_keep_their_place_before_the_replies() -> None:
         assert acked == 4
 
 
-class _Hub:
-    def __init__(self) -> None:
-        self.sessions: dict[str, Session] = {}
-        self.stats: collections.Counter[str] = collections.Counter()
-        self.migrator = None
-        self.acked: list[tuple[str, Any]] = []
-        self.ready = 0
-
-    def downstream_ack(self, s: Session, msg_id: Any) -> None:
-        self.acked.append((s.sid, msg_id))
-
-    def downstream_ready(self) -> None:
-        self.ready += 1
-
-    def log(self, *a: Any, **k: Any) -> None:
-        pass
-
-
-def _forwarder(n: int) -> tuple[Forwarder, _Hub, Link, LinkCore, list[Session]]:
+def _forwarder(
+    n: int, state_dir: Path
+) -> tuple[Forwarder, Hub, Link, LinkCore, list[Session], list[Visitor]]:
     """A forwarder with one link that is up (its output kept in a
-    :class:`LinkCore`, no socket) and ``n`` sessions opened on it."""
+    :class:`LinkCore`, no socket) and ``n`` sessions opened on it, each
+    with a recording visitor."""
     settings = parse_settings(merge_cli_specs({}, ["general=127.0.0.1:9001"]))
     assert settings is not None
     fwd = Forwarder(settings)
-    hub = _Hub()
-    fwd.hub = hub  # type: ignore[assignment]
+    hub = hub_for(fwd, state_dir)
+    fwd.hub = hub
     link = fwd.links[0]
     link.core = core = LinkCore()
     link.state = UP
     link.endpoint.endpoint.up = True
-    sessions = []
+    sessions, visitors = [], []
     for i in range(n):
         s = Session(f"sid-{i}", "t", f"v{i}", {}, "web", 16, 8, 1 << 20)
-        hub.sessions[s.sid] = s
-        fwd.opened(hub, s, False)  # type: ignore[arg-type]
+        visitors.append(attach(hub, s))
+        fwd.opened(hub, s, False)
         sessions.append(s)
-    return fwd, hub, link, core, sessions
+    return fwd, hub, link, core, sessions, visitors
 
 
-async def test_forwarder_acks_every_message_an_acks_frame_names() -> None:
-    fwd, hub, link, core, sessions = _forwarder(50)
+async def test_forwarder_acks_every_message_an_acks_frame_names(tmp_path: Path) -> None:
+    fwd, hub, link, core, sessions, visitors = _forwarder(50, tmp_path)
+    paused = Visitor()
+    hub._paused.add(paused)  # a reader that waits for the downstream
     for k in (1, 2):
         for s in sessions:
-            assert fwd.submit(hub, s, f"{s.sid}/m{k}", k, "x")  # type: ignore[arg-type]
+            msg_id = f"{s.sid}/m{k}"
+            assert fwd.submit(hub, s, msg_id, s.begin(msg_id), "x")
     assert link.inflight == 100
     sent = LengthPrefixedDecoder(MAX_LINK_FRAME).feed(bytes(core.out))
     ns = {(f["sid"], f["id"]): f["n"] for f in sent if f["t"] == "msg"}
@@ -171,29 +161,32 @@ async def test_forwarder_acks_every_message_an_acks_frame_names() -> None:
     frames = LengthPrefixedDecoder(MAX_LINK_FRAME, check_from_downstream).feed(data)
     fwd.link_frames(link, frames)
 
-    assert sorted(hub.acked) == sorted((s.sid, f"{s.sid}/m{k}") for s in sessions for k in (1, 2))
+    acked = [(s.sid, a) for s, v in zip(sessions, visitors, strict=True) for a in v.acks]
+    assert sorted(acked) == sorted((s.sid, f"{s.sid}/m{k}") for s in sessions for k in (1, 2))
     assert hub.stats["downstream_ack_unknown"] == 1
     assert hub.stats["downstream_unknown_session"] == 1
     assert link.inflight == 0 and fwd.clusters["general"].inflight == 0
-    assert hub.ready == 1  # visitors paused on the downstream may read again
+    assert paused.ready == 1  # visitors paused on the downstream may read again
     # the same acks again (a downstream repeating itself): nothing acked twice
     fwd.link_frames(link, LengthPrefixedDecoder(MAX_LINK_FRAME, check_from_downstream).feed(data))
-    assert len(hub.acked) == 100 and hub.stats["downstream_ack_unknown"] == 102
+    assert sum(len(v.acks) for v in visitors) == 100
+    assert hub.stats["downstream_ack_unknown"] == 102
 
 
-async def test_acknowledged_messages_leave_no_objects_for_the_garbage_collector() -> None:
+async def test_acknowledged_messages_leave_no_objects_for_the_garbage_collector(
+    tmp_path: Path,
+) -> None:
     """Once acked, a forwarded message leaves nothing behind that the cyclic
     garbage collector tracks (its deadline entry stays until the deadline,
     as plain numbers): young-generation collections then have nothing to
     scan that grows with the message rate (pauses of several ms when each
     message left a tuple for its 5 s deadline)."""
-    fwd, hub, link, core, sessions = _forwarder(50)
-    hub.downstream_ack = lambda s, msg_id: None  # type: ignore[method-assign]
+    fwd, hub, link, core, sessions, _ = _forwarder(50, tmp_path)
 
     def round_trip(first: int, per: int) -> None:
         for k in range(first, first + per):
             for s in sessions:
-                assert fwd.submit(hub, s, k, k, "x")  # type: ignore[arg-type]
+                assert fwd.submit(hub, s, k, s.begin(k), "x")
         sent = LengthPrefixedDecoder(MAX_LINK_FRAME).feed(bytes(core.out))
         core.out.clear()
         acks: dict[str, list[int]] = {}

@@ -32,6 +32,8 @@ from gateway.downstream.proto import FEATURES_HEADER, LINK_PATH, MOVED_MARK, che
 from gateway.protocol.codec import LengthPrefixedDecoder
 from gateway.protocol.codes import ProtocolError
 from gateway.protocol.tokens import mint
+from gateway.session.hub import Hub
+from tests.hubkit import Visitor, attach, hub_for
 from tests.test_server_h2 import H2Client
 from tests.test_server_process import free_port, serve_two_workers, stop, wait_listening
 
@@ -448,27 +450,14 @@ def test_desk_sim_says_moved_on_the_link_a_session_left() -> None:
     assert desk.take_marks() == [(2, "s1")] and desk.link_of("s1") == 3
 
 
-class _Hub:
-    """What the forwarder's reply paths use of a hub."""
-
-    def __init__(self) -> None:
-        import collections
-
-        self.stats: collections.Counter[str] = collections.Counter()
-        self.sessions: dict[str, Any] = {}
-        self.migrator = None
-        self.index = 1
-        self.seen: list[tuple[str, Any]] = []
-
-    def deliver(self, s: Any, body: Any, sender: dict[str, str]) -> int:
-        self.seen.append((s.sid, body))
-        return len(self.seen)
-
-    def downstream_ready(self) -> None:
-        pass
+def _seen(s: Any, v: Visitor) -> list[tuple[str, Any]]:
+    """The replies the visitor of ``s`` got, in order."""
+    return [(s.sid, b) for b in v.delivered()]
 
 
-def _forwarder_with_a_moved_in_session() -> tuple[Any, Any, Any, _Hub]:
+def _forwarder_with_a_moved_in_session(state_dir: Path) -> tuple[Any, Any, Any, Hub, Visitor]:
+    """A forwarder (of worker 1) with a session that moved in from worker
+    0, its hub a real one and its visitor recording what it gets."""
     from gateway.downstream.forwarder import Flow, Forwarder
     from gateway.downstream.settings import merge_cli_specs, parse_settings
     from gateway.session.state import Session
@@ -476,61 +465,61 @@ def _forwarder_with_a_moved_in_session() -> tuple[Any, Any, Any, _Hub]:
     settings = parse_settings(merge_cli_specs({}, ["general=127.0.0.1:9001,127.0.0.1:9002"]))
     assert settings is not None
     fw = Forwarder(settings)
-    hub = _Hub()
-    fw.hub = hub  # type: ignore[assignment]
+    hub = hub_for(fw, state_dir, workers=3, index=1)
+    fw.hub = hub
     s = Session("sid-h", "t", "v", {}, "web", 4, 8, 1 << 20)
-    hub.sessions[s.sid] = s
+    v = attach(hub, s)
     eps = list(fw.clusters["general"].eps.values())
     fw._now = 100.0
-    fw.moved_in(hub, s, {"ep": eps[0].key, "agent": None, "marks": [0]})  # type: ignore[arg-type]
+    fw.moved_in(hub, s, {"ep": eps[0].key, "agent": None, "marks": [0]})
     s.ds = Flow(None)
     s.ds.ep = eps[0]
-    return fw, s, eps, hub
+    return fw, s, eps, hub, v
 
 
-def test_the_forwarder_holds_replies_from_the_old_endpoint_until_mend() -> None:
-    fw, s, eps, hub = _forwarder_with_a_moved_in_session()
+def test_the_forwarder_holds_replies_from_the_old_endpoint_until_mend(tmp_path: Path) -> None:
+    fw, s, eps, hub, v = _forwarder_with_a_moved_in_session(tmp_path)
     same, other = eps[0].links[0], eps[1].links[0]
     fw.link_frames(same, [_deliver(s.sid, "newer"), {"t": "assign", "sid": s.sid, "agent": "a9"}])
     fw.link_frames(other, [_deliver(s.sid, "elsewhere")])  # another desk: not held
-    assert hub.seen == [(s.sid, "elsewhere")] and s.ds.agent is None
+    assert _seen(s, v) == [(s.sid, "elsewhere")] and s.ds.agent is None
     hub.deliver(s, "older (passed on)", {})  # what the old worker's mdel does
-    fw.move_ended(hub, s, 1)  # type: ignore[arg-type]  # not awaited: ignored
-    assert [b for _, b in hub.seen] == ["elsewhere", "older (passed on)"]
-    fw.move_ended(hub, s, 0)  # type: ignore[arg-type]
-    assert [b for _, b in hub.seen] == [
+    fw.move_ended(hub, s, 1)  # not awaited: ignored
+    assert v.delivered() == ["elsewhere", "older (passed on)"]
+    fw.move_ended(hub, s, 0)
+    assert v.delivered() == [
         "elsewhere", "older (passed on)", "newer", "a9 joined the conversation",
     ]  # fmt: skip
     assert s.ds.agent == "a9"
     fw.link_frames(same, [_deliver(s.sid, "later")])  # the hold is over
-    assert hub.seen[-1] == (s.sid, "later")
+    assert _seen(s, v)[-1] == (s.sid, "later")
 
 
-def test_the_forwarder_ends_a_hold_at_its_deadline_and_on_a_further_move() -> None:
-    fw, s, eps, hub = _forwarder_with_a_moved_in_session()
+def test_the_forwarder_ends_a_hold_at_its_deadline_and_on_a_further_move(tmp_path: Path) -> None:
+    fw, s, eps, hub, v = _forwarder_with_a_moved_in_session(tmp_path)
     fw.link_frames(eps[0].links[0], [_deliver(s.sid, "held")])
     fw.tick(100.0 + HOLD_S - 0.05)
-    assert hub.seen == []
+    assert _seen(s, v) == []
     fw.tick(100.0 + HOLD_S + 0.05)
-    assert hub.seen == [(s.sid, "held")] and hub.stats["downstream_move_hold_timeouts"] == 1
+    assert _seen(s, v) == [(s.sid, "held")] and hub.stats["downstream_move_hold_timeouts"] == 1
     # moving on while replies are held: they are delivered first (and go
     # with the exported state), and the next worker waits for worker 0 too
-    fw2, s2, eps2, hub2 = _forwarder_with_a_moved_in_session()
+    fw2, s2, eps2, hub2, v2 = _forwarder_with_a_moved_in_session(tmp_path)
     fw2.link_frames(eps2[0].links[0], [_deliver(s2.sid, "held")])
-    hint = fw2.moving(hub2, s2)  # type: ignore[arg-type]
-    assert hub2.seen == [(s2.sid, "held")] and hint["marks"] == [0]
+    hint = fw2.moving(hub2, s2)
+    assert _seen(s2, v2) == [(s2.sid, "held")] and hint["marks"] == [0]
     # on a link whose downstream marks, this worker (index 1) is awaited too
-    fw3, s3, eps3, hub3 = _forwarder_with_a_moved_in_session()
+    fw3, s3, eps3, hub3, v3 = _forwarder_with_a_moved_in_session(tmp_path)
     _marking_link_up(eps3[0].links[0])
     s3.ds.link = eps3[0].links[0]
-    assert fw3.moving(hub3, s3)["marks"] == [0, 1]  # type: ignore[arg-type]
+    assert fw3.moving(hub3, s3)["marks"] == [0, 1]
     # a hold waits for every worker named
-    fw3.moved_in(hub3, s3, {"ep": eps3[0].key, "agent": None, "marks": [0, 1]})  # type: ignore[arg-type]
+    fw3.moved_in(hub3, s3, {"ep": eps3[0].key, "agent": None, "marks": [0, 1]})
     fw3.link_frames(eps3[0].links[0], [_deliver(s3.sid, "newest")])
-    fw3.move_ended(hub3, s3, 1)  # type: ignore[arg-type]
-    assert hub3.seen == []
-    fw3.move_ended(hub3, s3, 0)  # type: ignore[arg-type]
-    assert hub3.seen == [(s3.sid, "newest")]
+    fw3.move_ended(hub3, s3, 1)
+    assert _seen(s3, v3) == []
+    fw3.move_ended(hub3, s3, 0)
+    assert _seen(s3, v3) == [(s3.sid, "newest")]
 
 
 def _marking_link_up(link: Any) -> None:
@@ -596,7 +585,6 @@ async def test_a_mend_for_a_session_that_moved_on_follows_it(tmp_path: Path) -> 
     downstream with its origin; for one that moved on, to its holder (hops
     counted, at most MAX_HOPS); malformed ones are refused and counted."""
     from gateway.server.migrator import WorkerMigrator
-    from gateway.session.hub import Hub
     from gateway.session.migrate import MAX_HOPS
     from gateway.session.state import Session
 

@@ -475,7 +475,7 @@ def test_the_downstream_hint_moves_with_the_state() -> None:
     import_state(packed, 4, 8, 1 << 20)  # the hint does not disturb the import
 
 
-def test_the_forwarder_hint_carries_endpoint_and_agent() -> None:
+def test_the_forwarder_hint_carries_endpoint_and_agent(hub: Hub) -> None:
     """What the forwarder of the old worker keeps of a moving session (its
     endpoint and agent) becomes the new worker's sticky preference."""
     from gateway.downstream.forwarder import Flow, Forwarder
@@ -485,17 +485,17 @@ def test_the_forwarder_hint_carries_endpoint_and_agent() -> None:
     assert settings is not None
     old, new = Forwarder(settings), Forwarder(settings)
     s = Session("sid-f", "t", "v", {}, "web", 4, 8, 1 << 20)
-    assert old.moving(None, s) is None  # type: ignore[arg-type]  # never routed
+    assert old.moving(hub, s) is None  # never routed
     fl = s.ds = Flow(None)
     fl.agent = "general-agent-3"
     eps = list(old.clusters["general"].eps.values())
     fl.ep = eps[1]
-    hint = old.moving(None, s)  # type: ignore[arg-type]
+    hint = old.moving(hub, s)
     assert hint == {"ep": eps[1].key, "agent": "general-agent-3"}
-    new.moved_in(None, s, msgpack.unpackb(msgpack.packb(hint)))  # type: ignore[arg-type]
+    new.moved_in(hub, s, msgpack.unpackb(msgpack.packb(hint)))
     got = new.sticky.get("t", "v", new._time())
     assert got is not None and got[1] == "general-agent-3" and got[0] == hint["ep"]
-    new.moved_in(None, s, {"ep": 3, "agent": []})  # type: ignore[arg-type]  # ignored
+    new.moved_in(hub, s, {"ep": 3, "agent": []})  # ignored
     assert new.sticky.get("t", "v", new._time()) == got
 
 

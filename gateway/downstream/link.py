@@ -213,8 +213,8 @@ class LinkCore:
             self.extra += sp.window_updates()
         except ProtocolError as e:
             raise BadFrame(f"bad frame from downstream: {e}") from e
-        except FlowError as e:
-            raise LinkError(f"HTTP/2 flow control: {e}") from None
+        except FlowError as fe:
+            raise LinkError(f"HTTP/2 flow control: {fe}") from None
         return frames
 
     def _receive_h2(self, data: bytes) -> list[dict[str, Any]]:
@@ -498,15 +498,15 @@ class Link:
                 ended = True  # False: cancelled (the worker is stopping)
                 try:
                     await self._serve(stream)
-                except LinkError as e:
-                    why = str(e)
+                except LinkError as le:
+                    why = str(le)
                 except trio.TooSlowError:
                     why = f"no response headers in {self.connect_timeout_s} s"
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-                    why = f"connection lost: {_reason(e)}"
-                except Exception as e:  # a bug here must not take the worker down
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as oe:
+                    why = f"connection lost: {_reason(oe)}"
+                except Exception as xe:  # a bug here must not take the worker down
                     _log.exception("downstream link failed")
-                    why = f"internal error: {e!r}"
+                    why = f"internal error: {xe!r}"
                 except BaseException:
                     ended = False
                     why = STOPPING
@@ -787,15 +787,15 @@ class _ReactorRead:
             except EOFError:
                 self._end(LinkError("downstream ended the TLS session"))
                 return
-            except ssl.SSLError as e:
-                self._end(LinkError(f"connection lost: {e}"))
+            except ssl.SSLError as se:
+                self._end(LinkError(f"connection lost: {se}"))
                 return
             if not data:
                 return  # no complete record yet
         try:
             self.link.received(self.core, data)
-        except LinkError as e:
-            self._end(e)
+        except LinkError as le:
+            self._end(le)
 
     def on_failure(self) -> None:
         """A bug while handling the link's frames (the reactor logged it)."""

@@ -293,7 +293,9 @@ class H2Conn(ConnShell):
     def _on_request(self, ev: h2.events.RequestReceived) -> None:
         sid = ev.stream_id
         headers: dict[str, str] = {}
-        for k, v in ev.headers or []:
+        # str or bytes, whatever h2's annotations say (header_encoding)
+        raw: list[tuple[Any, Any]] = list(ev.headers or [])
+        for k, v in raw:
             ks = k.decode("latin-1") if isinstance(k, bytes) else k
             headers[ks] = v.decode("latin-1") if isinstance(v, bytes) else v
         method = headers.get(":method")

@@ -242,9 +242,9 @@ class WsConn(ConnShell):
                         self.enc = Encoding.JSON
                     try:
                         frame = decode_frame(payload, self.w.cfg.max_frame)
-                    except ProtocolError as e:
-                        self.w.count_error(e.code)
-                        proto.fail(e)
+                    except ProtocolError as pe:
+                        self.w.count_error(pe.code)
+                        proto.fail(pe)
                         return
                 if not self._frame(frame) or self.handoff_to is not None:
                     return

@@ -171,6 +171,8 @@ class Hub:
 
     def downstream_ready(self) -> None:
         """The downstream can take messages again: resume paused readers."""
+        if not self._paused:
+            return  # (no new set per link read: nothing for the collector)
         paused, self._paused = self._paused, set()
         for conn in paused:
             conn.downstream_ready()
