@@ -35,7 +35,7 @@ COMPILED := $(VENV)/.compiled-stamp
 
 $(COMPILED): $(STAMP) $(HOT_SRC) gateway/compiled.py gateway/buildcompiled.py pyproject.toml
 	mkdir -p target
-	$(BIN)/python -m gateway.buildcompiled > target/mypyc-build.log 2>&1 || { cat target/mypyc-build.log; exit 1; }
+	GATEWAY_COMPILED=0 $(BIN)/python -m gateway.buildcompiled > target/mypyc-build.log 2>&1 || { cat target/mypyc-build.log; exit 1; }
 	touch $@
 
 native: $(NATIVE) $(COMPILED)
@@ -84,7 +84,8 @@ SOURCE_TESTS := tests/test_codec.py tests/test_codec_native.py tests/test_wsfram
 	tests/test_wsframe_native.py tests/test_h2data.py tests/test_link_core.py \
 	tests/test_link_acks.py tests/test_session.py tests/test_recent.py tests/test_netio.py \
 	tests/test_reactor.py tests/test_reactor_idle.py tests/test_downstream_proto.py \
-	tests/test_downstream.py tests/test_server_ws.py tests/test_compiled.py
+	tests/test_downstream.py tests/test_server_ws.py tests/test_compiled.py tests/test_ratelimit.py \
+	tests/test_protection.py
 
 test-py: setup sysdeps
 	$(BIN)/pytest -q tests

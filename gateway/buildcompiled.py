@@ -27,6 +27,10 @@ def build(build_dir: str = "target/mypyc") -> None:
 
     root = compiled.source_path("gateway").parent
     os.chdir(root)  # where pyproject.toml's mypy settings apply
+    # a module taken off the list must not keep loading its old build
+    for old in (root / "gateway").rglob("*.cpython-*.so"):
+        if old.parent.name != "_native":
+            old.unlink()
     paths = [str(compiled.source_path(m).relative_to(root)) for m in compiled.MODULES]
     # one group: the modules call each other directly; its shared library
     # is gateway/hotpath__mypyc.*.so (not a top-level module)

@@ -43,6 +43,7 @@ from typing import Final
 #: the modules compiled by ``make setup``
 MODULES: Final = (
     "gateway.netio",
+    "gateway.ratelimit",
     "gateway.recent",
     "gateway.trioidle",
     "gateway.protocol.codec",
@@ -53,8 +54,12 @@ MODULES: Final = (
     "gateway.server.shell",
     "gateway.server.ws",
     "gateway.session.hub",
+    "gateway.session.limits",
     "gateway.session.state",
     "gateway.session.visitor",
+    "gateway.downstream.admission",
+    "gateway.downstream.balancer",
+    "gateway.downstream.breaker",
     "gateway.downstream.forwarder",
     "gateway.downstream.h2data",
     "gateway.downstream.link",
