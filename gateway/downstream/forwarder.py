@@ -941,7 +941,7 @@ class Forwarder:
         if t != "moved":
             hub.stats["downstream_unknown_session"] += 1
 
-    def _acked(self, hub: Any, s: Session, ns: Iterable[int]) -> bool:
+    def _acked(self, hub: Hub, s: Session, ns: Iterable[int]) -> bool:
         """The downstream accepted messages ``ns`` of ``s``: each gets its
         visitor ack. False when none of them was in flight."""
         fl: Flow | None = s.ds
