@@ -129,3 +129,24 @@ def test_a_stale_build_is_not_loaded_at_all() -> None:
     assert "running the hot path from source" in out.stderr
     assert compiled.MODULES[0] in out.stderr
     assert compiled.stale() == []  # the build is current again
+
+
+def test_no_compiled_function_binds_one_name_to_two_exception_types() -> None:
+    """mypyc gives a name one type per function: ``except A as e`` and
+    ``except B as e`` in the same function make the second clause raise
+    TypeError in the compiled build (it did in ws.py: a bad frame after a
+    WebSocket violation handler). Each clause needs its own name there."""
+    import ast
+
+    found = []
+    for m in compiled.MODULES:
+        tree = ast.parse(compiled.source_path(m).read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            kinds: dict[str, set[str]] = {}
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ExceptHandler) and node.name and node.type:
+                    kinds.setdefault(node.name, set()).add(ast.unparse(node.type))
+            found += [f"{m}.{fn.name}: {n}" for n, k in kinds.items() if len(k) > 1]
+    assert found == []
