@@ -45,6 +45,7 @@ MODULES: Final = (
     "gateway.netio",
     "gateway.ratelimit",
     "gateway.recent",
+    "gateway.tlsbio",
     "gateway.trioidle",
     "gateway.protocol.codec",
     "gateway.protocol.wsframe",
