@@ -25,7 +25,7 @@ def build(build_dir: str = "target/mypyc") -> None:
     from mypyc.build import mypycify
     from setuptools import Distribution  # type: ignore[import-untyped]
 
-    root = compiled.source_path("gateway").parent
+    root = compiled.ROOT
     os.chdir(root)  # where pyproject.toml's mypy settings apply
     # a module taken off the list must not keep loading its old build
     for old in (root / "gateway").rglob("*.cpython-*.so"):

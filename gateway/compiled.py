@@ -68,11 +68,11 @@ MODULES: Final = (
 )
 
 ENV: Final = "GATEWAY_COMPILED"
-_ROOT: Final = Path(__file__).resolve().parent.parent  # the package's parent
+ROOT: Final = Path(__file__).resolve().parent.parent  # the package's parent (the repository)
 _why: str | None = None  # why the sources are used, once decided
 
 
-def source_path(name: str, root: Path = _ROOT) -> Path:
+def source_path(name: str, root: Path = ROOT) -> Path:
     """The source file of module ``name`` (one of :data:`MODULES`)."""
     return root.joinpath(*name.split(".")).with_suffix(".py")
 
@@ -91,7 +91,7 @@ class _SourceOnly(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_file_location(fullname, src)
 
 
-def extension_path(name: str, root: Path = _ROOT) -> Path | None:
+def extension_path(name: str, root: Path = ROOT) -> Path | None:
     """The compiled build of module ``name``, if there is one."""
     src = source_path(name, root)
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
@@ -101,7 +101,7 @@ def extension_path(name: str, root: Path = _ROOT) -> Path | None:
     return None
 
 
-def stale(root: Path = _ROOT) -> list[str]:
+def stale(root: Path = ROOT) -> list[str]:
     """The modules whose source changed after their build (or that have
     no build while others do); none without a build."""
     built = {m: extension_path(m, root) for m in MODULES}

@@ -21,17 +21,21 @@ ROOT = Path(__file__).resolve().parent.parent
 _PROBE = "import json, sys; from gateway import compiled; json.dump(compiled.status(), sys.stdout)"
 
 
-def _status(env: dict[str, str]) -> dict[str, bool]:
-    out = subprocess.run(
+def _probe(env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """A fresh interpreter's :func:`compiled.status` (on stdout, as JSON)."""
+    return subprocess.run(
         [sys.executable, "-c", _PROBE],
-        cwd=ROOT,
+        cwd=cwd,
         env={**os.environ, **env},
         capture_output=True,
         text=True,
         check=True,
         timeout=60,
     )
-    got: dict[str, bool] = json.loads(out.stdout)
+
+
+def _status(env: dict[str, str]) -> dict[str, bool]:
+    got: dict[str, bool] = json.loads(_probe(env).stdout)
     return got
 
 
@@ -60,15 +64,7 @@ def test_the_sources_are_what_runs_without_a_build(tmp_path: Path) -> None:
         tree / "gateway",
         ignore=shutil.ignore_patterns("__pycache__", "*.cpython-*.so"),
     )
-    out = subprocess.run(
-        [sys.executable, "-c", _PROBE],
-        cwd=tree,
-        env={**os.environ, "PYTHONPATH": str(tree)},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
+    out = _probe({"PYTHONPATH": str(tree)}, cwd=tree)
     assert set(json.loads(out.stdout).values()) == {False}
     assert out.stderr == ""  # no build is not a stale build
 
@@ -114,15 +110,7 @@ def test_a_stale_build_is_not_loaded_at_all() -> None:
     try:
         edited = ext.stat().st_mtime + 60  # as if saved after the build
         os.utime(victim, (edited, edited))
-        out = subprocess.run(
-            [sys.executable, "-c", _PROBE],
-            cwd=ROOT,
-            env={**os.environ, compiled.ENV: "1"},
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        )
+        out = _probe({compiled.ENV: "1"})
     finally:
         os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert set(json.loads(out.stdout).values()) == {False}
