@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, get_type_hints
 
+from gateway.gctune import GEN0_THRESHOLD
 from gateway.protocol.tokens import Tenant, normalize_origin
 
 __all__ = [
@@ -118,6 +119,9 @@ class Config:
     # bearer token for /metrics, /api/stats and the dashboard ("" = none)
     ops_token: str = ""
     node_id: int = 0
+    # net allocations between young-generation collections of the cyclic
+    # garbage collector in each worker (gateway.gctune)
+    gc_young: int = GEN0_THRESHOLD
     # rate limits (token buckets; rates per second over the whole gateway,
     # split evenly between workers; 0 = no limit)
     visitor_msg_rate: float = 50.0
@@ -307,6 +311,7 @@ _INT_RANGES: Final[dict[str, tuple[int, int | None]]] = {
     "handshake_burst": (1, None),
     "bot_think_ms": (0, None),
     "node_id": (0, 255),
+    "gc_young": (100, 1_000_000),
     "visitor_msg_burst": (1, None),
     "tenant_msg_burst": (1, None),
     "ip_msg_burst": (1, None),

@@ -10,12 +10,21 @@ client, A/B alternated: 34.6 -> 32.3, 27.8 -> 26.2, 25.3 -> 24.4 µs per
 message). Objects alive at start (modules, configuration) are frozen out of
 the collector's scans altogether.
 
-A collection stops the event loop for as long as it scans: the young
-generation's ~20,000 objects take 1.5-8 ms here when they are all still
-alive (as when every forwarded message left one behind until its deadline,
-the tail of the forwarding latency while load rose). :func:`watch_pauses`
-times every collection, so the workers export them
-(``gateway_gc_pause_seconds``, docs/operations.md).
+A collection stops the event loop for as long as it scans, and it scans
+every object of its generations that is still alive: ~0.35-0.55 µs each
+here, so 20,000 young objects (the first-generation threshold before
+2026-11-24, when the objects of a few hundred new connections and sessions
+were still young) took 7 ms, and a second-generation collection (50 of
+those) could scan a million. The thresholds now bound what one collection
+scans while the live set grows: the young generation is collected after
+``gc_young`` net allocations (:data:`GEN0_THRESHOLD` by default; 2,000
+scan in well under 1 ms), the middle one after :data:`GEN1_THRESHOLD` of
+those (at most ``(GEN1_THRESHOLD + 2) * gc_young`` objects: CPython
+collects a generation once its count exceeds the threshold), and
+long-lived objects (connections, sessions) reach the oldest generation
+after two scans, where CPython collects only when they have grown by a
+quarter. :func:`watch_pauses` times every collection, so the workers
+export them (``gateway_gc_pause_seconds``, docs/operations.md).
 """
 
 from __future__ import annotations
@@ -27,20 +36,24 @@ from typing import Any, Final
 
 __all__ = ["GEN0_THRESHOLD", "tune_gc", "watch_pauses"]
 
-#: Allocations (net of deallocations) between first-generation collections.
-GEN0_THRESHOLD: Final = 20_000
+#: Allocations (net of deallocations) between first-generation collections:
+#: the default of the gateway's ``gc_young`` setting, and desk-sim's.
+GEN0_THRESHOLD: Final = 2_000
 #: First-generation collections between second-generation ones, and those
 #: between full collections (CPython also waits until the objects that
 #: survived since the last full collection are 25% of the long-lived ones).
-GEN1_THRESHOLD: Final = 50
+GEN1_THRESHOLD: Final = 5
 GEN2_THRESHOLD: Final = 100
 
 
-def tune_gc() -> None:
-    """Freezes what is alive now and raises the collection thresholds.
-    Call once, after start-up and before serving."""
+def tune_gc(young: int = GEN0_THRESHOLD) -> None:
+    """Freezes what is alive now and sets the collection thresholds, the
+    young generation's to ``young``. Call once, after start-up and before
+    serving."""
+    if young < 1:
+        raise ValueError(f"young: must be >= 1 (got {young})")
     gc.freeze()
-    gc.set_threshold(GEN0_THRESHOLD, GEN1_THRESHOLD, GEN2_THRESHOLD)
+    gc.set_threshold(young, GEN1_THRESHOLD, GEN2_THRESHOLD)
 
 
 def watch_pauses(observe: Callable[[int, float], None]) -> Callable[[str, dict[str, Any]], None]:

@@ -52,7 +52,7 @@ def test_defaults(env: dict[str, str]) -> None:
     assert (c.max_conns_per_ip, c.handshake_rate, c.handshake_burst) == (5000, 20000.0, 5000)
     assert (c.drain_s, c.demo_bot, c.bot_think_ms, c.log_level) == (10.0, True, 200, "info")
     assert (c.ops_listen, c.node_id, c.tls_cert, c.tls_key) == ("127.0.0.1:9090", 0, None, None)
-    assert (c.handshake_timeout_s, c.hello_timeout_s) == (10.0, 10.0)
+    assert (c.handshake_timeout_s, c.hello_timeout_s, c.gc_young) == (10.0, 10.0, 2000)
     assert c.state_dir == env["GATEWAY_STATE_DIR"]
     assert list(c.tenants) == ["acme"]
 
@@ -112,6 +112,7 @@ def test_config_file_from_env_variable(env: dict[str, str], tmp_path: Path) -> N
         ("GATEWAY_DEMO_BOT", "OFF", "demo_bot", False),
         ("GATEWAY_WINDOW", " 32 ", "window", 32),
         ("GATEWAY_NODE_ID", "255", "node_id", 255),
+        ("GATEWAY_GC_YOUNG", "20000", "gc_young", 20000),
     ],
 )
 def test_env_typed_parsing(
@@ -133,6 +134,7 @@ def test_env_typed_parsing(
         ("GATEWAY_LOG_LEVEL", "loud", "log_level"),
         ("GATEWAY_OPS_LISTEN", "9090", "ops_listen"),
         ("GATEWAY_NODE_ID", "256", "node_id"),
+        ("GATEWAY_GC_YOUNG", "99", "gc_young: must be between 100 and 1000000"),
         ("GATEWAY_WORKERS", "-1", "workers"),
         ("GATEWAY_WINDOW", "0", "window"),
         ("GATEWAY_TLS_CERT", "/nonexistent/cert.pem", "tls_cert and tls_key"),

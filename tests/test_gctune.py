@@ -20,9 +20,49 @@ def test_tune_gc_freezes_startup_objects_and_raises_thresholds() -> None:
         "before = gc.get_freeze_count()\n"
         "tune_gc()\n"
         "assert gc.get_threshold()[0] == GEN0_THRESHOLD > 700, gc.get_threshold()\n"
+        "tune_gc(5000)\n"
+        "assert gc.get_threshold()[0] == 5000, gc.get_threshold()\n"
+        "try:\n"
+        "    tune_gc(0)\n"
+        "    raise AssertionError('tune_gc(0) accepted')\n"
+        "except ValueError as e:\n"
+        "    assert 'young' in str(e), e\n"
         "assert gc.get_freeze_count() > before + 1000, gc.get_freeze_count()\n"
         "a = []; a.append(a); del a\n"  # a cycle is still collected
         "assert gc.collect() >= 1\n"
+        "print('ok')\n"
+    )
+    _run(code)
+
+
+def test_collections_scan_a_bounded_number_of_objects_while_the_live_set_grows() -> None:
+    """Objects that stay alive (connections and sessions opening) are
+    scanned by a young collection at most about ``young`` at a time, and by a
+    middle one at most ``(GEN1_THRESHOLD + 2) * young``: the pauses stay
+    short however many arrive (with the thresholds before, 20,000 and 50,
+    the first bound failed tenfold and the second fiftyfold)."""
+    code = (
+        "import gc\n"
+        "from gateway.gctune import GEN1_THRESHOLD, tune_gc\n"
+        "young = 2000\n"
+        "tune_gc(young)\n"
+        "scanned = {0: [], 1: [], 2: []}\n"
+        "def cb(phase, info):\n"
+        "    if phase == 'start':\n"
+        "        g = info['generation']\n"
+        "        scanned[g].append(sum(len(gc.get_objects(i)) for i in range(g + 1)))\n"
+        "gc.callbacks.append(cb)\n"
+        "keep = []\n"
+        "for i in range(100_000):\n"  # 200,000 tracked objects that stay
+        "    keep.append({'n': [i]})\n"
+        "gc.callbacks.remove(cb)\n"
+        "slack = 300\n"  # what the interpreter allocates itself meanwhile
+        "assert len(scanned[0]) >= 50, scanned\n"
+        "assert max(scanned[0]) <= young + slack, max(scanned[0])\n"
+        "assert scanned[1], scanned\n"
+        "bound = (GEN1_THRESHOLD + 2) * young\n"
+        "assert bound <= 15_000 and max(scanned[1]) <= bound + slack, max(scanned[1])\n"
+        "assert not scanned[2], scanned[2]\n"  # nothing grew by a quarter yet
         "print('ok')\n"
     )
     _run(code)

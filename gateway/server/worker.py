@@ -796,7 +796,7 @@ def main(argv: list[str] | None = None) -> None:
     _setup_logging(cfg.log_level, args.index)
     watch_parent()
     random.seed(time.time_ns() ^ args.index)
-    tune_gc()
+    tune_gc(cfg.gc_young)
     _export_gc_pauses()
     trio.run(_amain, cfg, args.index)
     ignore_from_now()  # drained: nothing left for a late stop signal to do
