@@ -11,19 +11,24 @@ message). Objects alive at start (modules, configuration) are frozen out of
 the collector's scans altogether.
 
 A collection stops the event loop for as long as it scans, and it scans
-every object of its generations that is still alive: ~0.35-0.55 µs each
-here, so 20,000 young objects (the first-generation threshold before
-2026-11-24, when the objects of a few hundred new connections and sessions
-were still young) took 7 ms, and a second-generation collection (50 of
-those) could scan a million. The thresholds now bound what one collection
+every object of its generations that is still alive: with the
+first-generation threshold at 20,000 (before 2026-11-24) the ~13,000
+young objects of a few hundred new connections and sessions took 7 ms,
+and a second-generation collection (every 50 of those) could scan a
+million. The thresholds now bound what one collection
 scans while the live set grows: the young generation is collected after
 ``gc_young`` net allocations (:data:`GEN0_THRESHOLD` by default; 2,000
 scan in well under 1 ms), the middle one after :data:`GEN1_THRESHOLD` of
 those (at most ``(GEN1_THRESHOLD + 2) * gc_young`` objects: CPython
 collects a generation once its count exceeds the threshold), and
 long-lived objects (connections, sessions) reach the oldest generation
-after two scans, where CPython collects only when they have grown by a
-quarter. :func:`watch_pauses` times every collection, so the workers
+after two scans, which is collected only after :data:`GEN2_THRESHOLD`
+middle collections. Objects that replace others (a session's replay
+frames) are young while the count of net allocations stands still, so a
+young collection can scan more than ``gc_young`` of them: with 100,000
+sessions held the longest pause was <= 25 ms, against <= 50-100 ms with
+the thresholds before (docs/benchmarks.md, "Garbage-collector
+thresholds"). :func:`watch_pauses` times every collection, so the workers
 export them (``gateway_gc_pause_seconds``, docs/operations.md).
 """
 
@@ -39,11 +44,14 @@ __all__ = ["GEN0_THRESHOLD", "tune_gc", "watch_pauses"]
 #: Allocations (net of deallocations) between first-generation collections:
 #: the default of the gateway's ``gc_young`` setting, and desk-sim's.
 GEN0_THRESHOLD: Final = 2_000
-#: First-generation collections between second-generation ones, and those
-#: between full collections (CPython also waits until the objects that
-#: survived since the last full collection are 25% of the long-lived ones).
+#: First-generation collections between second-generation ones.
 GEN1_THRESHOLD: Final = 5
-GEN2_THRESHOLD: Final = 100
+#: Second-generation collections between full ones (CPython also waits until
+#: the objects that survived since the last full collection are 25% of the
+#: long-lived ones). A full collection scans every object the sessions hold,
+#: the longest pause there is, so it stays as rare as before 2026-11-24:
+#: after 5,000 first-generation collections.
+GEN2_THRESHOLD: Final = 1000
 
 
 def tune_gc(young: int = GEN0_THRESHOLD) -> None:
