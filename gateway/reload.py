@@ -2,10 +2,15 @@
 running workers, sans-IO (docs/operations.md, "Reloading the
 configuration").
 
-Seven parts of the configuration apply without a restart:
+Eight parts of the configuration apply without a restart:
 
 - the tenants (secrets, allowed origins): new connections are checked
   against the new set; sessions already authenticated go on;
+- downstream clusters added (with groups that use them, below): their
+  links start in every worker at once; until one is up, the cluster is
+  treated as down (messages routed there wait in their session's bounded
+  buffer, new sessions are asked to retry later). A cluster removed needs
+  a restart: sessions may be on it;
 - the endpoint list of each downstream cluster: new endpoints get links and
   traffic, removed ones stop getting new sessions and are drained (the
   messages in flight on them are answered there, or redelivered elsewhere
@@ -33,7 +38,7 @@ Seven parts of the configuration apply without a restart:
 
 Anything else that differs (the listen address, the worker count, frame
 and queue limits, heartbeats, TLS turned on or off, a group changed or
-removed, a cluster added or removed or its other settings ...) needs a
+removed, a cluster removed or its other settings ...) needs a
 restart: :func:`plan_reload` names it, and the supervisor then
 refuses the whole reload rather than apply part of it.
 """
@@ -79,6 +84,8 @@ class ReloadPlan:
     cluster_tls: list[str] = field(default_factory=list)
     #: the downstream timeouts, bounds or admission settings changed
     tuning: bool = False
+    #: the clusters added (none removed), by name
+    clusters_added: list[str] = field(default_factory=list)
     #: per cluster: the endpoints (``host:port``) added and removed
     added: dict[str, list[str]] = field(default_factory=dict)
     removed: dict[str, list[str]] = field(default_factory=dict)
@@ -94,7 +101,7 @@ class ReloadPlan:
             or self.limits
             or self.routing
             or self.tuning
-            or bool(self.added or self.removed or self.cluster_tls)
+            or bool(self.clusters_added or self.added or self.removed or self.cluster_tls)
         )
 
     def summary(self) -> dict[str, Any]:
@@ -112,6 +119,8 @@ class ReloadPlan:
             out["cluster_tls"] = self.cluster_tls
         if self.tuning:
             out["downstream_settings"] = "changed"
+        if self.clusters_added:
+            out["clusters_added"] = self.clusters_added
         if self.added:
             out["endpoints_added"] = self.added
         if self.removed:
@@ -189,9 +198,10 @@ def plan_reload(old: Config, new: Config, files_changed: Collection[str] = ()) -
         if (a is None) != (b is None):
             plan.needs_restart.append("downstream")  # the demo bot on or off
         return plan
-    if set(a.clusters) != set(b.clusters):
-        plan.needs_restart.append("downstream.clusters")
+    if not set(a.clusters) <= set(b.clusters):
+        plan.needs_restart.append("downstream.clusters")  # one removed
         return plan
+    plan.clusters_added = sorted(set(b.clusters) - set(a.clusters))
     for f in dataclasses.fields(a):
         if f.name == "clusters" or getattr(a, f.name) == getattr(b, f.name):
             continue

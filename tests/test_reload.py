@@ -131,6 +131,23 @@ def test_plan_applies_routing_in_place_but_not_a_group_changed(tmp_path: Path) -
     assert plan_reload(fewer, base).needs_restart == ["downstream.groups"]  # removed
 
 
+def test_plan_adds_clusters_with_their_groups(tmp_path: Path) -> None:
+    one = _downstream("10.0.0.1:7001")
+    base = _cfg(tmp_path, downstream=one)
+    bots = {**one, "clusters": {**one["clusters"], "bots": {"endpoints": ["10.0.0.9:7002"]}}}
+    plan = plan_reload(base, _cfg(tmp_path, downstream=bots))
+    assert plan.changes and plan.needs_restart == [] and not plan.routing
+    assert plan.clusters_added == ["bots"] and plan.summary() == {"clusters_added": ["bots"]}
+    grouped = {**bots, "groups": {**one["groups"], "billing": {"cluster": "bots"}}}
+    plan = plan_reload(base, _cfg(tmp_path, downstream=grouped))
+    assert plan.clusters_added == ["bots"] and plan.routing and plan.needs_restart == []
+    # a cluster added next to one removed: refused as a whole
+    swapped = {**bots, "clusters": {"bots": bots["clusters"]["bots"]}}
+    swapped["groups"] = {"general": {"cluster": "bots"}}
+    plan = plan_reload(base, _cfg(tmp_path, downstream=swapped))
+    assert plan.needs_restart == ["downstream.clusters"] and not plan.changes
+
+
 def test_plan_reloads_a_clusters_tls_files(tmp_path: Path) -> None:
     from tests.test_downstream_tls import Pki
 
@@ -201,8 +218,7 @@ def test_plan_reloads_tls_files_changed_in_place_or_moved(tmp_path: Path) -> Non
             {"downstream": {**_downstream("10.0.0.1:7001"), "outlier": {"consecutive_errors": 2}}},
             ["downstream.outlier"],
         ),
-        (
-            {"downstream": _downstream("10.0.0.1:7001")},
+        (  # a cluster removed: sessions may be on it
             {
                 "downstream": {
                     "clusters": {
@@ -212,6 +228,7 @@ def test_plan_reloads_tls_files_changed_in_place_or_moved(tmp_path: Path) -> Non
                     "groups": {"general": {"cluster": "desks"}},
                 }
             },
+            {"downstream": _downstream("10.0.0.1:7001")},
             ["downstream.clusters"],
         ),
     ],
@@ -651,6 +668,45 @@ async def test_sighup_adds_a_group_and_rules_for_new_messages(tmp_path: Path) ->
         assert b == ["another invoice question", "thanks", "vip hello"]
 
 
+async def test_sighup_adds_a_cluster_with_its_group_while_visitors_stay_connected(
+    tmp_path: Path,
+) -> None:
+    """One cluster (desks: desk A) at start. A reload adds cluster bots
+    (desk B) with group billing and a keyword rule to it: both workers
+    connect to B without a restart, and the connected visitor's next
+    invoice question goes there; other visitors' messages stay on A."""
+    bots = '[downstream.clusters.bots]\nendpoints = ["{B}"]\n'
+    routing = (
+        '\n[downstream.groups.billing]\ncluster = "bots"\n\n'
+        '[[downstream.rules]]\ngroup = "billing"\nkeywords = ["invoice"]\n'
+    )
+    async with _reloadable(tmp_path) as run:
+        acked: list[tuple[str, str]] = []
+        async with gc.connect(run.url, token=run.token("v1")) as s:
+            await _send(s, ["about my invoice", "hello"], acked)
+            ups = [r for r in run.events("downstream_link_up") if r.get("endpoint") == run.b]
+            assert ups == []  # no link to B before the reload
+            run.write([run.a], more=bots + routing)
+            lines = await run.sighup("reloaded", 3)
+            assert all(r.get("clusters_added") == ["bots"] for r in lines), lines
+            added = run.events("downstream_cluster_added")
+            assert len(added) == 2 and all(r["endpoints"] == [run.b] for r in added), added
+            with trio.fail_after(15):  # both workers' links to B come up
+                while len([r for r in run.events("downstream_link_up")
+                           if r.get("endpoint") == run.b]) < 2:  # fmt: skip
+                    await trio.sleep(0.05)
+            await _send(s, ["another invoice question", "thanks"], acked)
+            assert s.connections == 1
+        async with gc.connect(run.url, token=run.token("v2")) as s2:
+            await _send(s2, ["plain hello"], acked)
+        assert len(acked) == 5
+        a = [r[2] for r in _recorded(run.rec_a)]
+        b = [r[2] for r in _recorded(run.rec_b)]
+        assert a == ["about my invoice", "hello", "plain hello"]
+        # the keyword moved the session to billing (B), where it stays
+        assert b == ["another invoice question", "thanks"]
+
+
 async def test_post_reload_on_the_operator_endpoint_answers_with_the_result(
     tmp_path: Path,
 ) -> None:
@@ -731,6 +787,57 @@ async def test_a_clusters_client_certificate_renewed_in_place_is_used_by_the_nex
             async with gc.connect(gw.url, token=gw.token("dave"), reconnect=False) as s:
                 assert await s.send("renewed") == 1
     assert [r["body"] for r in records(rec)] == ["renewed"]
+
+
+async def test_a_tls_cluster_added_by_a_reload_connects_once_its_files_load(
+    tmp_path: Path,
+) -> None:
+    """An in-process worker with one h2c cluster. A reload adds a TLS
+    cluster (its own desk, a private CA) with a group and a keyword rule:
+    while its CA file does not load (changed again after the supervisor's
+    check) the reload fails and nothing is added; once it loads, the
+    worker's links to it come up over TLS and the connected visitor's
+    keyword message is forwarded there."""
+    from gateway.server.control import apply_config
+    from tests.test_downstream import desk, ds, records, wait_links_up
+    from tests.test_downstream_tls import Pki
+
+    pki = Pki(tmp_path, "127.0.0.1")
+    rec_a, rec_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    tls = server_context(pki.cert, pki.key)
+    async with (
+        desk(record=rec_a, think_ms=0) as (port_a, _, _),
+        desk(record=rec_b, think_ms=0, ssl_context=tls) as (port_b, srv_b, _),
+    ):
+        table = ds(("general", [port_a]))
+        async with running(tmp_path, downstream=table) as gw:
+            fw = gw.w.forwarder
+            await wait_links_up(fw)
+            ca = tmp_path / "ca.pem"
+            ca.write_bytes(Path(pki.ca_file).read_bytes())
+            secure = {"endpoints": [f"127.0.0.1:{port_b}"], "tls": True, "ca_file": str(ca)}
+            grown = {
+                **table,
+                "clusters": {**table["clusters"], "secure": secure},
+                "groups": {**table["groups"], "vault": {"cluster": "secure"}},
+                "rules": [{"group": "vault", "keywords": ["card"]}],
+            }
+            new = dataclasses.replace(gw.w.cfg, downstream=grown)
+            ca.write_text("not a certificate")
+            async with gc.connect(gw.url, token=gw.token("erin"), reconnect=False) as s:
+                assert await s.send("hello") == 1
+                plan = apply_config(gw.w, new)
+                assert plan.clusters_added == ["secure"]
+                assert gw.w.hub.stats["reloads_failed"] == 1 and set(fw.clusters) == {"general"}
+                ca.write_bytes(Path(pki.ca_file).read_bytes())
+                plan = apply_config(gw.w, new)
+                assert plan.clusters_added == ["secure"] and gw.w.hub.stats["reloads"] == 1
+                assert set(fw.clusters) == {"general", "secure"}
+                await wait_links_up(fw, n=2)
+                assert srv_b.tls_failures == 0
+                assert await s.send("my card was charged twice") == 2
+    assert [r["body"] for r in records(rec_a)] == ["hello"]
+    assert [r["body"] for r in records(rec_b)] == ["my card was charged twice"]
 
 
 async def test_a_shorter_request_timeout_applies_to_the_next_message(tmp_path: Path) -> None:

@@ -219,13 +219,7 @@ class Forwarder:
         self._nursery: trio.Nursery | None = None
         self._headers = [("x-gateway-node", str(node)), ("x-gateway-worker", str(worker))]
         for spec in settings.clusters.values():
-            c = _Cluster(spec)
-            c.ssl_context = client_context(spec) if spec.tls else None
-            endpoints = [
-                self._new_endpoint(c, host, port).endpoint for host, port in spec.endpoints
-            ]
-            c.balancer = Balancer(endpoints, self.rng, OutlierDetector(settings.outlier))
-            self.clusters[c.name] = c
+            self._add_cluster(spec, client_context(spec) if spec.tls else None)
         # sessions with messages waiting for an endpoint or for link room
         self._backlog: dict[str, Session] = {}
         # sent messages in deadline order
@@ -238,6 +232,16 @@ class Forwarder:
         # moved-in ones whose replies wait for the old worker's word
         self._marks = MarkWaits()
         self._holds = Holds()
+
+    def _add_cluster(self, spec: ClusterSpec, ctx: ssl.SSLContext | None) -> _Cluster:
+        """Cluster ``spec`` with its endpoints, their breakers and links (not
+        started) and its balancer; ``ctx``: its links' TLS client context."""
+        c = _Cluster(spec)
+        c.ssl_context = ctx
+        endpoints = [self._new_endpoint(c, host, port).endpoint for host, port in spec.endpoints]
+        c.balancer = Balancer(endpoints, self.rng, OutlierDetector(self.s.outlier))
+        self.clusters[c.name] = c
+        return c
 
     def _new_endpoint(self, c: _Cluster, host: str, port: int) -> _Ep:
         """An endpoint of ``c`` with its breaker and links (not started, not
@@ -318,6 +322,25 @@ class Forwarder:
             ln.health_interval_s = settings.health_interval_s
             ln.health_timeout_s = settings.health_timeout_s
             ln.drain_timeout_s = settings.request_timeout_s
+
+    def add_clusters(
+        self, settings: DownstreamSettings, contexts: dict[str, ssl.SSLContext | None]
+    ) -> None:
+        """Clusters a reload added (:func:`gateway.reload.plan_reload`), named
+        by ``contexts`` with their links' TLS client contexts (None: h2c):
+        their links start at once; the groups that use them come with the
+        same reload's routing (:meth:`update_routing`). Call before
+        :meth:`update_endpoints`."""
+        self.s = settings
+        for name, ctx in contexts.items():
+            c = self._add_cluster(settings.clusters[name], ctx)
+            if self._nursery is not None:
+                for ep in c.eps.values():
+                    for ln in ep.links:
+                        self._nursery.start_soon(self._run_link, ln)
+            if self.hub is not None:
+                self.hub.log("info", "downstream_cluster_added", cluster=name,
+                             endpoints=list(c.eps))  # fmt: skip
 
     def update_endpoints(self, settings: DownstreamSettings) -> None:
         """Applies a reloaded configuration that differs from the running one

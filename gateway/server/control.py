@@ -54,7 +54,14 @@ def apply_config(w: Worker, new: Config, files_changed: Collection[str] = ()) ->
     # the TLS files first (they may have changed again since the supervisor
     # loaded them): nothing is applied unless they all load
     settings = None
-    if plan.routing or plan.tuning or plan.added or plan.removed or plan.cluster_tls:
+    if (
+        plan.routing
+        or plan.tuning
+        or plan.clusters_added
+        or plan.added
+        or plan.removed
+        or plan.cluster_tls
+    ):
         settings = plan.downstream
         assert settings is not None and w.forwarder is not None
     try:
@@ -66,6 +73,11 @@ def apply_config(w: Worker, new: Config, files_changed: Collection[str] = ()) ->
         for name in plan.cluster_tls:
             assert settings is not None
             cluster_ctx[name] = client_context(settings.clusters[name])
+        new_clusters: dict[str, ssl.SSLContext | None] = {}
+        for name in plan.clusters_added:
+            assert settings is not None
+            spec = settings.clusters[name]
+            new_clusters[name] = client_context(spec) if spec.tls else None
     except (ConfigError, OSError, ssl.SSLError) as e:
         w.hub.stats["reloads_failed"] += 1
         w.event("error", "reload_failed", error=str(e)[:500])
@@ -83,6 +95,8 @@ def apply_config(w: Worker, new: Config, files_changed: Collection[str] = ()) ->
             w.forwarder.update_routing(settings)
         if plan.tuning:
             w.forwarder.update_tuning(settings)
+        if new_clusters:
+            w.forwarder.add_clusters(settings, new_clusters)
         if plan.added or plan.removed:
             w.forwarder.update_endpoints(settings)
     w.cfg = new
