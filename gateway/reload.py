@@ -32,9 +32,11 @@ Eight parts of the configuration apply without a restart:
 - the downstream timeouts and bounds (``request_timeout_s``,
   ``max_attempts``, ``max_inflight_per_link``, ``link_high_water``,
   ``health_interval_s``, ``health_timeout_s``, ``sticky_entries``,
-  ``sticky_ttl_s``) and the admission settings: messages sent from then
-  on, and the links' next checks, use them (the breaker and outlier
-  settings need a restart: they shape each endpoint's running windows).
+  ``sticky_ttl_s``), the admission settings, and the breaker and outlier
+  settings: messages sent from then on, and the links' next checks, use
+  them; each endpoint's breaker keeps its state and counts (its window
+  starts empty if ``window_s`` changed) and an ejection in progress runs
+  to its end.
 
 Anything else that differs (the listen address, the worker count, frame
 and queue limits, heartbeats, TLS turned on or off, a group changed or
@@ -64,6 +66,7 @@ TUNING_FIELDS: Final = frozenset(
     {
         "request_timeout_s", "max_attempts", "max_inflight_per_link", "link_high_water",
         "health_interval_s", "health_timeout_s", "sticky_entries", "sticky_ttl_s", "admission",
+        "breaker", "outlier",
     }
 )  # fmt: skip
 

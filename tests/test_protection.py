@@ -4,6 +4,7 @@ rate limits, downstream settings."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 from typing import Any
@@ -84,6 +85,48 @@ def test_breaker_failure_rate_needs_min_requests_and_window_forgets() -> None:
         b2.record(20.0 + 0.1 * i, True, 0.0)  # ...forgotten 20 s later
     b2.record(21.5, False, 0.0)
     assert b2.state(21.5) == CLOSED
+
+
+def test_breaker_retune_keeps_state_and_counts_against_the_new_thresholds() -> None:
+    """A reload's settings taken in place: failures counted so far count
+    against the new thresholds (a twin left alone stays closed), an open
+    breaker stays open no longer than the new max_open_s, and a new window
+    length starts the window empty."""
+    old = BreakerConfig(consecutive_failures=5, failure_rate=0.5, min_requests=10)
+    a, twin = Breaker(old, 0.0), Breaker(old, 0.0)
+    for b in (a, twin):
+        for i in range(10):  # 10 calls, 4 failures: 40%
+            b.record(1.0 + 0.01 * i, i not in (1, 3, 5, 7), 0.0)
+        assert b.state(1.1) == CLOSED
+    a.retune(dataclasses.replace(old, consecutive_failures=5, failure_rate=0.4))
+    for b in (a, twin):
+        b.record(1.2, False, 0.0)  # 11 calls, 5 failures: 45%
+    assert a.state(1.2) == OPEN and twin.state(1.2) == CLOSED
+    # consecutive failures: 4 so far, and the new threshold is 3
+    c = Breaker(BreakerConfig(consecutive_failures=5), 0.0)
+    for t in (1.0, 1.1, 1.2, 1.3):
+        c.record(t, False, 0.0)
+    c.retune(BreakerConfig(consecutive_failures=3))
+    assert c.state(1.3) == CLOSED
+    c.record(1.4, False, 0.0)
+    assert c.state(1.4) == OPEN
+    # open for 4 s after a failed probe (2 s doubled); the new cap is 3 s
+    d = Breaker(BreakerConfig(consecutive_failures=1, open_s=2.0, max_open_s=60.0), 0.0)
+    d.record(0.0, False, 0.0)
+    assert d.allow(2.0)
+    d.record(2.0, False, 0.0)  # reopened at 2.0 for 4 s
+    d.retune(BreakerConfig(consecutive_failures=1, open_s=2.0, max_open_s=3.0))
+    assert d.state(4.95) == OPEN and d.state(5.05) == HALF_OPEN
+    # a new window length: the 9 failures before no longer count
+    e = Breaker(BreakerConfig(consecutive_failures=100, min_requests=10), 0.0)
+    for i in range(9):
+        e.record(1.0 + 0.01 * i, False, 0.0)
+    e.retune(BreakerConfig(consecutive_failures=100, min_requests=10, window_s=20.0))
+    e.record(1.5, False, 0.0)
+    assert e.state(1.5) == CLOSED
+    for i in range(9):
+        e.record(1.6 + 0.01 * i, False, 0.0)
+    assert e.state(1.7) == OPEN  # 10 in the new window
 
 
 def test_breaker_slow_calls_open_it() -> None:

@@ -175,15 +175,16 @@ def test_plan_reloads_a_clusters_tls_files(tmp_path: Path) -> None:
     assert plan_reload(plain, a).needs_restart == [key]
 
 
-def test_plan_applies_downstream_timeouts_and_bounds_but_not_the_breaker(tmp_path: Path) -> None:
+def test_plan_applies_downstream_timeouts_bounds_and_breaker_settings(tmp_path: Path) -> None:
     base = _downstream("10.0.0.1:7001")
     a = _cfg(tmp_path, downstream=base)
     tuned = {**base, "request_timeout_s": 0.5, "link_high_water": 65536, "sticky_ttl_s": 60.0}
-    plan = plan_reload(a, _cfg(tmp_path, downstream=tuned))
-    assert plan.tuning and plan.changes and plan.needs_restart == []
-    assert plan.summary() == {"downstream_settings": "changed"}
     broken = {**base, "breaker": {"consecutive_failures": 2}}
-    assert plan_reload(a, _cfg(tmp_path, downstream=broken)).needs_restart == ["downstream.breaker"]
+    ejecting = {**base, "outlier": {"consecutive_errors": 2}}
+    for new in (tuned, broken, ejecting):
+        plan = plan_reload(a, _cfg(tmp_path, downstream=new))
+        assert plan.tuning and plan.changes and plan.needs_restart == []
+        assert plan.summary() == {"downstream_settings": "changed"}
 
 
 def test_plan_reloads_tls_files_changed_in_place_or_moved(tmp_path: Path) -> None:
@@ -212,11 +213,6 @@ def test_plan_reloads_tls_files_changed_in_place_or_moved(tmp_path: Path) -> Non
             {"downstream": _downstream("10.0.0.1:7001")},
             {"downstream": _downstream("10.0.0.1:7001", links_per_endpoint=2)},
             ["downstream.clusters.desks"],
-        ),
-        (
-            {"downstream": _downstream("10.0.0.1:7001")},
-            {"downstream": {**_downstream("10.0.0.1:7001"), "outlier": {"consecutive_errors": 2}}},
-            ["downstream.outlier"],
         ),
         (  # a cluster removed: sessions may be on it
             {
@@ -838,6 +834,42 @@ async def test_a_tls_cluster_added_by_a_reload_connects_once_its_files_load(
                 assert await s.send("my card was charged twice") == 2
     assert [r["body"] for r in records(rec_a)] == ["hello"]
     assert [r["body"] for r in records(rec_b)] == ["my card was charged twice"]
+
+
+async def test_reloaded_breaker_settings_reach_every_endpoint_keeping_its_state(
+    tmp_path: Path,
+) -> None:
+    """An in-process worker with two endpoints, one of them down (its
+    breaker open after a failed request). A reload with other breaker and outlier settings gives
+    every endpoint's breaker and the cluster's outlier detector the new
+    settings; the open breaker stays open and the other endpoint serves."""
+    from gateway.downstream.breaker import OPEN
+    from gateway.server.control import apply_config
+    from tests.test_downstream import desk, ds, wait_links_up
+
+    async with desk(think_ms=0) as (port, _, _):
+        dead = free_port()  # nothing listens there
+        table = ds(("general", [port, dead]), breaker={"consecutive_failures": 1})
+        async with running(tmp_path, downstream=table) as gw:
+            fw = gw.w.forwarder
+            await wait_links_up(fw)
+            eps = fw.clusters["general"].eps
+            bad = eps[f"127.0.0.1:{dead}"].endpoint.breaker
+            bad.record(trio.current_time(), False, 0.0)  # a failed request: open
+            assert bad.state(trio.current_time()) == OPEN
+            breaker = {"consecutive_failures": 7, "open_s": 1.0, "max_open_s": 2.0}
+            outlier = {"consecutive_errors": 9}
+            new_table = {**table, "breaker": breaker, "outlier": outlier}
+            plan = apply_config(gw.w, dataclasses.replace(gw.w.cfg, downstream=new_table))
+            assert plan.tuning and gw.w.hub.stats["reloads"] == 1
+            for ep in eps.values():
+                assert ep.endpoint.breaker.cfg.consecutive_failures == 7
+                assert ep.endpoint.breaker.cfg.max_open_s == 2.0
+            outliers = fw.clusters["general"].balancer.outliers
+            assert outliers is not None and outliers.cfg.consecutive_errors == 9
+            assert bad.state(trio.current_time()) == OPEN  # its state stays
+            async with gc.connect(gw.url, token=gw.token("fay"), reconnect=False) as s:
+                assert await s.send("still served") == 1
 
 
 async def test_a_shorter_request_timeout_applies_to_the_next_message(tmp_path: Path) -> None:

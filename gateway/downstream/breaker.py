@@ -113,6 +113,25 @@ class Breaker:
         self.trips = 0
         self.on_change: Callable[[int, int, float], None] | None = None
 
+    def retune(self, cfg: BreakerConfig) -> None:
+        """Takes reloaded settings in place. The state stays: an open
+        breaker stays open, for no longer than the new ``max_open_s``, and
+        the failures counted so far count against the new thresholds from
+        the next call on. The window's counts stay unless its length
+        changed; then it starts empty (its buckets would not line up)."""
+        old, self.cfg = self.cfg, cfg
+        if cfg.window_s != old.window_s:
+            self._bucket_s = cfg.window_s / BUCKETS
+            for b in self._buckets:
+                b[0], b[1], b[2], b[3] = -1, 0, 0, 0
+            win = self._win
+            win[0], win[1], win[2] = 0, 0, 0
+            self._win_idx = -1
+        if self._state == CLOSED:
+            self._open_for = cfg.open_s
+        else:
+            self._open_for = min(self._open_for, cfg.max_open_s)
+
     # -- state ------------------------------------------------------------------
     def state(self, now: float) -> int:
         if self._state == OPEN and now - self._opened_at >= self._open_for:

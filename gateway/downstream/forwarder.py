@@ -297,12 +297,14 @@ class Forwarder:
                     ln.ssl_context = c.ssl_context
 
     def update_tuning(self, settings: DownstreamSettings) -> None:
-        """Reloaded timeouts, bounds and admission settings
+        """Reloaded timeouts, bounds, admission, breaker and outlier settings
         (:data:`gateway.reload.TUNING_FIELDS`): what is read when a message
-        is sent takes them from ``self.s``; the links and the sticky table
-        keep copies, set here. A shorter request timeout applies to the
-        messages in flight too (their deadlines are brought forward, which
-        keeps the deadline queue in order for the ones sent from now)."""
+        is sent takes them from ``self.s``; the links, the sticky table, the
+        endpoints' breakers (:meth:`Breaker.retune`: their state and counts
+        stay) and the clusters' outlier detectors keep copies, set here. A
+        shorter request timeout applies to the messages in flight too (their
+        deadlines are brought forward, which keeps the deadline queue in
+        order for the ones sent from now)."""
         timeout = settings.request_timeout_s
         if timeout < self.s.request_timeout_s:
             latest = self._time() + timeout
@@ -313,6 +315,12 @@ class Forwarder:
                 out = fl.sent.get(n) if fl is not None else None
                 if out is not None and out.deadline > latest:
                     out.deadline = latest
+        if settings.breaker != self.s.breaker or settings.outlier != self.s.outlier:
+            for c in self.clusters.values():
+                for ep in c.eps.values():
+                    ep.endpoint.breaker.retune(settings.breaker)
+                if c.balancer.outliers is not None:
+                    c.balancer.outliers.cfg = settings.outlier
         self.s = settings
         self.admission.cfg = settings.admission
         self.sticky.max_entries = settings.sticky_entries
