@@ -23,9 +23,11 @@ Eight parts of the configuration apply without a restart:
 - the rate limits (``*_rate``, ``*_burst``): a changed limit keeps each
   key's tokens, cut to its new burst, so a lower limit holds at once; a
   limit turned on starts with full buckets;
-- the downstream routing: the rules, the default group, and groups added
-  (a group changed or removed needs a restart: sessions are in it): new
-  sessions, and the keyword rules of every message, follow it;
+- the downstream routing: the rules, the default group, and groups
+  added, changed or removed: new sessions, and the keyword rules of every
+  message, follow it; the sessions in a group changed or removed are
+  opened again where their group now points (those of a removed group in
+  the entry group the new rules give them);
 - a TLS cluster's CA, client certificate and key (``ca_file``,
   ``cert_file``, ``key_file``: other files, or new contents in the same
   files): a link's next connection uses them; connected links go on;
@@ -39,8 +41,8 @@ Eight parts of the configuration apply without a restart:
   to its end.
 
 Anything else that differs (the listen address, the worker count, frame
-and queue limits, heartbeats, TLS turned on or off, a group changed or
-removed, a cluster removed or its other settings ...) needs a
+and queue limits, heartbeats, TLS turned on or off, a cluster removed or
+its other settings ...) needs a
 restart: :func:`plan_reload` names it, and the supervisor then
 refuses the whole reload rather than apply part of it.
 """
@@ -81,12 +83,14 @@ class ReloadPlan:
     tls: bool = False
     #: the rate limits changed
     limits: bool = False
-    #: the downstream rules, default group or groups (added) changed
+    #: the downstream rules, default group or groups changed
     routing: bool = False
     #: the TLS clusters whose CA, client certificate or key changed
     cluster_tls: list[str] = field(default_factory=list)
     #: the downstream timeouts, bounds or admission settings changed
     tuning: bool = False
+    #: the groups changed or removed (their sessions are opened again)
+    groups_changed: list[str] = field(default_factory=list)
     #: the clusters added (none removed), by name
     clusters_added: list[str] = field(default_factory=list)
     #: per cluster: the endpoints (``host:port``) added and removed
@@ -118,6 +122,8 @@ class ReloadPlan:
             out["limits"] = "changed"
         if self.routing:
             out["routing"] = "changed"
+        if self.groups_changed:
+            out["groups_changed"] = self.groups_changed
         if self.cluster_tls:
             out["cluster_tls"] = self.cluster_tls
         if self.tuning:
@@ -212,8 +218,9 @@ def plan_reload(old: Config, new: Config, files_changed: Collection[str] = ()) -
             plan.routing = True
         elif f.name in TUNING_FIELDS:
             plan.tuning = True
-        elif f.name == "groups" and all(b.groups.get(n) == g for n, g in a.groups.items()):
-            plan.routing = True  # groups added, none changed or removed
+        elif f.name == "groups":
+            plan.routing = True
+            plan.groups_changed = sorted(n for n, g in a.groups.items() if b.groups.get(n) != g)
         else:
             plan.needs_restart.append(f"downstream.{f.name}")
     for name in sorted(a.clusters):

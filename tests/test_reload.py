@@ -113,7 +113,9 @@ def test_limits_update_keeps_tokens_up_to_the_new_burst(tmp_path: Path) -> None:
     assert lim.message("t", "v", "1.2.3.4", 0.0) == (0.0, "")
 
 
-def test_plan_applies_routing_in_place_but_not_a_group_changed(tmp_path: Path) -> None:
+def test_plan_applies_routing_in_place_with_groups_added_changed_or_removed(
+    tmp_path: Path,
+) -> None:
     two = _downstream("10.0.0.1:7001")
     two["clusters"]["bots"] = {"endpoints": ["10.0.0.9:7002"]}
     base = _cfg(tmp_path, downstream=two)
@@ -122,13 +124,13 @@ def test_plan_applies_routing_in_place_but_not_a_group_changed(tmp_path: Path) -
     for new in (ruled, added):
         plan = plan_reload(base, _cfg(tmp_path, downstream=new))
         assert plan.routing and plan.changes and plan.needs_restart == []
-        assert plan.summary() == {"routing": "changed"}
+        assert plan.summary() == {"routing": "changed"} and plan.groups_changed == []
     moved = {**two, "groups": {"general": {"cluster": "bots"}}}  # sessions are in it
-    assert plan_reload(base, _cfg(tmp_path, downstream=moved)).needs_restart == [
-        "downstream.groups"
-    ]
-    fewer = _cfg(tmp_path, downstream=added)
-    assert plan_reload(fewer, base).needs_restart == ["downstream.groups"]  # removed
+    plan = plan_reload(base, _cfg(tmp_path, downstream=moved))
+    assert plan.routing and plan.needs_restart == [] and plan.groups_changed == ["general"]
+    assert plan.summary() == {"routing": "changed", "groups_changed": ["general"]}
+    plan = plan_reload(_cfg(tmp_path, downstream=added), base)  # billing removed
+    assert plan.routing and plan.needs_restart == [] and plan.groups_changed == ["billing"]
 
 
 def test_plan_adds_clusters_with_their_groups(tmp_path: Path) -> None:
@@ -306,11 +308,17 @@ class Reloadable:
         self.gw = _spawn(["serve", "--config", str(self.conf)], env, self.log)
 
     def write(
-        self, endpoints: list[str], extra: str = "", secrets: str = "", more: str = ""
+        self,
+        endpoints: list[str],
+        extra: str = "",
+        secrets: str = "",
+        more: str = "",
+        general: str = "desks",
     ) -> None:
         """The configuration file: ``extra`` lines in ``[gateway]``,
         ``secrets`` for tenant acme, ``more`` tables at the end (``{A}``,
-        ``{B}``: the desks' addresses)."""
+        ``{B}``: the desks' addresses), group general on cluster
+        ``general``."""
         secrets = secrets or f'secrets = {{ k1 = "{SECRET_1}" }}'
         more = more.replace("{A}", self.a).replace("{B}", self.b)
         self.conf.write_text(
@@ -329,7 +337,7 @@ allowed_origins = ["*"]
 endpoints = {json.dumps(endpoints)}
 
 [downstream.groups.general]
-cluster = "desks"
+cluster = "{general}"
 
 {more}
 """
@@ -703,6 +711,44 @@ async def test_sighup_adds_a_cluster_with_its_group_while_visitors_stay_connecte
         assert b == ["another invoice question", "thanks"]
 
 
+async def test_sighup_removes_a_group_and_moves_one_with_visitors_connected(
+    tmp_path: Path,
+) -> None:
+    """Clusters desks (desk A) and bots (desk B); group general on desks,
+    group billing on bots with a keyword rule. A first reload removes
+    billing: the visitor in it goes on in general (A) with its next
+    message. A second one points general at bots: both connected visitors'
+    next messages go to B. Nobody reconnects."""
+    bots = '[downstream.clusters.bots]\nendpoints = ["{B}"]\n'
+    billing = (
+        '\n[downstream.groups.billing]\ncluster = "bots"\n\n'
+        '[[downstream.rules]]\ngroup = "billing"\nkeywords = ["invoice"]\n'
+    )
+    async with _reloadable(tmp_path, more=bots + billing) as run:
+        acked: list[tuple[str, str]] = []
+        v1 = gc.connect(run.url, token=run.token("v1"))
+        v2 = gc.connect(run.url, token=run.token("v2"))
+        async with v1 as s1, v2 as s2:
+            await _send(s1, ["hello"], acked)
+            await _send(s2, ["my invoice"], acked)  # billing: B
+            run.write([run.a], more=bots)
+            lines = await run.sighup("reloaded", 3)
+            assert all(r.get("groups_changed") == ["billing"] for r in lines), lines
+            await _send(s2, ["after billing went"], acked)
+            await _send(s1, ["still here"], acked)
+            run.write([run.a], more=bots, general="bots")
+            lines = await run.sighup("reloaded", 3)
+            assert all(r.get("groups_changed") == ["general"] for r in lines), lines
+            await _send(s1, ["after the move"], acked)
+            await _send(s2, ["me too"], acked)
+            assert (s1.connections, s2.connections) == (1, 1)
+        assert len(acked) == 6
+        a = [r[2] for r in _recorded(run.rec_a)]
+        b = [r[2] for r in _recorded(run.rec_b)]
+        assert a == ["hello", "after billing went", "still here"]
+        assert b == ["my invoice", "after the move", "me too"]
+
+
 async def test_post_reload_on_the_operator_endpoint_answers_with_the_result(
     tmp_path: Path,
 ) -> None:
@@ -870,6 +916,51 @@ async def test_reloaded_breaker_settings_reach_every_endpoint_keeping_its_state(
             assert bad.state(trio.current_time()) == OPEN  # its state stays
             async with gc.connect(gw.url, token=gw.token("fay"), reconnect=False) as s:
                 assert await s.send("still served") == 1
+
+
+async def test_a_group_moved_by_a_reload_redelivers_what_its_old_desk_left_unanswered(
+    tmp_path: Path,
+) -> None:
+    """An in-process worker, group general on cluster a, whose desk stops
+    answering after its first message. With a second message in flight
+    there, a reload points general at cluster b: the session is opened on
+    b at once, the unanswered message is redelivered there after the
+    request timeout (acknowledged with its number), and the next message
+    goes to b too. Nothing is lost."""
+    from gateway.server.control import apply_config
+    from tests.test_downstream import desk, ds, records, wait_links_up
+
+    rec_a, rec_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    async with (
+        desk(record=rec_a, think_ms=0, stall_after=1) as (port_a, _, _),
+        desk(record=rec_b, think_ms=0) as (port_b, _, _),
+    ):
+        table = ds(("a", [port_a]), ("b", [port_b]), request_timeout_s=0.5)
+        table["groups"] = {"general": {"cluster": "a"}}
+        async with running(tmp_path, downstream=table) as gw:
+            fw = gw.w.forwarder
+            await wait_links_up(fw, n=2)
+            async with gc.connect(gw.url, token=gw.token("gil"), reconnect=False) as s:
+                assert await s.send("first") == 1
+                async with trio.open_nursery() as n:
+                    acks: list[int] = []
+
+                    async def second() -> None:
+                        acks.append(await s.send("second"))
+
+                    n.start_soon(second)
+                    with trio.fail_after(5):  # in flight at the stalled desk
+                        while not any(x.ds is not None and x.ds.sent for x in gw.w.hub.sessions):
+                            await trio.sleep(0.01)
+                    moved = {**table, "groups": {"general": {"cluster": "b"}}}
+                    plan = apply_config(gw.w, dataclasses.replace(gw.w.cfg, downstream=moved))
+                    assert plan.groups_changed == ["general"]
+                with trio.fail_after(10):
+                    assert acks == [2]
+                    assert await s.send("third") == 3
+    assert [r["body"] for r in records(rec_a)] == ["first"]  # the stalled desk drops it
+    b = records(rec_b)
+    assert [r["body"] for r in b] == ["second", "third"]
 
 
 async def test_a_shorter_request_timeout_applies_to_the_next_message(tmp_path: Path) -> None:

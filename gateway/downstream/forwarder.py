@@ -275,12 +275,46 @@ class Forwarder:
 
     # -- reload -----------------------------------------------------------------
     def update_routing(self, settings: DownstreamSettings) -> None:
-        """Applies reloaded routing (rules, the default group, groups
-        added: :func:`gateway.reload.plan_reload`): new sessions and the
-        keyword rules of every message follow it; a session keeps the group
-        it is in (every group it can be in is still there)."""
+        """Applies reloaded routing (rules, the default group, groups added,
+        changed or removed: :func:`gateway.reload.plan_reload`): new
+        sessions and the keyword rules of every message follow it. A session
+        keeps its group unless that group was removed (it goes to the entry
+        group the new rules give it). Sessions in a group that changed or
+        went (as their skill group, or as the group serving them now) leave
+        their link (``close`` with reason ``moved``) and are opened again
+        where their group now points: at once if attached, on resume if
+        not. What they have in flight is answered where it went, or
+        redelivered after ``request_timeout_s``."""
+        before = self.s.groups
         self.s = settings
         self.router = settings.router()
+        changed = {n for n, g in before.items() if settings.groups.get(n) != g}
+        if changed and self.hub is not None:
+            self._regroup(self.hub, changed)
+
+    def _regroup(self, hub: Hub, changed: set[str]) -> None:
+        groups, now = self.s.groups, self._time()
+        for s in hub.sessions:
+            fl: Flow | None = s.ds
+            if fl is None or (fl.route.group not in changed and fl.group not in changed):
+                continue
+            if fl.route.group not in groups:
+                fl.route = self.router.entry_group(s.tags)
+            ln = fl.link
+            if ln is not None:
+                ln.sessions.discard(s)
+                if ln.up:
+                    ln.send(encode({"t": "close", "sid": s.sid, "reason": "moved"}))
+                fl.link = None
+            fl.group = ""  # the msg frames name the group it is opened in next
+            fl.head_route = None
+            if s.conn is None:
+                continue  # opened again on resume
+            self._open(s, fl, now)
+            if fl.waiting:
+                self._pump(s, fl, now)
+            else:
+                self._drop_probe(fl, now)
 
     def update_cluster_tls(
         self, settings: DownstreamSettings, contexts: dict[str, ssl.SSLContext]
@@ -337,9 +371,10 @@ class Forwarder:
         """Clusters a reload added (:func:`gateway.reload.plan_reload`), named
         by ``contexts`` with their links' TLS client contexts (None: h2c):
         their links start at once; the groups that use them come with the
-        same reload's routing (:meth:`update_routing`). Call before
-        :meth:`update_endpoints`."""
-        self.s = settings
+        same reload's routing (:meth:`update_routing`). Call before the
+        other updates of the reload (they may point at these clusters); it
+        leaves ``self.s`` to them (they compare it with the new settings).
+        """
         for name, ctx in contexts.items():
             c = self._add_cluster(settings.clusters[name], ctx)
             if self._nursery is not None:

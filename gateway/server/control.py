@@ -91,14 +91,15 @@ def apply_config(w: Worker, new: Config, files_changed: Collection[str] = ()) ->
     if settings is not None:
         if cluster_ctx:
             w.forwarder.update_cluster_tls(settings, cluster_ctx)
+        if new_clusters:  # first: the changed groups may point at them
+            w.forwarder.add_clusters(settings, new_clusters)
         if plan.routing:
             w.forwarder.update_routing(settings)
         if plan.tuning:
             w.forwarder.update_tuning(settings)
-        if new_clusters:
-            w.forwarder.add_clusters(settings, new_clusters)
         if plan.added or plan.removed:
             w.forwarder.update_endpoints(settings)
+        w.forwarder.s = settings  # (clusters added alone: no update above sets it)
     w.cfg = new
     w.hub.cfg = new
     w.hub.stats["reloads"] += 1
