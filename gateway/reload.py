@@ -87,7 +87,7 @@ class ReloadPlan:
     routing: bool = False
     #: the TLS clusters whose CA, client certificate or key changed
     cluster_tls: list[str] = field(default_factory=list)
-    #: the downstream timeouts, bounds or admission settings changed
+    #: the downstream timeouts, bounds, admission, breaker or outlier settings changed
     tuning: bool = False
     #: the groups changed or removed (their sessions are opened again)
     groups_changed: list[str] = field(default_factory=list)
