@@ -103,10 +103,14 @@ class ReloadPlan:
     def changes(self) -> bool:
         """Something to apply (and nothing that needs a restart)."""
         return not self.needs_restart and (
-            self.tenants
-            or self.tls
-            or self.limits
-            or self.routing
+            self.tenants or self.tls or self.limits or self.downstream_changes
+        )
+
+    @property
+    def downstream_changes(self) -> bool:
+        """Something for the workers' forwarders to apply."""
+        return (
+            self.routing
             or self.tuning
             or bool(self.clusters_added or self.added or self.removed or self.cluster_tls)
         )

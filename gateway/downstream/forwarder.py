@@ -300,12 +300,7 @@ class Forwarder:
                 continue
             if fl.route.group not in groups:
                 fl.route = self.router.entry_group(s.tags)
-            ln = fl.link
-            if ln is not None:
-                ln.sessions.discard(s)
-                if ln.up:
-                    ln.send(encode({"t": "close", "sid": s.sid, "reason": "moved"}))
-                fl.link = None
+            self._leave_link(s, fl)
             fl.group = ""  # the msg frames name the group it is opened in next
             fl.head_route = None
             if s.conn is None:
@@ -655,6 +650,16 @@ class Forwarder:
             return None
         return c.eps[ep.key], group
 
+    def _leave_link(self, s: Session, fl: Flow) -> None:
+        """The session leaves its link (if on one): the desk there is told
+        it moved (``close``, reason ``moved``)."""
+        ln = fl.link
+        if ln is not None:
+            ln.sessions.discard(s)
+            if ln.up:
+                ln.send(encode({"t": "close", "sid": s.sid, "reason": "moved"}))
+            fl.link = None
+
     def _open(self, s: Session, fl: Flow, now: float, exclude: list[str] | None = None) -> bool:
         """Opens the session on an available endpoint; False if none."""
         picked = self._pick(fl, now, exclude)
@@ -669,11 +674,8 @@ class Forwarder:
             fl.probe = True  # the pick granted a half-open probe: next message
         else:
             ep.endpoint.breaker.release(now)
-        old = fl.link
-        if old is not None and old is not link:
-            old.sessions.discard(s)
-            if old.up:
-                old.send(encode({"t": "close", "sid": s.sid, "reason": "moved"}))
+        if fl.link is not link:
+            self._leave_link(s, fl)
         if fl.cluster is not ep.cluster:
             if fl.cluster is not None:
                 fl.cluster.waiting -= len(fl.waiting)

@@ -54,14 +54,7 @@ def apply_config(w: Worker, new: Config, files_changed: Collection[str] = ()) ->
     # the TLS files first (they may have changed again since the supervisor
     # loaded them): nothing is applied unless they all load
     settings = None
-    if (
-        plan.routing
-        or plan.tuning
-        or plan.clusters_added
-        or plan.added
-        or plan.removed
-        or plan.cluster_tls
-    ):
+    if plan.downstream_changes:
         settings = plan.downstream
         assert settings is not None and w.forwarder is not None
     try:
