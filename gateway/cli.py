@@ -219,6 +219,13 @@ def _setup_desk_sim(p: argparse.ArgumentParser) -> None:
                    help="answer links without this header with 401 (repeatable)")  # fmt: skip
     p.add_argument("--tls-client-ca", metavar="FILE",
                    help="require client certificates signed by this CA (mutual TLS)")  # fmt: skip
+    from gateway.downstream.desk import VIOLATIONS
+
+    p.add_argument("--violate", metavar="NAME", action="append", default=[],
+                   choices=sorted(VIOLATIONS),
+                   help="break the protocol on purpose, to see desk-check or a gateway catch it "
+                        "(repeatable): " + "; ".join(f"{k}: {v}" for k, v in VIOLATIONS.items())
+                   )  # fmt: skip
 
 
 @command("desk-sim", "run the reference downstream (agent desks and a triage bot)", _setup_desk_sim)
@@ -238,6 +245,7 @@ def _desk_sim(args: argparse.Namespace) -> int:
         reply=not args.no_reply,
         batch_acks=not args.single_acks,
         require_headers=tuple(args.require_header),
+        violate=tuple(args.violate),
     )
     host, port = args.listen
     ctx = None

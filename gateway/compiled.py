@@ -61,6 +61,8 @@ MODULES: Final = (
     "gateway.downstream.admission",
     "gateway.downstream.balancer",
     "gateway.downstream.breaker",
+    "gateway.downstream.desk",
+    "gateway.downstream.deskserver",
     "gateway.downstream.forwarder",
     "gateway.downstream.h2data",
     "gateway.downstream.link",

@@ -4,17 +4,18 @@ check it breaks."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-import gateway.downstream.desksim as desksim_mod
-from gateway.downstream.desk import Desk
+from gateway.downstream.desk import DeskConfig
 from gateway.downstream.deskcheck import Target, run_checks
 from gateway.downstream.tls import server_context
 from tests.test_downstream import desk
@@ -58,44 +59,32 @@ async def test_over_tls_and_with_a_required_header(tmp_path: Path) -> None:
         assert rc == 0, out
 
 
-async def test_a_downstream_that_does_not_ack_repeats_fails_that_check(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    real = Desk._on_msg
-
-    def forgetful(self: Desk, link: int, f: dict[str, Any]) -> Any:
-        s = self.sessions.get(f["sid"])
-        if s is not None and f["n"] in s.seen:
-            return []  # a repeat: dropped without an ack
-        return real(self, link, f)
-
-    monkeypatch.setattr(Desk, "_on_msg", forgetful)
-    async with desk(think_ms=0) as (port, _, _):
+async def test_a_downstream_that_does_not_ack_repeats_fails_that_check() -> None:
+    async with desk(think_ms=0, violate=("no-dup-ack",)) as (port, _, _):
         rc, out = await _check(port)
     assert rc == 1
     assert "FAIL duplicate: no ack of the repeated message 1 within 2 s" in out
     assert "ok   ack:" in out and "ok   close:" in out and "1 check(s) failed" in out
 
 
-async def test_a_malformed_frame_fails_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
-    def bad(self: Desk, link: int, f: dict[str, Any]) -> Any:
-        return [(0.0, f["sid"], {"t": "ack", "sid": f["sid"], "n": "one"})]
-
-    monkeypatch.setattr(Desk, "_on_msg", bad)
-    async with desk(batch_acks=False) as (port, _, _):
+@pytest.mark.parametrize("batch_acks", [True, False], ids=["acks", "single-acks"])
+async def test_a_malformed_frame_fails_the_check(batch_acks: bool) -> None:
+    async with desk(batch_acks=batch_acks, violate=("bad-ack",)) as (port, _, _):
         rc, out = await _check(port)
     assert rc == 1 and "FAIL ack: a malformed frame from the downstream" in out, out
 
 
-async def test_without_the_moved_feature_that_check_is_skipped(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(desksim_mod, "MOVED_MARK", "something-else")
-    async with desk(think_ms=0) as (port, _, _):
+async def test_without_the_moved_feature_that_check_is_skipped() -> None:
+    async with desk(think_ms=0, violate=("no-moved",)) as (port, _, _):
         rc, out = await _check(port)
     assert rc == 0, out
-    assert "features: something-else" in out
+    assert "features: none" in out
     assert "ok   moved: skipped: the downstream does not announce the 'moved' feature" in out
+
+
+def test_an_unknown_violation_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown violation 'nope'"):
+        DeskConfig(violate=("nope",))
 
 
 async def test_nothing_listening_exits_2() -> None:
@@ -106,31 +95,55 @@ async def test_nothing_listening_exits_2() -> None:
     assert rc == 2 and out.startswith("FAIL link:")
 
 
-def test_the_command_line(tmp_path: Path) -> None:
-    """``gateway desk-check`` against a ``gateway desk-sim`` process."""
+@contextlib.contextmanager
+def _desk_sim_process(*extra: str) -> Iterator[int]:
+    """A ``gateway desk-sim`` process (with ``extra`` options) on a free
+    port; yields the port."""
     from tests.test_server_process import free_port, wait_listening
 
     port = free_port()
     sim = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "desk-sim", "--listen", f"127.0.0.1:{port}"],
+        [sys.executable, "-m", "gateway", "desk-sim", "--listen", f"127.0.0.1:{port}", *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         wait_listening(port)
-        r = subprocess.run(
-            [sys.executable, "-m", "gateway", "desk-check", f"127.0.0.1:{port}"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert r.returncode == 0, r.stdout + r.stderr
-        assert "all checks passed" in r.stdout
-        r = subprocess.run(
-            [sys.executable, "-m", "gateway", "desk-check", f"127.0.0.1:{port}", "--ca-file", "x"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert r.returncode == 2 and "go with --tls" in r.stderr
+        yield port
     finally:
         sim.terminate()
         sim.wait(15)
+
+
+def _desk_check(port: int, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "desk-check", f"127.0.0.1:{port}", *extra],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_the_command_line() -> None:
+    """``gateway desk-check`` against a ``gateway desk-sim`` process."""
+    with _desk_sim_process() as port:
+        r = _desk_check(port)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "all checks passed" in r.stdout
+        r = _desk_check(port, "--ca-file", "x")
+        assert r.returncode == 2 and "go with --tls" in r.stderr
+
+
+def test_violations_from_the_command_line() -> None:
+    """``desk-sim --violate``: desk-check against that process fails the
+    checks the violations break; an unknown name is refused."""
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "desk-sim", "--violate", "nope"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr, r.stderr
+    with _desk_sim_process("--violate", "bad-ack", "--violate", "no-moved") as port:
+        r = _desk_check(port)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "features: none" in r.stdout
+        assert "FAIL ack: a malformed frame from the downstream" in r.stdout
 
 
 async def test_a_silent_server_is_reported_after_the_timeout() -> None:

@@ -26,13 +26,22 @@ from typing import Any, Final
 
 from gateway.recent import RecentMap
 
-__all__ = ["HANDOVER_WORDS", "Desk", "DeskConfig"]
+__all__ = ["HANDOVER_WORDS", "VIOLATIONS", "Desk", "DeskConfig"]
 
 #: Words in a visitor message that make the bot hand the session over.
 HANDOVER_WORDS: Final = ("agent", "human", "person")
 _HANDOVER_RE: Final = re.compile(r"\b(" + "|".join(HANDOVER_WORDS) + r")\b", re.IGNORECASE)
 #: Client message numbers remembered per session for deduplication.
 DEDUP_PER_SESSION: Final = 4096
+
+#: Protocol violations desk-sim commits on request (``--violate NAME``), to
+#: see ``gateway desk-check`` (and a gateway's handling) catch a broken
+#: downstream: name -> what it does.
+VIOLATIONS: Final = {
+    "no-dup-ack": "a repeated message (a number seen before) gets no ack",
+    "bad-ack": "acks carry a negative message number (a malformed frame)",
+    "no-moved": "the 'moved' feature is not announced and no moved frame is sent",
+}
 
 Action = tuple[float, str, dict[str, Any]]
 
@@ -52,6 +61,8 @@ class DeskConfig:
     max_sessions: int = 1_000_000
     #: request headers a link must carry (desk-sim answers 401 otherwise)
     require_headers: tuple[tuple[str, str], ...] = ()
+    #: names from :data:`VIOLATIONS`: deliberate protocol violations
+    violate: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.error_rate <= 1.0:
@@ -62,6 +73,11 @@ class DeskConfig:
             raise ValueError("agents and capacity must be >= 1")
         if self.stall_after < 0 or self.crash_after < 0:
             raise ValueError("stall_after and crash_after must be >= 0")
+        unknown = [v for v in self.violate if v not in VIOLATIONS]
+        if unknown:
+            raise ValueError(
+                f"unknown violation {unknown[0]!r} (known: {', '.join(sorted(VIOLATIONS))})"
+            )
 
 
 class _Session:
@@ -99,6 +115,9 @@ class Desk:
         self.waiting: dict[str, OrderedDict[str, None]] = {}
         self.messages = 0
         self.stalled = False
+        self.no_dup_ack = "no-dup-ack" in cfg.violate
+        self.bad_ack = "bad-ack" in cfg.violate
+        self.no_moved = "no-moved" in cfg.violate
         # (old link, sid) of sessions bound to another link since the shell
         # last took them: it sends ``moved`` for each on the old link
         self.marks: list[tuple[int, str]] = []
@@ -178,6 +197,8 @@ class Desk:
         ack_delay = cfg.latency_ms / 1000.0
         if n in s.seen:
             self.stats["dups"] += 1
+            if self.no_dup_ack:
+                return []
             self.stats["acks"] += 1
             return [(ack_delay, sid, {"t": "ack", "sid": sid, "n": n, "dup": True})]
         if cfg.error_rate and self.rng.random() < cfg.error_rate:
@@ -188,14 +209,16 @@ class Desk:
         if self.record is not None:
             self.record({"sid": sid, "n": n, "id": f.get("id"), "body": f.get("body")})
         self.stats["acks"] += 1
-        out: list[Action] = [(ack_delay, sid, {"t": "ack", "sid": sid, "n": n})]
+        acked = -1 - n if self.bad_ack else n
+        out: list[Action] = [(ack_delay, sid, {"t": "ack", "sid": sid, "n": acked})]
         if cfg.reply:
             out.extend(self._reply(s, sid, f.get("body")))
         return out
 
     def _bind(self, s: _Session, link: int) -> None:
         """``s`` goes to ``link`` from the link it was bound to."""
-        self.marks.append((s.link, s.sid))
+        if not self.no_moved:
+            self.marks.append((s.link, s.sid))
         s.link = link
 
     def take_marks(self) -> list[tuple[int, str]]:
