@@ -9,8 +9,11 @@ Eight parts of the configuration apply without a restart:
 - downstream clusters added (with groups that use them, below): their
   links start in every worker at once; until one is up, the cluster is
   treated as down (messages routed there wait in their session's bounded
-  buffer, new sessions are asked to retry later). A cluster removed needs
-  a restart: sessions may be on it;
+  buffer, new sessions are asked to retry later). Clusters removed (with
+  the groups that used them changed or removed, below): their sessions
+  are opened again where their groups now point, and their links drain
+  (what is in flight on them is answered there, or redelivered after
+  ``request_timeout_s``) and end;
 - the endpoint list of each downstream cluster: new endpoints get links and
   traffic, removed ones stop getting new sessions and are drained (the
   messages in flight on them are answered there, or redelivered elsewhere
@@ -41,8 +44,8 @@ Eight parts of the configuration apply without a restart:
   to its end.
 
 Anything else that differs (the listen address, the worker count, frame
-and queue limits, heartbeats, TLS turned on or off, a cluster removed or
-its other settings ...) needs a
+and queue limits, heartbeats, TLS turned on or off, a cluster's other
+settings ...) needs a
 restart: :func:`plan_reload` names it, and the supervisor then
 refuses the whole reload rather than apply part of it.
 """
@@ -91,8 +94,9 @@ class ReloadPlan:
     tuning: bool = False
     #: the groups changed or removed (their sessions are opened again)
     groups_changed: list[str] = field(default_factory=list)
-    #: the clusters added (none removed), by name
+    #: the clusters added and removed, by name
     clusters_added: list[str] = field(default_factory=list)
+    clusters_removed: list[str] = field(default_factory=list)
     #: per cluster: the endpoints (``host:port``) added and removed
     added: dict[str, list[str]] = field(default_factory=dict)
     removed: dict[str, list[str]] = field(default_factory=dict)
@@ -112,7 +116,8 @@ class ReloadPlan:
         return (
             self.routing
             or self.tuning
-            or bool(self.clusters_added or self.added or self.removed or self.cluster_tls)
+            or bool(self.clusters_added or self.clusters_removed)
+            or bool(self.added or self.removed or self.cluster_tls)
         )
 
     def summary(self) -> dict[str, Any]:
@@ -134,6 +139,8 @@ class ReloadPlan:
             out["downstream_settings"] = "changed"
         if self.clusters_added:
             out["clusters_added"] = self.clusters_added
+        if self.clusters_removed:
+            out["clusters_removed"] = self.clusters_removed
         if self.added:
             out["endpoints_added"] = self.added
         if self.removed:
@@ -211,10 +218,10 @@ def plan_reload(old: Config, new: Config, files_changed: Collection[str] = ()) -
         if (a is None) != (b is None):
             plan.needs_restart.append("downstream")  # the demo bot on or off
         return plan
-    if not set(a.clusters) <= set(b.clusters):
-        plan.needs_restart.append("downstream.clusters")  # one removed
-        return plan
+    # (the groups that used a removed cluster changed or went: the parser
+    # refuses a group naming a cluster that is not there)
     plan.clusters_added = sorted(set(b.clusters) - set(a.clusters))
+    plan.clusters_removed = sorted(set(a.clusters) - set(b.clusters))
     for f in dataclasses.fields(a):
         if f.name == "clusters" or getattr(a, f.name) == getattr(b, f.name):
             continue
@@ -227,7 +234,7 @@ def plan_reload(old: Config, new: Config, files_changed: Collection[str] = ()) -
             plan.groups_changed = sorted(n for n, g in a.groups.items() if b.groups.get(n) != g)
         else:
             plan.needs_restart.append(f"downstream.{f.name}")
-    for name in sorted(a.clusters):
+    for name in sorted(set(a.clusters) & set(b.clusters)):
         was_spec, now_spec = (
             _without_endpoints(a.clusters[name]),
             _without_endpoints(b.clusters[name]),

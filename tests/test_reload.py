@@ -143,11 +143,33 @@ def test_plan_adds_clusters_with_their_groups(tmp_path: Path) -> None:
     grouped = {**bots, "groups": {**one["groups"], "billing": {"cluster": "bots"}}}
     plan = plan_reload(base, _cfg(tmp_path, downstream=grouped))
     assert plan.clusters_added == ["bots"] and plan.routing and plan.needs_restart == []
-    # a cluster added next to one removed: refused as a whole
-    swapped = {**bots, "clusters": {"bots": bots["clusters"]["bots"]}}
-    swapped["groups"] = {"general": {"cluster": "bots"}}
+
+
+def test_plan_removes_clusters_with_the_groups_that_used_them(tmp_path: Path) -> None:
+    both = _downstream("10.0.0.1:7001")
+    both["clusters"]["bots"] = {"endpoints": ["10.0.0.9:7002"]}
+    both["groups"]["billing"] = {"cluster": "bots"}
+    base = _cfg(tmp_path, downstream=both)
+    plan = plan_reload(base, _cfg(tmp_path, downstream=_downstream("10.0.0.1:7001")))
+    assert plan.changes and plan.needs_restart == [] and plan.downstream_changes
+    assert plan.clusters_removed == ["bots"] and plan.clusters_added == []
+    assert plan.routing and plan.groups_changed == ["billing"]
+    assert plan.summary() == {
+        "routing": "changed", "groups_changed": ["billing"], "clusters_removed": ["bots"],
+    }  # fmt: skip
+    # one added where another went, its group pointed at the new one; an
+    # endpoint change of a cluster that stays comes with it
+    swapped = {
+        "clusters": {"desks": {"endpoints": ["10.0.0.2:7001"]},
+                     "agents": {"endpoints": ["10.0.0.5:7003"]}},
+        "groups": {"general": {"cluster": "desks"}, "billing": {"cluster": "agents"}},
+    }  # fmt: skip
     plan = plan_reload(base, _cfg(tmp_path, downstream=swapped))
-    assert plan.needs_restart == ["downstream.clusters"] and not plan.changes
+    assert plan.needs_restart == [] and plan.changes
+    assert (plan.clusters_added, plan.clusters_removed) == (["agents"], ["bots"])
+    assert plan.groups_changed == ["billing"]
+    assert plan.added == {"desks": ["10.0.0.2:7001"]}
+    assert plan.removed == {"desks": ["10.0.0.1:7001"]}
 
 
 def test_plan_reloads_a_clusters_tls_files(tmp_path: Path) -> None:
@@ -216,7 +238,7 @@ def test_plan_reloads_tls_files_changed_in_place_or_moved(tmp_path: Path) -> Non
             {"downstream": _downstream("10.0.0.1:7001", links_per_endpoint=2)},
             ["downstream.clusters.desks"],
         ),
-        (  # a cluster removed: sessions may be on it
+        (  # a cluster's settings, next to a cluster removed
             {
                 "downstream": {
                     "clusters": {
@@ -226,8 +248,8 @@ def test_plan_reloads_tls_files_changed_in_place_or_moved(tmp_path: Path) -> Non
                     "groups": {"general": {"cluster": "desks"}},
                 }
             },
-            {"downstream": _downstream("10.0.0.1:7001")},
-            ["downstream.clusters"],
+            {"downstream": _downstream("10.0.0.1:7001", headers={"x-a": "b"})},
+            ["downstream.clusters.desks"],
         ),
     ],
 )
@@ -398,6 +420,15 @@ async def _reloadable(tmp: Path, extra: str = "", more: str = "") -> AsyncIterat
         yield run
     finally:
         run.stop()
+
+
+#: ``more`` tables for :class:`Reloadable`: cluster bots on desk B, and
+#: group billing on it with a keyword rule to it
+_BOTS = '[downstream.clusters.bots]\nendpoints = ["{B}"]\n'
+_BILLING = (
+    '\n[downstream.groups.billing]\ncluster = "bots"\n\n'
+    '[[downstream.rules]]\ngroup = "billing"\nkeywords = ["invoice"]\n'
+)
 
 
 def _metric(text: str, name: str, **labels: str) -> float | None:
@@ -647,23 +678,18 @@ async def test_sighup_adds_a_group_and_rules_for_new_messages(tmp_path: Path) ->
     keyword rule ("invoice") and an entry rule (channel vip) to it: the
     connected visitor's next invoice question goes to B, and so does a new
     vip visitor; other messages stay on A."""
-    bots = '[downstream.clusters.bots]\nendpoints = ["{B}"]\n'
-    routing = (
-        '\n[downstream.groups.billing]\ncluster = "bots"\n\n'
-        '[[downstream.rules]]\ngroup = "billing"\nkeywords = ["invoice"]\n\n'
-        '[[downstream.rules]]\ngroup = "billing"\nchannel = "vip"\n'
-    )
-    async with _reloadable(tmp_path, more=bots) as run:
+    vip = '\n[[downstream.rules]]\ngroup = "billing"\nchannel = "vip"\n'
+    async with _reloadable(tmp_path, more=_BOTS) as run:
         acked: list[tuple[str, str]] = []
         async with gc.connect(run.url, token=run.token("v1")) as s:
             await _send(s, ["about my invoice", "hello"], acked)
-            run.write([run.a], more=bots + routing)
+            run.write([run.a], more=_BOTS + _BILLING + vip)
             lines = await run.sighup("reloaded", 3)
             assert all(r.get("routing") == "changed" for r in lines)
             await _send(s, ["another invoice question", "thanks"], acked)
             assert s.connections == 1
-        vip = gc.connect(run.url, token=run.token("v2"), tags={"channel": "vip"})
-        async with vip as s2:
+        v2 = gc.connect(run.url, token=run.token("v2"), tags={"channel": "vip"})
+        async with v2 as s2:
             await _send(s2, ["vip hello"], acked)
         a = [r[2] for r in _recorded(run.rec_a)]
         b = [r[2] for r in _recorded(run.rec_b)]
@@ -679,18 +705,13 @@ async def test_sighup_adds_a_cluster_with_its_group_while_visitors_stay_connecte
     (desk B) with group billing and a keyword rule to it: both workers
     connect to B without a restart, and the connected visitor's next
     invoice question goes there; other visitors' messages stay on A."""
-    bots = '[downstream.clusters.bots]\nendpoints = ["{B}"]\n'
-    routing = (
-        '\n[downstream.groups.billing]\ncluster = "bots"\n\n'
-        '[[downstream.rules]]\ngroup = "billing"\nkeywords = ["invoice"]\n'
-    )
     async with _reloadable(tmp_path) as run:
         acked: list[tuple[str, str]] = []
         async with gc.connect(run.url, token=run.token("v1")) as s:
             await _send(s, ["about my invoice", "hello"], acked)
             ups = [r for r in run.events("downstream_link_up") if r.get("endpoint") == run.b]
             assert ups == []  # no link to B before the reload
-            run.write([run.a], more=bots + routing)
+            run.write([run.a], more=_BOTS + _BILLING)
             lines = await run.sighup("reloaded", 3)
             assert all(r.get("clusters_added") == ["bots"] for r in lines), lines
             added = run.events("downstream_cluster_added")
@@ -719,24 +740,19 @@ async def test_sighup_removes_a_group_and_moves_one_with_visitors_connected(
     billing: the visitor in it goes on in general (A) with its next
     message. A second one points general at bots: both connected visitors'
     next messages go to B. Nobody reconnects."""
-    bots = '[downstream.clusters.bots]\nendpoints = ["{B}"]\n'
-    billing = (
-        '\n[downstream.groups.billing]\ncluster = "bots"\n\n'
-        '[[downstream.rules]]\ngroup = "billing"\nkeywords = ["invoice"]\n'
-    )
-    async with _reloadable(tmp_path, more=bots + billing) as run:
+    async with _reloadable(tmp_path, more=_BOTS + _BILLING) as run:
         acked: list[tuple[str, str]] = []
         v1 = gc.connect(run.url, token=run.token("v1"))
         v2 = gc.connect(run.url, token=run.token("v2"))
         async with v1 as s1, v2 as s2:
             await _send(s1, ["hello"], acked)
             await _send(s2, ["my invoice"], acked)  # billing: B
-            run.write([run.a], more=bots)
+            run.write([run.a], more=_BOTS)
             lines = await run.sighup("reloaded", 3)
             assert all(r.get("groups_changed") == ["billing"] for r in lines), lines
             await _send(s2, ["after billing went"], acked)
             await _send(s1, ["still here"], acked)
-            run.write([run.a], more=bots, general="bots")
+            run.write([run.a], more=_BOTS, general="bots")
             lines = await run.sighup("reloaded", 3)
             assert all(r.get("groups_changed") == ["general"] for r in lines), lines
             await _send(s1, ["after the move"], acked)
@@ -747,6 +763,44 @@ async def test_sighup_removes_a_group_and_moves_one_with_visitors_connected(
         b = [r[2] for r in _recorded(run.rec_b)]
         assert a == ["hello", "after billing went", "still here"]
         assert b == ["my invoice", "after the move", "me too"]
+
+
+async def test_sighup_removes_a_cluster_with_visitors_connected(tmp_path: Path) -> None:
+    """Clusters desks (desk A) and bots (desk B), group billing on bots
+    with a keyword rule. A reload removes cluster bots and group billing:
+    every worker's links to B end (their metrics go), and the visitor who
+    was in billing goes on in general (A) with its next message, without
+    reconnecting; a new visitor's invoice question goes to A too."""
+    async with _reloadable(tmp_path, more=_BOTS + _BILLING) as run:
+        acked: list[tuple[str, str]] = []
+        with trio.fail_after(15):  # both workers' links to B, as reported
+            while _metric(run.metrics(), "gateway_downstream_links_up", cluster="bots",
+                          endpoint=run.b) != 2:  # fmt: skip
+                await trio.sleep(0.1)
+        async with gc.connect(run.url, token=run.token("v1")) as s:
+            await _send(s, ["my invoice"], acked)  # billing: B
+            run.write([run.a])
+            lines = await run.sighup("reloaded", 3)
+            assert all(r.get("clusters_removed") == ["bots"] for r in lines), lines
+            assert all(r.get("groups_changed") == ["billing"] for r in lines), lines
+            removed = run.events("downstream_cluster_removed")
+            assert len(removed) == 2 and all(r["endpoints"] == [run.b] for r in removed)
+            await _send(s, ["after bots went", "another invoice"], acked)
+            assert s.connections == 1
+        async with gc.connect(run.url, token=run.token("v2")) as s2:
+            await _send(s2, ["a new invoice question"], acked)
+        gauges = ("gateway_downstream_links_up", "gateway_breaker_state",
+                  "gateway_downstream_inflight")  # fmt: skip
+        with trio.fail_after(15):  # both workers' links to B drained and ended
+            while left := [ln for ln in run.metrics().splitlines()
+                           if ln.startswith(gauges) and 'cluster="bots"' in ln]:  # fmt: skip
+                await trio.sleep(0.1)
+        assert left == []
+        assert len(acked) == 4
+        a = [r[2] for r in _recorded(run.rec_a)]
+        b = [r[2] for r in _recorded(run.rec_b)]
+        assert b == ["my invoice"]
+        assert a == ["after bots went", "another invoice", "a new invoice question"]
 
 
 async def test_post_reload_on_the_operator_endpoint_answers_with_the_result(
@@ -918,15 +972,18 @@ async def test_reloaded_breaker_settings_reach_every_endpoint_keeping_its_state(
                 assert await s.send("still served") == 1
 
 
-async def test_a_group_moved_by_a_reload_redelivers_what_its_old_desk_left_unanswered(
-    tmp_path: Path,
+@pytest.mark.parametrize("remove", [False, True], ids=["group-moved", "cluster-removed"])
+async def test_a_reload_moving_a_group_off_a_stalled_desk_redelivers_what_it_left_unanswered(
+    tmp_path: Path, remove: bool
 ) -> None:
     """An in-process worker, group general on cluster a, whose desk stops
     answering after its first message. With a second message in flight
-    there, a reload points general at cluster b: the session is opened on
-    b at once, the unanswered message is redelivered there after the
-    request timeout (acknowledged with its number), and the next message
-    goes to b too. Nothing is lost."""
+    there, a reload points general at cluster b (and, ``remove``, removes
+    cluster a): the session is opened on b at once, the unanswered message
+    is redelivered there after the request timeout (acknowledged with its
+    number), and the next message goes to b too. A removed cluster's link
+    is retired at once and ends once the message on it was given up on.
+    Nothing is lost."""
     from gateway.server.control import apply_config
     from tests.test_downstream import desk, ds, records, wait_links_up
 
@@ -937,9 +994,13 @@ async def test_a_group_moved_by_a_reload_redelivers_what_its_old_desk_left_unans
     ):
         table = ds(("a", [port_a]), ("b", [port_b]), request_timeout_s=0.5)
         table["groups"] = {"general": {"cluster": "a"}}
+        moved = {**table, "groups": {"general": {"cluster": "b"}}}
+        if remove:
+            moved["clusters"] = {"b": table["clusters"]["b"]}
         async with running(tmp_path, downstream=table) as gw:
             fw = gw.w.forwarder
             await wait_links_up(fw, n=2)
+            a_links = list(fw.clusters["a"].eps[f"127.0.0.1:{port_a}"].links)
             async with gc.connect(gw.url, token=gw.token("gil"), reconnect=False) as s:
                 assert await s.send("first") == 1
                 async with trio.open_nursery() as n:
@@ -952,15 +1013,20 @@ async def test_a_group_moved_by_a_reload_redelivers_what_its_old_desk_left_unans
                     with trio.fail_after(5):  # in flight at the stalled desk
                         while not any(x.ds is not None and x.ds.sent for x in gw.w.hub.sessions):
                             await trio.sleep(0.01)
-                    moved = {**table, "groups": {"general": {"cluster": "b"}}}
                     plan = apply_config(gw.w, dataclasses.replace(gw.w.cfg, downstream=moved))
-                    assert plan.groups_changed == ["general"]
+                    assert plan.groups_changed == ["general"] and plan.needs_restart == []
+                    assert plan.clusters_removed == (["a"] if remove else [])
+                    assert set(fw.clusters) == ({"b"} if remove else {"a", "b"})
+                    assert all(ln.retired == remove for ln in a_links)
                 with trio.fail_after(10):
                     assert acks == [2]
                     assert await s.send("third") == 3
+                if remove:
+                    with trio.fail_after(10):  # a's link given up on and ended
+                        while any(ln in fw.links for ln in a_links):
+                            await trio.sleep(0.05)
     assert [r["body"] for r in records(rec_a)] == ["first"]  # the stalled desk drops it
-    b = records(rec_b)
-    assert [r["body"] for r in b] == ["second", "third"]
+    assert [r["body"] for r in records(rec_b)] == ["second", "third"]
 
 
 async def test_a_shorter_request_timeout_applies_to_the_next_message(tmp_path: Path) -> None:

@@ -380,6 +380,26 @@ class Forwarder:
                 self.hub.log("info", "downstream_cluster_added", cluster=name,
                              endpoints=list(c.eps))  # fmt: skip
 
+    def remove_clusters(self, names: list[str]) -> None:
+        """Clusters a reload removed (:func:`gateway.reload.plan_reload`).
+        Call after the same reload's routing (:meth:`update_routing`), which
+        opened their sessions again where their groups now point: their
+        links drain (:meth:`Link.retire`; what is in flight on them is
+        answered there, or redelivered after ``request_timeout_s``) and end,
+        and their metrics go (the endpoints' once their links have ended)."""
+        for name in names:
+            c = self.clusters.pop(name, None)
+            if c is None:
+                continue
+            for ep in c.eps.values():
+                ep.endpoint.up = False
+                for ln in ep.links:
+                    ln.retire()
+            metrics.DOWNSTREAM_INFLIGHT.remove(name)
+            if self.hub is not None:
+                self.hub.log("info", "downstream_cluster_removed", cluster=name,
+                             endpoints=list(c.eps))  # fmt: skip
+
     def update_endpoints(self, settings: DownstreamSettings) -> None:
         """Applies a reloaded configuration that differs from the running one
         only in its clusters' endpoint lists (:func:`gateway.reload.plan_reload`):

@@ -92,6 +92,8 @@ def apply_config(w: Worker, new: Config, files_changed: Collection[str] = ()) ->
             w.forwarder.update_tuning(settings)
         if plan.added or plan.removed:
             w.forwarder.update_endpoints(settings)
+        if plan.clusters_removed:  # last: the routing moved their sessions off
+            w.forwarder.remove_clusters(plan.clusters_removed)
         w.forwarder.s = settings  # (clusters added alone: no update above sets it)
     w.cfg = new
     w.hub.cfg = new
