@@ -338,11 +338,12 @@ class Reloadable:
         general: str = "desks",
     ) -> None:
         """The configuration file: ``extra`` lines in ``[gateway]``,
-        ``secrets`` for tenant acme, ``more`` tables at the end (``{A}``,
-        ``{B}``: the desks' addresses), group general on cluster
-        ``general``."""
+        ``secrets`` for tenant acme, cluster desks on ``endpoints`` (none:
+        no cluster desks), ``more`` tables at the end (``{A}``, ``{B}``:
+        the desks' addresses), group general on cluster ``general``."""
         secrets = secrets or f'secrets = {{ k1 = "{SECRET_1}" }}'
         more = more.replace("{A}", self.a).replace("{B}", self.b)
+        desks = f"[downstream.clusters.desks]\nendpoints = {json.dumps(endpoints)}\n"
         self.conf.write_text(
             f"""
 [gateway]
@@ -355,9 +356,7 @@ ops_listen = "127.0.0.1:{self.ops}"
 {secrets}
 allowed_origins = ["*"]
 
-[downstream.clusters.desks]
-endpoints = {json.dumps(endpoints)}
-
+{desks if endpoints else ""}
 [downstream.groups.general]
 cluster = "{general}"
 
@@ -495,12 +494,15 @@ async def test_sighup_moves_traffic_to_new_endpoints_with_visitors_connected(
         assert _metric(m, "gateway_config_reloads_total", result="applied") == 1
 
 
-async def test_endpoint_removed_under_load_loses_no_acked_message(tmp_path: Path) -> None:
-    """Eight visitors keep sending while desk A is swapped for desk B: the
-    messages in flight on A when it is removed are answered there or
-    redelivered to B; every message a visitor saw acked is in a desk's
-    record, and no visitor was disconnected."""
-    async with _reloadable(tmp_path) as run:
+@pytest.mark.parametrize("what", ["endpoint", "cluster"])
+async def test_desk_removed_under_load_loses_no_acked_message(tmp_path: Path, what: str) -> None:
+    """Eight visitors keep sending while desk A is swapped for desk B (A
+    removed from cluster desks' endpoints and B put there, or cluster desks
+    removed and group general pointed at cluster bots on B): the messages
+    in flight on A when it is removed are answered there or redelivered to
+    B; every message a visitor saw acked is in a desk's record, and no
+    visitor was disconnected."""
+    async with _reloadable(tmp_path, more=_BOTS if what == "cluster" else "") as run:
         acked: list[tuple[str, str]] = []
         sessions: list[gc.Session] = []
         swapped = trio.Event()
@@ -519,8 +521,13 @@ async def test_endpoint_removed_under_load_loses_no_acked_message(tmp_path: Path
             with trio.fail_after(15):
                 while len(acked) < 100:
                     await trio.sleep(0.01)
-            run.write([run.b])
-            await run.sighup("reloaded", 3)
+            if what == "cluster":
+                run.write([], more=_BOTS, general="bots")
+            else:
+                run.write([run.b])
+            lines = await run.sighup("reloaded", 3)
+            assert all(r.get("clusters_removed") == (["desks"] if what == "cluster" else None)
+                       for r in lines), lines  # fmt: skip
             swapped.set()
 
         a, b = _recorded(run.rec_a), _recorded(run.rec_b)
