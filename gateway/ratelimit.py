@@ -39,6 +39,17 @@ class TokenBucket:
         """Tokens available at the last :meth:`take`."""
         return self._tokens
 
+    def retune(self, rate: float, burst: float, now: float) -> None:
+        """New rate and burst (a configuration reload): the bucket keeps
+        its tokens as of ``now``, cut to the new burst, so a lower limit
+        holds at once and a higher one fills up at the new rate."""
+        _check(rate, burst)
+        self.take(now, 0.0)  # the tokens earned so far, at the old rate
+        self._rate = float(rate)
+        self._burst = float(burst)
+        if self._tokens > burst:
+            self._tokens = float(burst)
+
     def take(self, now: float, n: float = 1.0) -> float:
         elapsed = now - self._stamp
         if elapsed > 0:

@@ -2,7 +2,7 @@
 running workers, sans-IO (docs/operations.md, "Reloading the
 configuration").
 
-Eight parts of the configuration apply without a restart:
+Nine parts of the configuration apply without a restart:
 
 - the tenants (secrets, allowed origins): new connections are checked
   against the new set; sessions already authenticated go on;
@@ -26,6 +26,12 @@ Eight parts of the configuration apply without a restart:
 - the rate limits (``*_rate``, ``*_burst``): a changed limit keeps each
   key's tokens, cut to its new burst, so a lower limit holds at once; a
   limit turned on starts with full buckets;
+- the log level, the per-IP connection cap (``max_conns_per_ip``), the
+  handshake rate (``handshake_rate``, ``handshake_burst``: the bucket keeps
+  its tokens, cut to the new burst) and the timeouts ``handshake_timeout_s``,
+  ``hello_timeout_s``, ``session_ttl_s`` and ``drain_s``: from the next
+  connection, handshake, sweep of detached sessions or drain (connections
+  already over a lower cap stay);
 - the downstream routing: the rules, the default group, and groups
   added, changed or removed: new sessions, and the keyword rules of every
   message, follow it; the sessions in a group changed or removed are
@@ -63,7 +69,18 @@ from gateway.session.limits import FIELDS as LIMIT_FIELDS
 if TYPE_CHECKING:
     from gateway.downstream.settings import DownstreamSettings
 
-__all__ = ["TUNING_FIELDS", "ReloadPlan", "file_sets", "plan_reload"]
+__all__ = ["LIVE_FIELDS", "TUNING_FIELDS", "ReloadPlan", "file_sets", "plan_reload"]
+
+#: The ``[gateway]`` settings a reload applies in place (besides the rate
+#: limits and the TLS files): the log level, the listener's per-IP cap and
+#: handshake rate, and timeouts read where they are used (so they hold for
+#: what comes next: handshakes begun, detached sessions swept, a drain).
+LIVE_FIELDS: Final = frozenset(
+    {
+        "log_level", "max_conns_per_ip", "handshake_rate", "handshake_burst",
+        "handshake_timeout_s", "hello_timeout_s", "session_ttl_s", "drain_s",
+    }
+)  # fmt: skip
 
 #: The ``[downstream]`` settings a reload applies in place (besides the
 #: routing, the endpoint lists and the clusters' TLS files).
@@ -86,6 +103,8 @@ class ReloadPlan:
     tls: bool = False
     #: the rate limits changed
     limits: bool = False
+    #: the :data:`LIVE_FIELDS` that changed
+    settings: list[str] = field(default_factory=list)
     #: the downstream rules, default group or groups changed
     routing: bool = False
     #: the TLS clusters whose CA, client certificate or key changed
@@ -107,7 +126,11 @@ class ReloadPlan:
     def changes(self) -> bool:
         """Something to apply (and nothing that needs a restart)."""
         return not self.needs_restart and (
-            self.tenants or self.tls or self.limits or self.downstream_changes
+            self.tenants
+            or self.tls
+            or self.limits
+            or self.downstream_changes
+            or bool(self.settings)
         )
 
     @property
@@ -129,6 +152,8 @@ class ReloadPlan:
             out["tls"] = "reloaded"
         if self.limits:
             out["limits"] = "changed"
+        if self.settings:
+            out["settings"] = self.settings
         if self.routing:
             out["routing"] = "changed"
         if self.groups_changed:
@@ -200,6 +225,8 @@ def plan_reload(old: Config, new: Config, files_changed: Collection[str] = ()) -
             continue
         if f.name in LIMIT_FIELDS:
             plan.limits = True
+        elif f.name in LIVE_FIELDS:
+            plan.settings.append(f.name)
         else:
             plan.needs_restart.append(f.name)
     if tls_on == (True, True):

@@ -81,6 +81,10 @@ class _Log:
         self._min = LOG_LEVELS.index(level)
         self._stream = stream
 
+    def set_level(self, level: str) -> None:
+        """Logs from ``level`` up from now on (a reload)."""
+        self._min = LOG_LEVELS.index(level)
+
     def __call__(self, level: str, event: str, **fields: Any) -> None:
         if LOG_LEVELS.index(level) < self._min:
             return
@@ -272,8 +276,10 @@ class _Supervisor:
                 self._count_reload("unchanged")
                 self.log("info", "reload_unchanged")
                 return {"result": "unchanged"}
-            self.cfg = new
+            self.cfg = new  # (drain_s is read from it when a drain begins)
             self.digests = digests
+            if "log_level" in plan.settings:
+                self.log.set_level(new.log_level)
             text = new.to_json()
             self.env[WORKER_CONFIG_ENV] = text  # for workers started from now on
             sent = [i for i in list(self.control) if await self._send_config(i, changed)]

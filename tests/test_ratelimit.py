@@ -92,3 +92,19 @@ def test_keyed_limiter_retune_keeps_tokens_up_to_the_new_burst() -> None:
     assert lim.take("a", 100.0) > 0
     with pytest.raises(ValueError):
         lim.retune(rate=-1.0, burst=1.0)
+
+
+def test_a_retuned_bucket_keeps_its_tokens_up_to_the_new_burst() -> None:
+    b = TokenBucket(rate=1.0, burst=10.0, now=0.0)
+    assert b.take(0.0, 8.0) == 0.0  # 2 left
+    b.retune(rate=100.0, burst=4.0, now=1.0)  # 3 by now, at the old rate
+    assert b.tokens == 3.0
+    assert b.take(1.0, 3.0) == 0.0 and b.take(1.0) == 0.01  # then the new rate
+    assert b.take(1.05, 4.0) == 0.0  # full again: 4, the new burst
+    b.retune(rate=1.0, burst=2.0, now=1.05)
+    assert b.tokens == 0.0
+    assert b.take(3.0, 3.0) == math.inf  # more than the new burst
+    b.retune(rate=1.0, burst=50.0, now=4.0)  # a larger burst: no tokens given
+    assert b.tokens == 2.0
+    with pytest.raises(ValueError):
+        b.retune(rate=-1.0, burst=1.0, now=5.0)

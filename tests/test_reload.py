@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import random
 import signal
@@ -31,7 +32,7 @@ from gateway.downstream.balancer import Balancer, Endpoint
 from gateway.downstream.breaker import Breaker, BreakerConfig, OutlierConfig, OutlierDetector
 from gateway.downstream.tls import server_context
 from gateway.protocol.tokens import mint
-from gateway.reload import file_sets, plan_reload
+from gateway.reload import LIVE_FIELDS, file_sets, plan_reload
 from tests.gwserver import RawWs, running
 from tests.test_downstream_process import _recorded, _spawn
 from tests.test_server_process import free_port, wait_listening
@@ -87,6 +88,24 @@ def test_plan_applies_rate_limits_in_place(tmp_path: Path) -> None:
     plan = plan_reload(a, _cfg(tmp_path, visitor_msg_rate=5.0, ip_conn_burst=3))
     assert plan.limits and plan.changes and plan.needs_restart == []
     assert plan.summary() == {"limits": "changed"}
+
+
+def test_plan_applies_the_log_level_connection_caps_and_timeouts_in_place(
+    tmp_path: Path,
+) -> None:
+    base = _cfg(tmp_path)
+    changed = {
+        "log_level": "debug", "max_conns_per_ip": 10, "handshake_rate": 5.0,
+        "handshake_burst": 7, "handshake_timeout_s": 3.0, "hello_timeout_s": 4.0,
+        "session_ttl_s": 60.0, "drain_s": 2.0,
+    }  # fmt: skip
+    assert set(changed) == LIVE_FIELDS
+    plan = plan_reload(base, _cfg(tmp_path, **changed))
+    assert plan.changes and plan.needs_restart == [] and not plan.downstream_changes
+    assert sorted(plan.settings) == sorted(changed)
+    assert plan.summary() == {"settings": plan.settings}
+    plan = plan_reload(base, _cfg(tmp_path, drain_s=2.0, heartbeat_s=20.0))
+    assert plan.needs_restart == ["heartbeat_s"] and not plan.changes
 
 
 def test_limits_update_keeps_tokens_up_to_the_new_burst(tmp_path: Path) -> None:
@@ -566,6 +585,87 @@ async def test_sighup_refuses_an_invalid_or_restart_needing_config(tmp_path: Pat
         m = await trio.to_thread.run_sync(run.metrics)
         for result, n in (("applied", 0), ("failed", 1), ("refused", 1), ("unchanged", 1)):
             assert _metric(m, "gateway_config_reloads_total", result=result) == n, result
+
+
+async def test_a_reload_applies_the_per_ip_cap_handshake_rate_timeouts_and_log_level(
+    tmp_path: Path,
+) -> None:
+    """In-process worker: a reload lowers the per-IP cap below the
+    connections held (they stay; the next one is refused with 429), cuts
+    the handshake bucket to its new burst, shortens the hello timeout for
+    the next connection, and sets the log level."""
+    from gateway.loadtest import rawws
+    from gateway.server.control import apply_config
+    from tests.test_server_ws import http_status
+
+    root = logging.getLogger()
+    level = root.level
+    try:
+        async with running(tmp_path, max_conns_per_ip=10, log_level="warning") as gw:
+            held = [await RawWs.connect(gw.port) for _ in range(3)]
+            for i, h in enumerate(held):
+                await h.hello(gw.token(f"h{i}"))
+            new = dataclasses.replace(
+                gw.w.cfg, max_conns_per_ip=3, handshake_rate=0.001, handshake_burst=1,
+                hello_timeout_s=0.3, log_level="error",
+            )  # fmt: skip
+            plan = apply_config(gw.w, new)
+            assert sorted(plan.settings) == sorted(
+                ["max_conns_per_ip", "handshake_rate", "handshake_burst", "hello_timeout_s",
+                 "log_level"]
+            )  # fmt: skip
+            assert root.level == logging.ERROR
+            upgrade = rawws.upgrade_request("x", "/v1/ws")
+            status, _ = await http_status(gw.port, upgrade)
+            assert status == 429 and gw.stats["connections_rejected_ip_limit"] == 1
+            for h in held:  # the connections over the new cap stay
+                await h.send({"t": "ping", "ts": 1})
+                with trio.fail_after(5):
+                    while (await h.recv())["t"] != "pong":  # (the bot's greeting first)
+                        pass
+            await held.pop().aclose()
+            with trio.fail_after(5):
+                while gw.w.per_ip.get("127.0.0.1", 0) > 2:
+                    await trio.sleep(0.01)
+            # one token left (the new burst), then none for ~1000 s
+            late = await RawWs.connect(gw.port)
+            code, _ = await late.until_close(timeout=3)  # no hello: 0.3 s, not 10
+            assert code == 4004
+            with trio.fail_after(5):
+                while gw.w.per_ip.get("127.0.0.1", 0) > 2:
+                    await trio.sleep(0.01)
+            status, _ = await http_status(gw.port, upgrade)
+            assert status == 429 and gw.stats["connections_rejected_handshake_rate"] == 1
+    finally:
+        root.setLevel(level)
+
+
+async def test_sighup_changes_the_log_level_of_the_supervisor_and_workers(
+    tmp_path: Path,
+) -> None:
+    """A reload to log_level "warning" silences the info lines from then
+    on (the next reload's `reloaded` lines do not appear, though it is
+    applied); one back to "info" brings them back, its own included."""
+    async with _reloadable(tmp_path) as run:
+
+        async def applied(n: int) -> None:
+            with trio.fail_after(15):
+                while _metric(await trio.to_thread.run_sync(run.metrics),
+                              "gateway_config_reloads_total", result="applied") != n:  # fmt: skip
+                    await trio.sleep(0.1)
+
+        before = len(run.events("reloaded"))
+        run.write([run.a], extra='log_level = "warning"')
+        run.gw.send_signal(signal.SIGHUP)
+        await applied(1)
+        run.write([run.a], extra='log_level = "warning"\ndrain_s = 5.0')
+        run.gw.send_signal(signal.SIGHUP)
+        await applied(2)
+        await trio.sleep(0.5)  # (the workers' lines, had they logged any)
+        assert len(run.events("reloaded")) == before
+        run.write([run.a], extra="drain_s = 5.0")
+        lines = await run.sighup("reloaded", 3)  # the supervisor's and both workers'
+        assert all(r.get("settings") == ["log_level"] for r in lines), lines
 
 
 async def test_sighup_rotates_tenant_secrets_for_new_connections(tmp_path: Path) -> None:

@@ -81,6 +81,8 @@ def apply_config(w: Worker, new: Config, files_changed: Collection[str] = ()) ->
         w.hub.verifier = TokenVerifier(new.tenants)
     if plan.limits:
         w.hub.limits.update(new, w.hub.workers)
+    if plan.settings:
+        w.apply_settings(new)
     if settings is not None:
         if cluster_ctx:
             w.forwarder.update_cluster_tls(settings, cluster_ctx)

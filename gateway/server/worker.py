@@ -237,6 +237,18 @@ class Worker:
         line.update(fields)
         _log.log(lv, json.dumps(line, default=str, separators=(",", ":")))
 
+    def apply_settings(self, cfg: Config) -> None:
+        """The :data:`gateway.reload.LIVE_FIELDS` of a reloaded ``cfg``
+        that are not read from ``self.cfg`` where they are used: the log
+        level, the per-IP cap and the handshake bucket (which keeps its
+        tokens, cut to the new burst)."""
+        n = self.hub.workers
+        logging.getLogger().setLevel(_level(cfg.log_level))
+        self.max_per_ip = max(1, math.ceil(cfg.max_conns_per_ip / n))
+        self.handshakes.retune(
+            cfg.handshake_rate / n, max(1.0, cfg.handshake_burst / n), trio.current_time()
+        )
+
     def count_error(self, code: int) -> None:
         self.hub.stats[f"errors_{int(code)}"] += 1
         self.event("info", "rejected", code=int(code))
@@ -748,9 +760,14 @@ class Worker:
             task_status.started(lsock.getsockname()[1])
 
 
+def _level(name: str) -> int:
+    level: int = getattr(logging, name.upper(), logging.INFO)
+    return level
+
+
 def _setup_logging(level: str, index: int) -> None:
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
+        level=_level(level),
         format="%(message)s",
         stream=sys.stderr,
     )
