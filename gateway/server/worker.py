@@ -170,7 +170,7 @@ class Worker:
         if soft != resource.RLIM_INFINITY:
             hard_cap = min(hard_cap, max(cfg.per_worker_connections, soft - 500))
         self.max_conns = hard_cap
-        self.max_per_ip = max(1, math.ceil(cfg.max_conns_per_ip / n))
+        self.max_per_ip, hs_rate, hs_burst = _accept_limits(cfg, n)
         self.bot: DemoBot | None = None
         self.forwarder: Any = None
         ds_settings = None
@@ -190,9 +190,7 @@ class Worker:
             self.bot.hub = self.hub
         now = trio.current_time()
         self.wheel = TimerWheel(TICK_S, WHEEL_SLOTS, now)
-        self.handshakes = TokenBucket(
-            cfg.handshake_rate / n, max(1.0, cfg.handshake_burst / n), now
-        )
+        self.handshakes = TokenBucket(hs_rate, hs_burst, now)
         self.per_ip: dict[str, int] = {}
         self.open_sockets = 0
         self.conns: set[Any] = set()
@@ -242,12 +240,9 @@ class Worker:
         that are not read from ``self.cfg`` where they are used: the log
         level, the per-IP cap and the handshake bucket (which keeps its
         tokens, cut to the new burst)."""
-        n = self.hub.workers
         logging.getLogger().setLevel(_level(cfg.log_level))
-        self.max_per_ip = max(1, math.ceil(cfg.max_conns_per_ip / n))
-        self.handshakes.retune(
-            cfg.handshake_rate / n, max(1.0, cfg.handshake_burst / n), trio.current_time()
-        )
+        self.max_per_ip, hs_rate, hs_burst = _accept_limits(cfg, self.hub.workers)
+        self.handshakes.retune(hs_rate, hs_burst, trio.current_time())
 
     def count_error(self, code: int) -> None:
         self.hub.stats[f"errors_{int(code)}"] += 1
@@ -758,6 +753,17 @@ class Worker:
                 self.reporter = Reporter(self.stats_fd, lambda: worker_snapshot(self))
                 nursery.start_soon(self.reporter.run)
             task_status.started(lsock.getsockname()[1])
+
+
+def _accept_limits(cfg: Config, workers: int) -> tuple[int, float, float]:
+    """A worker's share of the per-IP connection cap (rounded up) and of
+    the handshake rate and burst."""
+    n = workers
+    return (
+        max(1, math.ceil(cfg.max_conns_per_ip / n)),
+        cfg.handshake_rate / n,
+        max(1.0, cfg.handshake_burst / n),
+    )
 
 
 def _level(name: str) -> int:
