@@ -31,7 +31,10 @@ Nine parts of the configuration apply without a restart:
   its tokens, cut to the new burst) and the timeouts ``handshake_timeout_s``,
   ``hello_timeout_s``, ``session_ttl_s`` and ``drain_s``: from the next
   connection, handshake, sweep of detached sessions or drain (connections
-  already over a lower cap stay);
+  already over a lower cap stay); the heartbeat (``heartbeat_s``,
+  ``heartbeat_misses``) for connections opened from then on, each keeping
+  the one its ``welcome`` told (over HTTP/2, per connection), and
+  ``mobile_grace_s`` at once;
 - the downstream routing: the rules, the default group, and groups
   added, changed or removed: new sessions, and the keyword rules of every
   message, follow it; the sessions in a group changed or removed are
@@ -50,8 +53,8 @@ Nine parts of the configuration apply without a restart:
   to its end.
 
 Anything else that differs (the listen address, the worker count, frame
-and queue limits, heartbeats, TLS turned on or off, a cluster's other
-settings ...) needs a
+and queue limits, TLS turned on or off, a cluster's other settings ...)
+needs a
 restart: :func:`plan_reload` names it, and the supervisor then
 refuses the whole reload rather than apply part of it.
 """
@@ -73,12 +76,15 @@ __all__ = ["LIVE_FIELDS", "TUNING_FIELDS", "ReloadPlan", "file_sets", "plan_relo
 
 #: The ``[gateway]`` settings a reload applies in place (besides the rate
 #: limits and the TLS files): the log level, the listener's per-IP cap and
-#: handshake rate, and timeouts read where they are used (so they hold for
-#: what comes next: handshakes begun, detached sessions swept, a drain).
+#: handshake rate, timeouts read where they are used (so they hold for what
+#: comes next: handshakes begun, detached sessions swept, a drain), and the
+#: heartbeat of the connections opened from then on (each keeps the one its
+#: ``welcome`` told).
 LIVE_FIELDS: Final = frozenset(
     {
         "log_level", "max_conns_per_ip", "handshake_rate", "handshake_burst",
         "handshake_timeout_s", "hello_timeout_s", "session_ttl_s", "drain_s",
+        "heartbeat_s", "heartbeat_misses", "mobile_grace_s",
     }
 )  # fmt: skip
 

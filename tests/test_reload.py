@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import ssl
+import struct
 import subprocess
 import time
 import urllib.error
@@ -97,15 +98,16 @@ def test_plan_applies_the_log_level_connection_caps_and_timeouts_in_place(
     changed = {
         "log_level": "debug", "max_conns_per_ip": 10, "handshake_rate": 5.0,
         "handshake_burst": 7, "handshake_timeout_s": 3.0, "hello_timeout_s": 4.0,
-        "session_ttl_s": 60.0, "drain_s": 2.0,
+        "session_ttl_s": 60.0, "drain_s": 2.0, "heartbeat_s": 10.0, "heartbeat_misses": 3,
+        "mobile_grace_s": 30.0,
     }  # fmt: skip
     assert set(changed) == LIVE_FIELDS
     plan = plan_reload(base, _cfg(tmp_path, **changed))
     assert plan.changes and plan.needs_restart == [] and not plan.downstream_changes
     assert sorted(plan.settings) == sorted(changed)
     assert plan.summary() == {"settings": plan.settings}
-    plan = plan_reload(base, _cfg(tmp_path, drain_s=2.0, heartbeat_s=20.0))
-    assert plan.needs_restart == ["heartbeat_s"] and not plan.changes
+    plan = plan_reload(base, _cfg(tmp_path, drain_s=2.0, max_frame=4096))
+    assert plan.needs_restart == ["max_frame"] and not plan.changes
 
 
 def test_limits_update_keeps_tokens_up_to_the_new_burst(tmp_path: Path) -> None:
@@ -249,7 +251,7 @@ def test_plan_reloads_tls_files_changed_in_place_or_moved(tmp_path: Path) -> Non
     ("old", "new", "named"),
     [
         ({"listen_port": 8080}, {"listen_port": 8081}, ["listen_port"]),
-        ({"heartbeat_s": 25.0}, {"heartbeat_s": 20.0}, ["heartbeat_s"]),
+        ({"max_frame": 65536}, {"max_frame": 32768}, ["max_frame"]),
         # the demo bot on or off
         ({}, {"downstream": _downstream("10.0.0.1:7001")}, ["downstream"]),
         (
@@ -569,9 +571,9 @@ async def test_sighup_refuses_an_invalid_or_restart_needing_config(tmp_path: Pat
 
             # an endpoint change next to a setting that needs a restart:
             # neither is applied
-            run.write([run.a, run.b], extra="heartbeat_s = 20.0")
+            run.write([run.a, run.b], extra="max_frame = 32768")
             (refused,) = await run.sighup("reload_refused", 1)
-            assert refused["needs_restart"] == ["heartbeat_s"]
+            assert refused["needs_restart"] == ["max_frame"]
 
             run.write([run.a])  # as at start
             await run.sighup("reload_unchanged", 1)
@@ -638,6 +640,51 @@ async def test_a_reload_applies_the_per_ip_cap_handshake_rate_timeouts_and_log_l
             assert status == 429 and gw.stats["connections_rejected_handshake_rate"] == 1
     finally:
         root.setLevel(level)
+
+
+async def test_a_reloaded_heartbeat_holds_for_connections_opened_after_it(
+    tmp_path: Path,
+) -> None:
+    """In-process worker, heartbeat 25 s x 3: a WebSocket and an HTTP/2
+    connection open. A reload sets 0.2 s x 2: a new WebSocket is told 200
+    ms in its welcome and, silent, is closed for its missed heartbeats;
+    the connections from before keep 25 s (a new stream on the old HTTP/2
+    connection is told 25000 ms too) and stay up, silent as well."""
+    from gateway.loadtest import rawws
+    from gateway.protocol.codes import Code
+    from gateway.server.control import apply_config
+    from tests.test_server_h2 import H2Client
+
+    async with running(tmp_path, heartbeat_s=25.0, heartbeat_misses=3) as gw:
+        old_ws = await RawWs.connect(gw.port)
+        assert (await old_ws.hello(gw.token("old-ws")))["hb"] == 25000
+        h2c = await H2Client.connect(gw.port)
+        s1 = await h2c.open()
+        await h2c.send(s1, {"t": "hello", "v": 1, "token": gw.token("old-h2")})
+        assert (await h2c.recv(s1))["hb"] == 25000
+        new = dataclasses.replace(gw.w.cfg, heartbeat_s=0.2, heartbeat_misses=2)
+        plan = apply_config(gw.w, new)
+        assert sorted(plan.settings) == ["heartbeat_misses", "heartbeat_s"]
+        s2 = await h2c.open()
+        await h2c.send(s2, {"t": "hello", "v": 1, "token": gw.token("old-h2-b")})
+        assert (await h2c.recv(s2))["hb"] == 25000  # the connection's heartbeat
+        new_ws = await RawWs.connect(gw.port)
+        assert (await new_ws.hello(gw.token("new-ws")))["hb"] == 200
+        with trio.fail_after(5):  # silent (its pings unanswered): ~0.4 s
+            while (got := await new_ws.next_raw())[0] != rawws.OP_CLOSE:
+                pass
+        assert struct.unpack("!H", got[1][:2])[0] == int(Code.HEARTBEAT_TIMEOUT)
+        assert gw.stats["heartbeat_timeouts"] == 1
+        for ws in (old_ws,):  # silent as long, still up
+            await ws.send({"t": "ping", "ts": 7})
+            with trio.fail_after(5):
+                while (await ws.recv())["t"] != "pong":
+                    pass
+        await h2c.send(s1, {"t": "ping", "ts": 7})
+        with trio.fail_after(5):
+            while (await h2c.recv(s1))["t"] != "pong":
+                pass
+        assert gw.stats["heartbeat_timeouts"] == 1
 
 
 async def test_sighup_changes_the_log_level_of_the_supervisor_and_workers(
@@ -937,10 +984,10 @@ async def test_post_reload_on_the_operator_endpoint_answers_with_the_result(
         assert body["endpoints_added"] == {"desks": [run.b]} and sorted(body["workers"]) == [0, 1]
         code, body = await trio.to_thread.run_sync(post, run, "ops-secret")
         assert (code, body) == (200, {"result": "unchanged"})
-        run.write([run.a, run.b], extra + "\nheartbeat_s = 20.0")
+        run.write([run.a, run.b], extra + "\nmax_frame = 32768")
         code, body = await trio.to_thread.run_sync(post, run, "ops-secret")
         assert code == 409 and body["result"] == "refused"
-        assert body["needs_restart"] == ["heartbeat_s"]
+        assert body["needs_restart"] == ["max_frame"]
 
 
 # -- an in-process worker, its configuration applied directly --------------------

@@ -35,7 +35,7 @@ from gateway.protocol.codec import (
 from gateway.protocol.codes import Code, ProtocolError
 from gateway.server.h2compact import SmallDeque, compact
 from gateway.server.pipe import RawPipe
-from gateway.server.shell import ConnShell
+from gateway.server.shell import HB_PING, HB_TIMEOUT, ConnShell, heartbeat_step
 from gateway.session.visitor import VisitorProtocol
 
 h2repr.install()  # h2 formats every received frame eagerly: make DATA frames cheap
@@ -80,6 +80,10 @@ class H2Stream:
         self.sid = stream_id
         self.decoder = LengthPrefixedDecoder(conn.w.cfg.max_frame)
         self.proto = VisitorProtocol(conn.w.hub, self, origin, conn.pipe.ip, "h2")
+        # the connection's heartbeat (one for all its streams), not a
+        # reloaded one: what each stream's welcome says
+        self.proto.hb_s = conn.hb_s
+        self.proto.hb_misses = conn.hb_misses
         # lists, not deques (760 bytes each even when empty, as they usually are)
         self.pending: SmallDeque = SmallDeque()
         self.pending_bytes = 0
@@ -161,7 +165,7 @@ class H2Conn(ConnShell):
 
     BYTES_IN = "bytes_in_h2"
 
-    __slots__ = ("closing", "deferred", "h2", "streams")
+    __slots__ = ("closing", "deferred", "h2", "hb_misses", "hb_s", "streams")
 
     def __init__(self, w: Worker, pipe: RawPipe | TlsPipe) -> None:
         super().__init__(w, pipe)
@@ -170,6 +174,10 @@ class H2Conn(ConnShell):
         self.streams: dict[int, H2Stream] = {}
         self.closing = False
         self.deferred = False  # output waits for the end of the reactor batch
+        # the heartbeat it was opened with (a reload changes it for
+        # connections opened after it)
+        self.hb_s = w.cfg.heartbeat_s
+        self.hb_misses = w.cfg.heartbeat_misses
 
     def _start(self) -> None:
         w = self.w
@@ -192,7 +200,7 @@ class H2Conn(ConnShell):
         compact(c)
         self.write_out()
         w.conns.add(self)
-        hb = w.cfg.heartbeat_s
+        hb = self.hb_s
         w.wheel.schedule(self.last_rx + hb * (0.1 + 0.9 * random.random()), self)
         w.hub.stats["h2_connections"] += 1
 
@@ -452,12 +460,11 @@ class H2Conn(ConnShell):
         if self.closing:
             self.pipe.close()
             return
-        cfg = self.w.cfg
-        hb = cfg.heartbeat_s
+        hb = self.hb_s
         grace = max((st.proto.grace_s for st in self.streams.values()), default=0.0)
-        limit = hb * cfg.heartbeat_misses + grace
-        idle = now - self.last_rx
-        if idle >= limit:
+        limit = hb * self.hb_misses + grace
+        act, nxt = heartbeat_step(now, self.last_rx, self.pinged, hb, limit)
+        if act == HB_TIMEOUT:
             self.w.hub.stats["heartbeat_timeouts"] += 1
             for st in list(self.streams.values()):
                 st.proto.fail(ProtocolError(Code.HEARTBEAT_TIMEOUT))
@@ -469,11 +476,12 @@ class H2Conn(ConnShell):
         for st in list(self.streams.values()):
             if st.proto.token_expired(wall):
                 st.proto.fail(ProtocolError(Code.TOKEN_EXPIRED))
-        if idle >= hb * 0.5:
+        if act == HB_PING:
             self.h2.ping(random.randbytes(8))
+            self.pinged = now
             self.w.hub.stats["heartbeats_sent"] += 1
         self.write_out()
-        self.w.wheel.schedule(min(now + hb, self.last_rx + limit), self)
+        self.w.wheel.schedule(nxt, self)
 
     def goaway(self, reconnect_after_ms: int) -> None:
         for st in list(self.streams.values()):

@@ -21,7 +21,7 @@ from gateway.protocol import wsframe
 from gateway.protocol.codec import Encoding, ack_frame, decode_frame, encode_ack, encode_frame
 from gateway.protocol.codes import Code, ProtocolError
 from gateway.server.pipe import RawPipe
-from gateway.server.shell import ConnShell
+from gateway.server.shell import HB_PING, HB_TIMEOUT, ConnShell, heartbeat_step
 from gateway.session.visitor import VisitorProtocol
 
 if TYPE_CHECKING:
@@ -422,15 +422,15 @@ class WsConn(ConnShell):
             return
         if proto.state != proto.OPEN:
             return
-        hb = w.cfg.heartbeat_s
+        hb = proto.hb_s
         if self.paused:
             # paused by us (window full or the downstream cannot take more):
             # its pongs wait unread in the socket, so silence proves nothing
             w.wheel.schedule(now + hb, self)
             return
-        limit = hb * w.cfg.heartbeat_misses + proto.grace_s
-        idle = now - self.last_rx
-        if idle >= limit:
+        limit = hb * proto.hb_misses + proto.grace_s
+        act, nxt = heartbeat_step(now, self.last_rx, self.pinged, hb, limit)
+        if act == HB_TIMEOUT:
             w.hub.stats["heartbeat_timeouts"] += 1
             proto.fail(ProtocolError(Code.HEARTBEAT_TIMEOUT))
             return
@@ -438,14 +438,15 @@ class WsConn(ConnShell):
             w.hub.stats["tokens_expired_live"] += 1
             proto.fail(ProtocolError(Code.TOKEN_EXPIRED))
             return
-        if idle >= hb * 0.5:
+        if act == HB_PING:
             self._write(_PING)
+            self.pinged = now
             w.hub.stats["heartbeats_sent"] += 1
-        w.wheel.schedule(min(now + hb, self.last_rx + limit), self)
+        w.wheel.schedule(nxt, self)
 
     def opened(self) -> None:
         """Called once the session is open: first heartbeat, jittered."""
-        hb = self.w.cfg.heartbeat_s
+        hb = self.proto.hb_s
         self.w.wheel.schedule(trio.current_time() + hb * (0.1 + 0.9 * random.random()), self)
 
     def goaway(self, reconnect_after_ms: int) -> None:

@@ -88,6 +88,8 @@ class VisitorProtocol:
 
     __slots__ = (
         "adopted",
+        "hb_misses",
+        "hb_s",
         "hub",
         "ip",
         "origin",
@@ -120,6 +122,10 @@ class VisitorProtocol:
         self.session: Session | None = None
         self.platform = "web"
         self.paused = False
+        # the heartbeat this connection was opened with (its welcome says
+        # it; a reload changes it for connections opened after it)
+        self.hb_s = hub.cfg.heartbeat_s
+        self.hb_misses = hub.cfg.heartbeat_misses
 
     # -- timing facts the transport needs ---------------------------------
     @property
@@ -237,7 +243,7 @@ class VisitorProtocol:
             {
                 "t": "welcome",
                 "sid": s.sid,
-                "hb": int(cfg.heartbeat_s * 1000),
+                "hb": int(self.hb_s * 1000),
                 "resumed": resumed,
                 "resync": resync,
                 "first": s.first,
