@@ -78,7 +78,7 @@ RELOAD_SEND_TIMEOUT_S: Final = 5.0
 
 class _Log:
     def __init__(self, level: str, stream: TextIO) -> None:
-        self._min = LOG_LEVELS.index(level)
+        self.set_level(level)
         self._stream = stream
 
     def set_level(self, level: str) -> None:

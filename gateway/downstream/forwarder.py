@@ -372,10 +372,8 @@ class Forwarder:
         """
         for name, ctx in contexts.items():
             c = self._add_cluster(settings.clusters[name], ctx)
-            if self._nursery is not None:
-                for ep in c.eps.values():
-                    for ln in ep.links:
-                        self._nursery.start_soon(self._run_link, ln)
+            for ep in c.eps.values():
+                self._start_links(ep)
             if self.hub is not None:
                 self.hub.log("info", "downstream_cluster_added", cluster=name,
                              endpoints=list(c.eps))  # fmt: skip
@@ -392,9 +390,7 @@ class Forwarder:
             if c is None:
                 continue
             for ep in c.eps.values():
-                ep.endpoint.up = False
-                for ln in ep.links:
-                    ln.retire()
+                self._retire_endpoint(ep)
             metrics.DOWNSTREAM_INFLIGHT.remove(name)
             if self.hub is not None:
                 self.hub.log("info", "downstream_cluster_removed", cluster=name,
@@ -417,9 +413,7 @@ class Forwarder:
             for key in [k for k in c.eps if k not in keep]:
                 ep = c.eps.pop(key)
                 c.balancer.remove(key)
-                ep.endpoint.up = False
-                for ln in ep.links:
-                    ln.retire()
+                self._retire_endpoint(ep)
                 if self.hub is not None:
                     self.hub.log("info", "downstream_endpoint_removed", cluster=name, endpoint=key)
             for host, port in spec.endpoints:
@@ -427,9 +421,7 @@ class Forwarder:
                     continue
                 ep = self._new_endpoint(c, host, port)
                 c.balancer.add(ep.endpoint)
-                if self._nursery is not None:
-                    for ln in ep.links:
-                        self._nursery.start_soon(self._run_link, ln)
+                self._start_links(ep)
                 if self.hub is not None:
                     self.hub.log("info", "downstream_endpoint_added", cluster=name,
                                  endpoint=ep.key)  # fmt: skip
@@ -438,6 +430,20 @@ class Forwarder:
             fl: Flow | None = s.ds
             if fl is not None:
                 self._pump(s, fl, now)
+
+    def _start_links(self, ep: _Ep) -> None:
+        """Starts the links of an endpoint a reload added (before
+        :meth:`run` has started, it starts every link itself)."""
+        if self._nursery is not None:
+            for ln in ep.links:
+                self._nursery.start_soon(self._run_link, ln)
+
+    def _retire_endpoint(self, ep: _Ep) -> None:
+        """An endpoint a reload removed (alone or with its cluster): no new
+        session goes there, and its links drain and end (:meth:`Link.retire`)."""
+        ep.endpoint.up = False
+        for ln in ep.links:
+            ln.retire()
 
     async def _run_link(self, ln: Link) -> None:
         """A link's task; a retired link's last: it leaves the worker's

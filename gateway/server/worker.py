@@ -755,10 +755,9 @@ class Worker:
             task_status.started(lsock.getsockname()[1])
 
 
-def _accept_limits(cfg: Config, workers: int) -> tuple[int, float, float]:
-    """A worker's share of the per-IP connection cap (rounded up) and of
-    the handshake rate and burst."""
-    n = workers
+def _accept_limits(cfg: Config, n: int) -> tuple[int, float, float]:
+    """A worker's share (one of ``n``) of the per-IP connection cap
+    (rounded up) and of the handshake rate and burst."""
     return (
         max(1, math.ceil(cfg.max_conns_per_ip / n)),
         cfg.handshake_rate / n,
