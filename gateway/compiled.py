@@ -65,8 +65,10 @@ MODULES: Final = (
     "gateway.downstream.deskserver",
     "gateway.downstream.forwarder",
     "gateway.downstream.h2data",
+    "gateway.downstream.moveorder",
     "gateway.downstream.link",
     "gateway.downstream.proto",
+    "gateway.ops.registry",
 )
 
 ENV: Final = "GATEWAY_COMPILED"

@@ -411,6 +411,7 @@ async def test_link_frames_queued_in_a_reactor_batch_go_out_in_one_direct_write(
     core.start("127.0.0.1:1", [])
     link.core, link.state = core, UP
     link._stream = trio.SocketStream(a)
+    link._fd = a.fileno()
     core.flush()  # the preface and headers: not what this test is about
     link.send(encode({"t": "close", "sid": "s1", "reason": "ended"}))
     assert not link._wake.is_set() and core.backlog > 0

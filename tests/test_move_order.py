@@ -385,12 +385,9 @@ def test_mark_waits_follow_the_link_and_expire() -> None:
     assert w.expire(11.0 + 2 * HOLD_S) == 1 and len(w) == 0
 
 
-def test_mark_waits_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gateway.downstream.moveorder as mo
-
-    monkeypatch.setattr(mo, "MAX_WAITS", 3)
+def test_mark_waits_are_bounded() -> None:
     a = object()
-    w = MarkWaits()
+    w = MarkWaits(max_waits=3)
     for i in range(5):
         w.add(f"s{i}", a, float(i))
     assert len(w) == 3 and not w.take(a, "s0") and w.take(a, "s4")
@@ -417,14 +414,11 @@ def test_holds_end_at_their_deadline_in_order() -> None:
 
 
 @pytest.mark.parametrize("what", ["frames", "bytes"])
-def test_a_hold_over_its_bounds_hands_everything_on(
-    monkeypatch: pytest.MonkeyPatch, what: str
-) -> None:
-    import gateway.downstream.moveorder as mo
-
-    monkeypatch.setattr(mo, "MAX_FRAMES", 3 if what == "frames" else 1000)
-    monkeypatch.setattr(mo, "MAX_BYTES", 1000 if what == "frames" else 25)
-    h = Holds()
+def test_a_hold_over_its_bounds_hands_everything_on(what: str) -> None:
+    if what == "frames":
+        h = Holds(max_frames=3, max_bytes=1000)
+    else:
+        h = Holds(max_frames=1000, max_bytes=25)
     h.start("s", "ep", 0.0, [0])
     frames = [{"t": "deliver", "body": "0123456789"} for _ in range(4)]
     got = [h.hold("s", "ep", f) for f in frames]

@@ -205,3 +205,59 @@ async def test_with_many_tasks_alive_every_wakeup_goes_through_trio(
         crowd.cancel_scope.cancel()
     assert c.reads == 5
     assert r.idle is not None and r.direct == 0
+
+
+class _Clocked(_Counter):
+    """Records the reactor's batch clock and trio's, at each read."""
+
+    def __init__(self, sock: socket.socket, r: Reactor) -> None:
+        super().__init__(sock)
+        self.r = r
+        self.seen: list[tuple[float, float]] = []
+
+    def on_readable(self) -> None:
+        super().on_readable()
+        self.seen.append((self.r.now, trio.current_time()))
+
+
+async def _batch_clock(a: socket.socket, b: socket.socket) -> tuple[Reactor, _Clocked]:
+    r = Reactor()
+    c = _Clocked(a, r)
+    r.add(a.fileno(), c)
+    async with trio.open_nursery() as n:
+        n.start_soon(r.run)
+        await trio.sleep(0.05)
+        b.send(b"x")  # read in a batch begun from trio's wakeup
+        await trio.sleep(0.05)
+        # and from the reactor's own wait (after a batch, while this task sleeps)
+        t = _send_later(b, [0.02] * 3)
+        while c.reads < 4:
+            await trio.sleep(0.3)  # rarely: the read comes in between
+        t.join()
+        n.cancel_scope.cancel()
+    return r, c
+
+
+async def test_the_batch_clock_is_trios_clock(pair: tuple[socket.socket, socket.socket]) -> None:
+    """With trio's system clock the reactor reads the time as
+    ``perf_counter()`` plus the clock's offset (no Python call): it must be
+    trio's time, taken when the batch began."""
+    r, c = await _batch_clock(*pair)
+    assert r.idle is not None and r.idle.offset is not None and r.direct >= 1
+    for now, trio_now in c.seen:
+        assert 0.0 <= trio_now - now < 0.05
+
+
+def test_with_another_clock_the_batch_clock_asks_it(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A clock that is not trio's system clock (a test's MockClock) has no
+    offset to add: the reactor asks the clock itself."""
+    from trio.testing import MockClock
+
+    clock = MockClock(rate=1.0)  # starts at 0: far from perf_counter() plus an offset
+    r, c = trio.run(_batch_clock, *pair, clock=clock)
+    assert r.idle is not None and r.idle.offset is None
+    assert len(c.seen) == 4 and r.direct >= 1
+    for now, trio_now in c.seen:
+        assert 0.0 <= trio_now - now < 0.05 and trio_now < 60.0

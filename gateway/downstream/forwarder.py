@@ -41,6 +41,7 @@ from gateway.downstream.routing import StickyTable
 from gateway.downstream.settings import ClusterSpec, DownstreamSettings
 from gateway.downstream.tls import client_context
 from gateway.ops import names as metrics
+from gateway.ops.registry import CounterChild, HistogramChild
 from gateway.protocol.codes import Code
 from gateway.session.hub import Hub
 from gateway.session.state import Session
@@ -163,9 +164,9 @@ class _Cluster:
         self.ssl_context: ssl.SSLContext | None = None  # for its TLS links
         # the cluster's metric children, looked up once (a registry never
         # drops a child)
-        self.m_latency = metrics.DOWNSTREAM_LATENCY.labels(spec.name)
-        self.m_ok = metrics.DOWNSTREAM_REQUESTS.labels(spec.name, "ok")
-        self.m_error = metrics.DOWNSTREAM_REQUESTS.labels(spec.name, "error")
+        self.m_latency: HistogramChild = metrics.DOWNSTREAM_LATENCY.labels(spec.name)
+        self.m_ok: CounterChild = metrics.DOWNSTREAM_REQUESTS.labels(spec.name, "ok")
+        self.m_error: CounterChild = metrics.DOWNSTREAM_REQUESTS.labels(spec.name, "error")
 
     def load(self, now: float) -> ClusterLoad:
         return ClusterLoad(
@@ -225,7 +226,7 @@ class Forwarder:
         # sent messages in deadline order
         self._deadlines = _Deadlines()
         self._now = 0.0
-        self._m_ack = metrics.MESSAGE_ACK.labels()
+        self._m_ack: HistogramChild = metrics.MESSAGE_ACK.labels()
         self._oks = _Oks()  # acks gathered for one endpoint (see _finish)
         # replies in order across moves between workers (moveorder): the
         # sessions moved away waiting for their ``moved`` frame, and the
@@ -620,10 +621,11 @@ class Forwarder:
         if fl is None:
             fl = s.ds = Flow(self.router.entry_group(s.tags))
         now = self._time()
-        new_route = self.router.message_group(fl.route, body)
-        if new_route is not fl.route:  # message_group returns it when unchanged
-            fl.route = new_route
-            fl.link = None  # re-open in the new group
+        if self.router.keyword_rules:  # (no call per message without them)
+            new_route = self.router.message_group(fl.route, body)
+            if new_route is not fl.route:  # message_group returns it when unchanged
+                fl.route = new_route
+                fl.link = None  # re-open in the new group
         out = _Out(n, msg_id, body, now)
         c = fl.cluster
         if c is None:

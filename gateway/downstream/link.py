@@ -156,7 +156,11 @@ class LinkCore:
         allow and returns the bytes to write to the socket: h2's own frames
         (the request headers first of all), then the DATA frames, then our
         WINDOW_UPDATEs."""
-        data = self.h2.data_to_send()
+        h2 = self.h2
+        # h2's own frames, if it has any (``data_to_send`` is a Python call
+        # and a copy even when it has none; without the attribute in some
+        # h2 version it is simply always called)
+        data = h2.data_to_send() if getattr(h2, "_data_to_send", True) else b""
         out = self.out
         if out and self.stream:
             # the RFC 9113 default size: a peer enforces a larger
@@ -323,6 +327,7 @@ class Link:
         "_busy",
         "_carry",
         "_draining",
+        "_fd",
         "_scope",
         "_seal",
         "_stream",
@@ -392,6 +397,7 @@ class Link:
         # the connection's TCP stream (what flush_now writes to), and what
         # turns the link's bytes into the bytes for it (TLS records, or as is)
         self._stream: trio.SocketStream | None = None
+        self._fd = -1  # its descriptor (trio's fileno() is a Python call)
         self._seal: Callable[[bytes], bytes] = _as_is
         self._busy = False  # the writer task is in a send
         self._carry = b""  # flushed by flush_now, not taken by the socket yet
@@ -450,7 +456,7 @@ class Link:
         data = self._seal(c.flush())
         if not data:
             return
-        rest = write_some(st.socket.fileno(), data)
+        rest = write_some(self._fd, data)
         if rest:
             self._carry = rest
             self._wake.set()
@@ -518,6 +524,7 @@ class Link:
                     self.state = DOWN
                     self.core = None
                     self._stream = None
+                    self._fd = -1
                     with trio.CancelScope(shield=True):
                         await trio.aclose_forcefully(stream)
                     if was_up:
@@ -558,6 +565,7 @@ class Link:
         tls = stream.tls if isinstance(stream, _TlsStream) else None
         raw = stream.tcp if isinstance(stream, _TlsStream) else stream
         self._stream = raw
+        self._fd = raw.socket.fileno()
         self._seal = tls.seal if tls is not None else _as_is
         self._carry = b""
         self._busy = False

@@ -49,11 +49,12 @@ class MarkWaits:
     """The old worker's side: sessions that moved away from a link whose
     downstream will send ``moved`` for them."""
 
-    __slots__ = ("_by_sid",)
+    __slots__ = ("_by_sid", "max_waits")
 
-    def __init__(self) -> None:
+    def __init__(self, max_waits: int = MAX_WAITS) -> None:
         # sid -> (link, deadline), oldest first (deadlines grow with it)
         self._by_sid: OrderedDict[str, tuple[object, float]] = OrderedDict()
+        self.max_waits = max_waits
 
     def __len__(self) -> int:
         return len(self._by_sid)
@@ -63,7 +64,7 @@ class MarkWaits:
         w = self._by_sid
         w.pop(sid, None)
         w[sid] = (link, now + 2 * HOLD_S)
-        if len(w) > MAX_WAITS:
+        if len(w) > self.max_waits:
             w.popitem(last=False)
 
     def take(self, link: object, sid: str) -> bool:
@@ -139,10 +140,12 @@ class Holds:
     what comes on C's own. Replies passed on from B wait for A's word;
     C's own wait for both."""
 
-    __slots__ = ("_by_sid",)
+    __slots__ = ("_by_sid", "max_bytes", "max_frames")
 
-    def __init__(self) -> None:
+    def __init__(self, max_frames: int = MAX_FRAMES, max_bytes: int = MAX_BYTES) -> None:
         self._by_sid: OrderedDict[str, Hold] = OrderedDict()  # oldest deadline first
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
 
     def __len__(self) -> int:
         return len(self._by_sid)
@@ -209,7 +212,7 @@ class Holds:
         body = frame.get("body")
         h.bytes += len(body) if type(body) is str or type(body) is bytes else 0
         h.frames.append((rank, frame))
-        if len(h.frames) > MAX_FRAMES or h.bytes > MAX_BYTES:
+        if len(h.frames) > self.max_frames or h.bytes > self.max_bytes:
             del self._by_sid[sid]
             return h.take(True)
         return None

@@ -150,7 +150,9 @@ class Reactor:
         """Handles the connections ready now (up to :data:`BATCH`), then
         writes what they gathered (:meth:`end_batch`)."""
         t0 = time.perf_counter()
-        self.now = trio.current_time()
+        idle = self.idle
+        off = idle.offset if idle is not None else None
+        self.now = t0 + off if off is not None else trio.current_time()
         self.in_batch = True
         ready = self.ep.poll(0, BATCH)
         handlers = self.handlers

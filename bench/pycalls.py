@@ -1,0 +1,87 @@
+"""What still runs as interpreted Python on a forwarded message's path.
+
+The hot path's modules are compiled with mypyc (gateway/compiled.py);
+a call into code that is not (trio's clock, the metrics registry before it
+was compiled, a library's method) costs a Python frame per message. This
+counts them: it starts desk-sim and a one-worker gateway forwarding to it
+(as ``core_bench.py forwarding``), loads it open loop with the native
+client, and has the worker count every Python-level call during a window
+in the middle of the run (``bench/pycalls_site/sitecustomize.py``, put on
+the worker's ``PYTHONPATH``; compiled functions make no profiler events).
+It prints the calls per acked message, most frequent first::
+
+    python bench/pycalls.py [--rate 5000] [--seconds 8] [--connections 200] [--top 25]
+
+The profiler slows the worker; the rate is kept low enough for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+import core_bench as cb  # noqa: E402
+
+from gateway.loadtest.engine import Plan  # noqa: E402
+from gateway.loadtest.runner import run  # noqa: E402
+
+SITE = ROOT / "bench" / "pycalls_site"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rate", type=float, default=5000.0, help="messages/s offered")
+    ap.add_argument("--seconds", type=float, default=8.0, help="length of the load")
+    ap.add_argument("--connections", type=int, default=200)
+    ap.add_argument("--top", type=int, default=25, help="how many call sites to print")
+    args = ap.parse_args()
+    # two seconds in the middle of the load, which begins ~2 s after the
+    # worker started (the gateway up, the links up, the clients connected)
+    window = (2.0 + max(1.0, args.seconds / 2 - 1.0), 2.0)
+    out = Path(tempfile.mkdtemp(prefix="pycalls-")) / "calls"
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(SITE), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
+    os.environ["GATEWAY_PYCALLS_OUT"] = str(out)
+    toks = cb.tokens(args.connections)
+    desk = cb.start_desk(processes=1)
+    gw = cb.start_gateway(1, downstream=[f"general=127.0.0.1:{desk.port}"], conns=args.connections,
+                          extra={"GATEWAY_PYCALLS_WINDOW": f"{window[0]},{window[1]}"})  # fmt: skip
+    try:
+        r = run(Plan(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks,
+                     connections=args.connections, active=args.connections,
+                     duration=args.seconds, size=230, max_runtime=120, rate=args.rate,
+                     engine="native"), 1)  # type: ignore[arg-type]  # fmt: skip
+    finally:
+        gw.stop()
+        desk.stop()
+    files = glob.glob(f"{out}.*")
+    if not files:
+        raise SystemExit("the worker wrote no counts (did the load run past the window?)")
+    with open(files[0]) as f:
+        got = json.load(f)
+    msgs = r["msgs_per_s"] * got["seconds"]  # acked in the window (an open loop's rate is even)
+    if msgs <= 0:
+        raise SystemExit("no message was acked")
+    calls = sorted(got["calls"].items(), key=lambda kv: -kv[1])
+    total = sum(n for _, n in calls)
+    print(f"{args.rate:,.0f} msg/s offered, {r['msgs_per_s']:,.0f} acked; "
+          f"{got['seconds']:.0f} s counted: {total:,} Python-level calls, "
+          f"{total / msgs:.2f} per message")  # fmt: skip
+    print("| calls per message | call site |")
+    print("|---|---|")
+    for name, n in calls[: args.top]:
+        print(f"| {n / msgs:.3f} | `{name}` |")
+
+
+if __name__ == "__main__":
+    main()
