@@ -41,6 +41,7 @@ from gateway.gctune import GEN0_THRESHOLD
 from gateway.protocol.tokens import Tenant, normalize_origin
 
 __all__ = [
+    "CONFIG_GENERATION_ENV",
     "DEFAULT_KID",
     "DEMO_TENANT",
     "ENV_PREFIX",
@@ -59,6 +60,9 @@ ENV_PREFIX: Final = "GATEWAY_"
 CONFIG_FILE_ENV: Final = "GATEWAY_CONFIG"
 #: Environment variable carrying the JSON config to worker processes.
 WORKER_CONFIG_ENV: Final = "GATEWAY_WORKER_CONFIG"
+#: ... and its generation (the supervisor's count of applied reloads;
+#: gateway.server.control).
+CONFIG_GENERATION_ENV: Final = "GATEWAY_CONFIG_GENERATION"
 DEMO_TENANT: Final = "demo"
 #: Key id of a tenant configured with a single ``secret``.
 DEFAULT_KID: Final = "default"

@@ -127,6 +127,9 @@ class ReloadPlan:
     removed: dict[str, list[str]] = field(default_factory=dict)
     #: the new ``[downstream]`` settings, parsed (None: the demo bot)
     downstream: DownstreamSettings | None = None
+    #: what a worker did with it (set by ``gateway.server.control.apply_config``):
+    #: applied, unchanged, refused or failed
+    outcome: str = ""
 
     @property
     def changes(self) -> bool:

@@ -44,6 +44,7 @@ from typing import Any, Final, TextIO
 import trio
 
 from gateway.config import (
+    CONFIG_GENERATION_ENV,
     DEMO_TENANT,
     LOG_LEVELS,
     WORKER_CONFIG_ENV,
@@ -185,6 +186,10 @@ class _Supervisor:
         self.log = log
         self.env = dict(os.environ)
         self.env[WORKER_CONFIG_ENV] = cfg.to_json()
+        # reloads applied so far: the workers report the generation they
+        # run (gateway.server.control), so one left behind shows
+        self.generation = 0
+        self.env[CONFIG_GENERATION_ENV] = "0"
         self.procs: dict[int, trio.Process] = {}
         self.final: dict[int, int | None] = {}
         self.stopping = trio.Event()
@@ -278,6 +283,9 @@ class _Supervisor:
                 return {"result": "unchanged"}
             self.cfg = new  # (drain_s is read from it when a drain begins)
             self.digests = digests
+            self.generation += 1
+            self.agg.config_generation = self.generation
+            self.env[CONFIG_GENERATION_ENV] = str(self.generation)
             if "log_level" in plan.settings:
                 self.log.set_level(new.log_level)
             text = new.to_json()
@@ -295,7 +303,9 @@ class _Supervisor:
             return False
         text = self.env[WORKER_CONFIG_ENV]
         self.sent_config[index] = text
-        frame = encode_snapshot({"t": "reload", "config": text, "files": files})
+        frame = encode_snapshot(
+            {"t": "reload", "config": text, "files": files, "gen": self.generation}
+        )
         try:
             with trio.fail_after(RELOAD_SEND_TIMEOUT_S):
                 await stream.send_all(frame)

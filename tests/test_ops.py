@@ -382,3 +382,27 @@ def test_downstream_endpoints_for_the_dashboard() -> None:
     assert merged("gateway_downstream_links_up") == 1  # summed over workers
     assert merged("gateway_downstream_endpoint_latency_seconds") == 0.05  # the highest
     assert merged("gateway_downstream_endpoint_outstanding") == 7  # summed
+
+
+def test_workers_behind_the_supervisors_configuration_are_counted() -> None:
+    """Each worker up reports the configuration generation it runs; those
+    not at the supervisor's are behind. A snapshot without one (or with
+    garbage) counts as generation 0; a worker no longer reporting is not
+    counted."""
+    agg = Aggregator(3)
+    agg.config_generation = 2
+    agg.update(0, {**snap(10, {}), "config_generation": 2}, 10.0)
+    agg.update(1, {**snap(11, {}), "config_generation": "2"}, 10.0)
+    agg.update(2, {**snap(12, {}), "config_generation": 1}, 8.0)  # up until 13.0
+    m = parsed(render(agg.merged(10.0)))
+    per = m["gateway_worker_config_generation"]["samples"]
+    assert per[("gateway_worker_config_generation", (("worker", "0"),))] == 2
+    assert per[("gateway_worker_config_generation", (("worker", "1"),))] == 0
+    assert per[("gateway_worker_config_generation", (("worker", "2"),))] == 1
+    behind = m["gateway_config_workers_behind"]["samples"]
+    assert behind[("gateway_config_workers_behind", ())] == 2
+    assert m["gateway_config_generation"]["samples"][("gateway_config_generation", ())] == 2
+    assert agg.behind(10.0) == [1, 2] and agg.api(10.0)["config_behind"] == [1, 2]
+    assert agg.behind(13.5) == [1]  # worker 2 stopped reporting
+    agg.update(1, {**snap(11, {}), "config_generation": 2}, 13.5)
+    assert agg.behind(13.5) == [] and agg.api(13.5)["config_generation"] == 2

@@ -1263,3 +1263,94 @@ async def test_a_failure_applying_a_reload_does_not_end_the_control_loop(
             os.close(wfd)  # the loop ends with the pipe
         assert calls == [1, 1] and w.hub.stats["internal_errors"] == 1
         assert w.cfg.visitor_msg_rate == 1.0
+
+
+async def test_a_worker_reports_the_generation_of_the_configuration_it_runs(
+    tmp_path: Path,
+) -> None:
+    """Over the control pipe: a reload the worker applies, or has already,
+    gives it the supervisor's generation; one it refuses (or cannot apply)
+    leaves it at the generation it had, and its snapshot says which."""
+    import gateway.server.control as control
+    from gateway.ops.report import worker_snapshot
+    from gateway.ops.wire import encode_snapshot
+
+    async with running(tmp_path) as gw:
+        w = gw.w
+        assert w.config_generation == 0 and worker_snapshot(w)["config_generation"] == 0
+        lowered = dataclasses.replace(w.cfg, visitor_msg_rate=1.0)
+        moved = dataclasses.replace(lowered, listen_port=w.cfg.listen_port + 1)
+
+        def msg(cfg: Config, gen: Any) -> bytes:
+            return encode_snapshot(
+                {"t": "reload", "config": cfg.to_json(), "files": [], "gen": gen}
+            )
+
+        rfd, wfd = os.pipe()
+        stats = w.hub.stats
+
+        async def until(done: Any) -> None:
+            with trio.fail_after(5):
+                while not done():
+                    await trio.sleep(0.01)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(control.control_loop, w, rfd)
+            os.write(wfd, msg(lowered, 1))  # applied
+            await until(lambda: w.config_generation == 1)
+            assert stats["reloads"] == 1 and worker_snapshot(w)["config_generation"] == 1
+            os.write(wfd, msg(moved, 2))  # needs a restart: refused, stays at 1
+            await until(lambda: stats["reloads_refused"] == 1)
+            assert w.config_generation == 1
+            os.write(wfd, msg(lowered, 3))  # runs it already: takes the generation
+            await until(lambda: w.config_generation == 3)
+            assert stats["reloads"] == 1
+            os.write(wfd, msg(lowered, "4") + msg(moved, 6))  # not an integer; refused
+            await until(lambda: stats["reloads_refused"] == 2)
+            assert w.config_generation == 3 and worker_snapshot(w)["config_generation"] == 3
+            os.close(wfd)
+        assert w.cfg.visitor_msg_rate == 1.0 and w.cfg.listen_port != moved.listen_port
+
+
+async def test_the_metrics_show_a_worker_a_reload_left_behind(tmp_path: Path) -> None:
+    """`gateway serve` with two workers: after a reload both report the
+    supervisor's generation; a worker stopped (SIGSTOP) while the next one
+    is applied keeps the old one and is counted behind, in /metrics and
+    /api/stats, until it runs again and catches up."""
+    async with _reloadable(tmp_path) as run:
+
+        async def scrape(done: Any) -> str:
+            with trio.fail_after(15):
+                while True:
+                    text = await trio.to_thread.run_sync(run.metrics)
+                    if done(text):
+                        return text
+                    await trio.sleep(0.1)
+
+        def gens(text: str) -> tuple[float | None, ...]:
+            return (
+                _metric(text, "gateway_config_generation"),
+                _metric(text, "gateway_worker_config_generation", worker="0"),
+                _metric(text, "gateway_worker_config_generation", worker="1"),
+                _metric(text, "gateway_config_workers_behind"),
+            )
+
+        await scrape(lambda t: gens(t) == (0, 0, 0, 0))
+        run.write([run.a], extra="drain_s = 5.0")
+        run.gw.send_signal(signal.SIGHUP)
+        await scrape(lambda t: gens(t) == (1, 1, 1, 0))
+        pid = next(r["pid"] for r in run.events("worker_started") if r["worker"] == 1)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            run.write([run.a], extra="drain_s = 6.0")
+            run.gw.send_signal(signal.SIGHUP)
+            # (within the 5 s its last snapshot counts as up)
+            text = await scrape(lambda t: gens(t)[:2] == (2, 2))
+            assert gens(text) == (2, 2, 1, 1)
+            with urllib.request.urlopen(f"http://127.0.0.1:{run.ops}/api/stats", timeout=5) as r:
+                api = json.loads(r.read())
+            assert api["config_generation"] == 2 and api["config_behind"] == [1]
+            assert [w["config_generation"] for w in api["workers"]] == [2, 1]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await scrape(lambda t: gens(t) == (2, 2, 2, 0))

@@ -256,6 +256,9 @@ class Aggregator:
         # configuration reloads (SIGHUP) by result: applied, unchanged,
         # refused (needs a restart), failed (the new configuration is invalid)
         self.reloads: dict[str, int] = {}
+        # the generation of the configuration the supervisor runs (its
+        # applied reloads): each worker reports the one it runs
+        self.config_generation = 0
         self.draining = False
         self.bad_snapshots = 0
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_POINTS)
@@ -284,6 +287,12 @@ class Aggregator:
     # -- views ---------------------------------------------------------------------
     def up(self, now: float) -> list[_WorkerView]:
         return [v for v in self.live.values() if now - v.seen <= STALE_S]
+
+    def behind(self, now: float) -> list[int]:
+        """The workers up whose configuration generation is not the
+        supervisor's: a reload they refused, failed or did not get."""
+        gen = self.config_generation
+        return sorted(v.index for v in self.up(now) if _generation(v.snap) != gen)
 
     def ready(self, now: float) -> bool:
         return not self.draining and any(v.snap.get("ready") for v in self.up(now))
@@ -314,6 +323,16 @@ class Aggregator:
                     "Configuration reloads (SIGHUP or POST /-/reload) by result")  # fmt: skip
         for result in RELOAD_RESULTS:
             g.add((("result", result),), self.reloads.get(result, 0))
+        g = _family(out, "gateway_config_generation", "gauge",
+                    "Reloads applied by the supervisor since it started")  # fmt: skip
+        g.add((), self.config_generation)
+        per = _family(out, "gateway_worker_config_generation", "gauge",
+                      "The configuration generation each worker runs")  # fmt: skip
+        for v in up:
+            per.add((("worker", str(v.index)),), float(_generation(v.snap)))
+        g = _family(out, "gateway_config_workers_behind", "gauge",
+                    "Workers up that do not run the supervisor's configuration")  # fmt: skip
+        g.add((), len(self.behind(now)))
         g = _family(out, "gateway_ops_bad_snapshots_total", "counter", "Worker snapshots refused")
         g.add((), self.bad_snapshots)
         per = _family(out, "gateway_worker_connections", "gauge", "Open connections per worker")
@@ -337,6 +356,7 @@ class Aggregator:
         breakers = []
         for v in sorted(self.live.values(), key=lambda v: v.index):
             row: dict[str, Any] = {"index": v.index, "pid": v.pid, "up": now - v.seen <= STALE_S}
+            row["config_generation"] = _generation(v.snap)
             row["age_s"] = round(now - v.seen, 1)
             row.update(summarize(v.points))
             workers.append(row)
@@ -352,11 +372,20 @@ class Aggregator:
             "workers_configured": self.workers,
             "workers_up": len(self.up(now)),
             "restarts": self.restarts,
+            "config_generation": self.config_generation,
+            "config_behind": self.behind(now),
             "totals": summarize(self.history),
             "workers": workers,
             "breakers": breakers,
             "series": series,
         }
+
+
+def _generation(snap: dict[str, Any]) -> int:
+    """The configuration generation in a worker's snapshot (0 if absent
+    or not an integer)."""
+    g = snap.get("config_generation")
+    return g if type(g) is int else 0
 
 
 def _endpoints(worker: int, fams: dict[str, Any]) -> list[dict[str, Any]]:

@@ -39,6 +39,7 @@ def worker_snapshot(w: Any) -> dict[str, Any]:
         "t": time.time(),
         "ready": w.listener is not None and not w.draining,
         "draining": w.draining,
+        "config_generation": w.config_generation,
         "stats": stats,
         "gauges": {
             "gateway_connections_open": w.open_sockets,

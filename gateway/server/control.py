@@ -6,9 +6,16 @@ pipe (:mod:`gateway.ops.wire`: a 4-byte big-endian length, then a msgpack
 map):
 
 - ``{"t": "reload", "config": "<the whole config as JSON>", "files":
-  [...]}``: apply what may change without a restart
+  [...], "gen": N}``: apply what may change without a restart
   (:mod:`gateway.reload`); ``files``: the sets of TLS files
-  (:func:`gateway.reload.file_sets` keys) that have new contents.
+  (:func:`gateway.reload.file_sets` keys) that have new contents; ``gen``:
+  the supervisor's configuration generation (1 for the first reload it
+  applied, and so on). A worker that applied the configuration, or had it
+  already, reports that generation in its snapshots
+  (``config_generation``); one that refused it or failed keeps its own,
+  so ``gateway_config_workers_behind`` shows it (docs/operations.md).
+  A worker starts with the generation of the configuration it was given
+  (``$GATEWAY_CONFIG_GENERATION``).
 
 :func:`apply_config` is the part that does not read the pipe (tests call
 it directly); :func:`control_loop` is the trio shell.
@@ -43,11 +50,14 @@ def apply_config(w: Worker, new: Config, files_changed: Collection[str] = ()) ->
     """Applies ``new`` to worker ``w`` if it differs from the running
     configuration only in what may change without a restart; otherwise
     changes nothing and logs ``reload_refused`` (or ``reload_failed`` when
-    the new TLS files do not load). Returns the plan."""
+    the new TLS files do not load). Returns the plan, its ``outcome`` set
+    (``applied``, ``unchanged``, ``refused`` or ``failed``)."""
     plan = plan_reload(w.cfg, new, files_changed)
     if not plan.changes and not plan.needs_restart:
-        return plan  # (a worker started after the reload has it already)
+        plan.outcome = "unchanged"  # (a worker started after the reload has it already)
+        return plan
     if plan.needs_restart:
+        plan.outcome = "refused"
         w.hub.stats["reloads_refused"] += 1
         w.event("warning", "reload_refused", needs_restart=plan.needs_restart)
         return plan
@@ -72,6 +82,7 @@ def apply_config(w: Worker, new: Config, files_changed: Collection[str] = ()) ->
             spec = settings.clusters[name]
             new_clusters[name] = client_context(spec) if spec.tls else None
     except (ConfigError, OSError, ssl.SSLError) as e:
+        plan.outcome = "failed"
         w.hub.stats["reloads_failed"] += 1
         w.event("error", "reload_failed", error=str(e)[:500])
         return plan
@@ -100,6 +111,7 @@ def apply_config(w: Worker, new: Config, files_changed: Collection[str] = ()) ->
     w.cfg = new
     w.hub.cfg = new
     w.hub.stats["reloads"] += 1
+    plan.outcome = "applied"
     w.event("info", "reloaded", **plan.summary())
     return plan
 
@@ -118,8 +130,11 @@ def _on_message(w: Worker, msg: dict[str, Any]) -> None:
         return
     files = msg.get("files")
     changed = [f for f in files if type(f) is str] if type(files) is list else []
+    gen = msg.get("gen")
     try:
-        apply_config(w, Config.from_json(msg["config"]), changed)
+        plan = apply_config(w, Config.from_json(msg["config"]), changed)
+        if plan.outcome in ("applied", "unchanged") and type(gen) is int:
+            w.config_generation = gen
     except (ConfigError, ValueError) as e:
         w.event("error", "reload_failed", error=str(e)[:500])
     except Exception:  # a bug here must not take the worker down

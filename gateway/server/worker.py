@@ -39,7 +39,7 @@ from typing import Any, Final
 import msgpack
 import trio
 
-from gateway.config import Config, config_from_env, effective_workers
+from gateway.config import CONFIG_GENERATION_ENV, Config, config_from_env, effective_workers
 from gateway.gctune import tune_gc, watch_pauses
 from gateway.protocol.codec import Encoding
 from gateway.ratelimit import TokenBucket
@@ -161,6 +161,8 @@ class Worker:
     def __init__(self, cfg: Config, index: int) -> None:
         self.cfg = cfg
         self.index = index
+        # the supervisor's generation of ``cfg`` (gateway.server.control)
+        self.config_generation = 0
         n = effective_workers(cfg)
         # Sized by per_worker_connections; accepted up to 5% more, because
         # SO_REUSEPORT spreads connections by hash, not exactly evenly (seen:
@@ -783,6 +785,9 @@ async def _amain(cfg: Config, index: int) -> None:
     from gateway.server.control import CONTROL_FD_ENV
 
     w = Worker(cfg, index)
+    gen = os.environ.get(CONFIG_GENERATION_ENV, "")
+    if gen.isdigit():
+        w.config_generation = int(gen)
     fd = os.environ.get(STATS_FD_ENV)
     if fd and fd.isdigit():
         w.stats_fd = int(fd)
