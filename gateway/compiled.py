@@ -57,6 +57,7 @@ MODULES: Final = (
     "gateway.session.hub",
     "gateway.session.limits",
     "gateway.session.state",
+    "gateway.session.terms",
     "gateway.session.visitor",
     "gateway.downstream.admission",
     "gateway.downstream.balancer",

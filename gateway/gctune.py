@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["GEN0_THRESHOLD", "tune_gc", "watch_pauses"]
+__all__ = ["GEN0_THRESHOLD", "retune_gc", "tune_gc", "watch_pauses"]
 
 #: Allocations (net of deallocations) between first-generation collections:
 #: the default of the gateway's ``gc_young`` setting, and desk-sim's.
@@ -61,6 +61,14 @@ def tune_gc(young: int = GEN0_THRESHOLD) -> None:
     if young < 1:
         raise ValueError(f"young: must be >= 1 (got {young})")
     gc.freeze()
+    gc.set_threshold(young, GEN1_THRESHOLD, GEN2_THRESHOLD)
+
+
+def retune_gc(young: int) -> None:
+    """A reloaded ``gc_young``: the young generation's threshold only (the
+    others, and what :func:`tune_gc` froze, stay)."""
+    if young < 1:
+        raise ValueError(f"young: must be >= 1 (got {young})")
     gc.set_threshold(young, GEN1_THRESHOLD, GEN2_THRESHOLD)
 
 

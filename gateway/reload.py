@@ -2,7 +2,7 @@
 running workers, sans-IO (docs/operations.md, "Reloading the
 configuration").
 
-Nine parts of the configuration apply without a restart:
+Ten parts of the configuration apply without a restart:
 
 - the tenants (secrets, allowed origins): new connections are checked
   against the new set; sessions already authenticated go on;
@@ -35,6 +35,12 @@ Nine parts of the configuration apply without a restart:
   ``heartbeat_misses``) for connections opened from then on, each keeping
   the one its ``welcome`` told (over HTTP/2, per connection), and
   ``mobile_grace_s`` at once;
+- the frame and queue limits: ``max_frame``, ``window`` and
+  ``outbound_max_bytes`` / ``outbound_max_frames`` for connections opened
+  from then on (connected visitors keep the ones their ``welcome`` told),
+  ``dedup_ids``, ``replay_frames`` and ``replay_bytes`` for sessions
+  opened from then on, ``max_detached_sessions`` from the next detach;
+  and ``bot_think_ms`` (replies not yet scheduled) and ``gc_young``;
 - the downstream routing: the rules, the default group, and groups
   added, changed or removed: new sessions, and the keyword rules of every
   message, follow it; the sessions in a group changed or removed are
@@ -52,8 +58,8 @@ Nine parts of the configuration apply without a restart:
   starts empty if ``window_s`` changed) and an ejection in progress runs
   to its end.
 
-Anything else that differs (the listen address, the worker count, frame
-and queue limits, TLS turned on or off, a cluster's other settings ...)
+Anything else that differs (the listen address, the worker count or
+connection count, TLS turned on or off, a cluster's other settings ...)
 needs a
 restart: :func:`plan_reload` names it, and the supervisor then
 refuses the whole reload rather than apply part of it.
@@ -77,14 +83,20 @@ __all__ = ["LIVE_FIELDS", "TUNING_FIELDS", "ReloadPlan", "file_sets", "plan_relo
 #: The ``[gateway]`` settings a reload applies in place (besides the rate
 #: limits and the TLS files): the log level, the listener's per-IP cap and
 #: handshake rate, timeouts read where they are used (so they hold for what
-#: comes next: handshakes begun, detached sessions swept, a drain), and the
-#: heartbeat of the connections opened from then on (each keeps the one its
-#: ``welcome`` told).
+#: comes next: handshakes begun, detached sessions swept, a drain), the
+#: heartbeat and frame and queue limits of the connections opened from then
+#: on (each keeps the terms its ``welcome`` told: gateway.session.terms),
+#: the replay and duplicate bounds of sessions opened from then on, the
+#: bound of detached sessions, the demo bot's think time and the garbage
+#: collector's young threshold.
 LIVE_FIELDS: Final = frozenset(
     {
         "log_level", "max_conns_per_ip", "handshake_rate", "handshake_burst",
         "handshake_timeout_s", "hello_timeout_s", "session_ttl_s", "drain_s",
         "heartbeat_s", "heartbeat_misses", "mobile_grace_s",
+        "max_frame", "window", "outbound_max_bytes", "outbound_max_frames",
+        "dedup_ids", "replay_frames", "replay_bytes", "max_detached_sessions",
+        "bot_think_ms", "gc_young",
     }
 )  # fmt: skip
 

@@ -91,7 +91,7 @@ def test_plan_applies_rate_limits_in_place(tmp_path: Path) -> None:
     assert plan.summary() == {"limits": "changed"}
 
 
-def test_plan_applies_the_log_level_connection_caps_and_timeouts_in_place(
+def test_plan_applies_the_log_level_connection_caps_timeouts_and_limits_in_place(
     tmp_path: Path,
 ) -> None:
     base = _cfg(tmp_path)
@@ -99,15 +99,17 @@ def test_plan_applies_the_log_level_connection_caps_and_timeouts_in_place(
         "log_level": "debug", "max_conns_per_ip": 10, "handshake_rate": 5.0,
         "handshake_burst": 7, "handshake_timeout_s": 3.0, "hello_timeout_s": 4.0,
         "session_ttl_s": 60.0, "drain_s": 2.0, "heartbeat_s": 10.0, "heartbeat_misses": 3,
-        "mobile_grace_s": 30.0,
+        "mobile_grace_s": 30.0, "max_frame": 4096, "window": 8, "outbound_max_bytes": 65536,
+        "outbound_max_frames": 64, "dedup_ids": 128, "replay_frames": 32, "replay_bytes": 65536,
+        "max_detached_sessions": 500, "bot_think_ms": 0, "gc_young": 5000,
     }  # fmt: skip
     assert set(changed) == LIVE_FIELDS
     plan = plan_reload(base, _cfg(tmp_path, **changed))
     assert plan.changes and plan.needs_restart == [] and not plan.downstream_changes
     assert sorted(plan.settings) == sorted(changed)
     assert plan.summary() == {"settings": plan.settings}
-    plan = plan_reload(base, _cfg(tmp_path, drain_s=2.0, max_frame=4096))
-    assert plan.needs_restart == ["max_frame"] and not plan.changes
+    plan = plan_reload(base, _cfg(tmp_path, drain_s=2.0, workers=3))
+    assert plan.needs_restart == ["workers"] and not plan.changes
 
 
 def test_limits_update_keeps_tokens_up_to_the_new_burst(tmp_path: Path) -> None:
@@ -251,7 +253,7 @@ def test_plan_reloads_tls_files_changed_in_place_or_moved(tmp_path: Path) -> Non
     ("old", "new", "named"),
     [
         ({"listen_port": 8080}, {"listen_port": 8081}, ["listen_port"]),
-        ({"max_frame": 65536}, {"max_frame": 32768}, ["max_frame"]),
+        ({"node_id": 0}, {"node_id": 3}, ["node_id"]),
         # the demo bot on or off
         ({}, {"downstream": _downstream("10.0.0.1:7001")}, ["downstream"]),
         (
@@ -571,9 +573,9 @@ async def test_sighup_refuses_an_invalid_or_restart_needing_config(tmp_path: Pat
 
             # an endpoint change next to a setting that needs a restart:
             # neither is applied
-            run.write([run.a, run.b], extra="max_frame = 32768")
+            run.write([run.a, run.b], extra="node_id = 3")
             (refused,) = await run.sighup("reload_refused", 1)
-            assert refused["needs_restart"] == ["max_frame"]
+            assert refused["needs_restart"] == ["node_id"]
 
             run.write([run.a])  # as at start
             await run.sighup("reload_unchanged", 1)
@@ -685,6 +687,65 @@ async def test_a_reloaded_heartbeat_holds_for_connections_opened_after_it(
             while (await h2c.recv(s1))["t"] != "pong":
                 pass
         assert gw.stats["heartbeat_timeouts"] == 1
+
+
+async def test_reloaded_frame_and_queue_limits_hold_for_what_opens_after_them(
+    tmp_path: Path,
+) -> None:
+    """In-process worker with the default limits, a WebSocket and an
+    HTTP/2 connection open. A reload lowers max_frame, window, the replay
+    and duplicate bounds and the detached-session bound: a new WebSocket
+    is told the new limits and a frame over the new max_frame closes it
+    with 1009; the old WebSocket sends such a frame and gets its ack; a
+    new stream on the old HTTP/2 connection is told that connection's
+    max_frame and window (and its new session's replay bound); the bot's
+    think time and the collector's young threshold change at once."""
+    import gc as pygc
+
+    from gateway.protocol.codes import Code
+    from gateway.server.control import apply_config
+    from tests.test_server_h2 import H2Client
+
+    thresholds = pygc.get_threshold()
+    async with running(tmp_path) as gw:
+        try:
+            old_ws = await RawWs.connect(gw.port)
+            w0 = await old_ws.hello(gw.token("old-ws"))
+            assert w0["limits"] == {"max_frame": 65536, "window": 64, "replay": 256}
+            h2c = await H2Client.connect(gw.port)
+            s1 = await h2c.open()
+            await h2c.send(s1, {"t": "hello", "v": 1, "token": gw.token("old-h2")})
+            assert (await h2c.recv(s1))["limits"]["max_frame"] == 65536
+            new = dataclasses.replace(
+                gw.w.cfg, max_frame=1024, window=4, replay_frames=16, replay_bytes=8192,
+                dedup_ids=32, outbound_max_bytes=32768, outbound_max_frames=32,
+                max_detached_sessions=7, bot_think_ms=5, gc_young=3000,
+            )  # fmt: skip
+            plan = apply_config(gw.w, new)
+            assert plan.outcome == "applied" and len(plan.settings) == 10
+            assert gw.w.bot is not None and gw.w.bot.think_s == 0.005
+            assert pygc.get_threshold()[0] == 3000
+            assert gw.w.hub.sessions.max_detached == 7
+            new_ws = await RawWs.connect(gw.port)
+            w1 = await new_ws.hello(gw.token("new-ws"))
+            assert w1["limits"] == {"max_frame": 1024, "window": 4, "replay": 16}
+            s = gw.w.hub.sessions.get(w1["sid"])
+            assert s is not None and (s.dedup_max, s.replay_max_bytes) == (32, 8192)
+            s2 = await h2c.open()
+            await h2c.send(s2, {"t": "hello", "v": 1, "token": gw.token("old-h2-b")})
+            w2 = await h2c.recv(s2)  # the connection's limits, the new session's replay
+            assert w2["limits"] == {"max_frame": 65536, "window": 64, "replay": 16}
+            big = "x" * 2000
+            await old_ws.send({"t": "msg", "id": "m1", "body": big})
+            with trio.fail_after(5):
+                while (f := await old_ws.recv())["t"] != "ack":
+                    pass
+            assert f["id"] == "m1"
+            await new_ws.send({"t": "msg", "id": "m1", "body": big})
+            code, _ = await new_ws.until_close()
+            assert code == int(Code.TOO_BIG)
+        finally:
+            pygc.set_threshold(*thresholds)
 
 
 async def test_sighup_changes_the_log_level_of_the_supervisor_and_workers(
@@ -984,10 +1045,10 @@ async def test_post_reload_on_the_operator_endpoint_answers_with_the_result(
         assert body["endpoints_added"] == {"desks": [run.b]} and sorted(body["workers"]) == [0, 1]
         code, body = await trio.to_thread.run_sync(post, run, "ops-secret")
         assert (code, body) == (200, {"result": "unchanged"})
-        run.write([run.a, run.b], extra + "\nmax_frame = 32768")
+        run.write([run.a, run.b], extra + "\nnode_id = 3")
         code, body = await trio.to_thread.run_sync(post, run, "ops-secret")
         assert code == 409 and body["result"] == "refused"
-        assert body["needs_restart"] == ["max_frame"]
+        assert body["needs_restart"] == ["node_id"]
 
 
 # -- an in-process worker, its configuration applied directly --------------------

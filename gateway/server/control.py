@@ -109,7 +109,7 @@ def apply_config(w: Worker, new: Config, files_changed: Collection[str] = ()) ->
             w.forwarder.remove_clusters(plan.clusters_removed)
         w.forwarder.s = settings  # (clusters added alone: no update above sets it)
     w.cfg = new
-    w.hub.cfg = new
+    w.hub.reconfigure(new)
     w.hub.stats["reloads"] += 1
     plan.outcome = "applied"
     w.event("info", "reloaded", **plan.summary())

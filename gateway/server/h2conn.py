@@ -36,6 +36,7 @@ from gateway.protocol.codes import Code, ProtocolError
 from gateway.server.h2compact import SmallDeque, compact
 from gateway.server.pipe import RawPipe
 from gateway.server.shell import HB_PING, HB_TIMEOUT, ConnShell, heartbeat_step
+from gateway.session.terms import Terms
 from gateway.session.visitor import VisitorProtocol
 
 h2repr.install()  # h2 formats every received frame eagerly: make DATA frames cheap
@@ -78,12 +79,11 @@ class H2Stream:
     def __init__(self, conn: H2Conn, stream_id: int, origin: str | None) -> None:
         self.conn = conn
         self.sid = stream_id
-        self.decoder = LengthPrefixedDecoder(conn.w.cfg.max_frame)
+        self.decoder = LengthPrefixedDecoder(conn.terms.max_frame)
         self.proto = VisitorProtocol(conn.w.hub, self, origin, conn.pipe.ip, "h2")
-        # the connection's heartbeat (one for all its streams), not a
-        # reloaded one: what each stream's welcome says
-        self.proto.hb_s = conn.hb_s
-        self.proto.hb_misses = conn.hb_misses
+        # the connection's terms (one heartbeat and set of limits for all
+        # its streams), not a reloaded one's: what each stream's welcome says
+        self.proto.terms = conn.terms
         # lists, not deques (760 bytes each even when empty, as they usually are)
         self.pending: SmallDeque = SmallDeque()
         self.pending_bytes = 0
@@ -111,7 +111,7 @@ class H2Stream:
         """Queues one encoded frame for the stream (or resets a stream whose
         peer does not read)."""
         data = length_prefix(payload)
-        if self.pending_bytes + len(data) > self.conn.w.cfg.outbound_max_bytes:
+        if self.pending_bytes + len(data) > self.conn.terms.out_max_bytes:
             self.conn.w.hub.stats["slow_consumer_disconnects"] += 1
             self.proto.state = self.proto.CLOSED
             self.conn.reset(self, int(Code.SLOW_CONSUMER))
@@ -165,7 +165,7 @@ class H2Conn(ConnShell):
 
     BYTES_IN = "bytes_in_h2"
 
-    __slots__ = ("closing", "deferred", "h2", "hb_misses", "hb_s", "streams")
+    __slots__ = ("closing", "deferred", "h2", "streams", "terms")
 
     def __init__(self, w: Worker, pipe: RawPipe | TlsPipe) -> None:
         super().__init__(w, pipe)
@@ -174,10 +174,9 @@ class H2Conn(ConnShell):
         self.streams: dict[int, H2Stream] = {}
         self.closing = False
         self.deferred = False  # output waits for the end of the reactor batch
-        # the heartbeat it was opened with (a reload changes it for
-        # connections opened after it)
-        self.hb_s = w.cfg.heartbeat_s
-        self.hb_misses = w.cfg.heartbeat_misses
+        # the heartbeat and limits it was opened with (a reload changes
+        # them for connections opened after it)
+        self.terms: Terms = w.hub.terms
 
     def _start(self) -> None:
         w = self.w
@@ -200,7 +199,7 @@ class H2Conn(ConnShell):
         compact(c)
         self.write_out()
         w.conns.add(self)
-        hb = self.hb_s
+        hb = self.terms.hb_s
         w.wheel.schedule(self.last_rx + hb * (0.1 + 0.9 * random.random()), self)
         w.hub.stats["h2_connections"] += 1
 
@@ -460,9 +459,9 @@ class H2Conn(ConnShell):
         if self.closing:
             self.pipe.close()
             return
-        hb = self.hb_s
+        hb = self.terms.hb_s
         grace = max((st.proto.grace_s for st in self.streams.values()), default=0.0)
-        limit = hb * self.hb_misses + grace
+        limit = hb * self.terms.hb_misses + grace
         act, nxt = heartbeat_step(now, self.last_rx, self.pinged, hb, limit)
         if act == HB_TIMEOUT:
             self.w.hub.stats["heartbeat_timeouts"] += 1

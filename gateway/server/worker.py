@@ -40,7 +40,7 @@ import msgpack
 import trio
 
 from gateway.config import CONFIG_GENERATION_ENV, Config, config_from_env, effective_workers
-from gateway.gctune import tune_gc, watch_pauses
+from gateway.gctune import retune_gc, tune_gc, watch_pauses
 from gateway.protocol.codec import Encoding
 from gateway.ratelimit import TokenBucket
 from gateway.server.bot import DemoBot
@@ -241,10 +241,20 @@ class Worker:
         """The :data:`gateway.reload.LIVE_FIELDS` of a reloaded ``cfg``
         that are not read from ``self.cfg`` where they are used: the log
         level, the per-IP cap and the handshake bucket (which keeps its
-        tokens, cut to the new burst)."""
+        tokens, cut to the new burst), the bound of the sessions that
+        moved away, the demo bot's think time (for replies not yet
+        scheduled) and the garbage collector's young threshold. The terms
+        of new connections and the bounds of new sessions follow the hub's
+        configuration (:meth:`Hub.reconfigure`)."""
         logging.getLogger().setLevel(_level(cfg.log_level))
         self.max_per_ip, hs_rate, hs_burst = _accept_limits(cfg, self.hub.workers)
         self.handshakes.retune(hs_rate, hs_burst, trio.current_time())
+        if self.migrator is not None:
+            self.migrator.tombs.limit = max(1, cfg.max_detached_sessions)
+        if self.bot is not None:
+            self.bot.think_s = cfg.bot_think_ms / 1000.0
+        if cfg.gc_young != self.cfg.gc_young:
+            retune_gc(cfg.gc_young)
 
     def count_error(self, code: int) -> None:
         self.hub.stats[f"errors_{int(code)}"] += 1

@@ -64,8 +64,9 @@ class WsConn(ConnShell):
 
     def __init__(self, w: Worker, pipe: RawPipe | TlsPipe, origin: str | None) -> None:
         super().__init__(w, pipe)
-        self.reader = wsframe.FrameReader(w.cfg.max_frame, frame_max=w.cfg.max_frame)
         self.proto = VisitorProtocol(w.hub, self, origin, pipe.ip)
+        mf = self.proto.terms.max_frame
+        self.reader = wsframe.FrameReader(mf, frame_max=mf)
         self.enc = Encoding.MSGPACK
         self.closing = False
         self.paused = False
@@ -241,7 +242,7 @@ class WsConn(ConnShell):
                     if op == wsframe.OP_TEXT and proto.state == proto.HELLO:
                         self.enc = Encoding.JSON
                     try:
-                        frame = decode_frame(payload, self.w.cfg.max_frame)
+                        frame = decode_frame(payload, proto.terms.max_frame)
                     except ProtocolError as pe:
                         self.w.count_error(pe.code)
                         proto.fail(pe)
@@ -422,13 +423,14 @@ class WsConn(ConnShell):
             return
         if proto.state != proto.OPEN:
             return
-        hb = proto.hb_s
+        terms = proto.terms
+        hb = terms.hb_s
         if self.paused:
             # paused by us (window full or the downstream cannot take more):
             # its pongs wait unread in the socket, so silence proves nothing
             w.wheel.schedule(now + hb, self)
             return
-        limit = hb * proto.hb_misses + proto.grace_s
+        limit = hb * terms.hb_misses + proto.grace_s
         act, nxt = heartbeat_step(now, self.last_rx, self.pinged, hb, limit)
         if act == HB_TIMEOUT:
             w.hub.stats["heartbeat_timeouts"] += 1
@@ -446,7 +448,7 @@ class WsConn(ConnShell):
 
     def opened(self) -> None:
         """Called once the session is open: first heartbeat, jittered."""
-        hb = self.proto.hb_s
+        hb = self.proto.terms.hb_s
         self.w.wheel.schedule(trio.current_time() + hb * (0.1 + 0.9 * random.random()), self)
 
     def goaway(self, reconnect_after_ms: int) -> None:

@@ -18,6 +18,7 @@ from gateway.config import Config
 from gateway.protocol.tokens import TokenVerifier
 from gateway.session.limits import Limits
 from gateway.session.state import Session, SessionTable
+from gateway.session.terms import Terms
 
 __all__ = ["Downstream", "Hub", "Migrator", "Sender"]
 
@@ -110,6 +111,7 @@ class Hub:
         "mono",
         "sessions",
         "stats",
+        "terms",
         "verifier",
         "wall",
         "workers",
@@ -126,6 +128,8 @@ class Hub:
         index: int = 0,
     ) -> None:
         self.cfg = cfg
+        # the terms of the connections opened from now on (gateway.session.terms)
+        self.terms = Terms.of(cfg)
         self.index = index  # this worker's index (written into session ids)
         self.workers = workers
         # True when a resume of another worker's session may be handed to
@@ -143,6 +147,15 @@ class Hub:
         self.log: Callable[..., None] = log or (lambda *a, **k: None)
         # connections paused because the downstream could not take more
         self._paused: set[Any] = set()
+
+    def reconfigure(self, cfg: Config) -> None:
+        """A reloaded configuration: new connections get its terms, new
+        sessions its replay and duplicate bounds (read from ``cfg`` when
+        they are made), and the detached sessions kept its bound (from the
+        next detach); connections and sessions already there keep theirs."""
+        self.cfg = cfg
+        self.terms = Terms.of(cfg)
+        self.sessions.max_detached = cfg.max_detached_sessions
 
     def new_session(
         self, tenant: str, visitor: str, tags: dict[str, str], platform: str

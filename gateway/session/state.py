@@ -231,14 +231,15 @@ class Session:
 
 class SessionTable:
     """The sessions of one worker: attached ones, and detached ones (kept for
-    resume, at most ``max_detached``, oldest dropped first)."""
+    resume, at most ``max_detached``, oldest dropped first; a bound lowered
+    by a reload holds from the next detach)."""
 
-    __slots__ = ("_detached", "_max_detached", "_sessions")
+    __slots__ = ("_detached", "_sessions", "max_detached")
 
     def __init__(self, max_detached: int) -> None:
         self._sessions: dict[str, Session] = {}
         self._detached: OrderedDict[str, float] = OrderedDict()  # sid -> detached at
-        self._max_detached = max_detached
+        self.max_detached = max_detached
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -265,7 +266,7 @@ class SessionTable:
         s.conn = None
         self._detached[s.sid] = now
         dropped: list[Session] = []
-        while len(self._detached) > self._max_detached:
+        while len(self._detached) > self.max_detached:
             sid, _ = self._detached.popitem(last=False)
             old = self._sessions.pop(sid, None)
             if old is not None:

@@ -15,6 +15,7 @@ from typing import Any, Final, Protocol
 from gateway.protocol.codes import Code, ProtocolError
 from gateway.session.hub import Hub
 from gateway.session.state import Session
+from gateway.session.terms import Terms
 
 __all__ = ["MOBILE_PLATFORMS", "PLATFORMS", "Sink", "VisitorProtocol"]
 
@@ -88,8 +89,6 @@ class VisitorProtocol:
 
     __slots__ = (
         "adopted",
-        "hb_misses",
-        "hb_s",
         "hub",
         "ip",
         "origin",
@@ -100,6 +99,7 @@ class VisitorProtocol:
         "session",
         "sink",
         "state",
+        "terms",
         "transport",
     )
 
@@ -122,10 +122,10 @@ class VisitorProtocol:
         self.session: Session | None = None
         self.platform = "web"
         self.paused = False
-        # the heartbeat this connection was opened with (its welcome says
-        # it; a reload changes it for connections opened after it)
-        self.hb_s = hub.cfg.heartbeat_s
-        self.hb_misses = hub.cfg.heartbeat_misses
+        # the heartbeat and limits this connection was opened with (its
+        # welcome says them; a reload changes them for connections opened
+        # after it)
+        self.terms: Terms = hub.terms
 
     # -- timing facts the transport needs ---------------------------------
     @property
@@ -169,7 +169,6 @@ class VisitorProtocol:
 
     def _on_hello(self, f: dict[str, Any]) -> None:
         hub = self.hub
-        cfg = hub.cfg
         if f.get("v") != 1 or type(f.get("v")) is not int:
             raise ProtocolError(Code.UNSUPPORTED_VERSION, "hello.v must be 1")
         claims = hub.verifier.verify(f.get("token"), hub.wall())  # type: ignore[arg-type]
@@ -243,14 +242,14 @@ class VisitorProtocol:
             {
                 "t": "welcome",
                 "sid": s.sid,
-                "hb": int(self.hb_s * 1000),
+                "hb": int(self.terms.hb_s * 1000),
                 "resumed": resumed,
                 "resync": resync,
                 "first": s.first,
                 "limits": {
-                    "max_frame": cfg.max_frame,
-                    "window": cfg.window,
-                    "replay": cfg.replay_frames,
+                    "max_frame": self.terms.max_frame,
+                    "window": self.terms.window,
+                    "replay": s.replay_max_frames,
                 },
                 "exp": claims.exp,
             }
@@ -292,7 +291,7 @@ class VisitorProtocol:
                 }
             )
             return
-        window = hub.cfg.window
+        window = self.terms.window
         if len(s.inflight) >= window:
             hub.stats["window_exceeded"] += 1
             self.sink.send(
@@ -347,7 +346,7 @@ class VisitorProtocol:
 
     def _maybe_resume(self) -> None:
         s = self.session
-        if self.paused and s is not None and len(s.inflight) < self.hub.cfg.window:
+        if self.paused and s is not None and len(s.inflight) < self.terms.window:
             self.paused = False
             self.sink.resume()
 
