@@ -217,3 +217,13 @@ def test_verifier_rejects_malformed_configured_origin() -> None:
 
 def test_primary_kid_is_the_first_secret() -> None:
     assert TENANTS["acme"].primary_kid == "k1"
+
+
+def test_every_session_of_a_tenant_shares_one_tenant_name_string() -> None:
+    """The claims carry the configured tenant name, not the copy decoded
+    from each token: with many sessions held, one string per tenant."""
+    name = "".join(["ac", "me"])  # a string made at run time, like a config's
+    v = TokenVerifier({name: Tenant(name, {"k1": S1})})
+    a = v.verify(mint("acme", "v1", S1, 60, NOW), NOW)
+    b = v.verify(mint("acme", "v2", S1, 60, NOW), NOW)
+    assert a.tenant == "acme" and a.tenant is b.tenant

@@ -20,6 +20,7 @@ import binascii
 import hmac
 import json
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -138,7 +139,7 @@ class TokenVerifier:
     """Verifies tokens against a fixed set of tenants and checks origins."""
 
     def __init__(self, tenants: Mapping[str, Tenant]) -> None:
-        self._tenants = dict(tenants)
+        self._tenants = {sys.intern(name): t for name, t in tenants.items()}
         self._any_origin: set[str] = set()
         self._origins: dict[str, frozenset[str]] = {}
         for name, t in self._tenants.items():
@@ -194,7 +195,9 @@ class TokenVerifier:
             raise _unauthorized("malformed token claims")
         if exp < now:
             raise ProtocolError(Code.TOKEN_EXPIRED)
-        return Claims(tenant=tn, visitor=vid, exp=exp, iat=iat, kid=kid)
+        # the configured name (interned), not the token's copy: every
+        # session of the tenant then holds one string
+        return Claims(tenant=sys.intern(tn), visitor=vid, exp=exp, iat=iat, kid=kid)
 
     def origin_allowed(self, tenant: str, origin: str | None) -> bool:
         """No ``Origin`` (mobile SDKs, servers) is always allowed; otherwise
