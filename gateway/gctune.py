@@ -58,10 +58,8 @@ def tune_gc(young: int = GEN0_THRESHOLD) -> None:
     """Freezes what is alive now and sets the collection thresholds, the
     young generation's to ``young``. Call once, after start-up and before
     serving."""
-    if young < 1:
-        raise ValueError(f"young: must be >= 1 (got {young})")
+    retune_gc(young)
     gc.freeze()
-    gc.set_threshold(young, GEN1_THRESHOLD, GEN2_THRESHOLD)
 
 
 def retune_gc(young: int) -> None:

@@ -731,6 +731,10 @@ async def test_reloaded_frame_and_queue_limits_hold_for_what_opens_after_them(
             assert w1["limits"] == {"max_frame": 1024, "window": 4, "replay": 16}
             s = gw.w.hub.sessions.get(w1["sid"])
             assert s is not None and (s.dedup_max, s.replay_max_bytes) == (32, 8192)
+            old_s = gw.w.hub.sessions.get(w0["sid"])
+            assert old_s is not None and old_s.conn is not None and s.conn is not None
+            pipes = [c.sink.pipe for c in (old_s.conn, s.conn)]  # (the WebSockets)
+            assert [(p.max_bytes, p.max_chunks) for p in pipes] == [(1048576, 256), (32768, 32)]
             s2 = await h2c.open()
             await h2c.send(s2, {"t": "hello", "v": 1, "token": gw.token("old-h2-b")})
             w2 = await h2c.recv(s2)  # the connection's limits, the new session's replay

@@ -380,16 +380,16 @@ class Worker:
 
     def _raw_pipe(self, sock: socket.socket, ip: str, tls: bool = False) -> RawPipe:
         assert self.nursery is not None
-        cfg = self.cfg
+        terms = self.hub.terms  # the bounds of what waits to be written to it
         pipe: RawPipe
         if tls:
             assert self.ssl_ctx is not None
             pipe = TlsRawPipe(
-                sock, self.nursery, cfg.outbound_max_bytes, cfg.outbound_max_frames,
+                sock, self.nursery, terms.out_max_bytes, terms.out_max_frames,
                 TlsBio(self.ssl_ctx, None), self.hub.stats,
             )  # fmt: skip
         else:
-            pipe = RawPipe(sock, self.nursery, cfg.outbound_max_bytes, cfg.outbound_max_frames)
+            pipe = RawPipe(sock, self.nursery, terms.out_max_bytes, terms.out_max_frames)
         pipe.ip = ip
         return pipe
 
@@ -437,7 +437,8 @@ class Worker:
             self.hub.stats["handshake_timeouts"] += 1
             await trio.aclose_forcefully(stream)
             return None, None
-        pipe = TlsPipe(stream, self.nursery, cfg.outbound_max_bytes, cfg.outbound_max_frames)
+        terms = self.hub.terms
+        pipe = TlsPipe(stream, self.nursery, terms.out_max_bytes, terms.out_max_frames)
         return pipe, stream.selected_alpn_protocol()
 
     async def _handshake(self, pipe: RawPipe | TlsPipe, alpn: str | None) -> tuple[Any, bytes]:
