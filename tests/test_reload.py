@@ -702,6 +702,7 @@ async def test_reloaded_frame_and_queue_limits_hold_for_what_opens_after_them(
     think time and the collector's young threshold change at once."""
     import gc as pygc
 
+    from gateway.loadtest import rawws
     from gateway.protocol.codes import Code
     from gateway.server.control import apply_config
     from tests.test_server_h2 import H2Client
@@ -716,6 +717,11 @@ async def test_reloaded_frame_and_queue_limits_hold_for_what_opens_after_them(
             s1 = await h2c.open()
             await h2c.send(s1, {"t": "hello", "v": 1, "token": gw.token("old-h2")})
             assert (await h2c.recv(s1))["limits"]["max_frame"] == 65536
+            # accepted before the reload, upgraded after it: the new terms
+            tcp = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            with trio.fail_after(5):
+                while gw.w.open_sockets < 3:
+                    await trio.sleep(0.01)
             new = dataclasses.replace(
                 gw.w.cfg, max_frame=1024, window=4, replay_frames=16, replay_bytes=8192,
                 dedup_ids=32, outbound_max_bytes=32768, outbound_max_frames=32,
@@ -733,8 +739,22 @@ async def test_reloaded_frame_and_queue_limits_hold_for_what_opens_after_them(
             assert s is not None and (s.dedup_max, s.replay_max_bytes) == (32, 8192)
             old_s = gw.w.hub.sessions.get(w0["sid"])
             assert old_s is not None and old_s.conn is not None and s.conn is not None
-            pipes = [c.sink.pipe for c in (old_s.conn, s.conn)]  # (the WebSockets)
-            assert [(p.max_bytes, p.max_chunks) for p in pipes] == [(1048576, 256), (32768, 32)]
+            late = RawWs(tcp)
+            await tcp.send_all(rawws.upgrade_request(f"127.0.0.1:{gw.port}", "/v1/ws", None))
+            with trio.fail_after(5):
+                while not (n := rawws.parse_upgrade(late.buf)):
+                    late.buf += await tcp.receive_some(65536)
+            late.frames += late.reader.feed(bytes(late.buf[n:]))
+            w3 = await late.hello(gw.token("late-ws"))
+            assert w3["limits"]["max_frame"] == 1024
+            late_s = gw.w.hub.sessions.get(w3["sid"])
+            assert late_s is not None and late_s.conn is not None
+            pipes = [c.sink.pipe for c in (old_s.conn, s.conn, late_s.conn)]  # (WebSockets)
+            assert [(p.max_bytes, p.max_chunks) for p in pipes] == [
+                (1048576, 256),
+                (32768, 32),
+                (32768, 32),
+            ]
             s2 = await h2c.open()
             await h2c.send(s2, {"t": "hello", "v": 1, "token": gw.token("old-h2-b")})
             w2 = await h2c.recv(s2)  # the connection's limits, the new session's replay

@@ -91,6 +91,13 @@ class Pipe:
     def pending(self) -> int:
         return self.out_bytes
 
+    def bound(self, max_bytes: int, max_chunks: int) -> None:
+        """The write bounds of the connection that takes the pipe over
+        (its terms: the pipe was made with the ones of its accept, and a
+        reload may have come between)."""
+        self.max_bytes = max_bytes
+        self.max_chunks = max_chunks
+
 
 class RawPipe(Pipe):
     __slots__ = ("on_closed", "sock")

@@ -65,8 +65,9 @@ class WsConn(ConnShell):
     def __init__(self, w: Worker, pipe: RawPipe | TlsPipe, origin: str | None) -> None:
         super().__init__(w, pipe)
         self.proto = VisitorProtocol(w.hub, self, origin, pipe.ip)
-        mf = self.proto.terms.max_frame
-        self.reader = wsframe.FrameReader(mf, frame_max=mf)
+        terms = self.proto.terms
+        self.reader = wsframe.FrameReader(terms.max_frame, frame_max=terms.max_frame)
+        pipe.bound(terms.out_max_bytes, terms.out_max_frames)
         self.enc = Encoding.MSGPACK
         self.closing = False
         self.paused = False
