@@ -63,6 +63,10 @@ sysdeps:
 	  echo "installing tcpdump (Debian package) for bench/hops.py"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tcpdump >/dev/null \
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tcpdump >/dev/null; }; }
+	@command -v perf >/dev/null 2>&1 || { \
+	  echo "installing perf (Debian package linux-perf) for bench/pycalls.py --perf"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends linux-perf >/dev/null \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends linux-perf >/dev/null; }; }
 
 run: setup
 	$(BIN)/gateway serve $(ARGS)

@@ -13,6 +13,15 @@ It prints the calls per acked message, most frequent first::
     python bench/pycalls.py [--rate 5000] [--seconds 8] [--connections 200] [--top 25]
 
 The profiler slows the worker; the rate is kept low enough for it.
+
+With ``--perf`` it counts nothing and samples instead: the same load, the
+gateway on the first CPU and desk-sim and the client on the others (as
+``core_bench.py forwarding --isolate``), ``perf record -F 2000`` on the
+worker for three seconds in the middle of the run, and prints where the
+worker's samples are by shared object (the kernel, CPython, the compiled
+hot path, ...)::
+
+    python bench/pycalls.py --perf --rate 24000
 """
 
 from __future__ import annotations
@@ -21,8 +30,12 @@ import argparse
 import glob
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +56,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0, help="length of the load")
     ap.add_argument("--connections", type=int, default=200)
     ap.add_argument("--top", type=int, default=25, help="how many call sites to print")
+    ap.add_argument("--perf", action="store_true", help="sample the worker with perf instead")
     args = ap.parse_args()
+    if args.perf:
+        sample(args)
+        return
     # two seconds in the middle of the load, which begins ~2 s after the
     # worker started (the gateway up, the links up, the clients connected)
     window = (2.0 + max(1.0, args.seconds / 2 - 1.0), 2.0)
@@ -81,6 +98,49 @@ def main() -> None:
     print("|---|---|")
     for name, n in calls[: args.top]:
         print(f"| {n / msgs:.3f} | `{name}` |")
+
+
+def sample(args: argparse.Namespace) -> None:
+    """``--perf``: the worker's samples by shared object."""
+    if shutil.which("perf") is None:
+        raise SystemExit("--perf needs perf (the Debian package linux-perf)")
+    data = Path(tempfile.mkdtemp(prefix="pycalls-")) / "perf.data"
+    toks = cb.tokens(args.connections)
+    mine = os.sched_getaffinity(0)
+    desk = cb.start_desk(processes=1)
+    gw = cb.start_gateway(1, downstream=[f"general=127.0.0.1:{desk.port}"], conns=args.connections)
+    try:
+        cb._isolate((gw,), desk)
+        time.sleep(1.0)  # links up
+        worker = cb.tree_pids(gw.proc.pid)[-1]
+
+        def record() -> None:
+            time.sleep(max(0.5, args.seconds / 2 - 1.5))
+            subprocess.run(["perf", "record", "-q", "-F", "2000", "-o", str(data), "-p",
+                            str(worker), "--", "sleep", "3"], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+        t = threading.Thread(target=record)
+        t.start()
+        r = run(Plan(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks,
+                     connections=args.connections, active=args.connections,
+                     duration=args.seconds, size=230, max_runtime=120, rate=args.rate,
+                     engine="native"), 1)  # type: ignore[arg-type]  # fmt: skip
+        t.join()
+    finally:
+        os.sched_setaffinity(0, mine)
+        gw.stop()
+        desk.stop()
+    rep = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "dso"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    print(f"{args.rate:,.0f} msg/s offered, {r['msgs_per_s']:,.0f} acked, round trip "
+          f"p50 {r['rtt']['p50_ms']:.2f} / p99 {r['rtt']['p99_ms']:.2f} ms")  # fmt: skip
+    print("| share of the worker's samples | shared object |")
+    print("|---|---|")
+    for line in rep.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].endswith("%") and float(parts[0][:-1]) >= 0.1:
+            print(f"| {parts[0]} | `{parts[1]}` |")
 
 
 if __name__ == "__main__":
