@@ -11,6 +11,9 @@ the worker's ``PYTHONPATH``; compiled functions make no profiler events).
 It prints the calls per acked message, most frequent first::
 
     python bench/pycalls.py [--rate 5000] [--seconds 8] [--connections 200] [--top 25]
+                            [--in desk-sim]
+
+``--in desk-sim`` counts in desk-sim instead of the gateway's worker.
 
 The profiler slows the worker; the rate is kept low enough for it.
 
@@ -57,6 +60,8 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=200)
     ap.add_argument("--top", type=int, default=25, help="how many call sites to print")
     ap.add_argument("--perf", action="store_true", help="sample the worker with perf instead")
+    ap.add_argument("--in", dest="where", choices=("worker", "desk-sim"), default="worker",
+                    help="the process to count in")  # fmt: skip
     args = ap.parse_args()
     if args.perf:
         sample(args)
@@ -69,10 +74,13 @@ def main() -> None:
         [str(SITE), *filter(None, [os.environ.get("PYTHONPATH")])]
     )
     os.environ["GATEWAY_PYCALLS_OUT"] = str(out)
+    os.environ["GATEWAY_PYCALLS_IN"] = {"worker": "gateway.server.worker"}.get(
+        args.where, "desk-sim"
+    )
+    os.environ["GATEWAY_PYCALLS_WINDOW"] = f"{window[0]},{window[1]}"
     toks = cb.tokens(args.connections)
     desk = cb.start_desk(processes=1)
-    gw = cb.start_gateway(1, downstream=[f"general=127.0.0.1:{desk.port}"], conns=args.connections,
-                          extra={"GATEWAY_PYCALLS_WINDOW": f"{window[0]},{window[1]}"})  # fmt: skip
+    gw = cb.start_gateway(1, downstream=[f"general=127.0.0.1:{desk.port}"], conns=args.connections)
     try:
         r = run(Plan(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks,
                      connections=args.connections, active=args.connections,
@@ -83,7 +91,7 @@ def main() -> None:
         desk.stop()
     files = glob.glob(f"{out}.*")
     if not files:
-        raise SystemExit("the worker wrote no counts (did the load run past the window?)")
+        raise SystemExit(f"{args.where} wrote no counts (did the load run past the window?)")
     with open(files[0]) as f:
         got = json.load(f)
     msgs = r["msgs_per_s"] * got["seconds"]  # acked in the window (an open loop's rate is even)
@@ -91,7 +99,7 @@ def main() -> None:
         raise SystemExit("no message was acked")
     calls = sorted(got["calls"].items(), key=lambda kv: -kv[1])
     total = sum(n for _, n in calls)
-    print(f"{args.rate:,.0f} msg/s offered, {r['msgs_per_s']:,.0f} acked; "
+    print(f"{args.where}: {args.rate:,.0f} msg/s offered, {r['msgs_per_s']:,.0f} acked; "
           f"{got['seconds']:.0f} s counted: {total:,} Python-level calls, "
           f"{total / msgs:.2f} per message")  # fmt: skip
     print("| calls per message | call site |")

@@ -319,3 +319,33 @@ async def test_desk_sim_sends_within_the_gateways_windows() -> None:
     acked += [f["n"] for f in frames if f["t"] == "ack"]
     assert sorted(acked) == list(range(1, n + 1))
     assert sum(f["t"] == "deliver" for f in frames) == n
+
+
+def test_h2_output_asks_h2_only_when_it_has_bytes_queued() -> None:
+    """A real connection: its preface, then nothing (and no copy made);
+    an h2 without the buffer attribute is always asked."""
+    import h2.config
+    import h2.connection
+
+    from gateway.downstream.h2data import h2_output
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    first = h2_output(conn)
+    assert first.startswith(b"PRI * HTTP/2.0") and h2_output(conn) == b""
+    conn.ping(b"12345678")
+    assert len(h2_output(conn)) == 9 + 8
+
+    class Counting:
+        def __init__(self, queued: bytes | None) -> None:
+            if queued is not None:
+                self._data_to_send = bytearray(queued)
+            self.calls = 0
+
+        def data_to_send(self) -> bytes:
+            self.calls += 1
+            return b"x"
+
+    for queued, calls in ((b"", 0), (b"abc", 1), (None, 1)):
+        c = Counting(queued)
+        assert h2_output(c) == (b"x" if calls else b"") and c.calls == calls

@@ -1,6 +1,7 @@
 """Loaded by every Python process started with this directory on
-``PYTHONPATH`` (see bench/pycalls.py); does something only in a gateway
-worker with ``GATEWAY_PYCALLS_OUT`` set: counts the Python-level calls the
+``PYTHONPATH`` (see bench/pycalls.py); does something only with
+``GATEWAY_PYCALLS_OUT`` set, in a process whose command line has
+``GATEWAY_PYCALLS_IN`` in it (a gateway worker by default): counts the Python-level calls the
 worker makes (interpreted functions, and C functions called from
 interpreted code) during a window of ``GATEWAY_PYCALLS_WINDOW`` =
 "start,seconds" after it started, and writes them to
@@ -50,6 +51,7 @@ def _install(out: str) -> None:
 
 
 if _OUT:
+    _IN = os.environ.get("GATEWAY_PYCALLS_IN", "gateway.server.worker").encode()
     with open("/proc/self/cmdline", "rb") as _f:
-        if b"gateway.server.worker" in _f.read():
+        if _IN in _f.read():
             _install(_OUT)

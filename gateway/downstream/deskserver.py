@@ -39,7 +39,14 @@ import trio
 
 from gateway import h2repr, trioidle
 from gateway.downstream.desk import Desk, DeskConfig
-from gateway.downstream.h2data import DATA_FRAME, DataSplitter, FlowError, SendWindow, goaway
+from gateway.downstream.h2data import (
+    DATA_FRAME,
+    DataSplitter,
+    FlowError,
+    SendWindow,
+    goaway,
+    h2_output,
+)
 from gateway.downstream.h2data import WINDOW as WINDOW_UPDATE_KIND
 from gateway.downstream.proto import (
     FEATURES_HEADER,
@@ -498,7 +505,7 @@ class DeskServer:
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 self._drop_stream(c, stream)
         # h2's frames first: a stream's response headers before its DATA
-        data = c.h2.data_to_send() + fast
+        data = h2_output(c.h2) + fast
         if c.extra:
             data, c.extra = data + c.extra, b""
         return data

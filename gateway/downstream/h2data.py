@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 __all__ = ["DATA_FRAME", "PREFACE", "RUN", "WINDOW", "DataSplitter", "FlowError", "SendWindow",
-           "goaway", "window_update"]  # fmt: skip
+           "goaway", "h2_output", "window_update"]  # fmt: skip
 
 _HEAD: Final = struct.Struct(">I")
 DATA, HEADERS, PRIORITY, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
@@ -239,3 +239,12 @@ class SendWindow:
         self.conn -= room
         self.stream -= room
         return b"".join(parts), room
+
+
+def h2_output(conn: Any) -> bytes:
+    """What an ``h2.connection.H2Connection`` has for the wire, or ``b""``
+    without calling it when its buffer is empty: ``data_to_send`` is a
+    Python call and a copy either way, and this is asked at every write of
+    a link or connection, most of which h2 has nothing for (our DATA
+    frames are ours). An h2 without that buffer attribute is simply asked."""
+    return conn.data_to_send() if getattr(conn, "_data_to_send", True) else b""

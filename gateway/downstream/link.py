@@ -28,7 +28,14 @@ import trio
 
 from gateway import h2repr
 from gateway.downstream import h2data
-from gateway.downstream.h2data import DATA_FRAME, WINDOW, DataSplitter, FlowError, SendWindow
+from gateway.downstream.h2data import (
+    DATA_FRAME,
+    WINDOW,
+    DataSplitter,
+    FlowError,
+    SendWindow,
+    h2_output,
+)
 from gateway.downstream.proto import (
     FEATURES_HEADER,
     LINK_PATH,
@@ -156,11 +163,7 @@ class LinkCore:
         allow and returns the bytes to write to the socket: h2's own frames
         (the request headers first of all), then the DATA frames, then our
         WINDOW_UPDATEs."""
-        h2 = self.h2
-        # h2's own frames, if it has any (``data_to_send`` is a Python call
-        # and a copy even when it has none; without the attribute in some
-        # h2 version it is simply always called)
-        data = h2.data_to_send() if getattr(h2, "_data_to_send", True) else b""
+        data = h2_output(self.h2)
         out = self.out
         if out and self.stream:
             # the RFC 9113 default size: a peer enforces a larger

@@ -25,6 +25,7 @@ import h2.settings
 import trio
 
 from gateway import h2repr
+from gateway.downstream.h2data import h2_output
 from gateway.protocol.codec import (
     Encoding,
     LengthPrefixedDecoder,
@@ -446,7 +447,7 @@ class H2Conn(ConnShell):
         self.pipe.close_after_flush()
 
     def _write_now(self) -> None:
-        data = self.h2.data_to_send()
+        data = h2_output(self.h2)
         if not data:
             return
         stats = self.w.hub.stats
