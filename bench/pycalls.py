@@ -39,7 +39,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -78,17 +80,7 @@ def main() -> None:
         args.where, "desk-sim"
     )
     os.environ["GATEWAY_PYCALLS_WINDOW"] = f"{window[0]},{window[1]}"
-    toks = cb.tokens(args.connections)
-    desk = cb.start_desk(processes=1)
-    gw = cb.start_gateway(1, downstream=[f"general=127.0.0.1:{desk.port}"], conns=args.connections)
-    try:
-        r = run(Plan(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks,
-                     connections=args.connections, active=args.connections,
-                     duration=args.seconds, size=230, max_runtime=120, rate=args.rate,
-                     engine="native"), 1)  # type: ignore[arg-type]  # fmt: skip
-    finally:
-        gw.stop()
-        desk.stop()
+    r = forwarding_load(args)
     files = glob.glob(f"{out}.*")
     if not files:
         raise SystemExit(f"{args.where} wrote no counts (did the load run past the window?)")
@@ -108,37 +100,50 @@ def main() -> None:
         print(f"| {n / msgs:.3f} | `{name}` |")
 
 
+def forwarding_load(
+    args: argparse.Namespace, during: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """desk-sim and a one-worker gateway forwarding to it, loaded open loop
+    at ``--rate`` for ``--seconds``; ``during(worker pid)`` runs in a thread
+    meanwhile, with the gateway on the first CPU and desk-sim and the
+    client on the others. Returns the load's results."""
+    toks = cb.tokens(args.connections)
+    mine = os.sched_getaffinity(0)
+    desk = cb.start_desk(processes=1)
+    gw = cb.start_gateway(1, downstream=[f"general=127.0.0.1:{desk.port}"], conns=args.connections)
+    t: threading.Thread | None = None
+    try:
+        if during is not None:
+            cb._isolate((gw,), desk)
+            time.sleep(1.0)  # links up
+            t = threading.Thread(target=during, args=(cb.tree_pids(gw.proc.pid)[-1],))
+            t.start()
+        r: dict[str, Any] = run(Plan(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks,
+                                     connections=args.connections, active=args.connections,
+                                     duration=args.seconds, size=230, max_runtime=120,
+                                     rate=args.rate, engine="native"), 1)  # type: ignore[arg-type]  # fmt: skip
+    finally:
+        if t is not None:
+            t.join()
+        os.sched_setaffinity(0, mine)
+        gw.stop()
+        desk.stop()
+    return r
+
+
 def sample(args: argparse.Namespace) -> None:
     """``--perf``: the worker's samples by shared object."""
     if shutil.which("perf") is None:
         raise SystemExit("--perf needs perf (the Debian package linux-perf)")
     data = Path(tempfile.mkdtemp(prefix="pycalls-")) / "perf.data"
-    toks = cb.tokens(args.connections)
-    mine = os.sched_getaffinity(0)
-    desk = cb.start_desk(processes=1)
-    gw = cb.start_gateway(1, downstream=[f"general=127.0.0.1:{desk.port}"], conns=args.connections)
-    try:
-        cb._isolate((gw,), desk)
-        time.sleep(1.0)  # links up
-        worker = cb.tree_pids(gw.proc.pid)[-1]
 
-        def record() -> None:
-            time.sleep(max(0.5, args.seconds / 2 - 1.5))
-            subprocess.run(["perf", "record", "-q", "-F", "2000", "-o", str(data), "-p",
-                            str(worker), "--", "sleep", "3"], check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    def record(worker: int) -> None:
+        time.sleep(max(0.5, args.seconds / 2 - 1.5))
+        subprocess.run(["perf", "record", "-q", "-F", "2000", "-o", str(data), "-p",
+                        str(worker), "--", "sleep", "3"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
-        t = threading.Thread(target=record)
-        t.start()
-        r = run(Plan(host="127.0.0.1", port=gw.port, mode="gateway", tokens=toks,
-                     connections=args.connections, active=args.connections,
-                     duration=args.seconds, size=230, max_runtime=120, rate=args.rate,
-                     engine="native"), 1)  # type: ignore[arg-type]  # fmt: skip
-        t.join()
-    finally:
-        os.sched_setaffinity(0, mine)
-        gw.stop()
-        desk.stop()
+    r = forwarding_load(args, record)
     rep = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "dso"],
                          capture_output=True, text=True, check=True)  # fmt: skip
     print(f"{args.rate:,.0f} msg/s offered, {r['msgs_per_s']:,.0f} acked, round trip "
