@@ -178,7 +178,6 @@ class H2Conn(ConnShell):
         # the heartbeat and limits it was opened with (a reload changes
         # them for connections opened after it)
         self.terms: Terms = w.hub.terms
-        pipe.bound(self.terms.out_max_bytes, self.terms.out_max_frames)
 
     def _start(self) -> None:
         w = self.w

@@ -92,9 +92,8 @@ class Pipe:
         return self.out_bytes
 
     def bound(self, max_bytes: int, max_chunks: int) -> None:
-        """The write bounds of the connection that takes the pipe over
-        (its terms: the pipe was made with the ones of its accept, and a
-        reload may have come between)."""
+        """New write bounds (those of the connection that takes the pipe
+        over: see :class:`gateway.server.shell.ConnShell`)."""
         self.max_bytes = max_bytes
         self.max_chunks = max_chunks
 

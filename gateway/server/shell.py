@@ -70,6 +70,11 @@ class ConnShell:
     def __init__(self, w: Worker, pipe: RawPipe | TlsPipe) -> None:
         self.w = w
         self.pipe = pipe
+        # the pipe was made with the write bounds of its accept; the
+        # connection's are those of the terms it opens with now (a reload
+        # may have come between: gateway.session.terms)
+        terms = w.hub.terms
+        pipe.bound(terms.out_max_bytes, terms.out_max_frames)
         self.last_rx = trio.current_time()
         self.pinged = 0.0  # when the heartbeat last pinged the peer
         self.finished = False

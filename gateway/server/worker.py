@@ -250,7 +250,7 @@ class Worker:
         self.max_per_ip, hs_rate, hs_burst = _accept_limits(cfg, self.hub.workers)
         self.handshakes.retune(hs_rate, hs_burst, trio.current_time())
         if self.migrator is not None:
-            self.migrator.tombs.limit = max(1, cfg.max_detached_sessions)
+            self.migrator.tombs.resize(cfg.max_detached_sessions)
         if self.bot is not None:
             self.bot.think_s = cfg.bot_think_ms / 1000.0
         if cfg.gc_young != self.cfg.gc_young:

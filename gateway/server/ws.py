@@ -67,7 +67,6 @@ class WsConn(ConnShell):
         self.proto = VisitorProtocol(w.hub, self, origin, pipe.ip)
         terms = self.proto.terms
         self.reader = wsframe.FrameReader(terms.max_frame, frame_max=terms.max_frame)
-        pipe.bound(terms.out_max_bytes, terms.out_max_frames)
         self.enc = Encoding.MSGPACK
         self.closing = False
         self.paused = False

@@ -135,6 +135,11 @@ class Tombstones:
 
     def __init__(self, limit: int) -> None:
         self._d: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self.limit = 1
+        self.resize(limit)
+
+    def resize(self, limit: int) -> None:
+        """A new bound (at least 1; a reload's), held from the next add."""
         self.limit = max(1, limit)
 
     def __len__(self) -> int:
