@@ -97,6 +97,9 @@ class Config:
     per_worker_connections: int = 18000
     tls_cert: str | None = None
     tls_key: str | None = None
+    # 80-byte file of session-ticket keys shared by the nodes (None: the
+    # supervisor draws one its workers share; gateway.server.tickets)
+    tls_ticket_key: str | None = None
     max_frame: int = 65536
     handshake_timeout_s: float = 10.0
     hello_timeout_s: float = 10.0
@@ -354,6 +357,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("listen_host: must not be empty")
     if (cfg.tls_cert is None) != (cfg.tls_key is None):
         raise ConfigError("tls_cert and tls_key: give both or neither")
+    if cfg.tls_ticket_key is not None and cfg.tls_cert is None:
+        raise ConfigError("tls_ticket_key: only with tls_cert and tls_key")
     if cfg.log_level not in LOG_LEVELS:
         raise ConfigError(
             f"log_level: must be one of {', '.join(LOG_LEVELS)} (got {cfg.log_level!r})"
@@ -557,7 +562,7 @@ def load_config(path: str | None, env: Mapping[str, str], overrides: Mapping[str
         values[key] = _check_type(key, kind, value, "")
     values["state_dir"] = str(Path(values["state_dir"]).expanduser())
     cfg = Config(**values, tenants=tenants, downstream=downstream)
-    for name in ("tls_cert", "tls_key"):
+    for name in ("tls_cert", "tls_key", "tls_ticket_key"):
         p = getattr(cfg, name)
         if p is not None and not os.path.isfile(p):
             raise ConfigError(f"{name}: no such file {p!r}")

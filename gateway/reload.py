@@ -20,9 +20,10 @@ Ten parts of the configuration apply without a restart:
   after ``request_timeout_s``), and the sessions on them move with their
   next message;
 - the visitors' TLS certificate and key (``tls_cert``, ``tls_key``: other
-  files, or new contents in the same files, as after a renewal): new
-  connections get the new certificate; connections already open keep
-  theirs. TLS turned on or off needs a restart;
+  files, or new contents in the same files, as after a renewal) and the
+  session-ticket key file (``tls_ticket_key``): new connections get the
+  new certificate and tickets under the new key; connections already open
+  keep theirs. TLS turned on or off needs a restart;
 - the rate limits (``*_rate``, ``*_burst``): a changed limit keeps each
   key's tokens, cut to its new burst, so a lower limit holds at once; a
   limit turned on starts with full buckets;
@@ -213,7 +214,8 @@ def file_sets(cfg: Config) -> dict[str, tuple[str, ...]]:
     certificate and key."""
     out: dict[str, tuple[str, ...]] = {}
     if cfg.tls_cert is not None and cfg.tls_key is not None:
-        out["tls"] = (cfg.tls_cert, cfg.tls_key)
+        tk = cfg.tls_ticket_key
+        out["tls"] = (cfg.tls_cert, cfg.tls_key) + ((tk,) if tk is not None else ())
     if cfg.downstream:
         from gateway.downstream.settings import parse_settings
 
@@ -240,7 +242,7 @@ def plan_reload(old: Config, new: Config, files_changed: Collection[str] = ()) -
     for f in dataclasses.fields(Config):
         if f.name in ("tenants", "downstream"):
             continue
-        if f.name in ("tls_cert", "tls_key") and tls_on == (True, True):
+        if f.name in ("tls_cert", "tls_key", "tls_ticket_key") and tls_on == (True, True):
             continue  # other files: reloaded below
         if getattr(old, f.name) == getattr(new, f.name):
             continue
@@ -251,9 +253,10 @@ def plan_reload(old: Config, new: Config, files_changed: Collection[str] = ()) -
         else:
             plan.needs_restart.append(f.name)
     if tls_on == (True, True):
-        plan.tls = "tls" in files_changed or (old.tls_cert, old.tls_key) != (
+        plan.tls = "tls" in files_changed or (old.tls_cert, old.tls_key, old.tls_ticket_key) != (
             new.tls_cert,
             new.tls_key,
+            new.tls_ticket_key,
         )
     plan.tenants = old.tenants != new.tenants
     try:

@@ -61,6 +61,7 @@ from gateway.ops.server import open_ops_listeners, serve_ops
 from gateway.ops.wire import WireError, encode_snapshot, read_frames
 from gateway.protocol.tokens import mint
 from gateway.reload import file_sets, plan_reload
+from gateway.server import tickets
 from gateway.server.control import CONTROL_FD_ENV
 from gateway.server.tlsconf import files_digest, visitor_context
 
@@ -190,6 +191,9 @@ class _Supervisor:
         # run (gateway.server.control), so one left behind shows
         self.generation = 0
         self.env[CONFIG_GENERATION_ENV] = "0"
+        # the session-ticket key the workers share when no key file is
+        # configured (gateway.server.tickets), for the supervisor's life
+        self.env[tickets.KEY_ENV] = tickets.key_to_env(tickets.new_key())
         self.procs: dict[int, trio.Process] = {}
         self.final: dict[int, int | None] = {}
         self.stopping = trio.Event()
@@ -259,7 +263,8 @@ class _Supervisor:
                 new = self.reloader()
                 digests = _digests(new)
                 if new.tls_cert is not None and new.tls_key is not None:
-                    visitor_context(new.tls_cert, new.tls_key)  # loads, or ConfigError
+                    # loads, or ConfigError
+                    visitor_context(new.tls_cert, new.tls_key, new.tls_ticket_key)
                 changed = [k for k, d in digests.items() if self.digests.get(k) != d]
                 plan = plan_reload(self.cfg, new, changed)
             except ConfigError as e:

@@ -41,6 +41,10 @@ class TlsBio:
             return False
         return True
 
+    def resumed(self) -> bool:
+        """Whether the finished handshake resumed a session (a ticket)."""
+        return bool(self.obj.session_reused)
+
     def feed(self, data: bytes) -> None:
         """Bytes read from the socket (b"": the peer closed it)."""
         if data:

@@ -875,6 +875,39 @@ async def test_sighup_reloads_the_tls_certificate_renewed_in_place(tmp_path: Pat
         await again.aclose()
 
 
+async def test_sighup_rotates_the_tls_ticket_key(tmp_path: Path) -> None:
+    """New contents in the `tls_ticket_key` file: a ticket sealed under the
+    old key gets one full handshake; the tickets issued after the reload
+    resume on both workers."""
+    from tests.test_tls_tickets import _get
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    _, trust = _issue(certs, "live")
+    key = certs / "ticket.key"
+    key.write_bytes(os.urandom(80))
+    extra = (
+        f'tls_cert = "{certs / "live.pem"}"\ntls_key = "{certs / "live.key"}"\n'
+        f'tls_ticket_key = "{key}"'
+    )
+    async with _reloadable(tmp_path, extra) as run:
+        old, _ = await trio.to_thread.run_sync(_get, run.port, trust)
+        assert (await trio.to_thread.run_sync(_get, run.port, trust, old, "127.0.0.20"))[1]
+        key.write_bytes(os.urandom(80))
+        lines = await run.sighup("reloaded", 3)
+        assert all(r.get("tls") == "reloaded" for r in lines)
+        new, reused = await trio.to_thread.run_sync(_get, run.port, trust, old, "127.0.0.21")
+        assert not reused
+        for i in range(8):
+            got = await trio.to_thread.run_sync(_get, run.port, trust, new, f"127.0.0.{30 + i}")
+            assert got[1], i
+        # a file that is not 80 bytes: the reload fails, the key in use stays
+        key.write_bytes(b"short")
+        (failed,) = await run.sighup("reload_failed", 1)
+        assert "tls_ticket_key" in failed["error"] and "exactly 80 bytes" in failed["error"]
+        assert (await trio.to_thread.run_sync(_get, run.port, trust, new, "127.0.0.40"))[1]
+
+
 async def test_sighup_lowers_a_rate_limit_for_connected_visitors(tmp_path: Path) -> None:
     """A visitor sends 30 messages at once under the default limit (all
     acked); the limit is lowered to a burst of 5 by a reload; on the same

@@ -24,6 +24,7 @@ it directly); :func:`control_loop` is the trio shell.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, Final
@@ -33,6 +34,7 @@ from gateway.downstream.tls import client_context
 from gateway.ops.wire import WireError, read_frames
 from gateway.protocol.tokens import TokenVerifier
 from gateway.reload import ReloadPlan, plan_reload
+from gateway.server.tickets import key_from_env
 from gateway.server.tlsconf import visitor_context
 
 if TYPE_CHECKING:
@@ -71,7 +73,9 @@ def apply_config(w: Worker, new: Config, files_changed: Collection[str] = ()) ->
         ctx = None
         if plan.tls:
             assert new.tls_cert is not None and new.tls_key is not None
-            ctx = visitor_context(new.tls_cert, new.tls_key)
+            ctx = visitor_context(
+                new.tls_cert, new.tls_key, new.tls_ticket_key, key_from_env(os.environ)
+            )
         cluster_ctx = {}
         for name in plan.cluster_tls:
             assert settings is not None

@@ -274,6 +274,7 @@ class TlsRawPipe(RawPipe):
             if not done:
                 return None
             self.up = True
+            self.stats["tls_resumed" if tls.resumed() else "tls_full"] += 1
         try:
             plain = tls.open()
         except (EOFError, ssl.SSLError):

@@ -49,6 +49,7 @@ from gateway.server.migrator import WorkerMigrator
 from gateway.server.pipe import RawPipe, TlsPipe, TlsRawPipe
 from gateway.server.reactor import Reactor
 from gateway.server.stopsig import STOP, ignore_from_now, outside_trio
+from gateway.server.tickets import key_from_env
 from gateway.server.tlsconf import visitor_context
 from gateway.server.ws import WsConn
 from gateway.session.hub import Hub
@@ -208,7 +209,9 @@ class Worker:
                 self.static[path] = (f.read_bytes(), ctype)
         self.ssl_ctx: ssl.SSLContext | None = None
         if cfg.tls_cert and cfg.tls_key:
-            self.ssl_ctx = visitor_context(cfg.tls_cert, cfg.tls_key)
+            self.ssl_ctx = visitor_context(
+                cfg.tls_cert, cfg.tls_key, cfg.tls_ticket_key, key_from_env(os.environ)
+            )
         self.nursery: trio.Nursery | None = None
         self.listener: socket.socket | None = None
         # sockets to the other workers, for handing over resumed connections
@@ -437,6 +440,7 @@ class Worker:
             self.hub.stats["handshake_timeouts"] += 1
             await trio.aclose_forcefully(stream)
             return None, None
+        self.hub.stats["tls_resumed" if stream.session_reused else "tls_full"] += 1
         terms = self.hub.terms
         pipe = TlsPipe(stream, self.nursery, terms.out_max_bytes, terms.out_max_frames)
         return pipe, stream.selected_alpn_protocol()
