@@ -669,15 +669,17 @@ def fastpaths(args: argparse.Namespace) -> dict[str, Any]:
     return {"fastpaths": {"runs": runs}}
 
 
-def _tls_files() -> tuple[str, str, str]:
+def _tls_files(key_type: str = "ecdsa") -> tuple[str, str, str]:
     """A throwaway CA and a certificate for 127.0.0.1 (trustme, a dev
-    dependency): (CA file, certificate chain file, key file)."""
+    dependency) with an ``ecdsa`` (P-256) or ``rsa`` (2048-bit) key:
+    (CA file, certificate chain file, key file)."""
     import trustme
 
     d = OUT / "bench-tls"
     d.mkdir(parents=True, exist_ok=True)
-    ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1")
+    kt = {"ecdsa": trustme.KeyType.ECDSA, "rsa": trustme.KeyType.RSA}[key_type]
+    ca = trustme.CA(key_type=kt)
+    leaf = ca.issue_cert("127.0.0.1", key_type=kt)
     ca.cert_pem.write_to_path(str(d / "ca.pem"))
     leaf.private_key_and_cert_chain_pem.write_to_path(str(d / "desk.pem"))
     leaf.private_key_pem.write_to_path(str(d / "desk.key"))
