@@ -5,8 +5,10 @@ another node; the key file's bad inputs; the resumption counter."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -14,6 +16,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -176,6 +179,12 @@ def _handshakes(ops: int) -> dict[str, float]:
     }
 
 
+def _api(ops: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{ops}/api/stats", timeout=5) as r:
+        got: dict[str, Any] = json.loads(r.read())
+    return got
+
+
 def _wait_handshakes(ops: int, want: dict[str, float]) -> dict[str, float]:
     end = time.monotonic() + 10
     got: dict[str, float] = {}
@@ -193,7 +202,8 @@ def test_a_ticket_resumes_on_every_worker_of_the_node(
     """`gateway serve --workers 2` with no key file: the supervisor's key.
     Twelve reconnects from twelve source addresses (SO_REUSEPORT spreads
     them over both workers; all on the issuing one: 1 in 4,096) all
-    resume, and /metrics counts them."""
+    resume, and /metrics counts them; so do twelve more after a worker was
+    killed and restarted (the supervisor keeps the key)."""
     cert, key_file, client = certs
     port, ops = free_port(), free_port()
     proc = _serve(tmp_path, port, ops, 2, GATEWAY_TLS_CERT=cert, GATEWAY_TLS_KEY=key_file)
@@ -205,6 +215,20 @@ def test_a_ticket_resumes_on_every_worker_of_the_node(
         resumed = [_get(port, client, sess, f"127.0.0.{10 + i}")[1] for i in range(12)]
         assert resumed == [True] * 12
         assert _wait_handshakes(ops, {"false": 1, "true": 12}) == {"false": 1, "true": 12}
+
+        pids = [w["pid"] for w in _api(ops)["workers"]]
+        os.kill(pids[0], signal.SIGKILL)
+        end = time.monotonic() + 15
+        while time.monotonic() < end:
+            now = [w["pid"] for w in _api(ops)["workers"] if w.get("up", True)]
+            if len(now) == 2 and pids[0] not in now:
+                break
+            time.sleep(0.2)
+        assert len(now) == 2 and pids[0] not in now, now
+        wait_listening(port)
+        time.sleep(0.5)  # the new worker bound
+        resumed = [_get(port, client, sess, f"127.0.0.{40 + i}")[1] for i in range(12)]
+        assert resumed == [True] * 12
     finally:
         out = stop(proc)
     assert "Traceback" not in out, out
