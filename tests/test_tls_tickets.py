@@ -276,3 +276,29 @@ async def test_resumed_handshakes_are_counted(
         assert (reused, again[1]) == (False, True)
         stats = gw.w.hub.stats
         assert (stats["tls_full"], stats["tls_resumed"]) == (1, 1)
+
+
+def test_without_a_reachable_libssl(
+    tmp_path: Path,
+    certs: tuple[str, str, ssl.SSLContext],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Where the keys cannot be set (no libssl found, as with an OpenSSL
+    built into ``_ssl``): a configured file stops the start; the
+    supervisor's key only costs a warning, and tickets stay per context."""
+    cert, key_file, client = certs
+    monkeypatch.setattr(tickets, "_LIB", [None])
+    assert tickets.install(visitor_context(cert, key_file), tickets.new_key()) is False
+    good = tmp_path / "ticket.key"
+    good.write_bytes(os.urandom(80))
+    with pytest.raises(ConfigError, match="tls_ticket_key: this Python's ssl module"):
+        visitor_context(cert, key_file, str(good))
+    key = tickets.new_key()
+    with caplog.at_level("WARNING", logger="gateway.tls"):
+        a = visitor_context(cert, key_file, shared_key=key)
+    assert "resume only on the worker that issued them" in caplog.text
+    b = visitor_context(cert, key_file, shared_key=key)
+    first = _bio_handshake(a, client)
+    assert _bio_handshake(a, client, first.session).session_reused
+    assert not _bio_handshake(b, client, first.session).session_reused

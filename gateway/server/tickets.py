@@ -19,7 +19,8 @@ CPython's ``PySSLContext`` (the same in every CPython since 3.4). Before it
 writes anything, it checks that the pointer is the context's: it sets the
 context's ``num_tickets`` through Python to two values and reads each back
 through OpenSSL. Where any of that does not hold (another Python, an
-OpenSSL linked statically into ``_ssl``, no ``/proc``), it returns False
+OpenSSL linked statically into ``_ssl``, a mapped libssl of another
+version than :mod:`ssl` reports, no ``/proc``), it returns False
 and the context keeps OpenSSL's per-context keys, as before.
 
 A key is 80 bytes (OpenSSL's layout: a 16-byte name that tickets carry,
@@ -167,9 +168,15 @@ def _open_libssl() -> tuple[Any, Any] | None:
     ffi = FFI()
     ffi.cdef(
         "long SSL_CTX_ctrl(void *ctx, int cmd, long larg, void *parg);\n"
-        "size_t SSL_CTX_get_num_tickets(const void *ctx);"
+        "size_t SSL_CTX_get_num_tickets(const void *ctx);\n"
+        "unsigned long OpenSSL_version_num(void);"
     )
     try:
-        return ffi, ffi.dlopen(paths.pop())
+        lib = ffi.dlopen(paths.pop())
+        # the same OpenSSL as ssl's (not another one that some other
+        # extension mapped while _ssl has its own built in)
+        if lib.OpenSSL_version_num() != ssl.OPENSSL_VERSION_NUMBER:
+            return None
     except (OSError, AttributeError):
         return None
+    return ffi, lib
