@@ -104,6 +104,9 @@ def _setup_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--downstream", metavar="GROUP=HOST:PORT[,HOST:PORT...]", action="append",
                    default=[], help="point a skill group at downstream endpoints (repeatable; "
                    "the first is the default group)")  # fmt: skip
+    p.add_argument("--check", action="store_true",
+                   help="check the configuration (and the files it names), describe it and "
+                   "exit: 0 if it would start, 2 if not")  # fmt: skip
 
 
 @command("serve", "run the gateway (supervisor + workers)", _setup_serve)
@@ -116,11 +119,21 @@ def _serve(args: argparse.Namespace) -> int:
     }
     if args.listen is not None:
         overrides["listen_host"], overrides["listen_port"] = args.listen
+    from gateway import preflight
+
     try:
         cfg = _load(args.config, overrides)
+        preflight.check(cfg)
+        if args.check:
+            source = args.config or os.environ.get("GATEWAY_CONFIG") or "defaults"
+            for line in preflight.summary(cfg, f"{source}, environment, command line"):
+                print(f"gateway: {line}")
     except ConfigError as e:
         _err(f"config error: {e}")
         return 2
+    if args.check:
+        print("gateway: configuration OK")
+        return 0
     from gateway.supervisor import run_supervisor
 
     # SIGHUP: the same file and command-line settings, read again

@@ -43,6 +43,7 @@ from typing import Any, Final, TextIO
 
 import trio
 
+from gateway import preflight
 from gateway.config import (
     CONFIG_GENERATION_ENV,
     DEMO_TENANT,
@@ -63,7 +64,7 @@ from gateway.protocol.tokens import mint
 from gateway.reload import file_sets, plan_reload
 from gateway.server import tickets
 from gateway.server.control import CONTROL_FD_ENV
-from gateway.server.tlsconf import files_digest, visitor_context
+from gateway.server.tlsconf import files_digest
 
 __all__ = ["banner", "run_supervisor"]
 
@@ -262,9 +263,7 @@ class _Supervisor:
             try:
                 new = self.reloader()
                 digests = _digests(new)
-                if new.tls_cert is not None and new.tls_key is not None:
-                    # loads, or ConfigError
-                    visitor_context(new.tls_cert, new.tls_key, new.tls_ticket_key)
+                preflight.check(new)  # the files load, or ConfigError
                 changed = [k for k, d in digests.items() if self.digests.get(k) != d]
                 plan = plan_reload(self.cfg, new, changed)
             except ConfigError as e:
