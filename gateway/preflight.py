@@ -16,6 +16,7 @@ the demo tenant).
 from __future__ import annotations
 
 import ipaddress
+import math
 import time
 from datetime import UTC, datetime
 
@@ -64,9 +65,18 @@ def summary(cfg: Config, source: str, now: float | None = None) -> list[str]:
         f"{cfg.max_connections:,} connections",
     ]
     if cfg.tls_cert is not None:
-        names, expires = certificate_facts(cfg.tls_cert)
+        try:
+            names, expires = certificate_facts(cfg.tls_cert)
+        except (OSError, ValueError, IndexError) as e:
+            # (ssl loaded it; a chain cryptography reads otherwise is
+            # described as unreadable, not a reason to refuse the start)
+            names, expires = f"? ({cfg.tls_cert}: {e})", math.inf
         days = (expires - t) / 86400
-        when = datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        when = (
+            datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%d %H:%M UTC")
+            if math.isfinite(expires)
+            else "?"
+        )
         tickets = (
             f"key file {cfg.tls_ticket_key}"
             if cfg.tls_ticket_key

@@ -135,3 +135,12 @@ def test_serve_with_a_mismatched_key_exits_at_once(tmp_path: Path) -> None:
     assert p.returncode == 2
     assert p.stderr.startswith("gateway: config error: tls_cert / tls_key: cannot load"), p.stderr
     assert "Traceback" not in p.stderr and "worker" not in p.stderr + p.stdout
+
+
+def test_summary_of_a_certificate_cryptography_cannot_read(tmp_path: Path) -> None:
+    """The description says so; it is not a reason to refuse the start."""
+    cert, key = _cert(tmp_path, "a", 90, "localhost")
+    cfg = _load(tmp_path, tls_cert=cert, tls_key=key)
+    Path(cert).write_text(Path(key).read_text())  # no certificate in it any more
+    lines = preflight.summary(cfg, "f.toml", NOW)
+    assert any(x.startswith(f"TLS: certificate for ? ({cert}: ") for x in lines), lines

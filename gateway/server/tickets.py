@@ -7,9 +7,10 @@ context, made at random for each context. Each worker builds its own
 context, so a ticket only resumed on the worker that issued it: with
 ``SO_REUSEPORT`` spreading new connections over the workers by their
 addresses, a reconnecting visitor landed on another worker, and paid a
-full handshake (the certificate's signature, the server's costliest
-step), on most reconnects with more than one worker. A reconnect storm
-after a network blip is the worst moment for that.
+full handshake (a certificate signature on the gateway, the chain's
+verification on the visitor's device), on most reconnects with more than
+one worker. A reconnect storm after a network blip is the worst moment
+for that (docs/benchmarks.md, "Reconnects resume their TLS session").
 
 Python's :mod:`ssl` has no call to set the keys. :func:`install` sets them
 with OpenSSL's own control call (``SSL_CTX_ctrl`` with
