@@ -76,6 +76,18 @@ def wait_port(port: int, timeout: float = 60.0) -> None:
     raise RuntimeError(f"server on port {port} did not come up")
 
 
+def terminate(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM, then SIGKILL if ``proc`` has not exited after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def tree_pids(pid: int) -> list[int]:
     out = [pid]
     try:

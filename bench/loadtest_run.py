@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -35,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.core_bench import free_port, rss_bytes, tune_loopback
+from bench.core_bench import free_port, rss_bytes, terminate, tune_loopback
 from gateway.loadtest import gwmetrics
 
 
@@ -134,17 +133,9 @@ def main() -> None:
     wall = time.monotonic() - t_start
     stop.set()
     th.join()
-    gw.send_signal(signal.SIGTERM)
-    try:
-        gw.wait(60)
-    except subprocess.TimeoutExpired:
-        gw.kill()
+    terminate(gw, 60)
     if desk is not None:
-        desk.send_signal(signal.SIGTERM)
-        try:
-            desk.wait(20)
-        except subprocess.TimeoutExpired:
-            desk.kill()
+        terminate(desk, 20)
     gw_log.close()
     peak = max(samples, key=lambda s: s[1]) if samples else (0, 0, 0)
     held = int(peak[1])

@@ -237,23 +237,34 @@ def test_admission_refuses_new_sessions_with_retry_after(hub: Hub) -> None:
     assert sink.closed is not None and sink.closed[0] == 4003
 
 
-def test_dedup_window_keeps_exactly_the_newest_ids() -> None:
+@pytest.mark.parametrize("kind", ["str", "int"])
+def test_dedup_window_keeps_exactly_the_newest_ids(kind: str) -> None:
+    """String ids (a RecentMap under the window) and int ids (the compact
+    arrays, as the SDK and widget send them)."""
+
+    def mid(i: int) -> object:
+        return f"m{i}" if kind == "str" else 5000 + i
+
     s = Session("sid-d", "t", "v", {}, "web", 64, 8, 1 << 20)
     for i in range(1000):
-        assert s.classify(f"m{i}") is None
-        n = s.begin(f"m{i}")
-        assert s.accept(f"m{i}") == n == i + 1
+        assert s.classify(mid(i)) is None
+        n = s.begin(mid(i))
+        assert s.accept(mid(i)) == n == i + 1
         # every one of the newest 64 ids is still a duplicate, with its n
-        assert all(s.classify(f"m{j}") == j + 1 for j in range(max(0, i - 63), i + 1))
+        assert all(s.classify(mid(j)) == j + 1 for j in range(max(0, i - 63), i + 1))
         # exactly the newest 64 (or all, before 64)
         assert len(s.accepted) == min(i + 1, 64)
-        assert s.classify(f"m{i - 64}") is None
-        assert len(s.accepted.order) <= 2 * 64  # the order list is compacted
-    assert list(s.accepted) == [f"m{j}" for j in range(936, 1000)]
+        assert s.classify(mid(i - 64)) is None
+        if kind == "str":
+            assert s.accepted.other is not None
+            assert len(s.accepted.other.order) <= 2 * 64  # the order list is compacted
+        else:
+            assert s.accepted.other is None and len(s.accepted.ids) <= 64
+    assert list(s.accepted) == [mid(j) for j in range(936, 1000)]
     # the same id again once forgotten: a new message, remembered again
-    n = s.begin("m0")
-    assert s.accept("m0") == n == 1001 and s.classify("m0") == 1001
-    assert s.classify("m936") is None and len(s.accepted) == 64
+    n = s.begin(mid(0))
+    assert s.accept(mid(0)) == n == 1001 and s.classify(mid(0)) == 1001
+    assert s.classify(mid(936)) is None and len(s.accepted) == 64
 
 
 def test_session_table_iteration_and_remove() -> None:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from gateway.recent import RecentMap
+from gateway.recent import IdWindow
 
 __all__ = ["HANDOVER_WORDS", "VIOLATIONS", "Desk", "DeskConfig"]
 
@@ -91,7 +91,7 @@ class _Session:
         self.group: str = f["group"]
         self.stage: str = f["stage"]
         self.agent: str | None = None
-        self.seen: RecentMap[None] = RecentMap(DEDUP_PER_SESSION)
+        self.seen = IdWindow(DEDUP_PER_SESSION)
 
 
 class Desk:
@@ -205,7 +205,7 @@ class Desk:
             self.stats["nacks"] += 1
             return [(ack_delay, sid, {"t": "nack", "sid": sid, "n": n, "code": 503})]
         self.stats["msgs"] += 1
-        s.seen.put(n, None)
+        s.seen.put(n, 0)
         if self.record is not None:
             self.record({"sid": sid, "n": n, "id": f.get("id"), "body": f.get("body")})
         self.stats["acks"] += 1

@@ -16,7 +16,7 @@ import os
 from collections import OrderedDict
 from typing import Any, Protocol
 
-from gateway.recent import RecentMap
+from gateway.recent import IdWindow
 
 __all__ = ["Attachment", "Session", "SessionTable", "new_sid", "sid_owner"]
 
@@ -115,7 +115,7 @@ class Session:
         self.conn: Attachment | None = None
         self.next_n = 1
         # client id -> n, for the newest ids the downstream accepted
-        self.accepted: RecentMap[int] = RecentMap(dedup_max)
+        self.accepted = IdWindow(dedup_max)
         self.dedup_max = dedup_max
         # client id -> n, for ids handed downstream and not yet acknowledged
         self.inflight: dict[Any, int] = {}
@@ -177,7 +177,7 @@ class Session:
     def restore_accepted(self, pairs: list[tuple[Any, int]]) -> None:
         """Sets the accepted ids (oldest first, as exported), keeping the
         newest ``dedup_max``."""
-        self.accepted = RecentMap(self.dedup_max, pairs[-self.dedup_max :])
+        self.accepted = IdWindow(self.dedup_max, pairs[-self.dedup_max :])
 
     # -- downstream -> visitor ------------------------------------------
     def push(self, frame: dict[str, Any]) -> dict[str, Any]:
