@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-__all__ = ["SmallDeque", "compact"]
+__all__ = ["SmallDeque", "compact", "release"]
 
 #: frame class -> name of the H2Connection method that receives it, learnt
 #: from the first connection compacted (the same for every connection).
@@ -136,3 +136,16 @@ def compact(conn: Any) -> int:
             conn._frame_dispatch_table = _Dispatch(conn)
             swapped += 1
     return swapped
+
+
+def release(conn: Any) -> None:
+    """The connection is over: empties its handler table, the one reference
+    cycle in an ``H2Connection`` (h2's table of bound methods, or the
+    :class:`_Dispatch` that replaced it, refers back to the connection), so
+    that reference counting frees it at once. Left to the cyclic collector,
+    closed connections that had lived long enough to reach its oldest
+    generation waited for a full collection, which came rarely enough that
+    they piled up under churn. A frame fed to it afterwards raises
+    ``KeyError``."""
+    if isinstance(getattr(conn, "_frame_dispatch_table", None), (dict, _Dispatch)):
+        conn._frame_dispatch_table = {}

@@ -34,7 +34,7 @@ from gateway.protocol.codec import (
     length_prefix,
 )
 from gateway.protocol.codes import Code, ProtocolError
-from gateway.server.h2compact import SmallDeque, compact
+from gateway.server.h2compact import SmallDeque, compact, release
 from gateway.server.pipe import RawPipe
 from gateway.server.shell import HB_PING, HB_TIMEOUT, ConnShell, heartbeat_step
 from gateway.session.terms import Terms
@@ -207,6 +207,7 @@ class H2Conn(ConnShell):
     def _lost(self, now: float) -> None:
         for st in list(self.streams.values()):
             self._drop(st, now)
+        release(self.h2)
 
     # -- driven by the reactor (h2c) ---------------------------------------------
     def attach(self, reactor: Reactor, initial: bytes) -> None:

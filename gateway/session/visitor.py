@@ -55,6 +55,41 @@ class Sink(Protocol):
         ...
 
 
+class _Gone:
+    """The sink of a protocol whose transport is gone: takes everything and
+    does nothing. Putting it in the transport's place breaks the
+    protocol <-> transport reference cycle, so a closed connection is
+    freed at once by reference counting instead of waiting, promoted to
+    the oldest generation, for a full collection of the cyclic garbage
+    collector (which came rarely enough that closed connections piled up:
+    ~30 per second per worker under churn)."""
+
+    def send(self, frame: dict[str, Any]) -> None:
+        pass
+
+    def send_ack(self, msg_id: Any, n: int, dup: bool) -> None:
+        pass
+
+    def close(self, code: int, reason: str) -> None:
+        pass
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+    def handoff(self, owner: int, hello: dict[str, Any]) -> bool:
+        return False
+
+    def rehello(self, hello: dict[str, Any]) -> None:
+        pass
+
+
+#: The one :class:`_Gone` sink.
+GONE: Final[Sink] = _Gone()
+
+
 def _bad(reason: str) -> ProtocolError:
     return ProtocolError(Code.BAD_FRAME, reason)
 
@@ -385,8 +420,10 @@ class VisitorProtocol:
             )
 
     def connection_lost(self, now: float) -> None:
-        """The transport is gone: detach the session (kept for resume)."""
+        """The transport is gone: detach the session (kept for resume) and
+        let go of the transport (:data:`GONE` in its place)."""
         self.state = self.CLOSED
+        self.sink = GONE
         self.hub.forget(self)
         s = self.session
         self.session = None
