@@ -1,4 +1,5 @@
-"""Smaller idle HTTP/2 connections: h2's state, minus its empty deques.
+"""Smaller idle HTTP/2 connections: h2's state, minus its per-connection
+copies of what every connection has alike.
 
 h2 keeps every HTTP/2 setting as a ``collections.deque`` of values (current
 first, then those waiting for the peer's acknowledgement), in two
@@ -6,29 +7,42 @@ first, then those waiting for the peer's acknowledgement), in two
 dynamic entries in another deque. An empty or one-item deque costs 760
 bytes, so these ~16 deques were ~12 KB of the ~17.5 KB an idle connection's
 h2 state takes (``tracemalloc``); its table of ten bound frame handlers
-another 630 bytes. h2 and hpack only ever use them through
-``[i]``, ``len``, iteration, ``append``, ``appendleft``, ``pop``,
-``popleft`` and ``clear``: a setting's values become :class:`_Values`
-(two slots: the current value and, while a change awaits acknowledgement,
-a list of pending ones), a header table's entries a :class:`SmallDeque` (a
-list, 56 bytes empty; its O(n) ``appendleft`` touches a table bounded by its
-byte size). The handler
-table becomes :class:`_Dispatch`, which binds the handler on each lookup.
+another 630 bytes.
+
+- Each ``Settings`` becomes a :class:`CompactSettings`: its current values
+  in one dict shared by all connections with the same values (interned,
+  copied on change), the values awaiting acknowledgement in a dict only
+  while there are some. Before it (one two-slot object per setting in the
+  connection's own dict) they took ~1.4 KB a connection.
+- A header table's entries become a :class:`SmallDeque` (a list, 56 bytes
+  empty; hpack only uses ``[i]``, ``len``, iteration, ``append``,
+  ``appendleft``, ``pop``, ``popleft`` and ``clear``, and its O(n)
+  ``appendleft`` touches a table bounded by its byte size).
+- The handler table becomes :class:`_Dispatch`, which binds the handler on
+  each lookup.
 
 :func:`compact` swaps them in place and is called after each batch of
-received data that changed settings (a new setting key gets a fresh deque
-from h2). It only swaps objects that are exactly ``deque``: if a future h2
-stores them differently, nothing is swapped (and ``tests/test_server_h2.py``
-notices that the swap no longer happens).
+received data that changed settings. It only swaps what is exactly what
+the pinned h2 keeps (``Settings`` holding a dict of deques, a ``deque`` of
+entries): if a future h2 stores them differently, nothing is swapped (and
+``tests/test_server_h2.py`` notices that the swap no longer happens).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["SmallDeque", "compact", "release"]
+import h2.exceptions
+import h2.settings
+
+try:  # the check h2's own Settings.__setitem__ makes
+    from h2.settings import _validate_setting
+except ImportError:  # pragma: no cover - a future h2: settings stay h2's
+    _validate_setting = None  # type: ignore[assignment]
+
+__all__ = ["CompactSettings", "SmallDeque", "compact", "release"]
 
 #: frame class -> name of the H2Connection method that receives it, learnt
 #: from the first connection compacted (the same for every connection).
@@ -49,51 +63,132 @@ class _Dispatch:
         return getattr(self.conn, _HANDLER_NAMES[cls])
 
 
-class _Values:
-    """One setting's values, current first, then those awaiting the peer's
-    acknowledgement (h2's deque): 48 bytes for the usual single value."""
+#: interned tables of current setting values, shared by every connection
+#: whose settings are the same (almost all of them). A peer chooses the
+#: values of its own settings, so the table is bounded: when full it starts
+#: over (connections keep the tables they have; the common ones are back
+#: after the next connection that has them).
+_SHARED: dict[tuple[tuple[Any, Any], ...], dict[Any, Any]] = {}
+SHARED_MAX = 256
 
-    __slots__ = ("cur", "rest")
 
-    def __init__(self, values: Any) -> None:
-        items = list(values)
-        self.cur = items[0]
-        self.rest: list[Any] | None = items[1:] or None
+def _intern(values: dict[Any, Any]) -> dict[Any, Any]:
+    key = tuple(values.items())
+    shared = _SHARED.get(key)
+    if shared is not None:
+        return shared
+    if len(_SHARED) >= SHARED_MAX:
+        _SHARED.clear()
+    _SHARED[key] = values
+    return values
 
-    def __len__(self) -> int:
-        return 1 + (len(self.rest) if self.rest else 0)
 
-    def __getitem__(self, i: int) -> Any:
-        if i == 0:
-            return self.cur
-        return list(self)[i]
+class CompactSettings(h2.settings.Settings):
+    """h2's ``Settings`` with one ``{setting: current value}`` dict shared
+    by every connection that has the same values (never changed in place: a
+    change makes a new one), and the values waiting for the peer's
+    acknowledgement in a dict of lists only while there are some. h2 keeps a
+    dict of deques per ``Settings`` object (two per connection); this keeps two
+    references and, rarely, the pending dict.
+
+    :func:`compact` puts one in place of each of a connection's h2
+    ``Settings``; the whole mapping API h2 uses (``[]``, ``[]=``, ``del``,
+    iteration, ``len``, ``acknowledge``, and through them ``update`` and
+    the named properties) is overridden, so nothing reads ``_settings``
+    as h2's dict of deques any more."""
+
+    _cur: dict[Any, Any]
+    _pending: dict[Any, list[Any]] | None = None
+
+    def __getitem__(self, key: Any) -> Any:
+        val = self._cur[key]
+        if val is None:  # a setting the peer is yet to acknowledge, as in h2
+            raise KeyError(key)
+        return val
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        invalid = _validate_setting(key, value)
+        if invalid:
+            raise h2.exceptions.InvalidSettingsValueError(
+                f"Setting {key} has invalid value {value}", error_code=invalid
+            )
+        if key not in self._cur:
+            cur = dict(self._cur)
+            cur[key] = None
+            self._cur = cur
+        pending = dict(self._pending) if self._pending else {}
+        pending[key] = [*pending.get(key, ()), value]
+        self._pending = pending
+
+    def __delitem__(self, key: Any) -> None:
+        cur = dict(self._cur)
+        del cur[key]
+        self._cur = _intern(cur)
+        if self._pending and key in self._pending:
+            pending = dict(self._pending)
+            del pending[key]
+            self._pending = pending or None
 
     def __iter__(self) -> Iterator[Any]:
-        yield self.cur
-        if self.rest:
-            yield from self.rest
+        return iter(self._cur)
+
+    def __len__(self) -> int:
+        return len(self._cur)
+
+    def values_of(self, key: Any) -> list[Any]:
+        """The setting's values as h2 keeps them: current, then pending."""
+        return [self._cur[key], *(self._pending or {}).get(key, ())]
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Iterable):
-            return NotImplemented
-        return list(self) == list(other)
+        if isinstance(other, CompactSettings):
+            return self._cur == other._cur and (self._pending or {}) == (other._pending or {})
+        return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
 
-    def append(self, value: Any) -> None:
-        if self.rest is None:
-            self.rest = [value]
-        else:
-            self.rest.append(value)
+    def acknowledge(self) -> dict[Any, h2.settings.ChangedSetting]:
+        """Each setting with a pending value takes the first of them (h2's
+        ``popleft``); returns what changed, as h2 does."""
+        changed: dict[Any, h2.settings.ChangedSetting] = {}
+        if not self._pending:
+            return changed
+        cur = dict(self._cur)
+        pending: dict[Any, list[Any]] = {}
+        for key, values in self._pending.items():
+            old, new = cur[key], values[0]
+            cur[key] = new
+            changed[key] = h2.settings.ChangedSetting(key, old, new)
+            if len(values) > 1:
+                pending[key] = values[1:]
+        self._cur = _intern(cur)
+        self._pending = pending or None
+        return changed
 
-    def popleft(self) -> Any:
-        if not self.rest:
-            raise IndexError("no pending value")
-        old = self.cur
-        self.cur = self.rest.pop(0)
-        if not self.rest:
-            self.rest = None
-        return old
+
+def _compact_settings(settings: Any) -> Any:
+    """A :class:`CompactSettings` with the values of an h2 ``Settings``, or
+    None when it is one already (re-interned) or not what this h2 version
+    is known to keep."""
+    if type(settings) is CompactSettings:
+        if not settings._pending:
+            settings._cur = _intern(settings._cur)
+        return None
+    if type(settings) is not h2.settings.Settings or _validate_setting is None:
+        return None
+    table = getattr(settings, "_settings", None)
+    client = getattr(settings, "_client", None)
+    if type(table) is not dict or type(client) is not bool:
+        return None
+    if not all(type(v) is deque and v for v in table.values()):
+        return None
+    pending = {k: list(v)[1:] for k, v in table.items() if len(v) > 1}
+    done = CompactSettings.__new__(CompactSettings)
+    done._client = client
+    cur = {k: v[0] for k, v in table.items()}
+    done._cur = _intern(cur) if not pending else cur
+    if pending:
+        done._pending = pending
+    return done
 
 
 class SmallDeque(list[Any]):
@@ -113,14 +208,11 @@ def compact(conn: Any) -> int:
     and header tables and its handler table; returns how many were
     replaced."""
     swapped = 0
-    for settings in (getattr(conn, "local_settings", None), getattr(conn, "remote_settings", None)):
-        table = getattr(settings, "_settings", None)
-        if type(table) is not dict:
-            continue
-        for key, values in table.items():
-            if type(values) is deque and values:
-                table[key] = _Values(values)
-                swapped += 1
+    for name in ("local_settings", "remote_settings"):
+        done = _compact_settings(getattr(conn, name, None))
+        if done is not None:
+            setattr(conn, name, done)
+            swapped += 1
     for side in (getattr(conn, "encoder", None), getattr(conn, "decoder", None)):
         ht = getattr(side, "header_table", None)
         entries = getattr(ht, "dynamic_entries", None)
