@@ -22,7 +22,14 @@ acknowledged message looked for at the desks at the end.
 
 At the end: the messages the load clients saw acknowledged, against the
 distinct (session, message id) pairs the desks recorded: an acknowledged
-message missing at the desks would be a lost one. Bounded: every client
+message missing at the desks would be a lost one.
+
+``--count-cycles``: the workers run with their cyclic garbage collector
+off and, at every sample, collect once and count what they found
+(``bench/cycles_site/sitecustomize.py``): objects left in reference cycles,
+which in a normal worker would wait for the collector (the oldest
+generation's collections are rare). A column per sample and, at the end,
+the types found. Bounded: every client
 stops itself, and everything started is stopped.
 """
 
@@ -73,6 +80,39 @@ class Desk:
         return cb.rss_bytes(self.proc.pid) if self.proc.poll() is None else 0
 
 
+def workers_listening(supervisor: int) -> list[int]:
+    """The gateway's workers that handle SIGUSR1 (its default would end a
+    worker that has not run ``cycles_site`` yet)."""
+    found = []
+    for pid in cb.tree_pids(supervisor)[1:]:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"gateway.server.worker" not in f.read():
+                    continue
+            with open(f"/proc/{pid}/status") as f:
+                caught = next(int(ln.split()[1], 16) for ln in f if ln.startswith("SigCgt:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+        if caught >> (signal.SIGUSR1 - 1) & 1:
+            found.append(pid)
+    return found
+
+
+def cycles_found(out: Path) -> tuple[list[int], dict[str, int]]:
+    """Per sample, the unreachable objects all workers' collections found;
+    and the types found over the whole run."""
+    per_sample: list[int] = []
+    types: dict[str, int] = {}
+    for p in sorted(out.glob("cycles.*")):
+        for i, line in enumerate(p.read_text().splitlines()):
+            r = json.loads(line)
+            per_sample.extend([0] * (i + 1 - len(per_sample)))
+            per_sample[i] += r["found"]
+            for k, v in r["types"].items():
+                types[k] = types.get(k, 0) + v
+    return per_sample, types
+
+
 def recorded(paths: list[Path]) -> int:
     """Distinct (session, message id) pairs in desk-sim record files."""
     seen: set[tuple[str, Any]] = set()
@@ -99,6 +139,9 @@ def main() -> None:
                     help="the gateway's session_ttl_s: how long a closed session waits "
                     "for its visitor to resume (and holds its memory)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=cb.OUT / "soak")
+    ap.add_argument("--count-cycles", action="store_true",
+                    help="workers without their cyclic collector: count what each sample's "
+                    "collection finds")  # fmt: skip
     args = ap.parse_args()
     if not 0.5 <= args.minutes <= 60:
         raise SystemExit("--minutes: between 0.5 and 60")
@@ -117,14 +160,18 @@ def main() -> None:
     ]
     port, ops = cb.free_port(), cb.free_port()
     gw_log = open(out / "gateway.log", "wb")  # noqa: SIM115
+    gw_env = {**env, "GATEWAY_VISITOR_MSG_RATE": "0", "GATEWAY_MAX_CONNS_PER_IP": "100000",
+              "GATEWAY_SESSION_TTL_S": str(args.session_ttl)}  # fmt: skip
+    if args.count_cycles:
+        site = Path(__file__).resolve().parent / "cycles_site"
+        gw_env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
+        gw_env["GATEWAY_CYCLES_OUT"] = str(out / "cycles")
     gw = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
          "--workers", "2", "--max-connections", str(2 * (args.connections + args.churn)),
          "--ops-listen", f"127.0.0.1:{ops}",
          "--downstream", f"general=127.0.0.1:{pa},127.0.0.1:{pb}"],
-        env={**env, "GATEWAY_VISITOR_MSG_RATE": "0", "GATEWAY_MAX_CONNS_PER_IP": "100000",
-             "GATEWAY_SESSION_TTL_S": str(args.session_ttl)},
-        stdout=gw_log, stderr=subprocess.STDOUT,
+        env=gw_env, stdout=gw_log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     cb.wait_port(port)
     time.sleep(2.0)  # both workers' links up
@@ -138,6 +185,9 @@ def main() -> None:
 
     def sampler() -> None:
         while True:
+            if args.count_cycles:
+                for pid in workers_listening(gw.pid):
+                    os.kill(pid, signal.SIGUSR1)
             try:
                 m = gwmetrics.fetch(metrics_url, timeout=5)
             except gwmetrics.MetricsError:
@@ -215,17 +265,24 @@ def report(
         acked += int(r["counts"].get("acked", 0))
         sent += int(r["counts"].get("sent", 0))
     got = recorded(records)
+    cycles, cycle_types = cycles_found(out) if args.count_cycles else ([], {})
     print(f"{args.minutes:g} min, session_ttl_s {args.session_ttl:g}: {args.connections} "
           f"steady sessions at {args.rate:,.0f} msg/s, "
           f"{rounds} churn rounds of {args.churn} sessions, desk crashes at {crashes} s"
           )  # fmt: skip
+    extra = " cyclic garbage found (objects) |" if args.count_cycles else ""
     print("| t s | gateway RSS MiB | desks RSS MiB | connections open | sessions waiting to "
-          "resume | acked (gateway) | redelivered |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
-    for s in samples:
+          f"resume | acked (gateway) | redelivered |{extra}")  # fmt: skip
+    print("|---|---|---|---|---|---|---|" + ("---|" if extra else ""))
+    for i, s in enumerate(samples):
+        col = f" {cycles[i]:,} |" if i < len(cycles) else (" - |" if extra else "")
         print(f"| {s['t']} | {s['gateway_rss'] / 2**20:.1f} | {s['desk_rss'] / 2**20:.1f} | "
               f"{s['open']:,.0f} | {s['detached']:,.0f} | {s['acked']:,.0f} | "
-              f"{s['redelivered']:,.0f} |")  # fmt: skip
+              f"{s['redelivered']:,.0f} |{col}")  # fmt: skip
+    if args.count_cycles:
+        top = sorted(cycle_types.items(), key=lambda kv: -kv[1])[:12]
+        print(f"cyclic garbage over the run: {sum(cycles):,} objects; most common types: "
+              + ", ".join(f"{k} {v:,}" for k, v in top))  # fmt: skip
     late = [s["gateway_rss"] for s in samples if s["t"] >= 60]
     if len(late) >= 2:
         print(f"gateway RSS from 60 s to the end: {late[0] / 2**20:.1f} -> "
@@ -235,7 +292,7 @@ def report(
           f"recorded by the desks {got:,}: {lost:,} acknowledged and not recorded")  # fmt: skip
     (out / "summary.json").write_text(json.dumps({
         "samples": samples, "crashes": crashes, "rounds": rounds, "sent": sent,
-        "acked": acked, "recorded": got, "lost": lost}))  # fmt: skip
+        "acked": acked, "recorded": got, "lost": lost, "cycles": cycles}))  # fmt: skip
     if lost:
         raise SystemExit(1)
 
