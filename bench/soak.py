@@ -12,7 +12,8 @@ acknowledged message looked for at the desks at the end.
   all;
 - churn: one Python `gateway loadtest` after another, each opening
   ``--churn`` new sessions, sending 2 messages/s on each for 4 s and
-  closing them (so connections and sessions are made and dropped all along);
+  closing them (so connections and sessions are made and dropped all along;
+  with ``--churn-h2`` every other round over HTTP/2);
 - faults: every ``--kill-every`` seconds one desk-sim (A, then B, ...) is
   killed with SIGKILL and started again 3 s later on its port (its
   in-flight messages are redelivered to the other one);
@@ -139,6 +140,11 @@ def main() -> None:
                     help="the gateway's session_ttl_s: how long a closed session waits "
                     "for its visitor to resume (and holds its memory)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=cb.OUT / "soak")
+    ap.add_argument(
+        "--churn-h2",
+        action="store_true",
+        help="every other churn round over HTTP/2 (h2c) instead of WebSocket",
+    )
     ap.add_argument("--count-cycles", action="store_true",
                     help="workers without their cyclic collector: count what each sample's "
                     "collection finds")  # fmt: skip
@@ -176,6 +182,7 @@ def main() -> None:
     cb.wait_port(port)
     time.sleep(2.0)  # both workers' links up
     url = f"ws://127.0.0.1:{port}/v1/ws"
+    h2_url = f"http://127.0.0.1:{port}/v1/stream"
     seconds = args.minutes * 60
     samples: list[dict[str, Any]] = []
     crashes: list[float] = []
@@ -213,8 +220,8 @@ def main() -> None:
             desks[i % 2].crash_and_restart()
             i += 1
 
-    def loadtest(name: str, *flags: str) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "gateway", "loadtest", "--url", url, "--no-progress",
+    def loadtest(name: str, *flags: str, target: str = url) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "gateway", "loadtest", "--url", target, "--no-progress",
                 "--json", str(out / f"{name}.json"), *flags]  # fmt: skip
         with open(out / f"{name}.log", "ab") as f:
             return subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -233,6 +240,7 @@ def main() -> None:
             churn = loadtest(
                 f"churn-{rounds}", "--connections", str(args.churn), "--ramp", "2000",
                 "--rate", str(2 * args.churn), "--duration", "4", "--max-runtime", "60",
+                target=h2_url if args.churn_h2 and rounds % 2 else url,
             )  # fmt: skip
             churn.wait(90)
             rounds += 1
