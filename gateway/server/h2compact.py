@@ -100,6 +100,13 @@ class CompactSettings(h2.settings.Settings):
     _cur: dict[Any, Any]
     _pending: dict[Any, list[Any]] | None = None
 
+    def __init__(self, client: bool = True, initial_values: dict[Any, int] | None = None) -> None:
+        made = _compact_settings(h2.settings.Settings(client, initial_values))
+        if made is None:
+            raise TypeError("this h2 keeps its settings in a way CompactSettings does not know")
+        self._client = made._client
+        self._cur = made._cur
+
     def __getitem__(self, key: Any) -> Any:
         val = self._cur[key]
         if val is None:  # a setting the peer is yet to acknowledge, as in h2
