@@ -50,6 +50,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import core_bench as cb
+import cyclecount
 
 from gateway.loadtest import gwmetrics
 
@@ -79,39 +80,6 @@ class Desk:
 
     def rss(self) -> int:
         return cb.rss_bytes(self.proc.pid) if self.proc.poll() is None else 0
-
-
-def workers_listening(supervisor: int) -> list[int]:
-    """The gateway's workers that handle SIGUSR1 (its default would end a
-    worker that has not run ``cycles_site`` yet)."""
-    found = []
-    for pid in cb.tree_pids(supervisor)[1:]:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"gateway.server.worker" not in f.read():
-                    continue
-            with open(f"/proc/{pid}/status") as f:
-                caught = next(int(ln.split()[1], 16) for ln in f if ln.startswith("SigCgt:"))
-        except (OSError, StopIteration, ValueError):
-            continue
-        if caught >> (signal.SIGUSR1 - 1) & 1:
-            found.append(pid)
-    return found
-
-
-def cycles_found(out: Path) -> tuple[list[int], dict[str, int]]:
-    """Per sample, the unreachable objects all workers' collections found;
-    and the types found over the whole run."""
-    per_sample: list[int] = []
-    types: dict[str, int] = {}
-    for p in sorted(out.glob("cycles.*")):
-        for i, line in enumerate(p.read_text().splitlines()):
-            r = json.loads(line)
-            per_sample.extend([0] * (i + 1 - len(per_sample)))
-            per_sample[i] += r["found"]
-            for k, v in r["types"].items():
-                types[k] = types.get(k, 0) + v
-    return per_sample, types
 
 
 def recorded(paths: list[Path]) -> int:
@@ -169,9 +137,7 @@ def main() -> None:
     gw_env = {**env, "GATEWAY_VISITOR_MSG_RATE": "0", "GATEWAY_MAX_CONNS_PER_IP": "100000",
               "GATEWAY_SESSION_TTL_S": str(args.session_ttl)}  # fmt: skip
     if args.count_cycles:
-        site = Path(__file__).resolve().parent / "cycles_site"
-        gw_env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
-        gw_env["GATEWAY_CYCLES_OUT"] = str(out / "cycles")
+        gw_env = cyclecount.env_for(gw_env, out / "cycles")
     gw = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
          "--workers", "2", "--max-connections", str(2 * (args.connections + args.churn)),
@@ -193,8 +159,7 @@ def main() -> None:
     def sampler() -> None:
         while True:
             if args.count_cycles:
-                for pid in workers_listening(gw.pid):
-                    os.kill(pid, signal.SIGUSR1)
+                cyclecount.collect(gw.pid)
             try:
                 m = gwmetrics.fetch(metrics_url, timeout=5)
             except gwmetrics.MetricsError:
@@ -273,7 +238,7 @@ def report(
         acked += int(r["counts"].get("acked", 0))
         sent += int(r["counts"].get("sent", 0))
     got = recorded(records)
-    cycles, cycle_types = cycles_found(out) if args.count_cycles else ([], {})
+    cycles, cycle_types = cyclecount.counts(out / "cycles") if args.count_cycles else ([], {})
     print(f"{args.minutes:g} min, session_ttl_s {args.session_ttl:g}: {args.connections} "
           f"steady sessions at {args.rate:,.0f} msg/s, "
           f"{rounds} churn rounds of {args.churn} sessions, desk crashes at {crashes} s"
