@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import trustme
 
 from bench import cyclecount
 from gateway.loadtest import gwmetrics
@@ -33,12 +34,24 @@ def _rounds(out: Path, n: int, timeout: float = 10.0) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
-def test_churn_leaves_no_cycles_in_the_worker(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["ws-h2c", "wss-h2-tls"])
+def test_churn_leaves_no_cycles_in_the_worker(tmp_path: Path, tls: bool) -> None:
     env = dict(os.environ, GATEWAY_STATE_DIR=str(tmp_path), GATEWAY_LOG_LEVEL="warning")
     desk_port, port, ops = free_port(), free_port(), free_port()
     out = tmp_path / "cycles"
     desk = _spawn(["desk-sim", "--listen", f"127.0.0.1:{desk_port}"], env, tmp_path / "desk.log")
     gw_env = cyclecount.env_for({**env, "GATEWAY_SESSION_TTL_S": "1"}, out)
+    client_tls: list[str] = []
+    if tls:  # the reactor's TLS path, WebSocket and HTTP/2 (ALPN h2)
+        ca = trustme.CA()
+        cert = ca.issue_cert("localhost", "127.0.0.1")
+        cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "cert.pem"))
+        cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        gw_env["GATEWAY_TLS_CERT"] = str(tmp_path / "cert.pem")
+        gw_env["GATEWAY_TLS_KEY"] = str(tmp_path / "key.pem")
+        client_tls = ["--ca-file", str(tmp_path / "ca.pem")]
+    s = "s" if tls else ""
     gw = _spawn(
         ["serve", "--listen", f"127.0.0.1:{port}", "--workers", "1",
          "--ops-listen", f"127.0.0.1:{ops}", "--downstream", f"general=127.0.0.1:{desk_port}"],
@@ -61,9 +74,10 @@ def test_churn_leaves_no_cycles_in_the_worker(tmp_path: Path) -> None:
         while cyclecount.collect(gw.pid) == 0 and time.monotonic() < end:
             time.sleep(0.05)
         _rounds(out, 1)
-        for url in (f"ws://127.0.0.1:{port}/v1/ws", f"http://127.0.0.1:{port}/v1/stream"):
+        for url in (f"ws{s}://127.0.0.1:{port}/v1/ws", f"http{s}://127.0.0.1:{port}/v1/stream"):
             run = subprocess.run(
                 [sys.executable, "-m", "gateway", "loadtest", "--url", url, "--no-progress",
+                 *client_tls,
                  "--connections", "60", "--ramp", "0", "--rate", "300", "--duration", "2",
                  "--max-runtime", "60"],
                 env=env, capture_output=True, text=True, timeout=90,
