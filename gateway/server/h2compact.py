@@ -70,6 +70,8 @@ class _Dispatch:
 #: after the next connection that has them).
 _SHARED: dict[tuple[tuple[Any, Any], ...], dict[Any, Any]] = {}
 SHARED_MAX = 256
+#: the settings identifiers h2 knows; any other a peer sends is ignored
+_KNOWN: frozenset[int] = frozenset(int(c) for c in h2.settings.SettingCodes)
 
 
 def _intern(values: dict[Any, Any]) -> dict[Any, Any]:
@@ -89,7 +91,9 @@ class CompactSettings(h2.settings.Settings):
     change makes a new one), and the values waiting for the peer's
     acknowledgement in a dict of lists only while there are some. h2 keeps a
     dict of deques per ``Settings`` object (two per connection); this keeps two
-    references and, rarely, the pending dict.
+    references and, rarely, the pending dict. Unlike h2, it ignores the
+    settings identifiers h2 does not know (as RFC 9113 says a receiver
+    must), so that what a peer sends cannot grow it.
 
     :func:`compact` puts one in place of each of a connection's h2
     ``Settings``; the whole mapping API h2 uses (``[]``, ``[]=``, ``del``,
@@ -119,6 +123,12 @@ class CompactSettings(h2.settings.Settings):
             raise h2.exceptions.InvalidSettingsValueError(
                 f"Setting {key} has invalid value {value}", error_code=invalid
             )
+        if key not in _KNOWN:
+            # RFC 9113 6.5.2: an unknown or unsupported identifier MUST be
+            # ignored. h2 keeps each one for the connection's lifetime: a
+            # peer could make one connection hold ~50 MB with ~360 KB of
+            # SETTINGS frames (every 16-bit identifier).
+            return
         if key not in self._cur:
             cur = dict(self._cur)
             cur[key] = None
