@@ -16,11 +16,14 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
+import hpack
 import msgpack
+import pytest
 import trio
 import trustme
 from websockets.sync.client import connect as ws_connect
 
+from gateway.server import h2compact
 from gateway.server.h2compact import CompactSettings, compact
 from gateway.server.h2conn import H2Conn
 from tests.gwserver import exchange, running
@@ -189,6 +192,120 @@ def test_compact_swaps_every_deque_of_a_fresh_h2_connection() -> None:
     assert any(isinstance(e, h2.events.SettingsAcknowledged) for e in events)
     assert srv.local_settings.initial_window_size == 1000
     assert srv.local_settings.values_of(iws) == [1000]
+
+
+def _frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
+    return struct.pack(">L", len(payload))[1:] + struct.pack(">BBL", ftype, flags, sid) + payload
+
+
+async def _frames_until_close(stream: trio.abc.Stream) -> list[tuple[int, int, bytes]]:
+    """(type, stream id, payload) of every frame the server sends until it
+    closes the connection."""
+    buf = b""
+    with trio.fail_after(5):
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                break
+            buf += data
+    out = []
+    while len(buf) >= 9:
+        n = int.from_bytes(buf[:3], "big")
+        out.append((buf[3], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF, buf[9 : 9 + n]))
+        buf = buf[9 + n :]
+    return out
+
+
+async def test_h2_header_block_frames_bounded(tmp_path: Path) -> None:
+    """A header block in up to HEADER_BLOCK_FRAMES frames is served; one
+    that goes on (h2 would keep up to 64 frames, ~1 MiB, waiting for its
+    end) ends the connection with GOAWAY PROTOCOL_ERROR at the frame after
+    the bound."""
+    HEADERS, CONTINUATION, GOAWAY, END_HEADERS, END_STREAM = 0x1, 0x9, 0x7, 0x4, 0x1
+    assert h2compact.HEADER_BLOCK_FRAMES == 4
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(0x4, 0, 0, b"")
+    block = hpack.Encoder().encode(
+        [(":method", "GET"), (":path", "/elsewhere"), (":scheme", "http"),
+         (":authority", "x"), ("x-pad", "p" * 300)]
+    )  # fmt: skip
+    async with running(tmp_path) as gw:
+        # a block in 4 frames: the request is answered (404, not /v1/stream)
+        s = await trio.open_tcp_stream("127.0.0.1", gw.port)
+        parts = [block[i * len(block) // 4 : (i + 1) * len(block) // 4] for i in range(4)]
+        await s.send_all(
+            preface
+            + _frame(HEADERS, END_STREAM, 1, parts[0])
+            + b"".join(_frame(CONTINUATION, 0, 1, p) for p in parts[1:3])
+            + _frame(CONTINUATION, END_HEADERS, 1, parts[3])
+        )
+        got: list[tuple[int, int, bytes]] = []
+        with trio.fail_after(5):
+            while not any(t == HEADERS and sid == 1 for t, sid, _ in got):
+                data = await s.receive_some(65536)
+                assert data, "closed before answering"
+                while len(data) >= 9:  # whole frames arrive together here
+                    n = int.from_bytes(data[:3], "big")
+                    got.append((data[3], int.from_bytes(data[5:9], "big"), data[9 : 9 + n]))
+                    data = data[9 + n :]
+        assert not any(t == GOAWAY for t, _, _ in got)
+        await s.aclose()
+        # a block that does not end: 16 KiB frames, GOAWAY at the 5th
+        s = await trio.open_tcp_stream("127.0.0.1", gw.port)
+        chunk = b"\x00" * 16384
+        await s.send_all(
+            preface + _frame(HEADERS, 0, 3, chunk) + _frame(CONTINUATION, 0, 3, chunk) * 4
+        )
+        frames = await _frames_until_close(s)
+        goaway = [p for t, _, p in frames if t == GOAWAY]
+        assert goaway and struct.unpack(">LL", goaway[0][:8])[1] == 1  # PROTOCOL_ERROR
+        assert gw.stats["h2_protocol_errors"] == 1
+        await s.aclose()
+
+
+async def test_h2_goaway_with_data_ends_streams_quietly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client's GOAWAY in the same read as a message (and a request): h2
+    sends nothing after a GOAWAY, and answering them raised from h2 inside
+    the worker (logged as a failed connection). Now the streams end at the
+    GOAWAY, their sessions wait for a resume, nothing is answered, and the
+    worker serves the next connection."""
+    async with running(tmp_path) as gw:
+        cl = await H2Client.connect(gw.port)
+        sid = await cl.open()
+        await cl.send(sid, {"t": "hello", "v": 1, "token": gw.token("bye")})
+        assert (await cl.recv(sid))["t"] == "welcome"
+        assert len(gw.w.hub.sessions) == 1 and gw.w.hub.sessions.detached == 0
+        b = msgpack.packb({"t": "msg", "id": 1, "body": "last words"})
+        cl.c.send_data(sid, struct.pack(">I", len(b)) + b)
+        cl.c.send_headers(
+            cl.c.get_next_available_stream_id(),
+            [
+                (":method", "POST"),
+                (":path", "/v1/stream"),
+                (":scheme", "http"),
+                (":authority", "x"),
+            ],
+        )
+        cl.c.close_connection()
+        await cl.flush()  # one write: DATA, HEADERS, GOAWAY
+        with trio.fail_after(5):
+            while await cl.stream.receive_some(65536):
+                pass  # until the gateway closes
+        await _until_no_conns(gw)
+        assert gw.w.hub.sessions.detached == 1  # resumable, not failed
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+        cl2 = await H2Client.connect(gw.port)
+        sid2 = await cl2.open()
+        await cl2.send(sid2, {"t": "hello", "v": 1, "token": gw.token("next")})
+        assert (await cl2.recv(sid2))["t"] == "welcome"
+        await cl2.stream.aclose()
+
+
+async def _until_no_conns(gw: Any) -> None:
+    with trio.fail_after(5):
+        while gw.w.conns:
+            await trio.sleep(0.02)
 
 
 async def test_h2_bad_input(tmp_path: Path) -> None:

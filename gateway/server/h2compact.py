@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 
 try:  # the check h2's own Settings.__setitem__ makes
@@ -42,7 +43,20 @@ try:  # the check h2's own Settings.__setitem__ makes
 except ImportError:  # pragma: no cover - a future h2: settings stay h2's
     _validate_setting = None  # type: ignore[assignment]
 
-__all__ = ["CompactSettings", "SmallDeque", "compact", "release"]
+__all__ = ["HEADER_BLOCK_FRAMES", "CompactSettings", "SmallDeque", "compact", "release"]
+
+#: A header block arrives as a HEADERS frame and CONTINUATION frames, and
+#: h2 keeps them all until the last one: up to 64 frames of up to 16 KiB
+#: (the frame size the gateway allows), ~1 MiB per connection that a client
+#: could pin with a block it never ends. The gateway advertises a 16 KiB
+#: header list, which any HPACK encoding fits in one frame; a block of more
+#: than this many frames is a connection error (PROTOCOL_ERROR, GOAWAY), so
+#: a connection holds at most 64 KiB of it (as a WebSocket frame is bounded
+#: by max_frame). Set for the whole process (h2 reads the module's global).
+HEADER_BLOCK_FRAMES = 4
+h2.frame_buffer.CONTINUATION_BACKLOG = min(
+    h2.frame_buffer.CONTINUATION_BACKLOG, HEADER_BLOCK_FRAMES
+)
 
 #: frame class -> name of the H2Connection method that receives it, learnt
 #: from the first connection compacted (the same for every connection).

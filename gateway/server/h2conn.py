@@ -265,6 +265,10 @@ class H2Conn(ConnShell):
             self.write_out()
             self._close_after_flush()
             return
+        for ev in events:
+            if type(ev) is h2.events.ConnectionTerminated:
+                self._peer_went_away()
+                return
         settings_changed = False
         for ev in events:
             t = type(ev)
@@ -291,8 +295,6 @@ class H2Conn(ConnShell):
                     for st in list(self.streams.values()):
                         if st.pending:
                             self.flush_stream(st)
-            elif t is h2.events.ConnectionTerminated:
-                self._close_after_flush()
             elif t is h2.events.RemoteSettingsChanged or t is h2.events.SettingsAcknowledged:
                 settings_changed = True
         if settings_changed:
@@ -300,6 +302,18 @@ class H2Conn(ConnShell):
             if c.encoder.header_table_size:  # h2 follows the peer's limit
                 c.encoder.header_table_size = 0
         self.write_out()
+
+    def _peer_went_away(self) -> None:
+        """The peer sent GOAWAY, and h2 sends nothing after it (not even
+        for the requests and data that came with it: those go unanswered,
+        and a visitor resends unacknowledged messages when it resumes). The
+        streams end here, their sessions detached for a resume, so that no
+        delivery meanwhile writes to the closed h2 state; the connection
+        closes once its output is written."""
+        now = trio.current_time()
+        for st in list(self.streams.values()):
+            self._drop(st, now)
+        self._close_after_flush()
 
     def _on_request(self, ev: h2.events.RequestReceived) -> None:
         sid = ev.stream_id
