@@ -302,3 +302,15 @@ def test_without_a_reachable_libssl(
     first = _bio_handshake(a, client)
     assert _bio_handshake(a, client, first.session).session_reused
     assert not _bio_handshake(b, client, first.session).session_reused
+
+
+def test_visitor_context_refuses_renegotiation_and_old_versions(
+    certs: tuple[str, str, ssl.SSLContext],
+) -> None:
+    """TLS 1.2 renegotiation would let one connection ask for full
+    handshake after full handshake; the context refuses it whatever
+    OpenSSL's default, and TLS before 1.2."""
+    cert, key_file, _ = certs
+    ctx = visitor_context(cert, key_file)
+    assert ctx.options & ssl.OP_NO_RENEGOTIATION
+    assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2

@@ -35,6 +35,11 @@ def visitor_context(
     except (OSError, ssl.SSLError) as e:
         raise ConfigError(f"tls_cert / tls_key: cannot load {cert_file}, {key_file}: {e}") from None
     ctx.set_alpn_protocols(["h2", "http/1.1"])
+    # TLS 1.2 renegotiation: a client could ask for handshake after
+    # handshake on one connection (each a full handshake's CPU for the
+    # worker). OpenSSL 3 already refuses client-initiated ones; say so for
+    # whatever OpenSSL this Python has.
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     if ticket_key_file is not None:
         try:
             key = tickets.read_key(ticket_key_file)
