@@ -271,15 +271,18 @@ class H2Conn(ConnShell):
         try:
             events = c.receive_data(data)
         except h2.exceptions.ProtocolError as e:
+            # h2 has queued its GOAWAY and sends nothing after it
             self.w.count_error(int(Code.PROTOCOL_ERROR))
             self.w.hub.stats["h2_protocol_errors"] += 1
             self.w.event("info", "h2_protocol_error", error=str(e)[:100])
-            self.write_out()
-            self._close_after_flush()
+            self._h2_closed()
             return
         for ev in events:
             if type(ev) is h2.events.ConnectionTerminated:
-                self._peer_went_away()
+                # the peer's GOAWAY: h2 sends nothing after it, not even
+                # for the requests and data that came with it (a visitor
+                # resends unacknowledged messages when it resumes)
+                self._h2_closed()
                 return
         settings_changed = False
         for ev in events:
@@ -334,18 +337,14 @@ class H2Conn(ConnShell):
         w.event("info", "h2_stream_flood", opened=self.opened)
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self.h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
-        for st in list(self.streams.values()):
-            self._drop(st, now)
-        self._close_after_flush()
+        self._h2_closed()
         return False
 
-    def _peer_went_away(self) -> None:
-        """The peer sent GOAWAY, and h2 sends nothing after it (not even
-        for the requests and data that came with it: those go unanswered,
-        and a visitor resends unacknowledged messages when it resumes). The
-        streams end here, their sessions detached for a resume, so that no
-        delivery meanwhile writes to the closed h2 state; the connection
-        closes once its output is written."""
+    def _h2_closed(self) -> None:
+        """h2's connection is closed (a GOAWAY either way): its streams end
+        here, their sessions detached for a resume, so that no delivery
+        meanwhile writes to it; the connection closes once its output (our
+        GOAWAY, if any) is written."""
         now = trio.current_time()
         for st in list(self.streams.values()):
             self._drop(st, now)
@@ -432,7 +431,7 @@ class H2Conn(ConnShell):
         n = st.unacked
         st.unacked = 0
         if n and not st.ended:
-            with contextlib.suppress(h2.exceptions.StreamClosedError):
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # closed meanwhile
                 self.h2.acknowledge_received_data(n, st.sid)
             self.write_out()
 
@@ -450,7 +449,14 @@ class H2Conn(ConnShell):
                 break
             chunk = pend[0]
             size = min(window, c.max_outbound_frame_size, len(chunk))
-            c.send_data(st.sid, chunk[:size])
+            try:
+                c.send_data(st.sid, chunk[:size])
+            except h2.exceptions.ProtocolError:
+                # closed by the client in the read being handled (its
+                # reset or end comes after this data among h2's events)
+                pend.clear()
+                st.pending_bytes = 0
+                return
             st.pending_bytes -= size
             if size == len(chunk):
                 pend.popleft()

@@ -1,0 +1,313 @@
+"""Random clients against a gateway worker. HTTP/2: streams opened,
+written, reset and ended in any order, hellos and messages good and bad,
+lengths that lie, pings, settings, window updates, GOAWAYs and raw frames of
+every type. WebSocket: upgrades good and bad, frames of every opcode,
+unmasked, fragmented, oversized, reserved bits, close codes, text that is
+not UTF-8, hellos and messages good and bad. Sent in random pieces while
+the gateway answers, many connections chatting among the mischief.
+Whatever they do, the worker handles it as a client's doing (a code, a
+close, a reset, a GOAWAY), never as a failure of its own (an ERROR log:
+"connection failed"), and serves the next client. Seeded: a failure names
+the seed that reproduces it.
+
+Found this way: data on an HTTP/2 stream that the client reset in the
+same read was answered on the closed stream (h2 raised inside the
+worker)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.exceptions
+import h2.settings
+import msgpack
+import pytest
+import trio
+
+from gateway.loadtest import rawws
+from tests.gwserver import RawWs, running
+from tests.test_server_h2 import H2Client
+
+SC = h2.settings.SettingCodes
+
+
+def _raw(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
+    return struct.pack(">L", len(payload))[1:] + struct.pack(">BBL", ftype, flags, sid) + payload
+
+
+def _length_prefixed(frame: dict[str, Any]) -> bytes:
+    body: bytes = msgpack.packb(frame)
+    return struct.pack(">I", len(body)) + body
+
+
+def _frame_bytes(rng: random.Random, token: str) -> bytes:
+    """A length-prefixed frame for a stream's body: mostly well formed,
+    sometimes not, sometimes cut short or with a lying length."""
+    kind = rng.random()
+    body: bytes
+    if kind < 0.35:
+        body = msgpack.packb({"t": "hello", "v": 1, "token": token})
+    elif kind < 0.7:
+        body = msgpack.packb(
+            {"t": "msg", "id": rng.randint(0, 5), "body": "x" * rng.randint(0, 50)}
+        )
+    elif kind < 0.8:
+        frame: dict[str, Any] = {"t": rng.choice(["ack", "ping", "resume", "bye", "zzz"])}
+        frame["n"] = rng.randint(-1, 5)
+        body = msgpack.packb(frame)
+    else:
+        body = rng.randbytes(rng.randint(0, 20))
+    length = len(body) if rng.random() < 0.9 else rng.randint(0, 1 << 31)
+    data = struct.pack(">I", length) + body
+    if rng.random() < 0.3:
+        data = data[: rng.randint(0, len(data))]
+    return data
+
+
+def _step(rng: random.Random, c: h2.connection.H2Connection, sids: list[int], token: str) -> bytes:
+    """One random client action; returns raw bytes to add to the output (h2's
+    own output is taken by the caller)."""
+    op = rng.random()
+    if op < 0.2:
+        sid = c.get_next_available_stream_id()
+        path = rng.choice(["/v1/stream", "/v1/stream", "/elsewhere", "/v1/stream?x=1"])
+        headers = [(":method", rng.choice(["POST", "POST", "GET"])), (":path", path),
+                   (":scheme", "http"), (":authority", "x")]  # fmt: skip
+        if rng.random() < 0.2:
+            headers.append(
+                ("origin", rng.choice(["https://elsewhere.example", "http://127.0.0.1"]))
+            )
+        c.send_headers(sid, headers, end_stream=rng.random() < 0.1)
+        sids.append(sid)
+    elif op < 0.45 and sids:
+        c.send_data(rng.choice(sids), _frame_bytes(rng, token), end_stream=rng.random() < 0.1)
+    elif op < 0.55 and sids:
+        c.reset_stream(rng.choice(sids), rng.choice(list(h2.errors.ErrorCodes)))
+    elif op < 0.6:
+        c.ping(rng.randbytes(8))
+    elif op < 0.65:
+        key = rng.choice([SC.INITIAL_WINDOW_SIZE, SC.MAX_FRAME_SIZE, SC.HEADER_TABLE_SIZE])
+        c.update_settings({key: rng.choice([0, 1, 16384, 65535, 1 << 20])})
+    elif op < 0.7:
+        c.increment_flow_control_window(
+            rng.randint(1, 1 << 20), stream_id=rng.choice([*sids, None])
+        )
+    elif op < 0.73:
+        c.close_connection(rng.choice([0, 1, 2]))
+    elif op < 0.85:  # a raw frame of any type, on any stream, with any flags
+        ftype = rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0x77])
+        sid = rng.choice([*sids, 0, 1, 3, 999])
+        return _raw(ftype, rng.randrange(256), sid, rng.randbytes(rng.choice([0, 1, 4, 5, 8, 13])))
+    return b""
+
+
+async def _client(port: int, rng: random.Random, token: str) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    cfg = h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False
+    )
+    c = h2.connection.H2Connection(cfg)
+    c.initiate_connection()
+    sids: list[int] = []
+    chatty = rng.random() < 0.6  # a session that chats among the mischief
+    if chatty:
+        sids.append(c.get_next_available_stream_id())
+        c.send_headers(sids[0], [(":method", "POST"), (":path", "/v1/stream"),
+                                 (":scheme", "http"), (":authority", "x")])  # fmt: skip
+        c.send_data(sids[0], _length_prefixed({"t": "hello", "v": 1, "token": token}))
+    out = bytearray(c.data_to_send())
+    try:
+        for i in range(rng.randint(1, 40)):
+            # the client's own h2 may refuse a step (a stream it closed): go on
+            with contextlib.suppress(h2.exceptions.ProtocolError, ValueError, KeyError):
+                if chatty and rng.random() < 0.7:
+                    msg = (
+                        {"t": "msg", "id": i, "body": "hi"}
+                        if rng.random() < 0.8
+                        else {"t": "ack", "seq": i}
+                    )
+                    c.send_data(sids[0], _length_prefixed(msg))
+                else:
+                    out += _step(rng, c, sids, token)
+            out += c.data_to_send()
+            if out and rng.random() < 0.3:
+                await stream.send_all(bytes(out))
+                out.clear()
+                with trio.move_on_after(0.002):
+                    data = await stream.receive_some(65536)
+                    if data:
+                        with contextlib.suppress(h2.exceptions.ProtocolError):
+                            c.receive_data(data)
+        if out:
+            await stream.send_all(bytes(out))
+        with trio.move_on_after(0.01):
+            await stream.receive_some(65536)
+    except trio.BrokenResourceError:
+        pass  # the gateway closed the connection: a fine answer
+    finally:
+        await stream.aclose()
+
+
+async def _throw(
+    gw: Any, client: Callable[[int, random.Random, str], Awaitable[None]], n: int, seed: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """``n`` random clients one after another, until their connections are
+    gone; then: no failure of the worker's own was logged."""
+    rng = random.Random(seed)
+    caplog.set_level(logging.WARNING)
+    for i in range(n):
+        await client(gw.port, rng, gw.token(f"fuzz{i % 7}"))
+    with trio.fail_after(10):
+        while gw.w.conns:
+            await trio.sleep(0.02)
+    failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not failures, f"seed {seed}: {failures[0].getMessage()}\n{failures[0].exc_text}"
+    assert gw.stats.get("internal_errors", 0) == 0
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_random_http2_clients_never_fail_the_worker(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, seed: int
+) -> None:
+    async with running(tmp_path) as gw:
+        await _throw(gw, _client, 150, seed, caplog)
+        assert gw.stats["h2_connections"] == 150
+        # the clients did reach the sessions (not only h2's own checks)
+        assert gw.stats["h2_streams"] > 20
+        assert gw.stats["messages_acked"] > 100
+        # and the next, ordinary client is served
+        cl = await H2Client.connect(gw.port)
+        sid = await cl.open()
+        await cl.send(sid, {"t": "hello", "v": 1, "token": gw.token("after")})
+        assert (await cl.recv(sid))["t"] == "welcome"
+        await cl.stream.aclose()
+
+
+def _ws_frame(rng: random.Random, payload: bytes, opcode: int, fin: bool = True) -> bytes:
+    """A client frame; now and then with reserved bits set or unmasked."""
+    b0 = (0x80 if fin else 0) | opcode
+    if rng.random() < 0.05:
+        b0 |= rng.choice([0x40, 0x70])
+    mask = rng.random() < 0.97
+    n = len(payload)
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head = struct.pack(">BB", b0, bit | n)
+    elif n < 65536:
+        head = struct.pack(">BBH", b0, bit | 126, n)
+    else:
+        head = struct.pack(">BBQ", b0, bit | 127, n)
+    if not mask:
+        return head + payload
+    key = rng.randbytes(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def _ws_message(rng: random.Random, token: str) -> tuple[bytes, int]:
+    """A message payload and its opcode (1 text/JSON, 2 binary/msgpack)."""
+    k = rng.random()
+    frame: dict[str, Any]
+    if k < 0.3:
+        frame = {"t": "hello", "v": rng.choice([1, 1, 2, "1"]), "token": token}
+    elif k < 0.6:
+        body = rng.choice(["x" * rng.randint(0, 40), b"\x00\xff", {"a": 1}, None])
+        frame = {"t": "msg", "id": rng.choice([0, 1, 2, -1, "a", 2**70, None]), "body": body}
+    elif k < 0.75:
+        kind = rng.choice(["ack", "ping", "resume", "bye", "zzz", None])
+        frame = {"t": kind, "n": rng.choice([0, 5, -3, "x", 2**64]), "seq": rng.choice([0, 10, -1])}
+    else:
+        return rng.randbytes(rng.randint(0, 30)), rng.choice([1, 2])
+    if rng.random() < 0.4:
+        with contextlib.suppress(TypeError):
+            return json.dumps(frame).encode(), 1
+    try:
+        return msgpack.packb(frame), 2
+    except (TypeError, ValueError, OverflowError):
+        return b"\xc1", 2
+
+
+async def _ws_client(port: int, rng: random.Random, token: str) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    out = bytearray()
+    if rng.random() < 0.1:  # not a proper upgrade
+        out += rng.choice([
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
+            b"GET /v1/ws HTTP/1.1\r\n" + b"X: y\r\n" * 100 + b"\r\n",
+            rng.randbytes(50),
+        ])  # fmt: skip
+    else:
+        origin = rng.choice([None, None, "https://elsewhere.example"])
+        out += rawws.upgrade_request(f"127.0.0.1:{port}", "/v1/ws", origin)
+    chatty = rng.random() < 0.6
+    if chatty:
+        out += _ws_frame(rng, msgpack.packb({"t": "hello", "v": 1, "token": token}), 2)
+    try:
+        for i in range(rng.randint(1, 30)):
+            op = rng.random()
+            if chatty and rng.random() < 0.7:
+                msg = {"t": "msg", "id": i, "body": "hi"} if op < 0.8 else {"t": "ack", "seq": i}
+                out += _ws_frame(rng, msgpack.packb(msg), 2)
+            elif op < 0.55:
+                payload, opcode = _ws_message(rng, token)
+                if rng.random() < 0.15:  # in two fragments
+                    cut = rng.randint(0, len(payload))
+                    out += _ws_frame(rng, payload[:cut], opcode, fin=False)
+                    out += _ws_frame(rng, payload[cut:], 0)
+                else:
+                    out += _ws_frame(rng, payload, opcode)
+            elif op < 0.65:  # control frames, some too long
+                out += _ws_frame(
+                    rng, rng.randbytes(rng.choice([0, 4, 125, 126])), rng.choice([8, 9, 10])
+                )
+            elif op < 0.7:  # close codes, valid and not
+                code = rng.choice([1000, 1001, 1005, 3000, 4000, 999, 5000])
+                out += _ws_frame(rng, struct.pack(">H", code) + rng.randbytes(rng.randint(0, 3)), 8)
+            elif op < 0.75:  # reserved opcodes, continuations of nothing
+                opcode = rng.choice([3, 4, 5, 11, 15, 0])
+                out += _ws_frame(
+                    rng, rng.randbytes(rng.randint(0, 10)), opcode, fin=rng.random() < 0.5
+                )
+            elif op < 0.8:
+                out += rng.randbytes(rng.randint(1, 10))
+            elif op < 0.83:  # a length far beyond any limit
+                out += struct.pack(">BBQ", 0x82, 0xFF, rng.choice([2**63, 2**40, 70000]))
+            if out and rng.random() < 0.4:
+                cut = rng.randint(1, len(out)) if rng.random() < 0.3 else len(out)
+                await stream.send_all(bytes(out[:cut]))
+                del out[:cut]
+                with trio.move_on_after(0.002):
+                    if not await stream.receive_some(65536):
+                        return
+        if out:
+            await stream.send_all(bytes(out))
+        with trio.move_on_after(0.01):
+            await stream.receive_some(65536)
+    except trio.BrokenResourceError:
+        pass
+    finally:
+        await stream.aclose()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_random_websocket_clients_never_fail_the_worker(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, seed: int
+) -> None:
+    async with running(tmp_path) as gw:
+        await _throw(gw, _ws_client, 200, seed, caplog)
+        assert gw.stats["ws_upgrades"] > 150
+        assert gw.stats["messages_acked"] > 100
+        ws = await RawWs.connect(gw.port)
+        assert (await ws.hello(gw.token("after")))["t"] == "welcome"
+        await ws.aclose()
