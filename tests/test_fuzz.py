@@ -12,7 +12,10 @@ the seed that reproduces it.
 
 Found this way: data on an HTTP/2 stream that the client reset in the
 same read was answered on the closed stream (h2 raised inside the
-worker)."""
+worker). A third test plays a hostile downstream: it answers the
+gateway's links with anything (acks, nacks, replies with odd fields,
+unknown types, garbage, lengths beyond the limit, resets, GOAWAYs) while
+visitors chat through it."""
 
 from __future__ import annotations
 
@@ -22,12 +25,14 @@ import logging
 import random
 import struct
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import h2.config
 import h2.connection
 import h2.errors
+import h2.events
 import h2.exceptions
 import h2.settings
 import msgpack
@@ -35,7 +40,8 @@ import pytest
 import trio
 
 from gateway.loadtest import rawws
-from tests.gwserver import RawWs, running
+from tests.gwserver import Closed, RawWs, running
+from tests.test_downstream import ds
 from tests.test_server_h2 import H2Client
 
 SC = h2.settings.SettingCodes
@@ -311,3 +317,168 @@ async def test_random_websocket_clients_never_fail_the_worker(
         ws = await RawWs.connect(gw.port)
         assert (await ws.hello(gw.token("after")))["t"] == "welcome"
         await ws.aclose()
+
+
+def _desk_answers(rng: random.Random, got: list[Any]) -> list[bytes]:
+    """A hostile downstream's answers (length-prefixed frames) to what a
+    link brought: mostly acks, also nacks, replies, assignments, handovers
+    and `moved` with odd fields, frames for unknown sessions, unknown
+    types, malformed maps, garbage and lengths beyond the link's limit."""
+    frames: list[Any] = []
+    sids = [f["sid"] for f in got if isinstance(f, dict) and isinstance(f.get("sid"), str)]
+    sids = sids or ["nosuch"]
+    for f in got:
+        if not (isinstance(f, dict) and f.get("t") == "msg"):
+            continue
+        r = rng.random()
+        if r < 0.8:
+            frames.append({"t": "ack", "sid": f["sid"], "n": f["n"]})
+        elif r < 0.93:
+            frames.append({"t": "acks", "sids": {f["sid"]: [f["n"], f["n"], f["n"] + 100]}})
+        elif r < 0.96:
+            frames.append({"t": "nack", "sid": f["sid"], "n": f["n"], "code": rng.choice([1, "x"])})
+    for _ in range(rng.randint(0, 3)):
+        sid = rng.choice(sids)
+        k = rng.random()
+        if k < 0.2:
+            body = rng.choice(["hi", b"\x00", "x" * 3000, 5, None, {"a": 1}])
+            sender = rng.choice([{"kind": "agent", "name": "a"}, {"kind": 1}, None, "x", {}])
+            frames.append({"t": "deliver", "sid": sid, "body": body, "from": sender})
+        elif k < 0.3:
+            agent = rng.choice(["a1", 5, None, "x" * 500])
+            frames.append(
+                {
+                    "t": "assign",
+                    "sid": sid,
+                    "agent": agent,
+                    "group": rng.choice(["general", "nope", 3]),
+                }
+            )
+        elif k < 0.38:
+            frames.append(
+                {"t": "handover", "sid": sid, "group": rng.choice(["general", "nope", None, 7])}
+            )
+        elif k < 0.44:
+            frames.append({"t": "moved", "sid": sid})
+        elif k < 0.5:
+            kind = rng.choice(["ack", "zzz", None, 5])
+            frames.append(
+                {"t": kind, "sid": rng.choice([sid, 5, None]), "n": rng.choice([1, "x", 2**70])}
+            )
+        elif k < 0.54:
+            odd = rng.choice([{}, {sid: []}, {sid: "x"}, [1], {5: [1]}, {sid: list(range(300))}])
+            frames.append({"t": "acks", "sids": odd})
+        elif k < 0.58:
+            frames.append(rng.randbytes(rng.randint(0, 12)))
+        elif k < 0.6:
+            frames.append(None)  # a declared length beyond 96 KiB
+    out = []
+    for f in frames:
+        if f is None:
+            out.append(struct.pack(">I", rng.choice([200_000, 2**31])))
+        elif isinstance(f, bytes):
+            out.append(struct.pack(">I", len(f)) + f)
+        else:
+            with contextlib.suppress(TypeError, ValueError, OverflowError):
+                out.append(_length_prefixed(f))
+    return out
+
+
+async def _hostile_desk(rng: random.Random, stream: trio.SocketStream) -> None:
+    """Serves one link: answers its request (now and then with an error
+    status), acks and misbehaves (see :func:`_desk_answers`), and now and
+    then resets the link, ends it, sends GOAWAY or a raw frame."""
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    c.initiate_connection()
+    link = 0
+    buf = b""
+    try:
+        await stream.send_all(c.data_to_send())
+        while data := await stream.receive_some(65536):
+            try:
+                events = c.receive_data(data)
+            except h2.exceptions.ProtocolError:
+                await stream.send_all(c.data_to_send())
+                return
+            got: list[Any] = []
+            for ev in events:
+                if isinstance(ev, h2.events.RequestReceived):
+                    link = ev.stream_id
+                    status = "200" if rng.random() < 0.95 else rng.choice(["500", "404"])
+                    headers = [(":status", status), ("x-downstream-features", "moved")]
+                    c.send_headers(link, headers, end_stream=status != "200")
+                elif isinstance(ev, h2.events.DataReceived):
+                    c.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    buf += ev.data
+                    while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
+                        n = int.from_bytes(buf[:4], "big")
+                        got.append(msgpack.unpackb(buf[4 : 4 + n]))
+                        buf = buf[4 + n :]
+            if link and got:
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    for part in _desk_answers(rng, got):
+                        c.send_data(link, part)
+                    r = rng.random()
+                    if r < 0.01:
+                        c.reset_stream(link, h2.errors.ErrorCodes.CANCEL)
+                    elif r < 0.02:
+                        c.close_connection()
+                    elif r < 0.03:
+                        c.end_stream(link)
+                    elif r < 0.05:
+                        c.ping(rng.randbytes(8))
+            out = c.data_to_send()
+            if rng.random() < 0.01:
+                out += _raw(
+                    rng.choice([0, 1, 3, 8, 9, 0x55]),
+                    rng.randrange(256),
+                    rng.choice([0, 1, link, 77]),
+                    rng.randbytes(5),
+                )
+            if out:
+                await stream.send_all(out)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await stream.aclose()
+
+
+async def test_a_hostile_downstream_never_fails_the_worker(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A desk that answers links with anything (see _desk_answers) while
+    visitors chat: links end and come back, messages are redelivered, the
+    visitors are served on; none of it is a failure of the worker's own.
+    The breaker is made lenient so that the links keep being used."""
+    rng = random.Random(7)
+    caplog.set_level(logging.WARNING)
+    table = ds(
+        ("general", []),
+        breaker={"consecutive_failures": 100_000, "failure_rate": 1.0, "min_requests": 100_000,
+                 "open_s": 0.1, "max_open_s": 0.2},
+        outlier={"consecutive_errors": 100_000},
+    )  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, partial(_hostile_desk, rng), 0)
+        port = listeners[0].socket.getsockname()[1]
+        table["clusters"]["general"]["endpoints"] = [f"127.0.0.1:{port}"]
+        async with running(tmp_path, session_ttl_s=1, downstream=table) as gw:
+            for i in range(60):
+                with trio.move_on_after(3):
+                    while not any(ln.up for ln in gw.w.forwarder.links):
+                        await trio.sleep(0.02)
+                with contextlib.suppress(trio.BrokenResourceError, Closed), trio.move_on_after(2):
+                    ws = await RawWs.connect(gw.port)
+                    await ws.hello(gw.token(f"v{i % 9}"))
+                    for k in range(rng.randint(1, 15)):
+                        await ws.send({"t": "msg", "id": k, "body": f"m{k}"})
+                    with trio.move_on_after(0.05):
+                        while True:
+                            await ws.recv()
+                    await ws.aclose()
+            failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert not failures, f"{failures[0].getMessage()}\n{failures[0].exc_text}"
+            assert gw.stats["sessions_opened"] > 20
+            assert gw.stats["messages_acked"] > 10  # through a desk that acks ~80%
+            assert gw.stats.get("internal_errors", 0) == 0
+        nursery.cancel_scope.cancel()
