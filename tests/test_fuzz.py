@@ -15,7 +15,10 @@ same read was answered on the closed stream (h2 raised inside the
 worker). A third test plays a hostile downstream: it answers the
 gateway's links with anything (acks, nacks, replies with odd fields,
 unknown types, garbage, lengths beyond the limit, resets, GOAWAYs) while
-visitors chat through it."""
+visitors chat through it. And TLS clients, on both TLS paths (the
+reactor's memory BIOs, a task per connection): random bytes, handshakes cut
+short or corrupted, records followed by garbage, cut short, forged
+alerts, lying lengths, writing after close_notify."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import contextlib
 import json
 import logging
 import random
+import ssl
 import struct
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -38,7 +42,9 @@ import h2.settings
 import msgpack
 import pytest
 import trio
+import trustme
 
+import gateway.server.worker as worker_mod
 from gateway.loadtest import rawws
 from tests.gwserver import Closed, RawWs, running
 from tests.test_downstream import ds
@@ -482,3 +488,108 @@ async def test_a_hostile_downstream_never_fails_the_worker(
             assert gw.stats["messages_acked"] > 10  # through a desk that acks ~80%
             assert gw.stats.get("internal_errors", 0) == 0
         nursery.cancel_scope.cancel()
+
+
+def _masked(payload: bytes) -> bytes:
+    """A well-formed client WebSocket binary frame."""
+    key = b"\x01\x02\x03\x04"
+    n = len(payload)
+    head = struct.pack(">BB", 0x82, 0x80 | n) if n < 126 else struct.pack(">BBH", 0x82, 0xFE, n)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def _mangle_tls(
+    rng: random.Random, records: bytes, client: ssl.SSLObject, out: ssl.MemoryBIO
+) -> bytes:
+    """A client's TLS records as sent: mostly as they are, sometimes with
+    garbage after them, cut short, followed by a forged alert, a
+    close_notify (the client goes on writing) or a record with a lying
+    length."""
+    r = rng.random()
+    if r < 0.05:
+        return records + rng.randbytes(rng.randint(1, 30))
+    if r < 0.08:
+        return records[: rng.randint(1, len(records))]
+    if r < 0.1:
+        return records + bytes([21, 3, 3, 0, 2, rng.choice([1, 2]), rng.randrange(256)])
+    if r < 0.12:
+        with contextlib.suppress(ssl.SSLError):
+            client.unwrap()
+        return records + out.read()
+    if r < 0.14:
+        length = struct.pack(">H", rng.choice([0, 1, 16385, 65535]))
+        return records + bytes([23, 3, 3]) + length + rng.randbytes(10)
+    return records
+
+
+async def _tls_client(port: int, rng: random.Random, token: str, *, ctx: ssl.SSLContext) -> None:
+    """Random bytes instead of TLS, a handshake cut short or corrupted, or a
+    full handshake and a chat whose records are mangled now and then."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    try:
+        if rng.random() < 0.1:
+            await stream.send_all(rng.randbytes(rng.randint(1, 600)))
+            return
+        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client = ctx.wrap_bio(inc, out, server_hostname="localhost")
+        for _ in range(20):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                client.do_handshake()
+                break
+            data = out.read()
+            if rng.random() < 0.1:  # the handshake cut short or corrupted
+                if rng.random() < 0.5:
+                    data = data[: rng.randint(0, len(data))]
+                else:
+                    data = bytes(b ^ 0xFF if rng.random() < 0.01 else b for b in data)
+                await stream.send_all(data)
+                return
+            await stream.send_all(data)
+            with trio.move_on_after(0.5):
+                got = await stream.receive_some(65536)
+                if not got:
+                    return
+                inc.write(got)
+        else:
+            return
+        await stream.send_all(out.read())  # the handshake's last flight
+        chat = [rawws.upgrade_request(f"127.0.0.1:{port}", "/v1/ws")]
+        chat.append(_masked(msgpack.packb({"t": "hello", "v": 1, "token": token})))
+        chat += [_masked(msgpack.packb({"t": "msg", "id": k, "body": "x"})) for k in range(10)]
+        for part in chat[: rng.randint(1, len(chat))]:
+            try:
+                client.write(part)
+            except ssl.SSLError:
+                break  # after its own close_notify
+            await stream.send_all(_mangle_tls(rng, out.read(), client, out))
+            with trio.move_on_after(0.003):
+                if not await stream.receive_some(65536):
+                    return
+        with trio.move_on_after(0.02):
+            await stream.receive_some(65536)
+    except trio.BrokenResourceError:
+        pass
+    finally:
+        await stream.aclose()
+
+
+@pytest.mark.parametrize("tls_reactor", [True, False], ids=["reactor", "task"])
+async def test_random_tls_clients_never_fail_the_worker(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, tls_reactor: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Both TLS paths: the reactor's memory BIOs and a task per connection."""
+    monkeypatch.setattr(worker_mod, "TLS_REACTOR", tls_reactor)
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    ctx.set_alpn_protocols(["http/1.1"])
+    tls = {"tls_cert": str(tmp_path / "cert.pem"), "tls_key": str(tmp_path / "key.pem")}
+    async with running(tmp_path, **tls) as gw:
+        await _throw(gw, partial(_tls_client, ctx=ctx), 150, 5, caplog)
+        assert gw.stats["tls_full"] > 100
+        assert gw.stats["tls_handshake_failures"] > 5
+        assert gw.stats["messages_acked"] > 100
