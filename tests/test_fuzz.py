@@ -18,7 +18,8 @@ unknown types, garbage, lengths beyond the limit, resets, GOAWAYs) while
 visitors chat through it. And TLS clients, on both TLS paths (the
 reactor's memory BIOs, a task per connection): random bytes, handshakes cut
 short or corrupted, records followed by garbage, cut short, forged
-alerts, lying lengths, writing after close_notify."""
+alerts, lying lengths, writing after close_notify. And visitors that drop
+and resume at random: replies exactly once, in order."""
 
 from __future__ import annotations
 
@@ -593,3 +594,110 @@ async def test_random_tls_clients_never_fail_the_worker(
         assert gw.stats["tls_full"] > 100
         assert gw.stats["tls_handshake_failures"] > 5
         assert gw.stats["messages_acked"] > 100
+
+
+class _Visitor:
+    """What one visitor has seen: its session, the highest `seq`, every
+    `seq` delivered, the messages sent and not yet acknowledged."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sid: str | None = None
+        self.last = 0
+        self.seen: list[int] = []
+        self.unacked: dict[int, str] = {}
+        self.sent = 0
+        self.problems: list[tuple[Any, ...]] = []
+        self.left_open: list[RawWs] = []
+
+    def took(self, frame: dict[str, Any]) -> None:
+        if frame["t"] == "ack":
+            self.unacked.pop(frame["id"], None)
+        elif frame["t"] == "deliver":
+            if frame["seq"] != self.last + 1:
+                self.problems.append(("seq after", self.last, frame["seq"]))
+            self.last = max(self.last, frame["seq"])
+            self.seen.append(frame["seq"])
+
+
+async def _attach(port: int, v: _Visitor, token: str) -> RawWs | None:
+    """Connects, says hello (resuming once there is a session) and resends
+    every message not acknowledged yet."""
+    ws = await RawWs.connect(port)
+    extra: dict[str, Any] = {"resume": {"sid": v.sid, "last": v.last}} if v.sid else {}
+    welcome = await ws.hello(token, **extra)
+    if welcome["t"] != "welcome" or (v.sid and not welcome["resumed"]) or welcome["resync"]:
+        v.problems.append(("hello", welcome))
+        await ws.aclose()
+        return None
+    v.sid = welcome["sid"]
+    for mid, body in list(v.unacked.items()):
+        await ws.send({"t": "msg", "id": mid, "body": body})
+    return ws
+
+
+async def _drop_and_resume(port: int, v: _Visitor, rng: random.Random, token: str) -> None:
+    for _ in range(8):
+        ws = await _attach(port, v, token)
+        if ws is None:
+            return
+        for _ in range(rng.randint(0, 12)):
+            v.unacked[v.sent] = f"{v.name}-{v.sent}"
+            await ws.send({"t": "msg", "id": v.sent, "body": v.unacked[v.sent]})
+            v.sent += 1
+        try:
+            for _ in range(rng.randint(0, 30)):  # then drop, wherever it is
+                with trio.move_on_after(0.05) as wait:
+                    frame = await ws.recv()
+                if wait.cancelled_caught:
+                    break
+                v.took(frame)
+                if frame["t"] == "deliver" and rng.random() < 0.3:
+                    await ws.send({"t": "ack", "seq": v.last})
+        except Closed as c:
+            if c.code != 4005:  # taken over by our own next connection: expected
+                v.problems.append(("closed", c.code))
+        if rng.random() < 0.5:
+            await ws.aclose()  # gone without a close frame
+        else:
+            v.left_open.append(ws)  # still attached: the next hello takes over
+    ws = await _attach(port, v, token)  # the last resume: read everything
+    if ws is None:
+        return
+    while True:
+        with trio.move_on_after(0.3) as wait:
+            frame = await ws.recv()
+        if wait.cancelled_caught:
+            break
+        v.took(frame)
+    await ws.aclose()
+    for old in v.left_open:
+        await old.aclose()
+
+
+async def test_random_drops_and_resumes_deliver_exactly_once_in_order(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Visitors that drop their connection at random points (without a
+    close frame, or leaving it open so that the next hello takes the session
+    over), resume and resend what was not acknowledged: every message is
+    acknowledged, every reply arrives once, in `seq` order, with no gap and
+    no resync; nothing fails in the worker."""
+    rng = random.Random(11)
+    caplog.set_level(logging.WARNING)
+    async with running(tmp_path) as gw:
+        visitors = [_Visitor(f"r{i}") for i in range(20)]
+        async with trio.open_nursery() as nursery:
+            for v in visitors:
+                sub = random.Random(rng.random())
+                nursery.start_soon(_drop_and_resume, gw.port, v, sub, gw.token(v.name))
+        for v in visitors:
+            assert not v.problems, (v.name, v.problems[:5])
+            assert not v.unacked, (v.name, sorted(v.unacked))
+            # the bot's greeting, then one reply per message
+            assert v.seen == list(range(1, v.sent + 2)), v.name
+        assert gw.stats["sessions_resumed"] == 20 * 8
+        assert gw.stats["sessions_taken_over"] > 20
+        assert gw.stats["duplicates_dropped"] > 100  # resends acknowledged again
+        failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert not failures, failures[0].getMessage()

@@ -279,7 +279,7 @@ async def test_cli_bad_usage_and_unreachable(tmp_path: Path) -> None:
         ["loadtest", "--url", f"ws://127.0.0.1:{port}/v1/ws", "--token-secret", "x" * 32,
          "--connections", "5", "--duration", "1", "--no-progress", "--max-runtime", "5"]
     )  # fmt: skip
-    assert code == 1 and "connect:ECONNREFUSED 5" in out
+    assert code == 1 and "connect:ECONNREFUSED 5" in out, out
 
 
 async def test_cli_over_tls_wss_and_https(tmp_path: Path) -> None:
