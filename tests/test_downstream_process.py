@@ -48,11 +48,14 @@ class TwoDesks:
     """desk-sim A (``a_args`` added) and B, recording, behind `gateway serve
     --workers 2 --downstream general=A,B`, as separate processes."""
 
-    def __init__(self, tmp: Path, a_args: list[str]) -> None:
+    def __init__(self, tmp: Path, a_args: list[str], ops: bool = False) -> None:
         self.pa, self.pb, self.port = free_port(), free_port(), free_port()
         self.rec_a, self.rec_b = tmp / "a.jsonl", tmp / "b.jsonl"
         self.tmp = tmp
-        env = dict(os.environ, GATEWAY_STATE_DIR=str(tmp), GATEWAY_OPS_LISTEN="")
+        # the operator endpoint (/metrics) on ops_port when asked for
+        self.ops_port = free_port() if ops else 0
+        listen = f"127.0.0.1:{self.ops_port}" if ops else ""
+        env = dict(os.environ, GATEWAY_STATE_DIR=str(tmp), GATEWAY_OPS_LISTEN=listen)
         self.desk_a = _spawn(
             ["desk-sim", "--listen", f"127.0.0.1:{self.pa}", "--no-reply", *a_args,
              "--record", str(self.rec_a)],

@@ -46,9 +46,10 @@ import trio
 import trustme
 
 import gateway.server.worker as worker_mod
-from gateway.loadtest import rawws
+from gateway.loadtest import gwmetrics, rawws
 from tests.gwserver import Closed, RawWs, running
 from tests.test_downstream import ds
+from tests.test_downstream_process import TwoDesks
 from tests.test_server_h2 import H2Client
 
 SC = h2.settings.SettingCodes
@@ -675,6 +676,24 @@ async def _drop_and_resume(port: int, v: _Visitor, rng: random.Random, token: st
         await old.aclose()
 
 
+async def _visitors_drop_and_resume(
+    port: int, token: Callable[[str], str], n: int, rng: random.Random
+) -> list[_Visitor]:
+    """``n`` visitors at once, each dropping and resuming (see
+    :func:`_drop_and_resume`); each one must have seen every message
+    acknowledged and its deliveries in `seq` order, with no gap."""
+    visitors = [_Visitor(f"x{i}") for i in range(n)]
+    async with trio.open_nursery() as nursery:
+        for v in visitors:
+            sub = random.Random(rng.random())
+            nursery.start_soon(_drop_and_resume, port, v, sub, token(v.name))
+    for v in visitors:
+        assert not v.problems, (v.name, v.problems[:5])
+        assert not v.unacked, (v.name, sorted(v.unacked))
+        assert v.seen == list(range(1, len(v.seen) + 1)), v.name
+    return visitors
+
+
 async def test_random_drops_and_resumes_deliver_exactly_once_in_order(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -686,18 +705,47 @@ async def test_random_drops_and_resumes_deliver_exactly_once_in_order(
     rng = random.Random(11)
     caplog.set_level(logging.WARNING)
     async with running(tmp_path) as gw:
-        visitors = [_Visitor(f"r{i}") for i in range(20)]
-        async with trio.open_nursery() as nursery:
-            for v in visitors:
-                sub = random.Random(rng.random())
-                nursery.start_soon(_drop_and_resume, gw.port, v, sub, gw.token(v.name))
-        for v in visitors:
-            assert not v.problems, (v.name, v.problems[:5])
-            assert not v.unacked, (v.name, sorted(v.unacked))
-            # the bot's greeting, then one reply per message
+        visitors = await _visitors_drop_and_resume(gw.port, gw.token, 20, rng)
+        for v in visitors:  # the bot's greeting, then one reply per message
             assert v.seen == list(range(1, v.sent + 2)), v.name
         assert gw.stats["sessions_resumed"] == 20 * 8
         assert gw.stats["sessions_taken_over"] > 20
         assert gw.stats["duplicates_dropped"] > 100  # resends acknowledged again
         failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert not failures, failures[0].getMessage()
+
+
+async def test_random_drops_and_resumes_across_workers_and_desks(tmp_path: Path) -> None:
+    """The same visitors against `gateway serve --workers 2` forwarding to
+    two `gateway desk-sim` processes: a resume may reach the other worker
+    (the connection or the session moves to the holder), and every message
+    is acknowledged, every delivery (the desks' assignments) arrives once in
+    `seq` order, and neither process logs a failure of its own."""
+    run = TwoDesks(tmp_path, [], ops=True)
+    try:
+        await run.ready()
+        with trio.fail_after(15):  # both workers' links up: new sessions admitted
+            while True:
+                ws = await RawWs.connect(run.port)
+                welcome = await ws.hello(run.token("probe"))
+                await ws.aclose()
+                if welcome["t"] == "welcome":
+                    break
+                await trio.sleep(0.2)
+        visitors = await _visitors_drop_and_resume(run.port, run.token, 16, random.Random(12))
+        assert sum(v.sent for v in visitors) > 200
+        url = f"http://127.0.0.1:{run.ops_port}/metrics"
+        with trio.fail_after(10):  # the workers report to the supervisor once a second
+            while True:
+                m = await trio.to_thread.run_sync(gwmetrics.fetch, url)
+                if m.get(("gateway_sessions_resumed_total", ()), 0) >= 16 * 8:
+                    break
+                await trio.sleep(0.3)
+        moved = {e: m.get(("gateway_events_total", (("event", e),)), 0.0)
+                 for e in ("handoffs_in", "migrations_requested")}  # fmt: skip
+        assert sum(moved.values()) > 10, moved  # resumes reached the other worker
+    finally:
+        run.stop()
+    for log in ("gw.log", "desk-a.log", "desk-b.log"):
+        text = (tmp_path / log).read_text(errors="replace")
+        assert "Traceback" not in text and '"level":"error"' not in text, text[-2000:]
