@@ -723,3 +723,51 @@ async def test_endpoint_latency_and_outstanding_are_exported(tmp_path: Path) -> 
             out = metrics.DOWNSTREAM_ENDPOINT_OUTSTANDING.labels("general", key).value()
     assert 0.05 <= lat <= 0.5
     assert out == 0
+
+
+async def test_desk_sim_ignores_a_link_request_reset_with_itself(tmp_path: Path) -> None:
+    """A link request and its reset in one read: desk-sim does not answer it
+    (h2 refuses to send on the closed stream; that used to end the whole
+    connection as "an HTTP/2 error from a gateway"), and the next link on
+    the same connection is served."""
+    import struct
+
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+    import msgpack
+
+    head = [(":method", "POST"), (":path", "/v1/link"), (":scheme", "http"), (":authority", "d")]
+    async with desk(think_ms=0) as (port, srv, _):
+        s = await trio.open_tcp_stream("127.0.0.1", port)
+        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        c.initiate_connection()
+        c.send_headers(1, head)
+        c.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+        c.send_headers(3, head)
+        frames = [{"t": "open", "sid": "s1", "tenant": "t", "visitor": "v", "tags": {},
+                   "group": "general", "stage": "human", "agent": None},
+                  {"t": "msg", "sid": "s1", "n": 1, "id": 1, "body": "hi",
+                   "group": "general", "stage": "human"}]  # fmt: skip
+        for f in frames:
+            b = msgpack.packb(f)
+            c.send_data(3, struct.pack(">I", len(b)) + b)
+        await s.send_all(c.data_to_send())
+        got = b""
+        statuses: dict[int, bytes] = {}
+        with trio.fail_after(5):
+            while b"acks" not in got:  # desk-sim's batched ack frame
+                data = await s.receive_some(65536)
+                assert data, "desk-sim closed the connection"
+                for ev in c.receive_data(data):
+                    if isinstance(ev, h2.events.ResponseReceived):
+                        statuses[ev.stream_id] = dict(ev.headers)[b":status"]
+                    elif isinstance(ev, h2.events.DataReceived):
+                        got += ev.data
+                        c.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    assert not isinstance(ev, h2.events.ConnectionTerminated)
+                await s.send_all(c.data_to_send())
+        assert statuses == {3: b"200"}
+        assert srv.desk.stats["acks"] == 1
+        await s.aclose()

@@ -81,6 +81,17 @@ HANDSHAKE_S: Final = 10.0
 DRAIN_S: Final = 10.0
 
 
+def _answer(c: _Conn, sid: int, headers: list[tuple[str, str]], end: bool) -> bool:
+    """Response headers for a request; False when h2 has closed the stream
+    already (reset in the same read as the request: h2 refuses to send on
+    it, which is not the gateway's error)."""
+    try:
+        c.h2.send_headers(sid, headers, end_stream=end)
+    except h2.exceptions.ProtocolError:
+        return False
+    return True
+
+
 class _Conn:
     __slots__ = (
         "acks", "busy", "carry", "extra", "fd", "h2", "links", "out", "reading", "send", "sock",
@@ -363,11 +374,14 @@ class DeskServer:
             headers: dict[Any, Any] = dict(ev.headers)
             sid = ev.stream_id
             if headers.get(":path") != LINK_PATH or headers.get(":method") != "POST":
-                c.h2.send_headers(sid, [(":status", "404")], end_stream=True)
+                _answer(c, sid, [(":status", "404")], True)
                 return
             if any(headers.get(k) != v for k, v in self.cfg.require_headers):
-                c.h2.send_headers(sid, [(":status", "401")], end_stream=True)
+                _answer(c, sid, [(":status", "401")], True)
                 return
+            accepted = [(":status", "200"), ("content-type", "application/msgpack"), *self.features]
+            if not _answer(c, sid, accepted, False):
+                return  # reset by the gateway in the same read: no link
             link = next(self._ids)
             if not c.split.stream:
                 # its DATA frames are read and written without h2
@@ -375,8 +389,6 @@ class DeskServer:
             c.links[sid] = (link, LengthPrefixedDecoder(MAX_LINK_FRAME, check_from_gateway))
             self.links[link] = (c, sid)
             c.out[sid] = bytearray()
-            c.h2.send_headers(sid, [(":status", "200"), ("content-type", "application/msgpack"),
-                                    *self.features])  # fmt: skip
         elif isinstance(ev, h2.events.DataReceived):
             if ev.flow_controlled_length:
                 c.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
