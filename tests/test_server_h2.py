@@ -304,7 +304,7 @@ async def test_h2_goaway_with_data_ends_streams_quietly(
 
 
 async def test_h2_rapid_reset_gets_goaway(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Streams opened and reset in a loop (20,000 took 1.58 s of CPU, and
+    """Streams opened and reset in a loop (each costs the worker a request, and
     resetting keeps under the concurrent-stream limit): past the budget the
     connection ends with GOAWAY ENHANCE_YOUR_CALM. A request reset in the
     same read as itself is not answered (answering it raised from h2).

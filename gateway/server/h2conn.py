@@ -56,9 +56,9 @@ MAX_STREAMS: Final = 32
 #: Streams a client may open on one connection: FREE_OPENS without counting,
 #: then OPEN_BURST more at once and OPEN_RATE a second. A visitor opens one
 #: per session; a client that opens and resets streams in a loop (the
-#: "rapid reset" attack, which stays under MAX_STREAMS: 20,000 took 1.58 s
-#: of CPU, client and worker together in one process) gets GOAWAY
-#: ENHANCE_YOUR_CALM instead of a core.
+#: "rapid reset" attack, which stays under MAX_STREAMS while each stream
+#: costs the worker a request's work) gets GOAWAY ENHANCE_YOUR_CALM instead
+#: of a core.
 FREE_OPENS: Final = 8
 OPEN_BURST: Final = 64.0
 OPEN_RATE: Final = 8.0
