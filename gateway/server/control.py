@@ -34,8 +34,7 @@ from gateway.downstream.tls import client_context
 from gateway.ops.wire import WireError, read_frames
 from gateway.protocol.tokens import TokenVerifier
 from gateway.reload import ReloadPlan, plan_reload
-from gateway.server.tickets import key_from_env
-from gateway.server.tlsconf import visitor_context
+from gateway.server.tlsconf import config_context
 
 if TYPE_CHECKING:
     from gateway.server.worker import Worker
@@ -70,12 +69,7 @@ def apply_config(w: Worker, new: Config, files_changed: Collection[str] = ()) ->
         settings = plan.downstream
         assert settings is not None and w.forwarder is not None
     try:
-        ctx = None
-        if plan.tls:
-            assert new.tls_cert is not None and new.tls_key is not None
-            ctx = visitor_context(
-                new.tls_cert, new.tls_key, new.tls_ticket_key, key_from_env(os.environ)
-            )
+        ctx = config_context(new, os.environ) if plan.tls else None
         cluster_ctx = {}
         for name in plan.cluster_tls:
             assert settings is not None

@@ -199,12 +199,8 @@ class CompactSettings(h2.settings.Settings):
 
 def _compact_settings(settings: Any) -> Any:
     """A :class:`CompactSettings` with the values of an h2 ``Settings``, or
-    None when it is one already (re-interned) or not what this h2 version
-    is known to keep."""
-    if type(settings) is CompactSettings:
-        if not settings._pending:
-            settings._cur = _intern(settings._cur)
-        return None
+    None when it is not what this h2 version is known to keep (or is one
+    already: its own changes keep it interned)."""
     if type(settings) is not h2.settings.Settings or _validate_setting is None:
         return None
     table = getattr(settings, "_settings", None)

@@ -7,11 +7,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import ssl
+from collections.abc import Mapping
 
-from gateway.config import ConfigError
+from gateway.config import Config, ConfigError
 from gateway.server import tickets
 
-__all__ = ["files_digest", "visitor_context"]
+__all__ = ["config_context", "files_digest", "visitor_context"]
 
 _log = logging.getLogger("gateway.tls")
 
@@ -56,6 +57,16 @@ def visitor_context(
             "module does not let the gateway set their keys"
         )
     return ctx
+
+
+def config_context(cfg: Config, env: Mapping[str, str]) -> ssl.SSLContext | None:
+    """The visitors' context for ``cfg`` (None without TLS), its tickets
+    under the key file, else the supervisor's key found in ``env``
+    (:func:`gateway.server.tickets.key_from_env`)."""
+    if cfg.tls_cert is None or cfg.tls_key is None:
+        return None
+    shared = tickets.key_from_env(env)
+    return visitor_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ticket_key, shared)
 
 
 def files_digest(*paths: str) -> bytes:

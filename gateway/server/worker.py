@@ -49,8 +49,7 @@ from gateway.server.migrator import WorkerMigrator
 from gateway.server.pipe import RawPipe, TlsPipe, TlsRawPipe
 from gateway.server.reactor import Reactor
 from gateway.server.stopsig import STOP, ignore_from_now, outside_trio
-from gateway.server.tickets import key_from_env
-from gateway.server.tlsconf import visitor_context
+from gateway.server.tlsconf import config_context
 from gateway.server.ws import WsConn
 from gateway.session.hub import Hub
 from gateway.supervisor import watch_parent
@@ -207,11 +206,7 @@ class Worker:
             f = STATIC_DIR / name
             if f.is_file():
                 self.static[path] = (f.read_bytes(), ctype)
-        self.ssl_ctx: ssl.SSLContext | None = None
-        if cfg.tls_cert and cfg.tls_key:
-            self.ssl_ctx = visitor_context(
-                cfg.tls_cert, cfg.tls_key, cfg.tls_ticket_key, key_from_env(os.environ)
-            )
+        self.ssl_ctx: ssl.SSLContext | None = config_context(cfg, os.environ)
         self.nursery: trio.Nursery | None = None
         self.listener: socket.socket | None = None
         # sockets to the other workers, for handing over resumed connections
