@@ -248,7 +248,7 @@ def _check_type(name: str, kind: str, value: Any, where: str) -> Any:
     else:
         ok = value is None or type(value) is str
     if not ok:
-        raise ConfigError(f"{where}{name}: must be {_KIND_TEXT[kind]} (got {value!r})")
+        raise ConfigError(f"{where}{name}: must be {_KIND_TEXT[kind]} (got {value!r:.60})")
     return value
 
 

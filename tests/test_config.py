@@ -184,6 +184,18 @@ def test_unknown_env_variables_are_ignored(env: dict[str, str]) -> None:
         ),
         ("[tenants.'b a d']\nsecret = 'x0123456789abcdef'\n", "names are"),
         ("[tenants.a]\nsecrets = {}\n", "non-empty"),
+        # a long value is quoted cut short, not whole
+        (f"[gateway]\nlisten_port = '{'9' * 500}'\n", r"must be an integer \(got '9{59}\)$"),
+        (
+            "[downstream.clusters.c]\nendpoints = ['127.0.0.1:1']\n[downstream.groups.g]\n"
+            "cluster = 'c'\n[downstream]\nmax_attempts = 2.5\n",
+            r"max_attempts must be an integer in \[1, 100\] \(got 2.5\)",
+        ),
+        (
+            "[downstream.clusters.c]\nendpoints = ['127.0.0.1:1']\n[downstream.groups.g]\n"
+            "cluster = 'c'\n[downstream]\nrequest_timeout_s = nan\n",
+            r"request_timeout_s must be a number in \[0.05, 600.0\] \(got nan\)",
+        ),
     ],
 )
 def test_bad_toml(env: dict[str, str], tmp_path: Path, toml: str, message: str) -> None:

@@ -246,7 +246,8 @@ def parse_settings(doc: Mapping[str, Any]) -> DownstreamSettings | None:
             lo, hi = _BOUNDS[key]
             same_type = type(val) is kind
             if not same_type or not lo <= val <= hi:
-                raise ValueError(f"{where}.{key} must be a {kind.__name__} in [{lo}, {hi}]")
+                what = "an integer" if kind is int else "a number"
+                raise ValueError(f"{where}.{key} must be {what} in [{lo}, {hi}] (got {val!r:.40})")
             values[key] = val
     s = DownstreamSettings(
         clusters=clusters,
