@@ -25,6 +25,15 @@ worker's samples are by shared object (the kernel, CPython, the compiled
 hot path, ...)::
 
     python bench/pycalls.py --perf --rate 24000
+
+With ``--under SYMBOL`` (repeatable) it records call stacks too (``perf
+record --call-graph dwarf``) and prints, for each symbol, the share of
+the worker's samples taken inside it or anything it called: a compiled
+function (``CPyDef_hub___Hub___deliver``), a CPython one
+(``slot_mp_ass_subscript``: a store into a dict subclass that defines
+``__setitem__`` or ``__delitem__`` in Python)::
+
+    python bench/pycalls.py --perf --rate 19000 --under slot_mp_ass_subscript
 """
 
 from __future__ import annotations
@@ -62,6 +71,8 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=200)
     ap.add_argument("--top", type=int, default=25, help="how many call sites to print")
     ap.add_argument("--perf", action="store_true", help="sample the worker with perf instead")
+    ap.add_argument("--under", action="append", default=[], metavar="SYMBOL",
+                    help="--perf: the share of samples inside SYMBOL and its callees")  # fmt: skip
     ap.add_argument("--in", dest="where", choices=("worker", "desk-sim"), default="worker",
                     help="the process to count in")  # fmt: skip
     args = ap.parse_args()
@@ -137,13 +148,26 @@ def sample(args: argparse.Namespace) -> None:
         raise SystemExit("--perf needs perf (the Debian package linux-perf)")
     data = Path(tempfile.mkdtemp(prefix="pycalls-")) / "perf.data"
 
+    stacks = ["--call-graph", "dwarf,16384"] if args.under else []
+
     def record(worker: int) -> None:
         time.sleep(max(0.5, args.seconds / 2 - 1.5))
-        subprocess.run(["perf", "record", "-q", "-F", "2000", "-o", str(data), "-p",
-                        str(worker), "--", "sleep", "3"], check=True,
+        subprocess.run(["perf", "record", "-q", "-F", "2000", *stacks, "-o", str(data),
+                        "-p", str(worker), "--", "sleep", "3"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
     r = forwarding_load(args, record)
+    if args.under:
+        script = subprocess.run(["perf", "script", "-i", str(data), "-F", "ip,sym"],
+                                capture_output=True, text=True, check=True)  # fmt: skip
+        samples = perf_stacks(script.stdout)
+        print(f"{args.rate:,.0f} msg/s offered, {r['msgs_per_s']:,.0f} acked; "
+              f"{len(samples):,} samples of the worker")  # fmt: skip
+        print("| share of the worker's samples inside it or its callees | symbol |")
+        print("|---|---|")
+        for sym in args.under:
+            print(f"| {share_under(samples, sym):.1%} | `{sym}` |")
+        return
     rep = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "dso"],
                          capture_output=True, text=True, check=True)  # fmt: skip
     print(f"{args.rate:,.0f} msg/s offered, {r['msgs_per_s']:,.0f} acked, round trip "
@@ -154,6 +178,29 @@ def sample(args: argparse.Namespace) -> None:
         parts = line.split()
         if len(parts) == 2 and parts[0].endswith("%") and float(parts[0][:-1]) >= 0.1:
             print(f"| {parts[0]} | `{parts[1]}` |")
+
+
+def perf_stacks(text: str) -> list[set[str]]:
+    """The symbols on each sample's stack, from ``perf script -F ip,sym``
+    output (a sample is its frames, one per line, then a blank line)."""
+    samples: list[set[str]] = []
+    cur: set[str] = set()
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            if cur:
+                samples.append(cur)
+                cur = set()
+        elif len(parts) >= 2:
+            cur.add(parts[1].split("+0x")[0])
+    if cur:
+        samples.append(cur)
+    return samples
+
+
+def share_under(samples: list[set[str]], sym: str) -> float:
+    """The share of ``samples`` with ``sym`` anywhere on their stack."""
+    return sum(sym in s for s in samples) / len(samples) if samples else 0.0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ runs in the untimed setup.
 
 from __future__ import annotations
 
-import collections
 from typing import Any
 
 import pytest
@@ -30,6 +29,7 @@ from gateway.downstream.proto import MAX_LINK_FRAME, check_from_downstream, enco
 from gateway.downstream.settings import merge_cli_specs, parse_settings
 from gateway.protocol.codec import LengthPrefixedDecoder
 from gateway.session.state import Session
+from gateway.session.tally import Tally
 
 SESSIONS = 500
 
@@ -39,7 +39,7 @@ class _Hub:
 
     def __init__(self) -> None:
         self.sessions: dict[str, Session] = {}
-        self.stats: collections.Counter[str] = collections.Counter()
+        self.stats = Tally()
         self.migrator = None
         self.acked = 0
 

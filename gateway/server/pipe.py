@@ -19,7 +19,6 @@ returns False and the caller closes the connection as a slow consumer.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import socket
 import ssl
@@ -28,6 +27,7 @@ from typing import Any, ClassVar
 
 import trio
 
+from gateway.session.tally import Tally
 from gateway.tlsbio import TlsBio
 
 __all__ = ["Pipe", "RawPipe", "TlsPipe", "TlsRawPipe"]
@@ -244,7 +244,7 @@ class TlsRawPipe(RawPipe):
         max_bytes: int,
         max_chunks: int,
         tls: TlsBio,
-        stats: collections.Counter[str],
+        stats: Tally,
     ) -> None:
         super().__init__(sock, nursery, max_bytes, max_chunks)
         self.tls = tls

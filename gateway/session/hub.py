@@ -8,7 +8,6 @@ calls :meth:`Hub.downstream_ack` and :meth:`Hub.deliver`.
 
 from __future__ import annotations
 
-import collections
 import random
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from gateway.config import Config
 from gateway.protocol.tokens import TokenVerifier
 from gateway.session.limits import Limits
 from gateway.session.state import Session, SessionTable
+from gateway.session.tally import Tally
 from gateway.session.terms import Terms
 
 __all__ = ["Downstream", "Hub", "Migrator", "Sender"]
@@ -140,7 +140,7 @@ class Hub:
         self.verifier = TokenVerifier(cfg.tenants)
         self.sessions = SessionTable(cfg.max_detached_sessions)
         self.downstream = downstream
-        self.stats: collections.Counter[str] = collections.Counter()
+        self.stats = Tally()
         self.wall = wall
         self.mono = mono
         self.limits = Limits(cfg, workers)
