@@ -155,10 +155,9 @@ def allocate_fixed_field(state_dir: Path | None = None, node_id: int = 0) -> int
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         raw = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        try:
-            current = int(raw) if raw else 0
-        except ValueError as e:
-            raise CryptoError(-4, None, f"corrupt nonce epoch file {path}") from e
+        current = int(raw) if raw.isdigit() and raw.isascii() else -1 if raw else 0
+        if current < 0:
+            raise CryptoError(-4, None, f"corrupt nonce epoch file {path}: {raw[:32]!r}")
         nxt = current + 1
         if nxt >= 1 << _EPOCH_BITS:
             raise KeyExhaustedError(_ERR_KEY_EXHAUSTED, None)

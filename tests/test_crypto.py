@@ -134,6 +134,19 @@ def test_fixed_field_never_repeats_across_keyrings(tmp_path: Path) -> None:
     assert allocate_fixed_field(tmp_path, node_id=3) >> 24 == 3
 
 
+@pytest.mark.parametrize("text", ["-5\n", "12 junk", "\u0663\n", "1.5", "0x10"])
+def test_corrupt_nonce_epoch_file_is_refused(tmp_path: Path, text: str) -> None:
+    # a negative or unreadable counter must not become a fixed field (a
+    # negative one would be refused later with a misleading message; a
+    # guessed one could repeat an earlier keyring's nonces)
+    (tmp_path / "nonce-epoch").write_text(text, encoding="utf-8")
+    with pytest.raises(CryptoError, match="corrupt nonce epoch file"):
+        allocate_fixed_field(tmp_path)
+    assert (tmp_path / "nonce-epoch").read_text(encoding="utf-8") == text  # left as it was
+    (tmp_path / "nonce-epoch").write_text("41\n")
+    assert allocate_fixed_field(tmp_path) == 42
+
+
 def test_fixed_field_unique_across_processes(tmp_path: Path) -> None:
     import subprocess
     import sys
