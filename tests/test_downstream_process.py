@@ -78,8 +78,7 @@ class TwoDesks:
             await trio.to_thread.run_sync(wait_listening, p)
 
     def token(self, visitor: str) -> str:
-        t = load_config(None, {"GATEWAY_STATE_DIR": str(self.tmp)}, {}).tenants[DEMO_TENANT]
-        return mint(DEMO_TENANT, visitor, t.secrets[t.primary_kid], 600, time.time())
+        return _token(self.tmp, visitor)
 
     async def visitor(self, name: str, n: int, acked: list[tuple[str, str]]) -> None:
         """Sends ``n`` messages one after the other (each acked first)."""
@@ -91,15 +90,25 @@ class TwoDesks:
                 acked.append((s.session_id or "", body))
 
     def stop(self) -> None:
-        procs = [self.desk_a, self.desk_b, self.gw]
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _stop([self.desk_a, self.desk_b, self.gw])
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def _token(state_dir: Path, visitor: str) -> str:
+    """A demo-tenant token for the gateways sharing ``state_dir``."""
+    t = load_config(None, {"GATEWAY_STATE_DIR": str(state_dir)}, {}).tenants[DEMO_TENANT]
+    return mint(DEMO_TENANT, visitor, t.secrets[t.primary_kid], 600, time.time())
 
 
 async def test_desk_crash_under_load_loses_no_acked_message(tmp_path: Path) -> None:
@@ -238,3 +247,71 @@ async def test_desk_sigterm_drains_without_duplicates(tmp_path: Path) -> None:
         assert sorted(a + b) == sorted(body for _, body in acked)  # each at one desk
     finally:
         run.stop()
+
+
+async def test_two_nodes_share_one_desk(tmp_path: Path) -> None:
+    """Two gateway nodes (node ids 1 and 2, two workers each) link to one
+    desk-sim: every visitor's replies come back through the node and
+    worker that holds its session, none to another visitor; a visitor
+    that reconnects to the other node with its old session id gets a new
+    session there (sessions are per node) and chats on."""
+    desk_port, ports = free_port(), (free_port(), free_port())
+    rec = tmp_path / "desk.jsonl"
+    env = dict(os.environ, GATEWAY_STATE_DIR=str(tmp_path), GATEWAY_OPS_LISTEN="")
+    desk = ["desk-sim", "--listen", f"127.0.0.1:{desk_port}", "--think-ms", "0"]
+    procs = [_spawn([*desk, "--record", str(rec)], env, tmp_path / "desk.log")]
+    for i, port in enumerate(ports, 1):
+        serve = ["serve", "--listen", f"127.0.0.1:{port}", "--workers", "2"]
+        node = {**env, "GATEWAY_NODE_ID": str(i)}
+        downstream = ["--downstream", f"general=127.0.0.1:{desk_port}"]
+        procs.append(_spawn([*serve, *downstream], node, tmp_path / f"gw{i}.log"))
+
+    def token(visitor: str) -> str:
+        return _token(tmp_path, visitor)
+
+    async def chat(s: gc.Session, name: str, n: int) -> list[str]:
+        bodies = [f"{name} says {k}" for k in range(n)]
+        for b in bodies:
+            await s.send(b)
+        quoted: list[str] = []
+        while len(quoted) < len(bodies):
+            r = str((await s.receive()).body)
+            own = [b for b in bodies if repr(b) in r]
+            # a reply quotes one of this visitor's own messages; other
+            # deliveries (an agent joining) quote none
+            assert own or " says " not in r, (name, r)
+            quoted += own
+        assert sorted(quoted) == sorted(bodies), (name, quoted)
+        return bodies
+
+    sent: list[str] = []
+
+    async def visitor(name: str, port: int) -> None:
+        url = f"ws://127.0.0.1:{port}/v1/ws"
+        async with gc.connect(url, token=token(name)) as s:
+            sent.extend(await chat(s, name, 10))
+
+    try:
+        for p in (desk_port, *ports):
+            await trio.to_thread.run_sync(wait_listening, p)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as n:
+                for i in range(12):
+                    n.start_soon(visitor, f"v{i}", ports[i % 2])
+            # a visitor of node 1 reconnects to node 2 with its session id
+            async with gc.connect(f"ws://127.0.0.1:{ports[0]}/v1/ws", token=token("mover")) as s:
+                sent.extend(await chat(s, "mover@1", 5))
+                first = s.session_id
+                s.port = ports[1]
+                assert s._stream is not None
+                await trio.aclose_forcefully(s._stream)
+                while s.connections < 2 or not s.connected.is_set() or s.session_id == first:
+                    await s.changed.wait()
+                assert s.session_id not in (None, first)
+                sent.extend(await chat(s, "mover@2", 5))
+        recorded = [b for _, _, b in _recorded(rec)]
+        assert sorted(recorded) == sorted(sent)  # each message reached the desk once
+        for p in procs:
+            assert p.poll() is None, "a process died"
+    finally:
+        _stop(procs)
