@@ -50,7 +50,7 @@ loadgen: $(LOADGEN)
 setup: native loadgen
 
 # System packages the tests use: headless Chromium (browser tests) and
-# promtool from Debian's prometheus package (checks the /metrics output).
+# promtool from Debian's prometheus package (checks the /metrics output and the alerting rules in docs/prometheus).
 sysdeps:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  echo "installing chromium (Debian package) for the browser tests"; \

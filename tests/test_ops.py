@@ -18,7 +18,7 @@ from gateway.ops.app import OpsApp
 from gateway.ops.exposition import render
 from gateway.ops.names import GC_PAUSE
 from gateway.ops.registry import Registry
-from gateway.ops.statsmap import map_key
+from gateway.ops.statsmap import counter_labels, map_key
 from gateway.ops.wire import MAX_SNAPSHOT_BYTES, SnapshotDecoder, WireError, encode_snapshot
 from gateway.server.http1 import parse_head
 
@@ -62,6 +62,8 @@ def snap(pid: int, stats: dict[str, int], conns: int = 0, reg: Registry | None =
 )  # fmt: skip
 def test_map_key(key: str, name: str, labels: tuple[tuple[str, str], ...]) -> None:
     assert map_key(key) == (name, labels)
+    # counter_labels() knows every metric and label a key can land in
+    assert {k for k, _ in labels} <= counter_labels()[name]
 
 
 def test_quantile_interpolates_within_buckets() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["COUNTER_HELP", "SEEDED", "map_key"]
+__all__ = ["COUNTER_HELP", "SEEDED", "counter_labels", "map_key"]
 
 #: exact key -> (metric, labels)
 _EXACT: Final[dict[str, tuple[str, tuple[tuple[str, str], ...]]]] = {
@@ -112,6 +112,17 @@ SEEDED: Final = tuple(
         }
     )
 )
+
+
+def counter_labels() -> dict[str, set[str]]:
+    """Every metric an event counter can land in, with its label names
+    (``gateway_events_total`` included)."""
+    out: dict[str, set[str]] = {"gateway_events_total": {"event"}}
+    for name, fixed in _EXACT.values():
+        out.setdefault(name, set()).update(k for k, _ in fixed)
+    for _, name, label, fixed in _PREFIX:
+        out.setdefault(name, set()).update({label, *(k for k, _ in fixed)})
+    return out
 
 
 def map_key(key: str) -> tuple[str, tuple[tuple[str, str], ...]]:
