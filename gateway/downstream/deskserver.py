@@ -46,6 +46,7 @@ from gateway.downstream.h2data import (
     SendWindow,
     goaway,
     h2_output,
+    send_headers_if_open,
 )
 from gateway.downstream.h2data import WINDOW as WINDOW_UPDATE_KIND
 from gateway.downstream.proto import (
@@ -79,17 +80,6 @@ SAFE_FRAME: Final = 16384
 HANDSHAKE_S: Final = 10.0
 #: After SIGTERM: seconds the gateways have to close their drained links.
 DRAIN_S: Final = 10.0
-
-
-def _answer(c: _Conn, sid: int, headers: list[tuple[str, str]], end: bool) -> bool:
-    """Response headers for a request; False when h2 has closed the stream
-    already (reset in the same read as the request: h2 refuses to send on
-    it, which is not the gateway's error)."""
-    try:
-        c.h2.send_headers(sid, headers, end_stream=end)
-    except h2.exceptions.ProtocolError:
-        return False
-    return True
 
 
 class _Conn:
@@ -374,13 +364,13 @@ class DeskServer:
             headers: dict[Any, Any] = dict(ev.headers)
             sid = ev.stream_id
             if headers.get(":path") != LINK_PATH or headers.get(":method") != "POST":
-                _answer(c, sid, [(":status", "404")], True)
+                send_headers_if_open(c.h2, sid, [(":status", "404")], True)
                 return
             if any(headers.get(k) != v for k, v in self.cfg.require_headers):
-                _answer(c, sid, [(":status", "401")], True)
+                send_headers_if_open(c.h2, sid, [(":status", "401")], True)
                 return
             accepted = [(":status", "200"), ("content-type", "application/msgpack"), *self.features]
-            if not _answer(c, sid, accepted, False):
+            if not send_headers_if_open(c.h2, sid, accepted, False):
                 return  # reset by the gateway in the same read: no link
             link = next(self._ids)
             if not c.split.stream:

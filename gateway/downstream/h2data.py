@@ -42,8 +42,10 @@ import struct
 from collections.abc import Mapping
 from typing import Any, Final
 
+import h2.exceptions
+
 __all__ = ["DATA_FRAME", "PREFACE", "RUN", "WINDOW", "DataSplitter", "FlowError", "SendWindow",
-           "goaway", "h2_output", "window_update"]  # fmt: skip
+           "goaway", "h2_output", "send_headers_if_open", "window_update"]  # fmt: skip
 
 _HEAD: Final = struct.Struct(">I")
 DATA, HEADERS, PRIORITY, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
@@ -248,3 +250,16 @@ def h2_output(conn: Any) -> bytes:
     a link or connection, most of which h2 has nothing for (our DATA
     frames are ours). An h2 without that buffer attribute is simply asked."""
     return conn.data_to_send() if getattr(conn, "_data_to_send", True) else b""
+
+
+def send_headers_if_open(conn: Any, stream: int, headers: list[tuple[str, str]], end: bool) -> bool:
+    """An ``h2.connection.H2Connection``'s ``send_headers``; False, nothing
+    sent, when h2 has closed the stream already: the peer reset it in the
+    same read as its request, and h2 refuses to send on it, which is not an
+    error of the connection (the gateway's visitor streams and desk-sim's
+    link requests alike)."""
+    try:
+        conn.send_headers(stream, headers, end_stream=end)
+    except h2.exceptions.ProtocolError:  # closed, or reset and forgotten
+        return False
+    return True

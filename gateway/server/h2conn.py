@@ -25,7 +25,7 @@ import h2.settings
 import trio
 
 from gateway import h2repr
-from gateway.downstream.h2data import h2_output
+from gateway.downstream.h2data import h2_output, send_headers_if_open
 from gateway.protocol.codec import (
     Encoding,
     LengthPrefixedDecoder,
@@ -386,12 +386,10 @@ class H2Conn(ConnShell):
         """Response headers for a request; False when h2 has closed the
         stream already (the client reset it in the same read as its
         request: h2 then refuses to send on it)."""
-        try:
-            self.h2.send_headers(sid, headers, end_stream=end)
-        except h2.exceptions.ProtocolError:  # closed, or reset and forgotten
-            self.w.hub.stats["h2_requests_reset_early"] += 1
-            return False
-        return True
+        if send_headers_if_open(self.h2, sid, headers, end):
+            return True
+        self.w.hub.stats["h2_requests_reset_early"] += 1
+        return False
 
     def _on_data(self, ev: h2.events.DataReceived) -> None:
         st = self.streams.get(ev.stream_id)
