@@ -764,7 +764,11 @@ class Worker:
 
                 self.reporter = Reporter(self.stats_fd, lambda: worker_snapshot(self))
                 nursery.start_soon(self.reporter.run)
-            task_status.started(lsock.getsockname()[1])
+            port = lsock.getsockname()[1]
+            # the supervisor's banner is printed before its workers start:
+            # this line says that this one accepts now
+            self.event("info", "listening", port=port, pid=os.getpid())
+            task_status.started(port)
 
 
 def _accept_limits(cfg: Config, n: int) -> tuple[int, float, float]:
