@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import re
+import socket
 import struct
 import time
 from pathlib import Path
@@ -272,13 +273,15 @@ async def test_cli_bad_usage_and_unreachable(tmp_path: Path) -> None:
     assert code == 2 and "no tokens" in out
     code, out = await _cli(["loadtest", "--window", "1025", "--token-secret", "x"])
     assert code == 2 and "--window at most 1,024" in out
-    from tests.test_server_process import free_port
-
-    port = free_port()  # nothing listens there
-    code, out = await _cli(
-        ["loadtest", "--url", f"ws://127.0.0.1:{port}/v1/ws", "--token-secret", "x" * 32,
-         "--connections", "5", "--duration", "1", "--no-progress", "--max-runtime", "5"]
-    )  # fmt: skip
+    # a port bound and held, but not listening: connections to it are
+    # refused, and no other test's server can take it meanwhile
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        code, out = await _cli(
+            ["loadtest", "--url", f"ws://127.0.0.1:{port}/v1/ws", "--token-secret", "x" * 32,
+             "--connections", "5", "--duration", "1", "--no-progress", "--max-runtime", "5"]
+        )  # fmt: skip
     assert code == 1 and "connect:ECONNREFUSED 5" in out, out
 
 
