@@ -162,21 +162,14 @@ def test_breaker_never_has_more_probes_out_than_allowed(ops: list[tuple[str, flo
         assert b._probes_out + b._probes_ok <= cfg.half_open_probes
 
 
-@settings(max_examples=200, deadline=None)
-@given(
-    st.lists(
-        st.tuples(st.floats(0, 0.7), st.booleans(), st.sampled_from([0.0, 0.0, 2.0])),
-        max_size=300,
-    )
-)
-def test_breaker_rate_trip_matches_a_rolling_window_model(
-    calls: list[tuple[float, bool, float]],
+def _replay_against_model(
+    cfg: BreakerConfig, calls: list[tuple[float, bool, float]], close_after_trip: bool
 ) -> None:
-    """The failure/slow-rate trip happens at exactly the call where a plain
-    recount of the last 10 buckets says it should (the breaker keeps running
-    sums instead of recounting)."""
-    cfg = BreakerConfig(consecutive_failures=10_000, min_requests=8, failure_rate=0.5,
-                        window_s=2.0, slow_call_s=1.0, slow_call_rate=0.6)  # fmt: skip
+    """Records ``calls`` (time step, ok, latency) on a breaker whose clock
+    starts at 0 and checks after each that it is open exactly when a plain
+    recount of the last 10 buckets says it should trip. Stops at the first
+    trip, or (``close_after_trip``) waits ``open_s``, closes it with one
+    good probe and goes on with the recount starting empty."""
     b = Breaker(cfg, 0.0)
     bucket_s = cfg.window_s / 10
     seen: list[tuple[int, bool, bool]] = []
@@ -193,9 +186,56 @@ def test_breaker_rate_trip_matches_a_rolling_window_model(
             fails >= cfg.failure_rate * n or slows >= cfg.slow_call_rate * n
         )
         b.record(now, ok, latency)
-        assert (b.state(now) == OPEN) == expect_trip, (len(seen), n, fails, slows)
+        assert (b.state(now) == OPEN) == expect_trip, (len(seen), n, fails, slows, now)
         if expect_trip:
-            break
+            if not close_after_trip:
+                return
+            now += cfg.open_s * 1.25  # (open_s itself could fall short in floats)
+            assert b.allow(now)  # half-open: one probe
+            b.record(now, True, 0.0)
+            assert b.state(now) == CLOSED
+            seen = []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(0, 0.7), st.booleans(), st.sampled_from([0.0, 0.0, 2.0])),
+        max_size=300,
+    )
+)
+def test_breaker_rate_trip_matches_a_rolling_window_model(
+    calls: list[tuple[float, bool, float]],
+) -> None:
+    """The failure/slow-rate trip happens at exactly the call where a plain
+    recount of the last 10 buckets says it should (the breaker keeps running
+    sums instead of recounting)."""
+    cfg = BreakerConfig(consecutive_failures=10_000, min_requests=8, failure_rate=0.5,
+                        window_s=2.0, slow_call_s=1.0, slow_call_rate=0.6)  # fmt: skip
+    _replay_against_model(cfg, calls, close_after_trip=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(0, 0.3), st.booleans(), st.sampled_from([0.0, 0.0, 2.0])),
+        max_size=300,
+    )
+)
+# a trip within the first window_s of the clock (a test's MockClock starts
+# at 0): the calls before it must not count again once the breaker closed
+@example([(0.05, False, 0.0), (0.05, True, 0.0)] * 4 + [(0.05, True, 0.0)] * 5
+         + [(0.05, False, 0.0), (0.05, True, 0.0)] * 2)  # fmt: skip
+def test_breaker_window_starts_empty_after_each_trip(
+    calls: list[tuple[float, bool, float]],
+) -> None:
+    """As the rolling-window model above, on after every trip: once the
+    breaker opened, waited ``open_s`` and closed on its probe, only the
+    calls made since count, whatever the clock's origin."""
+    cfg = BreakerConfig(consecutive_failures=10_000, min_requests=8, failure_rate=0.5,
+                        window_s=2.0, slow_call_s=1.0, slow_call_rate=0.6,
+                        open_s=0.1, max_open_s=0.1, half_open_probes=1)  # fmt: skip
+    _replay_against_model(cfg, calls, close_after_trip=True)
 
 
 @settings(max_examples=200, deadline=None)

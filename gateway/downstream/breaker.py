@@ -157,8 +157,12 @@ class Breaker:
         self.trips += 1
         self._set(OPEN, now)
         self._consecutive = 0
+        # the window starts empty once the breaker closes again: the counts
+        # go too, not only the buckets' indexes (an index of -1 is inside
+        # the window while the clock is under window_s, as a test's
+        # MockClock is at first)
         for b in self._buckets:
-            b[0] = -1
+            b[0], b[1], b[2], b[3] = -1, 0, 0, 0
         self._win_idx = -1
 
     # -- calls --------------------------------------------------------------------
