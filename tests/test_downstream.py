@@ -268,6 +268,31 @@ async def test_returning_visitor_gets_the_same_agent_back(tmp_path: Path) -> Non
     assert agents[2] == agents[0]
 
 
+async def test_returning_visitor_goes_back_to_the_endpoint_that_served_it(tmp_path: Path) -> None:
+    """A returning visitor's new session is opened on the endpoint that
+    served its last one, not on whichever the balancer would pick."""
+    rec_a, rec_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    async with desk(record=rec_a, think_ms=0) as (pa, _, _):  # noqa: SIM117
+        async with desk(record=rec_b, think_ms=0) as (pb, _, _):
+            async with running(tmp_path, downstream=ds(("general", [pa, pb]))) as gw:
+                await wait_links_up(gw.w.forwarder, 2)
+                for rnd in ("first", "again"):
+                    for v in range(16):
+                        tok = gw.token(f"v{v}")
+                        async with gc.connect(gw.url, token=tok, reconnect=False) as s:
+                            await s.send(f"v{v} {rnd}")
+                            assert (await s.receive()).sender_name == "assign"
+    where: dict[str, dict[str, str]] = {}
+    for path, name in ((rec_a, "A"), (rec_b, "B")):
+        for r in records(path):
+            v, rnd = r["body"].split()
+            where.setdefault(v, {})[rnd] = name
+    assert len(where) == 16
+    # both endpoints served first sessions (else the test shows nothing)
+    assert {w["first"] for w in where.values()} == {"A", "B"}, where
+    assert all(w["again"] == w["first"] for w in where.values()), where
+
+
 async def test_burst_of_sessions_fills_large_link_writes(tmp_path: Path) -> None:
     # 150 opens + messages in one burst: the link writes more than one
     # 16 KiB DATA frame at once (once broke the desk's frame-size check)

@@ -104,7 +104,7 @@ class Flow:
 
     __slots__ = (
         "agent", "cluster", "ep", "group", "head", "head_route", "link", "probe", "route", "sent",
-        "waiting",
+        "sticky_ep", "waiting",
     )  # fmt: skip
 
     def __init__(self, route: Any) -> None:
@@ -118,6 +118,10 @@ class Flow:
         self.sent: dict[int, _Out] = {}
         self.waiting: deque[_Out] = deque()
         self.agent: str | None = None
+        # a returning visitor's: the key of the endpoint that served it
+        # before (the sticky table), preferred when the session is opened
+        # on no endpoint yet
+        self.sticky_ep = ""
         # holds a half-open probe slot of ``ep`` (granted by the pick; used by
         # the next message sent, or released)
         self.probe = False
@@ -518,7 +522,7 @@ class Forwarder:
             fl = s.ds = Flow(self.router.entry_group(s.tags))
             hint = self.sticky.get(s.tenant, s.visitor, self._time())
             if hint is not None:
-                fl.agent = hint[1]
+                fl.sticky_ep, fl.agent = hint
         if fl.link is None or not fl.link.up:
             now = self._time()
             self._open(s, fl, now)
@@ -662,7 +666,12 @@ class Forwarder:
         keep it, their messages waiting); None if nothing is available."""
         group = self._target_group(fl.route)
         c = self._cluster_of(group)
-        prefer = fl.ep.key if fl.ep is not None and fl.ep.cluster is c else None
+        if fl.ep is not None:
+            prefer = fl.ep.key if fl.ep.cluster is c else None
+        else:
+            # a returning visitor's first open: the endpoint that served it
+            # (the balancer ignores a key that is not in this cluster)
+            prefer = fl.sticky_ep or None
         full = fl.cluster is not c and c.inflight >= self.s.admission.max_pending_per_cluster
         ep = None if full else c.balancer.pick(now, exclude or (), prefer)
         if ep is None:
@@ -715,6 +724,9 @@ class Forwarder:
             fl.group = group
             fl.head_route = None  # the msg frames name the new group
         link.sessions.add(s)
+        # the endpoint serving the visitor now (with the agent hint it
+        # carries): where its next session goes
+        self.sticky.put(s.tenant, s.visitor, ep.key, fl.agent, now)
         route = fl.route
         link.send(
             encode(
