@@ -123,11 +123,16 @@ class ClientCore:
         self.reconnect_after: float | None = None  # set by goaway / retry_after
         self.resync = False
         self.open = False
+        # the gateway's latest sticky ticket (who served this visitor): sent
+        # in every hello, so that a new session goes back to them
+        self.sticky: str | None = None
 
     def hello(self) -> dict[str, Any]:
         f: dict[str, Any] = {"t": "hello", "v": 1, "token": self.token, "platform": self.platform}
         if self.tags:
             f["tags"] = self.tags
+        if self.sticky is not None:
+            f["sticky"] = self.sticky
         if self.sid is not None:
             f["resume"] = {"sid": self.sid, "last": self.last_seq}
         return f
@@ -228,6 +233,10 @@ class ClientCore:
                 self.ack_due = now + self.ack_delay
         elif t == "ping":
             out.append({"t": "pong", "ts": f.get("ts", 0)})
+        elif t == "sticky":
+            ticket = f.get("ticket")
+            if isinstance(ticket, str):
+                self.sticky = ticket
         elif t == "refreshed":
             self.refreshed += 1
             self.exp = int(f.get("exp", 0))
@@ -296,6 +305,15 @@ class Session:
     @property
     def session_id(self) -> str | None:
         return self.core.sid
+
+    @property
+    def sticky(self) -> str | None:
+        """The gateway's latest sticky ticket for this visitor (or the one
+        given to :func:`connect`): keep it, and pass it to the next
+        :func:`connect` of the same visitor, so that its new session goes
+        back to the desk and agent that served it, on any gateway worker or
+        node."""
+        return self.core.sticky
 
     def _poke(self) -> None:
         self.changed.set()
@@ -499,6 +517,7 @@ async def connect(
     reconnect: bool = True,
     max_backoff: float = 30.0,
     max_inbox: int = 1024,
+    sticky: str | None = None,
 ) -> AsyncIterator[Session]:
     """Opens a session and waits for the first ``welcome``. A terminal code
     raises :class:`GatewayError`; with ``reconnect=False`` a failed first
@@ -506,6 +525,7 @@ async def connect(
     with backoff (wrap in ``trio.fail_after`` to bound the wait). On exit the
     pending deliveries are acknowledged and the socket closed with 1000."""
     core = ClientCore(token, tags, platform, max_inbox)
+    core.sticky = sticky
     s = Session(url, core, encoding, origin, ssl_context, reconnect, max_backoff)
     try:
         async with trio.open_nursery() as nursery:

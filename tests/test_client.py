@@ -139,6 +139,18 @@ def test_core_refresh_and_token_on_resume() -> None:
     assert c.hello()["token"] == "new"
 
 
+def test_core_keeps_the_latest_sticky_ticket_for_every_hello() -> None:
+    c = ClientCore("tok")
+    assert "sticky" not in c.hello()
+    c.on_frame({"t": "sticky", "ticket": "s1.a.b"})
+    c.on_frame({"t": "sticky", "ticket": 7})  # not a ticket: ignored
+    assert c.sticky == "s1.a.b" and c.hello()["sticky"] == "s1.a.b"
+    c.on_frame({"t": "welcome", "sid": "s", "resumed": False})
+    c.on_frame({"t": "sticky", "ticket": "s1.c.d"})
+    h = c.hello()  # a resume carries it too (a new session if that one is gone)
+    assert h["resume"]["sid"] == "s" and h["sticky"] == "s1.c.d"
+
+
 def test_core_terminal_close_codes() -> None:
     for code in (1002, 1007, 1008, 4500, 4502, 4507):
         c = ClientCore("tok")

@@ -293,6 +293,61 @@ async def test_returning_visitor_goes_back_to_the_endpoint_that_served_it(tmp_pa
     assert all(w["again"] == w["first"] for w in where.values()), where
 
 
+async def test_sticky_ticket_takes_a_returning_visitor_back_from_another_node(
+    tmp_path: Path,
+) -> None:
+    """Two gateway nodes share desks A and B (and the tenants' secrets).
+    Each visitor is served on node 1 and gets a sticky ticket with its
+    agent's assignment; its next session, on node 2 (which never saw it),
+    presents the ticket and goes to the same desk. A ticket altered, or
+    another visitor's, is refused and counted, and the session is served
+    as any new one."""
+    rec_a, rec_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    async with desk(record=rec_a, think_ms=0) as (pa, _, _):  # noqa: SIM117
+        async with desk(record=rec_b, think_ms=0) as (pb, _, _):
+            table = ds(("general", [pa, pb]))
+            async with running(tmp_path, downstream=table, node_id=1) as g1:  # noqa: SIM117
+                async with running(tmp_path, downstream=table, node_id=2) as g2:
+                    await wait_links_up(g1.w.forwarder, 2)
+                    await wait_links_up(g2.w.forwarder, 2)
+                    held: dict[str, str] = {}
+                    for v in range(16):
+                        tok = g1.token(f"v{v}")
+                        async with gc.connect(g1.url, token=tok, reconnect=False) as s:
+                            await s.send(f"v{v} first")
+                            assert (await s.receive()).sender_name == "assign"
+                            assert s.sticky is not None  # came before the assignment
+                            held[f"v{v}"] = s.sticky
+                    for v in range(16):
+                        tok = g2.token(f"v{v}")
+                        sticky = held[f"v{v}"]
+                        async with gc.connect(
+                            g2.url, token=tok, reconnect=False, sticky=sticky
+                        ) as s:
+                            await s.send(f"v{v} again")
+                            assert (await s.receive()).sender_name == "assign"
+                    assert g1.stats["sticky_tickets_issued"] == 16
+                    assert g2.stats["sticky_tickets_used"] == 16
+                    # altered, and another visitor's: refused, still served
+                    bad = held["v0"][:-2] + ("AA" if not held["v0"].endswith("AA") else "BB")
+                    for visitor, ticket in (("x1", bad), ("x2", held["v1"])):
+                        tok = g2.token(visitor)
+                        async with gc.connect(
+                            g2.url, token=tok, reconnect=False, sticky=ticket
+                        ) as s:
+                            assert await s.send(f"{visitor} refused") == 1
+                    assert g2.stats["sticky_tickets_refused"] == 2
+    where: dict[str, dict[str, str]] = {}
+    for path, name in ((rec_a, "A"), (rec_b, "B")):
+        for r in records(path):
+            v, rnd = r["body"].split()
+            where.setdefault(v, {})[rnd] = name
+    visitors = {v: w for v, w in where.items() if v.startswith("v")}
+    assert len(visitors) == 16 and {"x1", "x2"} <= where.keys()
+    assert {w["first"] for w in visitors.values()} == {"A", "B"}, where
+    assert all(w["again"] == w["first"] for w in visitors.values()), where
+
+
 async def test_burst_of_sessions_fills_large_link_writes(tmp_path: Path) -> None:
     # 150 opens + messages in one burst: the link writes more than one
     # 16 KiB DATA frame at once (once broke the desk's frame-size check)
@@ -554,9 +609,12 @@ async def test_desk_sim_outlives_a_gateway_connection_reset_while_it_writes() ->
 
 async def _ack_of(ws: Any, msg_id: str, seen: list[str] | None = None) -> dict[str, Any]:
     """The next ``ack``; the bodies of deliveries before it (an agent
-    joining) go to ``seen``."""
+    joining) go to ``seen`` (the sticky ticket that comes with an
+    assignment is skipped)."""
     while True:
         f = await ws.recv()
+        if f.get("t") == "sticky":
+            continue
         if f.get("t") != "deliver":
             assert (f.get("t"), f.get("id")) == ("ack", msg_id), f
             return f  # type: ignore[no-any-return]

@@ -843,7 +843,8 @@ async def test_sighup_reloads_the_tls_certificate_renewed_in_place(tmp_path: Pat
     async with _reloadable(tmp_path, extra) as run:
         old = await RawWs.connect(run.port, ssl_context=trust_1)
         assert (await old.hello(run.token("old")))["t"] == "welcome"
-        await old.recv()  # the greeting
+        while (await old.recv())["t"] != "deliver":  # the sticky ticket, then the assignment
+            pass
 
         # a renewal: new certificate and key (another CA) in the same files
         _, trust_2 = _issue(certs, "next")

@@ -213,6 +213,23 @@ async def test_bad_input_closes_with_documented_code(
         await conversation_ok(gw.port, gw.token("next"))
 
 
+async def test_hello_sticky_must_be_a_bounded_string(tmp_path: Path) -> None:
+    """``hello.sticky`` of the wrong type or over 1,024 characters is a bad
+    frame (4500); one that is only not a valid ticket is no error: the
+    session opens as any new one."""
+    async with running(tmp_path) as gw:
+        for bad in (5, ["t"], "t" * 1025):
+            c = await RawWs.connect(gw.port)
+            await c.send({"t": "hello", "v": 1, "token": gw.token(), "sticky": bad})
+            code, frames = await c.until_close()
+            assert code == 4500 and "hello.sticky" in frames[-1]["reason"], (bad, frames)
+        c = await RawWs.connect(gw.port)
+        assert (await c.hello(gw.token(), sticky="s1.not.a-ticket" + "x" * 1009))["t"] == "welcome"
+        await c.send({"t": "msg", "id": 1, "body": "hi"})
+        kinds = [(await c.recv())["t"] for _ in range(2)]  # the bot's greeting, the ack
+        assert "ack" in kinds, kinds
+
+
 async def test_expired_token_and_refresh(tmp_path: Path) -> None:
     async with running(tmp_path) as gw:
         c = await RawWs.connect(gw.port)

@@ -83,3 +83,36 @@ async def test_example_page_conversation(tmp_path: Path) -> None:
         assert shot.stat().st_size > 1000 and shot.read_bytes()[:4] == b"\x89PNG"
         assert gw.stats["sessions_opened"] == 1  # the page resumed its session
         assert gw.stats["sessions_resumed"] >= 1
+
+
+def load_twice(page_url: str, profile: Path) -> list[Any]:
+    """Loads the page, waits for its conversation with a desk (assignment
+    and reply), reloads it and waits again; the sticky ticket the widget
+    kept after each load."""
+    kept = []
+    with chromium_page(page_url, profile) as cdp:
+        for i in range(2):
+            if i:
+                cdp.eval("location.reload()")
+                time.sleep(0.5)
+            wait_for(cdp, lambda r: r.get("acked") == 1 and len(r.get("inbound") or []) >= 2)
+            kept.append(cdp.eval("localStorage.getItem('gateway-chat-sticky')"))
+    return kept
+
+
+async def test_widget_keeps_its_sticky_ticket_across_page_loads(tmp_path: Path) -> None:
+    """Behind a desk, the assignment brings a sticky ticket; the widget
+    stores it and the reloaded page's new session presents it (the
+    gateway counts it used)."""
+    from tests.test_downstream import desk, ds, wait_links_up
+
+    async with desk(think_ms=0) as (dport, _, _):  # noqa: SIM117
+        async with running(tmp_path, downstream=ds(("general", [dport]))) as gw:
+            await wait_links_up(gw.w.forwarder)
+            url = f"http://127.0.0.1:{gw.port}/example.html?token={gw.token('browser')}&auto=hi"
+            kept = await trio.to_thread.run_sync(load_twice, url, tmp_path / "profile")
+            assert all(type(k) is str and k.startswith("s1.") for k in kept), kept
+            assert gw.stats["sessions_opened"] == 2  # a reload is a new session
+            assert gw.stats["sticky_tickets_issued"] == 2
+            assert gw.stats["sticky_tickets_used"] == 1
+            assert gw.stats["sticky_tickets_refused"] == 0

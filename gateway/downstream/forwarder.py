@@ -39,10 +39,12 @@ from gateway.downstream.moveorder import Holds, MarkWaits
 from gateway.downstream.proto import encode, encode_msg, msg_head
 from gateway.downstream.routing import StickyTable
 from gateway.downstream.settings import ClusterSpec, DownstreamSettings
+from gateway.downstream.stickyticket import StickyTickets
 from gateway.downstream.tls import client_context
 from gateway.ops import names as metrics
 from gateway.ops.registry import CounterChild, HistogramChild
 from gateway.protocol.codes import Code
+from gateway.protocol.tokens import Tenant
 from gateway.session.hub import Hub
 from gateway.session.state import Session
 
@@ -209,6 +211,9 @@ class Forwarder:
         self.router = settings.router()
         self.admission = Admission(settings.admission, self.rng)
         self.sticky = StickyTable(settings.sticky_entries, settings.sticky_ttl_s)
+        # the sticky table's entries sealed for the visitors to carry to
+        # other workers and nodes, keyed by the tenants' current secrets
+        self.tickets = StickyTickets(self._tenant)
         self.hub: Hub | None = None
         # the worker's reactor (gateway.server.reactor), when there is one:
         # frames queued while it handles a batch are written at its end
@@ -520,6 +525,8 @@ class Forwarder:
         fl: Flow | None = s.ds
         if fl is None:
             fl = s.ds = Flow(self.router.entry_group(s.tags))
+            if s.ticket is not None:
+                self._carried(hub, s)
             hint = self.sticky.get(s.tenant, s.visitor, self._time())
             if hint is not None:
                 fl.sticky_ep, fl.agent = hint
@@ -528,6 +535,29 @@ class Forwarder:
             self._open(s, fl, now)
             if not fl.waiting:
                 self._drop_probe(fl, now)
+
+    def _tenant(self, name: str) -> Tenant | None:
+        hub = self.hub
+        return hub.verifier.tenant(name) if hub is not None else None
+
+    def _carried(self, hub: Hub, s: Session) -> None:
+        """The sticky ticket of a new session's hello: what it says becomes
+        this worker's sticky entry for the visitor, unless the one here is
+        newer. One that does not open is counted and ignored."""
+        ticket, s.ticket = s.ticket, None
+        if ticket is None:
+            return
+        wall, now = hub.wall(), self._time()
+        got = self.tickets.open(s.tenant, s.visitor, ticket, wall, self.sticky.ttl_s)
+        if got is None:
+            hub.stats["sticky_tickets_refused"] += 1
+            return
+        hub.stats["sticky_tickets_used"] += 1
+        ep, agent, issued = got
+        stamp = now - max(0.0, wall - issued)  # when it was issued, on this clock
+        known = self.sticky.stamp(s.tenant, s.visitor)
+        if known is None or known < stamp:
+            self.sticky.put(s.tenant, s.visitor, ep, agent, stamp)
 
     def closed(self, hub: Hub, s: Session, reason: str = "ended") -> None:
         fl: Flow | None = s.ds
@@ -1025,6 +1055,13 @@ class Forwarder:
             fl.agent = f["agent"]
             ep = fl.ep
             self.sticky.put(s.tenant, s.visitor, ep.key if ep else "", fl.agent, self._now)
+            conn = s.conn
+            if ep is not None and conn is not None:
+                # for the visitor's next session, wherever it lands
+                ticket = self.tickets.seal(s.tenant, s.visitor, ep.key, fl.agent, hub.wall())
+                if ticket is not None:
+                    conn.session_frame({"t": "sticky", "ticket": ticket})
+                    hub.stats["sticky_tickets_issued"] += 1
         hub.deliver(s, _joined(f["agent"]), _assign_sender(f["agent"]))
 
     def _elsewhere(self, hub: Hub, link: Link, f: dict[str, Any]) -> None:

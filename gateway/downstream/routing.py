@@ -167,6 +167,11 @@ class StickyTable:
         self._d.move_to_end(k)
         return v[0], v[1]
 
+    def stamp(self, tenant: str, visitor: str) -> float | None:
+        """When the entry for the visitor was put (expired or not), or None."""
+        v = self._d.get((tenant, visitor))
+        return None if v is None else v[2]
+
     def put(self, tenant: str, visitor: str, endpoint: str, agent: str | None, now: float) -> None:
         k = (tenant, visitor)
         self._d[k] = (endpoint, agent, now)

@@ -58,6 +58,7 @@ _PREFIX: Final[tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...]] = 
     ("errors_", "gateway_errors_sent_total", "code", ()),
     ("closed_", "gateway_closes_total", "code", ()),
     ("http_", "gateway_http_errors_total", "status", ()),
+    ("sticky_tickets_", "gateway_sticky_tickets_total", "result", ()),
 )
 
 COUNTER_HELP: Final = {
@@ -89,6 +90,7 @@ COUNTER_HELP: Final = {
     "gateway_errors_sent_total": "Error frames and close codes sent, by code",
     "gateway_closes_total": "Connections closed with a code, by code",
     "gateway_http_errors_total": "Plain HTTP error responses, by status",
+    "gateway_sticky_tickets_total": "Sticky tickets issued, and those presented: used or refused",
     "gateway_events_total": "Other worker events, by name",
     "gateway_loop_busy_seconds_total": "Seconds the event loops spent handling ready connections",
     "gateway_loop_batches_total": "Event loop wakeups that handled ready connections",

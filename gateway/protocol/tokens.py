@@ -151,6 +151,10 @@ class TokenVerifier:
                     allowed.add(normalize_origin(o))
             self._origins[name] = frozenset(allowed)
 
+    def tenant(self, name: str) -> Tenant | None:
+        """Tenant ``name`` as configured, or None."""
+        return self._tenants.get(name)
+
     def verify(self, token: str, now: float) -> Claims:
         """The claims of a valid token; ``ProtocolError(UNAUTHORIZED)`` or
         ``ProtocolError(TOKEN_EXPIRED)`` otherwise."""

@@ -92,6 +92,7 @@ class Session:
         "sid",
         "tags",
         "tenant",
+        "ticket",
         "visitor",
     )
 
@@ -130,6 +131,9 @@ class Session:
         # the downstream side's state for this session (its route, messages
         # in flight); None until a downstream that needs one sets it
         self.ds: Any = None
+        # the sticky ticket the visitor's hello carried, until the
+        # downstream side has read it (gateway.downstream.stickyticket)
+        self.ticket: str | None = None
         # id -> n of messages that were in flight when the session moved
         # here from another worker (gateway.session.migrate): sent again,
         # they keep their n

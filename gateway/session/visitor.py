@@ -22,6 +22,9 @@ __all__ = ["MOBILE_PLATFORMS", "PLATFORMS", "Sink", "VisitorProtocol"]
 PLATFORMS: Final = frozenset({"web", "ios", "android", "mobile-bg", "desktop", "bot"})
 MOBILE_PLATFORMS: Final = frozenset({"ios", "android", "mobile-bg"})
 MAX_TAGS: Final = 16
+#: Longest sticky ticket a hello may carry (characters; as
+#: gateway.downstream.stickyticket.MAX_TICKET_LEN).
+MAX_STICKY_LEN: Final = 1024
 MAX_TAG_BYTES: Final = 256
 MAX_ID_BYTES: Final = 64
 MAX_INT_ID: Final = (1 << 63) - 1
@@ -210,6 +213,9 @@ class VisitorProtocol:
         if not hub.verifier.origin_allowed(claims.tenant, self.origin):
             raise ProtocolError(Code.ORIGIN_NOT_ALLOWED)
         tags = _check_tags(f.get("tags"))
+        sticky = f.get("sticky")
+        if sticky is not None and (type(sticky) is not str or len(sticky) > MAX_STICKY_LEN):
+            raise _bad(f"hello.sticky must be a string of at most {MAX_STICKY_LEN} characters")
         platform = f.get("platform", "web")
         if type(platform) is not str or platform not in PLATFORMS:
             platform = "web"
@@ -258,6 +264,7 @@ class VisitorProtocol:
                 err.retry_after_ms = hub.retry_after_ms(wait)  # type: ignore[attr-defined]
                 raise err
             s = hub.new_session(claims.tenant, claims.visitor, tags, platform)
+            s.ticket = sticky
             last = 0
         else:
             old = s.conn
@@ -296,6 +303,7 @@ class VisitorProtocol:
         if not resumed:
             hub.stats["sessions_opened"] += 1
         hub.downstream.opened(hub, s, resumed)
+        s.ticket = None  # read by the downstream side, if it wanted it
 
     def _on_msg(self, f: dict[str, Any]) -> None:
         s = self.session

@@ -33,6 +33,10 @@ class GatewayChat {
     this.maxBackoffMs = opts.maxBackoffMs || 30000;
     this.sid = null;
     this.exp = null;
+    // the gateway's sticky ticket (who served this visitor), kept across
+    // page loads so that the next session goes back to them
+    this.stickyKey = opts.stickyKey || "gateway-chat-sticky";
+    this.sticky = GatewayChat._load(this.stickyKey);
     this.lastSeq = 0; // highest seq handed to onDeliver
     this.ackedSeq = 0; // highest seq acknowledged to the gateway
     this.nextId = 1;
@@ -49,6 +53,14 @@ class GatewayChat {
     this.reconnectAfterMs = null; // from goaway / retry_after, used once
     this.ackTimer = null;
     this.hbTimer = null;
+  }
+
+  static _load(key) {
+    try {
+      return window.localStorage.getItem(key);
+    } catch (e) {
+      return null; // storage off (private mode, a sandboxed frame)
+    }
   }
 
   static defaultUrl() {
@@ -69,6 +81,7 @@ class GatewayChat {
       const hello = { t: "hello", v: 1, token: this.token, platform: this.platform };
       if (Object.keys(this.tags).length) hello.tags = this.tags;
       if (this.sid) hello.resume = { sid: this.sid, last: this.lastSeq };
+      if (this.sticky) hello.sticky = this.sticky;
       this.lastRx = Date.now();
       this._write(hello);
       this._heartbeat();
@@ -157,6 +170,16 @@ class GatewayChat {
         break;
       case "ping":
         this._write({ t: "pong", ts: f.ts || 0 });
+        break;
+      case "sticky":
+        if (typeof f.ticket === "string") {
+          this.sticky = f.ticket;
+          try {
+            window.localStorage.setItem(this.stickyKey, f.ticket);
+          } catch (e) {
+            // storage off: the ticket lasts as long as the page
+          }
+        }
         break;
       case "refreshed":
         this.exp = f.exp;

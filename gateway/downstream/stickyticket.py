@@ -1,0 +1,168 @@
+"""Sticky tickets, sans-IO: the endpoint and agent that served a visitor,
+sealed for the visitor's client to carry into its next session.
+
+A worker remembers who served a visitor in its own sticky table
+(:class:`gateway.downstream.routing.StickyTable`), which another worker or
+another gateway node does not see; the visitor's next session lands on
+whichever worker the kernel or the load balancer picks. So when a session
+is assigned an agent the gateway also sends the visitor a ``sticky`` frame
+whose ticket seals ``(endpoint, agent, issued)``, and a client that presents
+it in its next ``hello`` (``sticky``) is routed as if that worker had served
+it, on any worker of any node that shares the tenant's configuration
+(docs/protocol.md).
+
+The ticket is AES-256-GCM under a key derived (HKDF-SHA256) from one of the
+tenant's token secrets, named by its key id, with the tenant and visitor
+as associated data: only the gateway can make one, a ticket works only for
+the visitor it was issued to, and removing a secret from the configuration
+retires the tickets made under it. A ticket that does not open (altered,
+another visitor's, an unknown tenant or key id, older than the sticky TTL,
+issued in the future) is ignored: the session is routed as any new one.
+
+Text form: ``s1.<kid, base64url>.<nonce || ciphertext || tag, base64url>``;
+the sealed part is the msgpack array ``[endpoint, agent or nil, issued]``
+(issued: Unix seconds).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from collections.abc import Callable
+from typing import Final
+
+import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from gateway.protocol.tokens import Tenant
+
+__all__ = ["MAX_TICKET_LEN", "StickyTickets"]
+
+#: Longest ticket a ``hello`` may carry (characters).
+MAX_TICKET_LEN: Final = 1024
+#: Longest endpoint key and agent name a ticket is made for; a longer one
+#: gets no ticket (the session is still served; only the hint is lost).
+MAX_FIELD_LEN: Final = 256
+#: A ticket issued up to this far in the future still opens (clocks of
+#: different gateway nodes).
+CLOCK_SKEW_S: Final = 300.0
+#: Derived keys kept (per tenant and key id); the cache is emptied past it.
+MAX_KEYS: Final = 4096
+_PREFIX: Final = "s1"
+_INFO: Final = b"chat-gateway sticky ticket v1"
+_NONCE: Final = 12
+_B64URL: Final = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def _b64e(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64d(text: str) -> bytes:
+    """Canonical base64url without padding (unused low bits zero, so each
+    byte string has one text form); ValueError otherwise."""
+    if len(text) % 4 == 1 or not _B64URL.fullmatch(text):
+        raise ValueError("bad base64url")
+    out = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64e(out) != text:
+        raise ValueError("non-canonical base64url")
+    return out
+
+
+def _aad(tenant: str, visitor: str) -> bytes:
+    return b"sticky\x00" + tenant.encode() + b"\x00" + visitor.encode()
+
+
+class StickyTickets:
+    """Seals and opens sticky tickets with keys derived from the tenants'
+    token secrets, as ``tenant(name)`` returns them now (so a
+    configuration reload that changes a tenant's secrets takes effect at
+    the next ticket)."""
+
+    __slots__ = ("_keys", "_tenant")
+
+    def __init__(self, tenant: Callable[[str], Tenant | None]) -> None:
+        self._tenant = tenant
+        # (tenant, kid) -> (the secret it was derived from, the cipher)
+        self._keys: dict[tuple[str, str], tuple[bytes, AESGCM]] = {}
+
+    def _cipher(self, tenant: str, kid: str | None) -> tuple[str, AESGCM] | None:
+        t = self._tenant(tenant)
+        if t is None or not t.secrets:
+            return None
+        kid = t.primary_kid if kid is None else kid
+        secret = t.secrets.get(kid)
+        if secret is None:
+            return None
+        hit = self._keys.get((tenant, kid))
+        if hit is not None and hit[0] == secret:
+            return kid, hit[1]
+        key = HKDF(
+            algorithm=hashes.SHA256(),
+            length=32,
+            salt=None,
+            info=_INFO + b"\x00" + tenant.encode() + b"\x00" + kid.encode(),
+        ).derive(secret)
+        if len(self._keys) >= MAX_KEYS:
+            self._keys.clear()
+        aead = AESGCM(key)
+        self._keys[(tenant, kid)] = (secret, aead)
+        return kid, aead
+
+    def seal(
+        self, tenant: str, visitor: str, endpoint: str, agent: str | None, now: float
+    ) -> str | None:
+        """A ticket for ``visitor`` of ``tenant``, issued at ``now`` (Unix
+        seconds); None when the tenant has no secret or a field is too long
+        to carry."""
+        if len(endpoint) > MAX_FIELD_LEN or (agent is not None and len(agent) > MAX_FIELD_LEN):
+            return None
+        c = self._cipher(tenant, None)
+        if c is None:
+            return None
+        kid, aead = c
+        plain = msgpack.packb([endpoint, agent, int(now)])
+        nonce = os.urandom(_NONCE)
+        sealed = nonce + aead.encrypt(nonce, plain, _aad(tenant, visitor))
+        text = f"{_PREFIX}.{_b64e(kid.encode())}.{_b64e(sealed)}"
+        return text if len(text) <= MAX_TICKET_LEN else None
+
+    def open(
+        self, tenant: str, visitor: str, ticket: str, now: float, ttl_s: float
+    ) -> tuple[str, str | None, float] | None:
+        """``(endpoint, agent, issued)`` of a ticket issued to ``visitor``
+        of ``tenant`` at most ``ttl_s`` before ``now`` (Unix seconds);
+        None for anything else."""
+        if len(ticket) > MAX_TICKET_LEN or not ticket.isascii():
+            return None
+        parts = ticket.split(".")
+        if len(parts) != 3 or parts[0] != _PREFIX:
+            return None
+        try:
+            kid = _b64d(parts[1]).decode()
+            sealed = _b64d(parts[2])
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            return None
+        if len(sealed) < _NONCE + 16:
+            return None
+        c = self._cipher(tenant, kid)
+        if c is None:
+            return None
+        try:
+            plain = c[1].decrypt(sealed[:_NONCE], sealed[_NONCE:], _aad(tenant, visitor))
+            fields = msgpack.unpackb(plain)
+        except (InvalidTag, ValueError, msgpack.UnpackException):
+            return None
+        if type(fields) is not list or len(fields) != 3:
+            return None
+        endpoint, agent, issued = fields
+        if type(endpoint) is not str or (agent is not None and type(agent) is not str):
+            return None
+        if type(issued) is not int or not (now - ttl_s <= issued <= now + CLOCK_SKEW_S):
+            return None
+        return endpoint, agent, float(issued)
