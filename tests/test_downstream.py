@@ -268,25 +268,45 @@ async def test_returning_visitor_gets_the_same_agent_back(tmp_path: Path) -> Non
     assert agents[2] == agents[0]
 
 
-async def test_returning_visitor_goes_back_to_the_endpoint_that_served_it(tmp_path: Path) -> None:
-    """A returning visitor's new session is opened on the endpoint that
-    served its last one, not on whichever the balancer would pick."""
-    rec_a, rec_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    async with desk(record=rec_a, think_ms=0) as (pa, _, _):  # noqa: SIM117
-        async with desk(record=rec_b, think_ms=0) as (pb, _, _):
-            async with running(tmp_path, downstream=ds(("general", [pa, pb]))) as gw:
-                await wait_links_up(gw.w.forwarder, 2)
-                for rnd in ("first", "again"):
-                    for v in range(16):
-                        tok = gw.token(f"v{v}")
-                        async with gc.connect(gw.url, token=tok, reconnect=False) as s:
-                            await s.send(f"v{v} {rnd}")
-                            assert (await s.receive()).sender_name == "assign"
+def _served_at(recs: dict[str, Path]) -> dict[str, dict[str, str]]:
+    """visitor -> {round: desk name} from messages recorded as "VISITOR ROUND"."""
     where: dict[str, dict[str, str]] = {}
-    for path, name in ((rec_a, "A"), (rec_b, "B")):
+    for name, path in recs.items():
         for r in records(path):
             v, rnd = r["body"].split()
             where.setdefault(v, {})[rnd] = name
+    return where
+
+
+@pytest.mark.parametrize("bot_first", [False, True], ids=["direct", "bot-first"])
+async def test_returning_visitor_goes_back_to_the_endpoint_that_served_it(
+    tmp_path: Path, bot_first: bool
+) -> None:
+    """A returning visitor's new session is opened on the endpoint that
+    served its last one, not on whichever the balancer would pick; with
+    bot-first triage, on the humans' endpoint once the bot hands over (the
+    bot's endpoint does not take its place)."""
+    rec_a, rec_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    async with desk(record=rec_a, think_ms=0) as (pa, _, _):  # noqa: SIM117
+        async with desk(record=rec_b, think_ms=0) as (pb, _, _):
+            async with desk(think_ms=0) as (pbot, _, _):
+                table = ds(("general", [pa, pb]), ("triage", [pbot]))
+                table["default_group"] = "general"
+                if bot_first:
+                    table["groups"]["general"]["bot"] = "triage"
+                async with running(tmp_path, downstream=table) as gw:
+                    await wait_links_up(gw.w.forwarder, 3)
+                    for rnd in ("first", "again"):
+                        for v in range(16):
+                            tok = gw.token(f"v{v}")
+                            async with gc.connect(gw.url, token=tok, reconnect=False) as s:
+                                if bot_first:
+                                    await s.send("a human please")
+                                    assert (await s.receive()).body.startswith("Connecting")
+                                await s.send(f"v{v} {rnd}")
+                                while (await s.receive()).sender_name != "assign":
+                                    pass
+    where = _served_at({"A": rec_a, "B": rec_b})
     assert len(where) == 16
     # both endpoints served first sessions (else the test shows nothing)
     assert {w["first"] for w in where.values()} == {"A", "B"}, where
@@ -337,11 +357,7 @@ async def test_sticky_ticket_takes_a_returning_visitor_back_from_another_node(
                         ) as s:
                             assert await s.send(f"{visitor} refused") == 1
                     assert g2.stats["sticky_tickets_refused"] == 2
-    where: dict[str, dict[str, str]] = {}
-    for path, name in ((rec_a, "A"), (rec_b, "B")):
-        for r in records(path):
-            v, rnd = r["body"].split()
-            where.setdefault(v, {})[rnd] = name
+    where = _served_at({"A": rec_a, "B": rec_b})
     visitors = {v: w for v, w in where.items() if v.startswith("v")}
     assert len(visitors) == 16 and {"x1", "x2"} <= where.keys()
     assert {w["first"] for w in visitors.values()} == {"A", "B"}, where

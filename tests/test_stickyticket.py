@@ -3,10 +3,20 @@ what does not, and that nothing a client sends makes them raise."""
 
 from __future__ import annotations
 
+import os
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.downstream.stickyticket import MAX_FIELD_LEN, MAX_TICKET_LEN, StickyTickets
+from gateway.crypto import Keyring
+from gateway.downstream.stickyticket import (
+    MAX_FIELD_LEN,
+    MAX_TICKET_LEN,
+    StickyTickets,
+    hkdf_sha256,
+)
 from gateway.protocol.tokens import Tenant
 
 NOW = 1_800_000_000.0
@@ -14,7 +24,30 @@ TTL = 86_400.0
 
 
 def tickets(tenants: dict[str, Tenant]) -> StickyTickets:
-    return StickyTickets(tenants.get)
+    return StickyTickets(tenants.get, lambda: Keyring(fixed=int.from_bytes(os.urandom(4), "big")))
+
+
+def test_hkdf_sha256_matches_rfc5869_and_pyca() -> None:
+    # RFC 5869, test case 3 (no salt, no info)
+    okm = hkdf_sha256(bytes([0x0B] * 22), b"", 42)
+    assert okm.hex() == (
+        "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8"
+    )
+    for n in (1, 32, 33, 100):
+        secret, info = os.urandom(n), os.urandom(n % 40)
+        want = HKDF(algorithm=hashes.SHA256(), length=n, salt=None, info=info).derive(secret)
+        assert hkdf_sha256(secret, info, n) == want
+
+
+def test_a_ticket_made_on_one_node_opens_on_another() -> None:
+    """Two keyrings (two workers or nodes: other nonce fields), the same
+    tenant configuration."""
+    one, two = tickets(acme("k1")), tickets(acme("k1"))
+    t = one.seal("acme", "alice", "ep", "agent", NOW)
+    assert t is not None
+    assert two.open("acme", "alice", t, NOW, TTL) == ("ep", "agent", NOW)
+    # and no two tickets share a nonce (nor the same text for the same contents)
+    assert len({one.seal("acme", "alice", "ep", "agent", NOW) for _ in range(100)}) == 100
 
 
 def acme(*kids: str) -> dict[str, Tenant]:

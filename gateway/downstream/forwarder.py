@@ -31,6 +31,7 @@ from typing import Any, Final
 
 import trio
 
+from gateway.crypto import Keyring
 from gateway.downstream.admission import Admission, ClusterLoad
 from gateway.downstream.balancer import Balancer, Endpoint
 from gateway.downstream.breaker import OPEN, STATE_NAMES, Breaker, OutlierDetector
@@ -212,8 +213,12 @@ class Forwarder:
         self.admission = Admission(settings.admission, self.rng)
         self.sticky = StickyTable(settings.sticky_entries, settings.sticky_ttl_s)
         # the sticky table's entries sealed for the visitors to carry to
-        # other workers and nodes, keyed by the tenants' current secrets
-        self.tickets = StickyTickets(self._tenant)
+        # other workers and nodes, keyed by the tenants' current secrets;
+        # the keyring's nonce field comes from ``state_dir`` (None: the
+        # default state directory) and the node id
+        self.node = node
+        self.state_dir: str | None = None
+        self.tickets = StickyTickets(self._tenant, self._keyring)
         self.hub: Hub | None = None
         # the worker's reactor (gateway.server.reactor), when there is one:
         # frames queued while it handles a batch are written at its end
@@ -536,6 +541,9 @@ class Forwarder:
             if not fl.waiting:
                 self._drop_probe(fl, now)
 
+    def _keyring(self) -> Keyring:
+        return Keyring(state_dir=self.state_dir, node_id=self.node)
+
     def _tenant(self, name: str) -> Tenant | None:
         hub = self.hub
         return hub.verifier.tenant(name) if hub is not None else None
@@ -696,11 +704,13 @@ class Forwarder:
         keep it, their messages waiting); None if nothing is available."""
         group = self._target_group(fl.route)
         c = self._cluster_of(group)
-        if fl.ep is not None:
-            prefer = fl.ep.key if fl.ep.cluster is c else None
+        if fl.ep is not None and fl.ep.cluster is c:
+            prefer: str | None = fl.ep.key
         else:
-            # a returning visitor's first open: the endpoint that served it
-            # (the balancer ignores a key that is not in this cluster)
+            # a returning visitor's first open on this cluster (its first
+            # at all, or a handover from the bots to the humans): the
+            # endpoint that served it (the balancer ignores a key that is
+            # not in this cluster)
             prefer = fl.sticky_ep or None
         full = fl.cluster is not c and c.inflight >= self.s.admission.max_pending_per_cluster
         ep = None if full else c.balancer.pick(now, exclude or (), prefer)
@@ -754,10 +764,12 @@ class Forwarder:
             fl.group = group
             fl.head_route = None  # the msg frames name the new group
         link.sessions.add(s)
-        # the endpoint serving the visitor now (with the agent hint it
-        # carries): where its next session goes
-        self.sticky.put(s.tenant, s.visitor, ep.key, fl.agent, now)
         route = fl.route
+        if route.stage != BOT_STAGE:
+            # the endpoint serving the visitor now (with the agent hint it
+            # carries): where its next session goes (not a bot-first
+            # stage's, which would take the humans' place)
+            self.sticky.put(s.tenant, s.visitor, ep.key, fl.agent, now)
         link.send(
             encode(
                 {

@@ -11,11 +11,16 @@ it in its next ``hello`` (``sticky``) is routed as if that worker had served
 it, on any worker of any node that shares the tenant's configuration
 (docs/protocol.md).
 
-The ticket is AES-256-GCM under a key derived (HKDF-SHA256) from one of the
-tenant's token secrets, named by its key id, with the tenant and visitor
-as associated data: only the gateway can make one, a ticket works only for
-the visitor it was issued to, and removing a secret from the configuration
-retires the tickets made under it. A ticket that does not open (altered,
+The ticket is AES-256-GCM under a key derived (HKDF-SHA256, RFC 5869) from
+one of the tenant's token secrets, named by its key id, with the tenant and
+visitor as associated data: only the gateway can make one, a ticket works
+only for the visitor it was issued to, and removing a secret from the
+configuration retires the tickets made under it. The sealing is the native
+keyring's (:class:`gateway.crypto.Keyring`), whose nonces are a counter
+under a fixed field unique to the keyring (the node id and a per-node
+counter kept in ``state_dir``), so no two tickets of any worker or node
+share a nonce; it is made on the first ticket, so a worker that never
+issues or reads one never touches the state directory. A ticket that does not open (altered,
 another visitor's, an unknown tenant or key id, older than the sticky TTL,
 issued in the future) is ignored: the session is routed as any new one.
 
@@ -28,20 +33,18 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
+import hashlib
+import hmac
 import re
 from collections.abc import Callable
 from typing import Final
 
 import msgpack
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from gateway.crypto import Keyring
 from gateway.protocol.tokens import Tenant
 
-__all__ = ["MAX_TICKET_LEN", "StickyTickets"]
+__all__ = ["MAX_TICKET_LEN", "StickyTickets", "hkdf_sha256"]
 
 #: Longest ticket a ``hello`` may carry (characters).
 MAX_TICKET_LEN: Final = 1024
@@ -55,7 +58,8 @@ CLOCK_SKEW_S: Final = 300.0
 MAX_KEYS: Final = 4096
 _PREFIX: Final = "s1"
 _INFO: Final = b"chat-gateway sticky ticket v1"
-_NONCE: Final = 12
+#: What sealing adds: the 12-byte nonce before, the 16-byte tag after.
+_OVERHEAD: Final = 12 + 16
 _B64URL: Final = re.compile(r"[A-Za-z0-9_-]*")
 
 
@@ -78,20 +82,40 @@ def _aad(tenant: str, visitor: str) -> bytes:
     return b"sticky\x00" + tenant.encode() + b"\x00" + visitor.encode()
 
 
+def hkdf_sha256(secret: bytes, info: bytes, length: int = 32) -> bytes:
+    """HKDF-SHA256 (RFC 5869) with no salt (a zero-filled one)."""
+    if not 0 < length <= 255 * 32:
+        raise ValueError("HKDF-SHA256 gives 1..8160 bytes")
+    prk = hmac.new(bytes(32), secret, hashlib.sha256).digest()
+    out, block, i = b"", b"", 1
+    while len(out) < length:
+        block = hmac.new(prk, block + info + bytes((i,)), hashlib.sha256).digest()
+        out += block
+        i += 1
+    return out[:length]
+
+
 class StickyTickets:
     """Seals and opens sticky tickets with keys derived from the tenants'
     token secrets, as ``tenant(name)`` returns them now (so a
     configuration reload that changes a tenant's secrets takes effect at
-    the next ticket)."""
+    the next ticket), in the keyring ``keyring()`` makes when first
+    needed."""
 
-    __slots__ = ("_keys", "_tenant")
+    __slots__ = ("_handles", "_keyring", "_make", "_tenant")
 
-    def __init__(self, tenant: Callable[[str], Tenant | None]) -> None:
+    def __init__(
+        self, tenant: Callable[[str], Tenant | None], keyring: Callable[[], Keyring]
+    ) -> None:
         self._tenant = tenant
-        # (tenant, kid) -> (the secret it was derived from, the cipher)
-        self._keys: dict[tuple[str, str], tuple[bytes, AESGCM]] = {}
+        self._make = keyring
+        self._keyring: Keyring | None = None
+        # (tenant, kid) -> (the secret its key was derived from, key handle)
+        self._handles: dict[tuple[str, str], tuple[bytes, int]] = {}
 
-    def _cipher(self, tenant: str, kid: str | None) -> tuple[str, AESGCM] | None:
+    def _key(self, tenant: str, kid: str | None) -> tuple[Keyring, str, int] | None:
+        """The keyring, key id and key handle for ``tenant``'s key ``kid``
+        (its primary one for None), or None when it has no such secret."""
         t = self._tenant(tenant)
         if t is None or not t.secrets:
             return None
@@ -99,20 +123,23 @@ class StickyTickets:
         secret = t.secrets.get(kid)
         if secret is None:
             return None
-        hit = self._keys.get((tenant, kid))
-        if hit is not None and hit[0] == secret:
-            return kid, hit[1]
-        key = HKDF(
-            algorithm=hashes.SHA256(),
-            length=32,
-            salt=None,
-            info=_INFO + b"\x00" + tenant.encode() + b"\x00" + kid.encode(),
-        ).derive(secret)
-        if len(self._keys) >= MAX_KEYS:
-            self._keys.clear()
-        aead = AESGCM(key)
-        self._keys[(tenant, kid)] = (secret, aead)
-        return kid, aead
+        kr = self._keyring
+        if kr is None:
+            kr = self._keyring = self._make()
+        hit = self._handles.get((tenant, kid))
+        if hit is not None:
+            if hit[0] == secret:
+                return kr, kid, hit[1]
+            kr.remove(hit[1])  # the secret changed under the same key id
+            del self._handles[(tenant, kid)]
+        if len(self._handles) >= MAX_KEYS:
+            for _, h in self._handles.values():
+                kr.remove(h)
+            self._handles.clear()
+        info = _INFO + b"\x00" + tenant.encode() + b"\x00" + kid.encode()
+        handle = kr.add("aes-256-gcm", hkdf_sha256(secret, info))
+        self._handles[(tenant, kid)] = (secret, handle)
+        return kr, kid, handle
 
     def seal(
         self, tenant: str, visitor: str, endpoint: str, agent: str | None, now: float
@@ -122,13 +149,12 @@ class StickyTickets:
         to carry."""
         if len(endpoint) > MAX_FIELD_LEN or (agent is not None and len(agent) > MAX_FIELD_LEN):
             return None
-        c = self._cipher(tenant, None)
-        if c is None:
+        k = self._key(tenant, None)
+        if k is None:
             return None
-        kid, aead = c
+        kr, kid, handle = k
         plain = msgpack.packb([endpoint, agent, int(now)])
-        nonce = os.urandom(_NONCE)
-        sealed = nonce + aead.encrypt(nonce, plain, _aad(tenant, visitor))
+        (sealed,) = kr.seal_many([(handle, plain, _aad(tenant, visitor))])
         text = f"{_PREFIX}.{_b64e(kid.encode())}.{_b64e(sealed)}"
         return text if len(text) <= MAX_TICKET_LEN else None
 
@@ -148,15 +174,18 @@ class StickyTickets:
             sealed = _b64d(parts[2])
         except (ValueError, binascii.Error, UnicodeDecodeError):
             return None
-        if len(sealed) < _NONCE + 16:
+        if len(sealed) < _OVERHEAD:
             return None
-        c = self._cipher(tenant, kid)
-        if c is None:
+        k = self._key(tenant, kid)
+        if k is None:
+            return None
+        kr, _, handle = k
+        (plain,) = kr.open_many([(handle, sealed, _aad(tenant, visitor))])
+        if plain is None:
             return None
         try:
-            plain = c[1].decrypt(sealed[:_NONCE], sealed[_NONCE:], _aad(tenant, visitor))
             fields = msgpack.unpackb(plain)
-        except (InvalidTag, ValueError, msgpack.UnpackException):
+        except (ValueError, msgpack.UnpackException):
             return None
         if type(fields) is not list or len(fields) != 3:
             return None

@@ -184,6 +184,7 @@ class Worker:
             from gateway.downstream.forwarder import Forwarder
 
             self.forwarder = Forwarder(ds_settings, cfg.node_id, index)
+            self.forwarder.state_dir = str(cfg.state_dir)
             self.hub = Hub(cfg, self.forwarder, log=self.event, workers=n, index=index)
             self.forwarder.hub = self.hub
         else:
