@@ -364,6 +364,24 @@ async def test_sticky_ticket_takes_a_returning_visitor_back_from_another_node(
     assert all(w["again"] == w["first"] for w in visitors.values()), where
 
 
+async def test_no_sticky_tickets_when_the_state_directory_is_unusable(tmp_path: Path) -> None:
+    """The tickets' keyring needs the state directory (its nonce field):
+    when it cannot be used, the worker says so once, issues no ticket, and
+    serves every session as before."""
+    (tmp_path / "a-file").write_text("")
+    async with desk(think_ms=0) as (port, _, _):  # noqa: SIM117
+        async with running(tmp_path, downstream=ds(("general", [port]))) as gw:
+            gw.w.forwarder.state_dir = str(tmp_path / "a-file" / "state")
+            await wait_links_up(gw.w.forwarder)
+            for v in ("v0", "v1"):
+                async with gc.connect(gw.url, token=gw.token(v), reconnect=False) as s:
+                    await s.send("hello")
+                    assert (await s.receive()).sender_name == "assign"
+                    assert s.sticky is None
+            assert gw.stats["sticky_tickets_off"] == 1
+            assert gw.stats["sticky_tickets_issued"] == 0
+
+
 async def test_burst_of_sessions_fills_large_link_writes(tmp_path: Path) -> None:
     # 150 opens + messages in one burst: the link writes more than one
     # 16 KiB DATA frame at once (once broke the desk's frame-size check)

@@ -131,3 +131,23 @@ def test_nothing_a_client_sends_makes_it_raise(text: str) -> None:
     assert tk.open("acme", "alice", text, NOW, TTL) is None
     # and shaped like a ticket, with random contents
     assert tk.open("acme", "alice", "s1.azE." + text, NOW, TTL) is None
+
+
+def test_no_keyring_means_no_tickets_and_one_attempt() -> None:
+    """A state directory the keyring cannot use: no ticket is made or
+    opened (sessions are routed as new ones), the reason is kept, and the
+    keyring is not tried again on every assignment."""
+    calls = []
+
+    def broken() -> Keyring:
+        calls.append(1)
+        raise PermissionError(13, "Permission denied", "/state/nonce-epoch")
+
+    tk = StickyTickets(acme("k1").get, broken)
+    good = tickets(acme("k1")).seal("acme", "alice", "ep", None, NOW)
+    assert good is not None
+    for _ in range(3):
+        assert tk.seal("acme", "alice", "ep", None, NOW) is None
+        assert tk.open("acme", "alice", good, NOW, TTL) is None
+    assert len(calls) == 1
+    assert tk.error is not None and "Permission denied" in tk.error

@@ -1070,10 +1070,14 @@ class Forwarder:
             conn = s.conn
             if ep is not None and conn is not None:
                 # for the visitor's next session, wherever it lands
-                ticket = self.tickets.seal(s.tenant, s.visitor, ep.key, fl.agent, hub.wall())
+                tk = self.tickets
+                ticket = tk.seal(s.tenant, s.visitor, ep.key, fl.agent, hub.wall())
                 if ticket is not None:
                     conn.session_frame({"t": "sticky", "ticket": ticket})
                     hub.stats["sticky_tickets_issued"] += 1
+                elif tk.error is not None and not hub.stats["sticky_tickets_off"]:
+                    hub.stats["sticky_tickets_off"] += 1  # logged once
+                    hub.log("warning", "sticky_tickets_off", why=tk.error)
         hub.deliver(s, _joined(f["agent"]), _assign_sender(f["agent"]))
 
     def _elsewhere(self, hub: Hub, link: Link, f: dict[str, Any]) -> None:

@@ -41,7 +41,7 @@ from typing import Final
 
 import msgpack
 
-from gateway.crypto import Keyring
+from gateway.crypto import CryptoError, Keyring
 from gateway.protocol.tokens import Tenant
 
 __all__ = ["MAX_TICKET_LEN", "StickyTickets", "hkdf_sha256"]
@@ -102,7 +102,7 @@ class StickyTickets:
     the next ticket), in the keyring ``keyring()`` makes when first
     needed."""
 
-    __slots__ = ("_handles", "_keyring", "_make", "_tenant")
+    __slots__ = ("_handles", "_keyring", "_make", "_tenant", "error")
 
     def __init__(
         self, tenant: Callable[[str], Tenant | None], keyring: Callable[[], Keyring]
@@ -110,6 +110,9 @@ class StickyTickets:
         self._tenant = tenant
         self._make = keyring
         self._keyring: Keyring | None = None
+        #: why no keyring could be made (its nonce field needs the state
+        #: directory): no tickets are made or opened then
+        self.error: str | None = None
         # (tenant, kid) -> (the secret its key was derived from, key handle)
         self._handles: dict[tuple[str, str], tuple[bytes, int]] = {}
 
@@ -125,7 +128,13 @@ class StickyTickets:
             return None
         kr = self._keyring
         if kr is None:
-            kr = self._keyring = self._make()
+            if self.error is not None:
+                return None
+            try:
+                kr = self._keyring = self._make()
+            except (OSError, CryptoError) as e:
+                self.error = f"{type(e).__name__}: {e}"
+                return None
         hit = self._handles.get((tenant, kid))
         if hit is not None:
             if hit[0] == secret:
