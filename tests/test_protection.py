@@ -462,6 +462,30 @@ def test_entry_rules_tags_and_globs() -> None:
     assert r.entry_group({}) == Route("general", BOT)
 
 
+@pytest.mark.parametrize(
+    ("text", "hit"),
+    [
+        ("I want a refund", True),
+        ("REFUND, now!", True),
+        ("refunds please", False),  # whole words in space-separated scripts
+        ("prefund", False),
+        ("my_refund", False),
+        ("我要退款谢谢", True),  # Chinese has no spaces between words
+        ("退款", True),
+        ("返金してください", True),  # Japanese
+        ("환불을 원해요", True),  # Korean: the particle attaches to the word
+        ("ขอคืนเงินด้วย", True),  # Thai
+        ("refund退款", True),
+        ("learning c++ now", True),  # a keyword ending in a symbol
+        ("c#", False),
+        ("nothing to see", False),
+    ],
+)
+def test_keywords_match_whole_words_or_unspaced_scripts(text: str, hit: bool) -> None:
+    r = Rule("billing", keywords=("refund", "退款", "返金", "환불", "คืนเงิน", "c++"))
+    assert r.body_match(text) is hit
+
+
 def test_keywords_move_a_session_and_handover_goes_to_humans() -> None:
     r = _router()
     start = r.entry_group({})

@@ -16,13 +16,33 @@ __all__ = ["BOT", "HUMAN", "Group", "Route", "Router", "Rule", "StickyTable"]
 BOT: Final = "bot"
 HUMAN: Final = "human"
 _TAG_FIELDS: Final = ("channel", "page", "business")
+#: Letters, digits and ``_`` of the scripts that separate words with spaces:
+#: a keyword edge made of one must not touch another (``refund`` does not
+#: match in ``refunds``). Scripts written without spaces between words (Thai,
+#: Lao, Myanmar, Khmer, CJK, kana, Hangul with its attached particles) are
+#: matched anywhere: ``退款`` in ``我要退款``.
+_SPACED: Final = (
+    r"[^\W\u0E00-\u0EFF\u1000-\u109F\u1780-\u17FF\u2E80-\u2FDF\u3000-\u9FFF"
+    r"\uA000-\uA4CF\uAC00-\uD7AF\uF900-\uFAFF\uFF66-\uFFDC]"
+)
+_SPACED_RE: Final = re.compile(_SPACED)
+
+
+def _keyword_pattern(keyword: str) -> str:
+    """``keyword`` (stripped) as a regular expression: whole words at its
+    edges that are letters or digits of space-separated scripts."""
+    k = keyword.strip()
+    head = f"(?<!{_SPACED})" if _SPACED_RE.match(k[0]) else ""
+    tail = f"(?!{_SPACED})" if _SPACED_RE.match(k[-1]) else ""
+    return head + re.escape(k) + tail
 
 
 @dataclass(frozen=True)
 class Rule:
     """Matches entry tags exactly or by ``*`` glob; a rule with ``keywords``
-    applies to messages (case-insensitive whole words), one without to the
-    session's entry."""
+    applies to messages (case-insensitive; whole words in scripts that put
+    spaces between words, anywhere in those that do not), one without to
+    the session's entry."""
 
     group: str
     channel: str | None = None
@@ -42,8 +62,8 @@ class Rule:
         ):
             raise ValueError("rule.keywords must be non-empty strings")
         if self.keywords:
-            words = "|".join(re.escape(k.strip()) for k in self.keywords)
-            object.__setattr__(self, "_kw", re.compile(rf"\b(?:{words})\b", re.IGNORECASE))
+            words = "|".join(_keyword_pattern(k) for k in self.keywords)
+            object.__setattr__(self, "_kw", re.compile(f"(?:{words})", re.IGNORECASE))
 
     def tags_match(self, tags: Mapping[str, str]) -> bool:
         for f in _TAG_FIELDS:
