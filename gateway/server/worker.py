@@ -44,6 +44,7 @@ from gateway.gctune import retune_gc, tune_gc, watch_pauses
 from gateway.protocol.codec import Encoding
 from gateway.ratelimit import TokenBucket
 from gateway.server.bot import DemoBot
+from gateway.server.clientkey import client_key
 from gateway.server.http1 import HttpError, check_upgrade, parse_head, response, upgrade_response
 from gateway.server.migrator import WorkerMigrator
 from gateway.server.pipe import RawPipe, TlsPipe, TlsRawPipe
@@ -295,11 +296,13 @@ class Worker:
                     break
                 self.hub.stats["connections_accepted"] += 1
                 sock.setblocking(False)
+                # what the per-address limits count under (an IPv6 /64)
+                key = client_key(addr[0])
                 if self.ssl_ctx is not None and not TLS_REACTOR:
-                    nursery.start_soon(self.serve, sock, addr[0])
+                    nursery.start_soon(self.serve, sock, key)
                     continue
                 try:
-                    self._accept_plain(sock, addr[0])
+                    self._accept_plain(sock, key)
                 except Exception:  # a bug must not stop the accept loop
                     self.hub.stats["internal_errors"] += 1
                     _log.exception("accepting a connection failed")
