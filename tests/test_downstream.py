@@ -287,7 +287,19 @@ async def test_returning_visitor_goes_back_to_the_endpoint_that_served_it(
     bot-first triage, on the humans' endpoint once the bot hands over (the
     bot's endpoint does not take its place)."""
     rec_a, rec_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    async with desk(record=rec_a, think_ms=0) as (pa, _, _):  # noqa: SIM117
+
+    async def chat(gw: Any, visitors: list[str], rnd: str) -> None:
+        for v in visitors:
+            async with gc.connect(gw.url, token=gw.token(v), reconnect=False) as s:
+                if bot_first:
+                    await s.send("a human please")
+                    assert (await s.receive()).body.startswith("Connecting")
+                await s.send(f"{v} {rnd}")
+                while (await s.receive()).sender_name != "assign":
+                    pass
+
+    visitors = [f"v{i}" for i in range(16)]
+    async with desk(record=rec_a, think_ms=0) as (pa, _, scope_a):  # noqa: SIM117
         async with desk(record=rec_b, think_ms=0) as (pb, _, _):
             async with desk(think_ms=0) as (pbot, _, _):
                 table = ds(("general", [pa, pb]), ("triage", [pbot]))
@@ -295,22 +307,26 @@ async def test_returning_visitor_goes_back_to_the_endpoint_that_served_it(
                 if bot_first:
                     table["groups"]["general"]["bot"] = "triage"
                 async with running(tmp_path, downstream=table) as gw:
-                    await wait_links_up(gw.w.forwarder, 3)
-                    for rnd in ("first", "again"):
-                        for v in range(16):
-                            tok = gw.token(f"v{v}")
-                            async with gc.connect(gw.url, token=tok, reconnect=False) as s:
-                                if bot_first:
-                                    await s.send("a human please")
-                                    assert (await s.receive()).body.startswith("Connecting")
-                                await s.send(f"v{v} {rnd}")
-                                while (await s.receive()).sender_name != "assign":
-                                    pass
+                    fw = gw.w.forwarder
+                    await wait_links_up(fw, 3)
+                    await chat(gw, visitors, "first")
+                    await chat(gw, visitors, "again")
+                    assert gw.stats["sticky_routes_kept"] == 16
+                    assert gw.stats["sticky_routes_moved"] == 0
+                    # desk A goes away: its visitors come back to B, counted as moved
+                    on_a = list(_served_at({"A": rec_a}))
+                    scope_a.cancel()
+                    with trio.fail_after(10):
+                        while sum(1 for ln in fw.links if ln.up) > 2:
+                            await trio.sleep(0.02)
+                    await chat(gw, on_a, "third")
+                    assert gw.stats["sticky_routes_moved"] == len(on_a)
     where = _served_at({"A": rec_a, "B": rec_b})
     assert len(where) == 16
     # both endpoints served first sessions (else the test shows nothing)
     assert {w["first"] for w in where.values()} == {"A", "B"}, where
     assert all(w["again"] == w["first"] for w in where.values()), where
+    assert all(where[v]["third"] == "B" for v in on_a), where
 
 
 async def test_sticky_ticket_takes_a_returning_visitor_back_from_another_node(
@@ -348,6 +364,7 @@ async def test_sticky_ticket_takes_a_returning_visitor_back_from_another_node(
                             assert (await s.receive()).sender_name == "assign"
                     assert g1.stats["sticky_tickets_issued"] == 16
                     assert g2.stats["sticky_tickets_used"] == 16
+                    assert g2.stats["sticky_routes_kept"] == 16
                     # altered, and another visitor's: refused, still served
                     bad = held["v0"][:-2] + ("AA" if not held["v0"].endswith("AA") else "BB")
                     for visitor, ticket in (("x1", bad), ("x2", held["v1"])):

@@ -764,6 +764,13 @@ class Forwarder:
             fl.group = group
             fl.head_route = None  # the msg frames name the new group
         link.sessions.add(s)
+        sticky_ep = fl.sticky_ep
+        if sticky_ep and sticky_ep in ep.cluster.eps and self.hub is not None:
+            # a returning visitor's first open on the cluster that served it:
+            # back on its endpoint, or elsewhere (that one unavailable)
+            kept = ep.key == sticky_ep
+            self.hub.stats["sticky_routes_kept" if kept else "sticky_routes_moved"] += 1
+            fl.sticky_ep = ""
         route = fl.route
         if route.stage != BOT_STAGE:
             # the endpoint serving the visitor now (with the agent hint it

@@ -59,6 +59,7 @@ _PREFIX: Final[tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...]] = 
     ("closed_", "gateway_closes_total", "code", ()),
     ("http_", "gateway_http_errors_total", "status", ()),
     ("sticky_tickets_", "gateway_sticky_tickets_total", "result", ()),
+    ("sticky_routes_", "gateway_sticky_routes_total", "result", ()),
 )
 
 COUNTER_HELP: Final = {
@@ -91,6 +92,7 @@ COUNTER_HELP: Final = {
     "gateway_closes_total": "Connections closed with a code, by code",
     "gateway_http_errors_total": "Plain HTTP error responses, by status",
     "gateway_sticky_tickets_total": "Sticky tickets issued, and those presented: used or refused",
+    "gateway_sticky_routes_total": "Returning visitors opened on their endpoint (kept) or not",
     "gateway_events_total": "Other worker events, by name",
     "gateway_loop_busy_seconds_total": "Seconds the event loops spent handling ready connections",
     "gateway_loop_batches_total": "Event loop wakeups that handled ready connections",
