@@ -531,7 +531,7 @@ class Forwarder:
         if fl is None:
             fl = s.ds = Flow(self.router.entry_group(s.tags))
             if s.ticket is not None:
-                self._carried(hub, s)
+                self._carried(hub, s, s.ticket)
             hint = self.sticky.get(s.tenant, s.visitor, self._time())
             if hint is not None:
                 fl.sticky_ep, fl.agent = hint
@@ -548,13 +548,11 @@ class Forwarder:
         hub = self.hub
         return hub.verifier.tenant(name) if hub is not None else None
 
-    def _carried(self, hub: Hub, s: Session) -> None:
+    def _carried(self, hub: Hub, s: Session, ticket: str) -> None:
         """The sticky ticket of a new session's hello: what it says becomes
         this worker's sticky entry for the visitor, unless the one here is
-        newer. One that does not open is counted and ignored."""
-        ticket, s.ticket = s.ticket, None
-        if ticket is None:
-            return
+        newer. One that does not open is counted and ignored. (The visitor
+        protocol drops ``s.ticket`` once the session is opened.)"""
         wall, now = hub.wall(), self._time()
         got = self.tickets.open(s.tenant, s.visitor, ticket, wall, self.sticky.ttl_s)
         if got is None:

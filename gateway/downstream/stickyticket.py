@@ -31,23 +31,23 @@ the sealed part is the msgpack array ``[endpoint, agent or nil, issued]``
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import hmac
-import re
 from collections.abc import Callable
 from typing import Final
 
 import msgpack
 
 from gateway.crypto import CryptoError, Keyring
-from gateway.protocol.tokens import Tenant
+from gateway.protocol.tokens import Tenant, b64url_decode, b64url_encode
+from gateway.session.visitor import MAX_STICKY_LEN
 
 __all__ = ["MAX_TICKET_LEN", "StickyTickets", "hkdf_sha256"]
 
-#: Longest ticket a ``hello`` may carry (characters).
-MAX_TICKET_LEN: Final = 1024
+#: Longest ticket a ``hello`` may carry (characters): what the visitor
+#: protocol lets through, so every ticket made fits in a hello.
+MAX_TICKET_LEN: Final = MAX_STICKY_LEN
 #: Longest endpoint key and agent name a ticket is made for; a longer one
 #: gets no ticket (the session is still served; only the hint is lost).
 MAX_FIELD_LEN: Final = 256
@@ -60,20 +60,13 @@ _PREFIX: Final = "s1"
 _INFO: Final = b"chat-gateway sticky ticket v1"
 #: What sealing adds: the 12-byte nonce before, the 16-byte tag after.
 _OVERHEAD: Final = 12 + 16
-_B64URL: Final = re.compile(r"[A-Za-z0-9_-]*")
-
-
-def _b64e(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def _b64d(text: str) -> bytes:
-    """Canonical base64url without padding (unused low bits zero, so each
-    byte string has one text form); ValueError otherwise."""
-    if len(text) % 4 == 1 or not _B64URL.fullmatch(text):
-        raise ValueError("bad base64url")
-    out = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    if _b64e(out) != text:
+    """The tokens' strict base64url, canonical only (unused low bits zero,
+    so each byte string has one text form); ValueError otherwise."""
+    out = b64url_decode(text)
+    if b64url_encode(out) != text:
         raise ValueError("non-canonical base64url")
     return out
 
@@ -164,7 +157,7 @@ class StickyTickets:
         kr, kid, handle = k
         plain = msgpack.packb([endpoint, agent, int(now)])
         (sealed,) = kr.seal_many([(handle, plain, _aad(tenant, visitor))])
-        text = f"{_PREFIX}.{_b64e(kid.encode())}.{_b64e(sealed)}"
+        text = f"{_PREFIX}.{b64url_encode(kid.encode())}.{b64url_encode(sealed)}"
         return text if len(text) <= MAX_TICKET_LEN else None
 
     def open(

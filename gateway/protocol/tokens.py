@@ -32,6 +32,8 @@ __all__ = [
     "Claims",
     "Tenant",
     "TokenVerifier",
+    "b64url_decode",
+    "b64url_encode",
     "mint",
     "normalize_origin",
 ]
@@ -67,11 +69,12 @@ class Tenant:
         return next(iter(self.secrets))
 
 
-def _b64e(data: bytes) -> str:
+def b64url_encode(data: bytes) -> str:
+    """base64url without padding."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _b64d(text: str) -> bytes:
+def b64url_decode(text: str) -> bytes:
     """Strict base64url without padding; ValueError otherwise."""
     if len(text) % 4 == 1 or not _B64URL.fullmatch(text):
         raise ValueError("bad base64url")
@@ -81,7 +84,7 @@ def _b64d(text: str) -> bytes:
 def _sign(secret: bytes, signing_input: str) -> str:
     # hmac.digest: one call into OpenSSL (hmac.new builds a Python HMAC object
     # with two hash contexts first, ~8% of a worker's time in connection storms)
-    return _b64e(hmac.digest(secret, signing_input.encode("ascii"), "sha256"))
+    return b64url_encode(hmac.digest(secret, signing_input.encode("ascii"), "sha256"))
 
 
 def mint(
@@ -93,7 +96,9 @@ def mint(
     payload: dict[str, Any] = {"tn": tenant, "vid": visitor, "exp": iat + int(ttl_s), "iat": iat}
     if kid is not None:
         payload["kid"] = kid
-    body = _b64e(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    body = b64url_encode(
+        json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    )
     return f"{body}.{_sign(secret, body)}"
 
 
@@ -166,8 +171,8 @@ class TokenVerifier:
         if not dot or not body or not sig or not token.isascii():
             raise _unauthorized("malformed token")
         try:
-            payload = json.loads(_b64d(body))
-            _b64d(sig)
+            payload = json.loads(b64url_decode(body))
+            b64url_decode(sig)
         except (ValueError, binascii.Error, RecursionError, UnicodeDecodeError):
             raise _unauthorized("malformed token") from None
         if type(payload) is not dict:

@@ -30,7 +30,4 @@ def client_key(addr: str) -> str:
         return addr
     if ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
-    net = ipaddress.IPv6Network(
-        (int(ip) >> (128 - IPV6_PREFIX) << (128 - IPV6_PREFIX), IPV6_PREFIX)
-    )
-    return str(net)
+    return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))

@@ -22,8 +22,8 @@ __all__ = ["MOBILE_PLATFORMS", "PLATFORMS", "Sink", "VisitorProtocol"]
 PLATFORMS: Final = frozenset({"web", "ios", "android", "mobile-bg", "desktop", "bot"})
 MOBILE_PLATFORMS: Final = frozenset({"ios", "android", "mobile-bg"})
 MAX_TAGS: Final = 16
-#: Longest sticky ticket a hello may carry (characters; as
-#: gateway.downstream.stickyticket.MAX_TICKET_LEN).
+#: Longest sticky ticket a hello may carry (characters; the tickets are
+#: made to fit: gateway.downstream.stickyticket).
 MAX_STICKY_LEN: Final = 1024
 MAX_TAG_BYTES: Final = 256
 MAX_ID_BYTES: Final = 64
